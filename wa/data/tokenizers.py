@@ -1,0 +1,81 @@
+"""Tokenizers behind one small interface: encode, decode, bos_id, eos_id, vocab_size."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from wa.data.paths import DataError, third_party
+
+
+@dataclasses.dataclass
+class SentencePiece:
+    path: str
+
+    def __post_init__(self):
+        import sentencepiece as spm
+        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+class HF:
+    """Any ``transformers`` tokenizer; BOS/EOS are the model's own special tokens, if any."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.bos_id = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+        self.eos_id = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        self.vocab_size = len(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+
+class Bytes:
+    """UTF-8 bytes 0..255, BOS 256, EOS 257."""
+    bos_id, eos_id, vocab_size = 256, 257, 258
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def gpt2() -> HF:
+    from transformers import GPT2TokenizerFast
+    d = third_party("gpt2-tokenizer")
+    return HF(GPT2TokenizerFast(vocab_file=os.path.join(d, "vocab.json"),
+                                merges_file=os.path.join(d, "merges.txt")))
+
+
+def get(name_or_path: str):
+    """``gpt2``, ``bytes``, a SentencePiece ``.model`` file, or a checkpoint directory."""
+    if name_or_path == "gpt2":
+        return gpt2()
+    if name_or_path == "bytes":
+        return Bytes()
+    if os.path.isfile(name_or_path) and name_or_path.endswith(".model"):
+        return SentencePiece(name_or_path)
+    if os.path.isdir(name_or_path):
+        sp = os.path.join(name_or_path, "tokenizer.model")
+        if os.path.exists(sp):
+            return SentencePiece(sp)
+        from transformers import AutoTokenizer
+        try:
+            return HF(AutoTokenizer.from_pretrained(name_or_path, local_files_only=True))
+        except (OSError, ValueError) as e:
+            raise DataError(f"{name_or_path}: no tokenizer found ({e})") from e
+    raise DataError(f"tokenizer {name_or_path!r}: expected 'gpt2', 'bytes', a .model file or a "
+                    "checkpoint directory")

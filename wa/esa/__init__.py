@@ -1,0 +1,1 @@
+"""Critical weight analysis: scores, selection, perturbation, evaluation, statistics."""

@@ -1,0 +1,339 @@
+"""Load a local HF checkpoint directory straight onto its sharding, tensor by tensor.
+
+Weights come from, in this order of preference: ``flax_model.msgpack`` (or its sharded
+index), ``model.safetensors`` (or its index; Flax- or PyTorch-layout), ``pytorch_model.bin``
+(needs torch). Every tensor is checked (name, shape, finiteness) as it is placed, before any
+computation; errors name the file and the parameter.
+
+Memory: safetensors are memory-mapped and each process reads only the slices its own devices
+hold (``jax.make_array_from_callback``), so no host copy of the model is ever made. A msgpack
+file is one serialized tree: it is unpacked once (one host copy) and each tensor is freed as
+soon as it is on its devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Callable
+
+import jax
+import msgpack
+import numpy as np
+import transformers
+from absl import logging
+from flax import serialization
+from jax.sharding import Mesh
+
+from wa.models import families as fam
+from wa.models.safetensors_io import SafetensorsError, SafetensorsFile
+from wa.parallel import mesh as mesh_lib
+from wa.parallel import rules as rules_lib
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # checkpoints are local; never reach for a hub
+
+WEIGHT_FILES = ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Loaded:
+    """A loaded checkpoint: ``model(ids, params=params)`` runs it; ``module`` is its linen module."""
+    model: transformers.FlaxPreTrainedModel
+    params: dict
+    config: transformers.PretrainedConfig
+    family: fam.Family
+    mesh: Mesh
+    shardings: dict
+    path: str
+    weights_files: list[str]
+
+    @property
+    def module(self):
+        return self.model.module
+
+    def loss(self, params, batch, rng=None):
+        return self.family.loss(self.model, params, batch, rng)
+
+    def token_nll(self, params, batch, rng=None):
+        return self.family.token_nll(self.model, params, batch, rng)
+
+    def describe(self, path: str) -> fam.ParamInfo:
+        return self.family.classify(path)
+
+
+@dataclasses.dataclass
+class _Tensor:
+    """One parameter's source: a lazy numpy view plus how to turn it into the Flax layout."""
+    file: str
+    key: str
+    view: Callable[[], np.ndarray]
+    transpose: bool = False
+
+    def array(self) -> np.ndarray:
+        v = self.view()
+        return v.T if self.transpose else v
+
+
+# --------------------------------------------------------------------------- config / model
+
+
+def read_config(path: str) -> transformers.PretrainedConfig:
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint directory {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a file; give the directory that holds config.json")
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise CheckpointError(f"{path}: no config.json; is this a HuggingFace checkpoint directory?")
+    try:
+        with open(cfg_file) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+    model_type = raw.get("model_type")
+    if fam.for_model_type(model_type) is None:
+        raise CheckpointError(
+            f"{cfg_file}: model_type {model_type!r} is not a family wa knows; known model types: "
+            f"{', '.join(sorted(fam.model_types()))}")
+    return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def build_model(config, dtype=None, family: fam.Family | None = None):
+    """The HF Flax model for ``config`` with no parameters materialised."""
+    family = family or fam.for_model_type(config.model_type)
+    if family is None:
+        raise CheckpointError(f"model_type {config.model_type!r} is not a family wa knows; known: "
+                              f"{', '.join(sorted(fam.model_types()))}")
+    cls = getattr(transformers, family.classes[config.model_type])
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return cls(config, _do_init=False, **kwargs), family
+
+
+# --------------------------------------------------------------------------- weight sources
+
+
+def find_weights(path: str) -> list[str]:
+    for name in WEIGHT_FILES:
+        index = os.path.join(path, name + ".index.json")
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({e})") from e
+            files = [os.path.join(path, s) for s in shards]
+            missing = [f for f in files if not os.path.exists(f)]
+            if missing:
+                raise CheckpointError(f"{index} lists shard files that are missing: {missing}")
+            return files
+        single = os.path.join(path, name)
+        if os.path.exists(single):
+            return [single]
+    present = sorted(os.listdir(path))
+    raise CheckpointError(
+        f"{path}: no weights found; expected one of {', '.join(WEIGHT_FILES)} (or a sharded "
+        f"*.index.json), the directory holds {present}")
+
+
+def _from_msgpack(file: str) -> dict[str, _Tensor]:
+    try:
+        with open(file, "rb") as f:
+            unpacker = msgpack.Unpacker(f, ext_hook=serialization._msgpack_ext_unpack,
+                                        raw=False, max_buffer_size=0)
+            tree = unpacker.unpack()
+    except Exception as e:  # msgpack raises several unrelated types on damaged input
+        raise CheckpointError(f"{file}: cannot be read as a flax msgpack checkpoint "
+                              f"(truncated or damaged: {type(e).__name__}: {e})") from e
+    tree = serialization._unchunk_array_leaves_in_place(tree)
+    out = {}
+    for p, leaf in rules_lib.flatten(tree).items():
+        out[p] = _Tensor(file, p, (lambda a=leaf: a))
+    return out
+
+
+def _pt_key_map(keys, shape_tree, family, prefix) -> tuple[dict, list]:
+    """Maps PyTorch state-dict keys to Flax paths with the rules transformers itself uses."""
+    from flax.traverse_util import flatten_dict
+    from transformers.modeling_flax_pytorch_utils import rename_key_and_reshape_tensor
+
+    flat = flatten_dict(shape_tree)
+    top = {k[0] for k in flat}
+    pt_top = {k.split(".")[0] for k in keys}
+    strip = prefix not in top and prefix in pt_top
+    add = prefix in top and prefix not in pt_top
+    mapping, ignored = {}, []
+    for key, shape in keys.items():
+        if any(re.search(r, key) for r in family.pt_buffers):
+            continue
+        t = tuple(key.split("."))
+        if strip and t[0] == prefix:
+            t = t[1:]
+        dummy = np.broadcast_to(np.zeros((), np.float32), shape)
+        fk, ft = rename_key_and_reshape_tensor(t, dummy, flat, prefix)
+        if add and (prefix,) + fk in flat:
+            fk = (prefix,) + fk
+        if fk not in flat:
+            ignored.append(key)
+            continue
+        if ft is dummy:
+            transpose = False
+        elif ft.ndim == 2 and ft.shape == dummy.shape[::-1]:
+            transpose = True
+        else:
+            raise CheckpointError(f"PyTorch tensor {key!r} needs a layout change wa does not support")
+        mapping["/".join(fk)] = (key, transpose)
+    return mapping, ignored
+
+
+def _from_safetensors(files, shape_tree, family, prefix) -> tuple[dict[str, _Tensor], list]:
+    readers = []
+    for file in files:
+        try:
+            readers.append(SafetensorsFile(file))
+        except SafetensorsError as e:
+            raise CheckpointError(str(e)) from e
+    fmt = readers[0].metadata.get("format", "pt")
+    out, ignored = {}, []
+    if fmt == "flax":
+        for r in readers:
+            for k in r.keys():
+                out[k.replace(".", "/")] = _Tensor(r.path, k, (lambda r=r, k=k: r.view(k)))
+        return out, ignored
+    where = {k: r for r in readers for k in r.keys()}
+    mapping, ignored = _pt_key_map({k: r.shape(k) for k, r in where.items()}, shape_tree, family, prefix)
+    for path, (key, transpose) in mapping.items():
+        r = where[key]
+        out[path] = _Tensor(r.path, key, (lambda r=r, k=key: r.view(k)), transpose)
+    return out, ignored
+
+
+def _from_torch_bin(files, shape_tree, family, prefix) -> tuple[dict[str, _Tensor], list]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{files[0]} is a PyTorch checkpoint; reading it needs torch (pip install 'wa[torch]'), "
+            "or convert it to safetensors once") from None
+    state = {}
+    for file in files:
+        try:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise CheckpointError(f"{file}: cannot be read as a PyTorch checkpoint ({e})") from e
+        for k, v in sd.items():
+            state[k] = (file, v)
+    mapping, ignored = _pt_key_map({k: tuple(v.shape) for k, (_, v) in state.items()},
+                                   shape_tree, family, prefix)
+
+    def as_numpy(t):
+        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+    out = {}
+    for path, (key, transpose) in mapping.items():
+        file, t = state[key]
+        out[path] = _Tensor(file, key, (lambda t=t: as_numpy(t)), transpose)
+    return out, ignored
+
+
+def tensor_sources(path: str, shape_tree, family, prefix) -> tuple[dict[str, _Tensor], list, list]:
+    files = find_weights(path)
+    name = os.path.basename(files[0])
+    if name.startswith("flax_model"):
+        out = {}
+        for f in files:
+            out.update(_from_msgpack(f))
+        return out, [], files
+    if name.endswith(".safetensors"):
+        return (*_from_safetensors(files, shape_tree, family, prefix), files)
+    return (*_from_torch_bin(files, shape_tree, family, prefix), files)
+
+
+# --------------------------------------------------------------------------- placement
+
+
+def _place(path: str, src: _Tensor, shape, dtype, sharding) -> jax.Array:
+    cache: dict = {}
+
+    def cb(index):
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in cache:
+            part = np.asarray(src.array()[index])
+            if np.issubdtype(part.dtype, np.floating) or part.dtype.name == "bfloat16":
+                bad = ~np.isfinite(part.astype(np.float32))
+                if bad.any():
+                    raise CheckpointError(
+                        f"{src.file}: parameter {path!r} (tensor {src.key!r}) holds "
+                        f"{int(bad.sum())} NaN/Inf values, first at index "
+                        f"{tuple(int(i) for i in np.argwhere(bad)[0])} of the slice {index}")
+            cache[key] = np.ascontiguousarray(part, dtype=dtype)
+        return cache[key]
+
+    return jax.make_array_from_callback(tuple(shape), sharding, cb)
+
+
+def load(path: str, mesh: Mesh | str | None = None, rules=None, dtype=None,
+         compute_dtype=None) -> Loaded:
+    """Loads checkpoint directory ``path`` into sharded parameters.
+
+    Args:
+      path: local HF checkpoint directory (config.json plus weights).
+      mesh: a Mesh or an axes string such as ``"data:1,fsdp:-1"``; default all devices on fsdp.
+      rules: ordered (regex, PartitionSpec) pairs; default the family's rules.
+      dtype: parameter dtype on device (e.g. ``jnp.bfloat16``); default the file's float dtype
+        as float32.
+      compute_dtype: activation dtype passed to the HF module; default float32.
+    """
+    config = read_config(path)
+    model, family = build_model(config, compute_dtype)
+    shape_tree = serialization.to_state_dict(model.params_shape_tree)
+    if not isinstance(mesh, Mesh):
+        mesh = mesh_lib.make_mesh(mesh or "data:1,fsdp:-1")
+    rules = family.partition_rules if rules is None else rules
+    shardings = rules_lib.shardings_for(shape_tree, rules, mesh)
+
+    sources, ignored, files = tensor_sources(path, shape_tree, family, model.base_model_prefix)
+    expected = rules_lib.flatten(shape_tree)
+    missing = [p for p in expected if p not in sources]
+    if missing:
+        raise CheckpointError(
+            f"{files[0]}: {len(missing)} parameters of the {config.model_type} model are missing from "
+            f"the weights, e.g. {missing[:5]}")
+    extra = sorted(set(sources) - set(expected)) + ignored
+    if extra:
+        logging.warning("%s: %d tensors are not parameters of %s and were ignored: %s", files[0],
+                        len(extra), type(model).__name__, ", ".join(extra[:20]))
+    for p, sd in expected.items():
+        got = sources[p].array().shape
+        if tuple(got) != tuple(sd.shape):
+            raise CheckpointError(
+                f"{sources[p].file}: parameter {p!r} (tensor {sources[p].key!r}) has shape "
+                f"{tuple(got)} but config.json implies {tuple(sd.shape)}")
+
+    flat_shardings = rules_lib.flatten(shardings)
+    placed = {}
+    for p, sd in expected.items():
+        want = np.dtype(dtype) if dtype is not None else (
+            np.float32 if np.issubdtype(sd.dtype, np.floating) else sd.dtype)
+        placed[p] = _place(p, sources.pop(p), sd.shape, want, flat_shardings[p])
+    params = _unflatten(placed)
+    logging.info("loaded %s (%s, %d tensors, %d parameters) from %s onto mesh %s",
+                 path, config.model_type, len(placed),
+                 sum(int(np.prod(a.shape)) for a in placed.values()), files, mesh_lib.describe(mesh))
+    return Loaded(model, params, config, family, mesh, shardings, path, files)
+
+
+def _unflatten(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for p, v in flat.items():
+        node = tree
+        *parents, leaf = p.split("/")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = v
+    return tree

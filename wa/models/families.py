@@ -1,0 +1,280 @@
+"""Per-family adapters: Flax class, loss on a token batch, parameter taxonomy, partition rules.
+
+Adding a family is adding one ``register(Family(...))`` call. Taxonomy rules are ordered
+``(regex, component, role)``; the named group ``layer`` gives the block index. Components
+are ``embedding / attention / mlp / norm / head``; roles say which matrix inside
+(``q, k, v, qkv, o, up, gate, down, token, position, ...``).
+
+Kernel layouts differ: GPT-2 stores Conv1D kernels as [out, in]; every other family here
+stores Dense kernels as [in, out]. Partition rules shard the ``in`` side of fan-out matrices
+on ``fsdp`` and their ``out`` side on ``model`` (and the reverse for fan-in matrices), the
+Megatron split; embeddings shard their hidden dimension only, since vocabularies (GPT-2's
+50257) and position tables (OPT's 2050) rarely divide a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+COMPONENTS = ("embedding", "attention", "mlp", "norm", "head")
+
+FAN_OUT = P("fsdp", "model")   # [in, out] matrices that widen: q, k, v, up, gate
+FAN_IN = P("model", "fsdp")    # [in, out] matrices that narrow: o, down
+EMBED = P(None, ("fsdp", "model"))
+REPLICATED = P()
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    layer: int | None
+    component: str
+    role: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    kind: str                                   # "causal_lm" or "encoder"
+    classes: dict[str, str]                     # config.model_type -> transformers Flax class
+    taxonomy: tuple[tuple[str, str, str], ...]
+    partition_rules: tuple[tuple[str, P], ...]
+    # PyTorch state-dict entries that are buffers, not parameters (never loaded).
+    pt_buffers: tuple[str, ...] = ()
+    loss_doc: str = ""
+
+    def classify(self, path: str) -> ParamInfo:
+        for regex, component, role in self.taxonomy:
+            m = re.search(regex, path)
+            if m:
+                layer = m.groupdict().get("layer")
+                return ParamInfo(None if layer is None else int(layer), component, role)
+        return ParamInfo(None, "other", "other")
+
+    def token_nll(self, model, params, batch, rng=None):
+        """(sum of per-example losses, number of loss terms) on a token batch.
+
+        Returning the sum and the count lets callers aggregate exactly over batches and
+        shards: the mean is ``sum / count`` and perplexity ``exp(sum / count)``.
+        """
+        return LOSSES[self.kind](model, params, batch, rng)
+
+    def loss(self, model, params, batch, rng=None):
+        total, count = self.token_nll(model, params, batch, rng)
+        return total / jnp.maximum(count, 1)
+
+
+def causal_lm_nll(model, params, batch, rng=None):
+    """Next-token cross entropy over positions where both token and target are real."""
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = jnp.ones_like(ids) if mask is None else mask
+    logits = model(ids, attention_mask=mask, params=params, train=False).logits
+    nll = optax.softmax_cross_entropy_with_integer_labels(
+        logits[:, :-1].astype(jnp.float32), ids[:, 1:])
+    w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
+    return jnp.sum(nll * w), jnp.sum(w)
+
+
+SIMCSE_TEMPERATURE = 0.05
+
+
+def encoder_contrastive_nll(model, params, batch, rng=None):
+    """Unsupervised SimCSE loss for encoders without a task head.
+
+    Each sequence is encoded twice under independent dropout masks; the mean-pooled,
+    L2-normalised embeddings of the two views must pick each other out of the batch
+    (InfoNCE, temperature 0.05). Why this loss: a bare encoder has no head whose output is a
+    likelihood, and bolting on an untrained one would measure the head, not the encoder.
+    Sentence encoders such as all-MiniLM-L6-v2 were trained with exactly this kind of
+    in-batch contrastive objective, it reaches every weight that shapes the pooled
+    embedding, and a fixed ``rng`` makes it deterministic.
+    """
+    ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    mask = jnp.ones_like(ids) if mask is None else mask
+    rng = jax.random.key(0) if rng is None else rng
+    r1, r2 = jax.random.split(rng)
+
+    def embed(r):
+        h = model(ids, attention_mask=mask, params=params, dropout_rng=r, train=True)[0]
+        m = mask[..., None].astype(h.dtype)
+        e = (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+        return e / jnp.linalg.norm(e, axis=-1, keepdims=True).clip(1e-6)
+
+    sim = embed(r1) @ embed(r2).T / SIMCSE_TEMPERATURE
+    nll = optax.softmax_cross_entropy_with_integer_labels(sim.astype(jnp.float32),
+                                                          jnp.arange(ids.shape[0]))
+    return jnp.sum(nll), jnp.asarray(ids.shape[0], jnp.float32)
+
+
+LOSSES: dict[str, Callable] = {"causal_lm": causal_lm_nll, "encoder": encoder_contrastive_nll}
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
+def family_names() -> list[str]:
+    return sorted(FAMILIES)
+
+
+def model_types() -> dict[str, Family]:
+    return {t: f for f in FAMILIES.values() for t in f.classes}
+
+
+def for_model_type(model_type: str) -> Family | None:
+    return model_types().get(model_type)
+
+
+_NORM = (r"(ln_\d|ln_f|layer_?norm|LayerNorm|norm)/(scale|bias|weight)$", REPLICATED)
+_BIAS = (r"/bias$", REPLICATED)
+
+register(Family(
+    name="gpt2",
+    kind="causal_lm",
+    classes={"gpt2": "FlaxGPT2LMHeadModel"},
+    taxonomy=(
+        (r"wte/embedding$", "embedding", "token"),
+        (r"wpe/embedding$", "embedding", "position"),
+        (r"h/(?P<layer>\d+)/attn/c_attn/", "attention", "qkv"),
+        (r"h/(?P<layer>\d+)/attn/c_proj/", "attention", "o"),
+        (r"h/(?P<layer>\d+)/mlp/c_fc/", "mlp", "up"),
+        (r"h/(?P<layer>\d+)/mlp/c_proj/", "mlp", "down"),
+        (r"h/(?P<layer>\d+)/ln_1/", "norm", "attn_norm"),
+        (r"h/(?P<layer>\d+)/ln_2/", "norm", "mlp_norm"),
+        (r"ln_f/", "norm", "final_norm"),
+    ),
+    # Conv1D kernels are [out, in], so the specs are the transpose of FAN_OUT / FAN_IN.
+    partition_rules=(
+        (r"(wte|wpe)/embedding$", EMBED),
+        (r"(c_attn|mlp/c_fc)/kernel$", P("model", "fsdp")),
+        (r"c_proj/kernel$", P("fsdp", "model")),
+        _NORM, _BIAS,
+    ),
+    pt_buffers=(r"attn\.(masked_)?bias$",),
+))
+
+register(Family(
+    name="gpt_neo",
+    kind="causal_lm",
+    classes={"gpt_neo": "FlaxGPTNeoForCausalLM"},
+    taxonomy=(
+        (r"wte/embedding$", "embedding", "token"),
+        (r"wpe/embedding$", "embedding", "position"),
+        (r"h/(?P<layer>\d+)/attn/attention/q_proj/", "attention", "q"),
+        (r"h/(?P<layer>\d+)/attn/attention/k_proj/", "attention", "k"),
+        (r"h/(?P<layer>\d+)/attn/attention/v_proj/", "attention", "v"),
+        (r"h/(?P<layer>\d+)/attn/attention/out_proj/", "attention", "o"),
+        (r"h/(?P<layer>\d+)/mlp/c_fc/", "mlp", "up"),
+        (r"h/(?P<layer>\d+)/mlp/c_proj/", "mlp", "down"),
+        (r"h/(?P<layer>\d+)/ln_1/", "norm", "attn_norm"),
+        (r"h/(?P<layer>\d+)/ln_2/", "norm", "mlp_norm"),
+        (r"ln_f/", "norm", "final_norm"),
+    ),
+    partition_rules=(
+        (r"(wte|wpe)/embedding$", EMBED),
+        (r"(q_proj|k_proj|v_proj|c_fc)/kernel$", FAN_OUT),
+        (r"(out_proj|c_proj)/kernel$", FAN_IN),
+        _NORM, _BIAS,
+    ),
+    pt_buffers=(r"attn\.attention\.(masked_)?bias$",),
+))
+
+register(Family(
+    name="opt",
+    kind="causal_lm",
+    classes={"opt": "FlaxOPTForCausalLM"},
+    taxonomy=(
+        (r"embed_tokens/embedding$", "embedding", "token"),
+        (r"embed_positions/embedding$", "embedding", "position"),
+        (r"project_in/", "embedding", "project_in"),
+        (r"project_out/", "head", "project_out"),
+        (r"layers/(?P<layer>\d+)/self_attn/q_proj/", "attention", "q"),
+        (r"layers/(?P<layer>\d+)/self_attn/k_proj/", "attention", "k"),
+        (r"layers/(?P<layer>\d+)/self_attn/v_proj/", "attention", "v"),
+        (r"layers/(?P<layer>\d+)/self_attn/out_proj/", "attention", "o"),
+        (r"layers/(?P<layer>\d+)/fc1/", "mlp", "up"),
+        (r"layers/(?P<layer>\d+)/fc2/", "mlp", "down"),
+        (r"layers/(?P<layer>\d+)/self_attn_layer_norm/", "norm", "attn_norm"),
+        (r"layers/(?P<layer>\d+)/final_layer_norm/", "norm", "mlp_norm"),
+        (r"decoder/final_layer_norm/", "norm", "final_norm"),
+        (r"lm_head/", "head", "lm_head"),
+    ),
+    partition_rules=(
+        (r"embed_(tokens|positions)/embedding$", EMBED),
+        (r"(q_proj|k_proj|v_proj|fc1)/kernel$", FAN_OUT),
+        (r"(out_proj|fc2)/kernel$", FAN_IN),
+        (r"project_(in|out)/kernel$", REPLICATED),
+        (r"lm_head/kernel$", FAN_OUT),
+        _NORM, _BIAS,
+    ),
+))
+
+register(Family(
+    name="llama",
+    kind="causal_lm",
+    classes={"llama": "FlaxLlamaForCausalLM", "mistral": "FlaxMistralForCausalLM"},
+    taxonomy=(
+        (r"embed_tokens/embedding$", "embedding", "token"),
+        (r"layers/(?P<layer>\d+)/self_attn/q_proj/", "attention", "q"),
+        (r"layers/(?P<layer>\d+)/self_attn/k_proj/", "attention", "k"),
+        (r"layers/(?P<layer>\d+)/self_attn/v_proj/", "attention", "v"),
+        (r"layers/(?P<layer>\d+)/self_attn/o_proj/", "attention", "o"),
+        (r"layers/(?P<layer>\d+)/mlp/gate_proj/", "mlp", "gate"),
+        (r"layers/(?P<layer>\d+)/mlp/up_proj/", "mlp", "up"),
+        (r"layers/(?P<layer>\d+)/mlp/down_proj/", "mlp", "down"),
+        (r"layers/(?P<layer>\d+)/input_layernorm/", "norm", "attn_norm"),
+        (r"layers/(?P<layer>\d+)/post_attention_layernorm/", "norm", "mlp_norm"),
+        (r"model/norm/", "norm", "final_norm"),
+        (r"lm_head/", "head", "lm_head"),
+    ),
+    partition_rules=(
+        (r"embed_tokens/embedding$", EMBED),
+        (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", FAN_OUT),
+        (r"(o_proj|down_proj)/kernel$", FAN_IN),
+        (r"lm_head/kernel$", FAN_OUT),
+        _NORM,
+    ),
+    pt_buffers=(r"rotary_emb\.inv_freq$",),
+))
+
+_BERT_TAXONOMY = (
+    (r"embeddings/word_embeddings/", "embedding", "token"),
+    (r"embeddings/position_embeddings/", "embedding", "position"),
+    (r"embeddings/token_type_embeddings/", "embedding", "token_type"),
+    (r"embeddings/LayerNorm/", "norm", "embed_norm"),
+    (r"layer/(?P<layer>\d+)/attention/self/query/", "attention", "q"),
+    (r"layer/(?P<layer>\d+)/attention/self/key/", "attention", "k"),
+    (r"layer/(?P<layer>\d+)/attention/self/value/", "attention", "v"),
+    (r"layer/(?P<layer>\d+)/attention/output/dense/", "attention", "o"),
+    (r"layer/(?P<layer>\d+)/attention/output/LayerNorm/", "norm", "attn_norm"),
+    (r"layer/(?P<layer>\d+)/intermediate/dense/", "mlp", "up"),
+    (r"layer/(?P<layer>\d+)/output/dense/", "mlp", "down"),
+    (r"layer/(?P<layer>\d+)/output/LayerNorm/", "norm", "mlp_norm"),
+    (r"pooler/dense/", "head", "pooler"),
+)
+_BERT_RULES = (
+    (r"embeddings/\w+_embeddings/embedding$", EMBED),
+    (r"(query|key|value|intermediate/dense)/kernel$", FAN_OUT),
+    (r"(attention/output/dense|layer/\d+/output/dense)/kernel$", FAN_IN),
+    (r"pooler/dense/kernel$", REPLICATED),
+    _NORM, _BIAS,
+)
+_ENCODER_LOSS = encoder_contrastive_nll.__doc__
+
+register(Family(name="bert", kind="encoder", classes={"bert": "FlaxBertModel"},
+                taxonomy=_BERT_TAXONOMY, partition_rules=_BERT_RULES,
+                pt_buffers=(r"position_ids$",), loss_doc=_ENCODER_LOSS))
+register(Family(name="roberta", kind="encoder", classes={"roberta": "FlaxRobertaModel"},
+                taxonomy=_BERT_TAXONOMY, partition_rules=_BERT_RULES,
+                pt_buffers=(r"position_ids$",), loss_doc=_ENCODER_LOSS))
