@@ -74,7 +74,7 @@ def main(argv):
 
     sample = ""
     if cfg.sample_tokens and tok.bos_id is not None:
-        out = sampling.greedy(loaded.model, loaded.params, [tok.bos_id], cfg.sample_tokens)
+        out = sampling.greedy(loaded, loaded.params, [tok.bos_id], cfg.sample_tokens)
         sample = tok.decode(out[1:])
 
     result = {

@@ -5,8 +5,9 @@ index), ``model.safetensors`` (or its index; Flax- or PyTorch-layout), ``pytorch
 (needs torch). Every tensor is checked (name, shape, finiteness) as it is placed, before any
 computation; errors name the file and the parameter.
 
-Memory: safetensors are memory-mapped and each process reads only the slices its own devices
-hold (``jax.make_array_from_callback``), so no host copy of the model is ever made. A msgpack
+Memory: from safetensors each process reads only the slices its own devices hold
+(``jax.make_array_from_callback`` + positioned reads), so no host copy of the model is ever
+made, only one transient slice at a time. A msgpack
 file is one serialized tree: it is unpacked once (one host copy) and each tensor is freed as
 soon as it is on its devices.
 """
@@ -63,21 +64,35 @@ class Loaded:
     def token_nll(self, params, batch, rng=None):
         return self.family.token_nll(self.model, params, batch, rng)
 
+    def forward(self, params, input_ids, attention_mask=None, train=False, rng=None):
+        return self.family.forward(self.model, params, input_ids, attention_mask, train, rng)
+
     def describe(self, path: str) -> fam.ParamInfo:
         return self.family.classify(path)
 
 
 @dataclasses.dataclass
 class _Tensor:
-    """One parameter's source: a lazy numpy view plus how to turn it into the Flax layout."""
+    """One parameter's source in the file, read lazily and in the Flax layout.
+
+    ``fetch(index)`` returns ``stored[index]`` for an index of slices into the *stored* layout;
+    ``transpose`` says the Flax tensor is the stored 2-D matrix transposed.
+    """
     file: str
     key: str
-    view: Callable[[], np.ndarray]
+    stored_shape: tuple
+    fetch: Callable[[tuple], np.ndarray]
     transpose: bool = False
 
-    def array(self) -> np.ndarray:
-        v = self.view()
-        return v.T if self.transpose else v
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.stored_shape[::-1]) if self.transpose else tuple(self.stored_shape)
+
+    def read(self, index: tuple) -> np.ndarray:
+        """The Flax-layout tensor's ``[index]``; reads only what that slice needs."""
+        if self.transpose:
+            return self.fetch(tuple(index)[::-1]).T
+        return self.fetch(tuple(index))
 
 
 # --------------------------------------------------------------------------- config / model
@@ -153,7 +168,8 @@ def _from_msgpack(file: str) -> dict[str, _Tensor]:
     tree = serialization._unchunk_array_leaves_in_place(tree)
     out = {}
     for p, leaf in rules_lib.flatten(tree).items():
-        out[p] = _Tensor(file, p, (lambda a=leaf: a))
+        leaf = np.asarray(leaf)
+        out[p] = _Tensor(file, p, leaf.shape, (lambda idx, a=leaf: a[idx]))
     return out
 
 
@@ -203,13 +219,13 @@ def _from_safetensors(files, shape_tree, family, prefix) -> tuple[dict[str, _Ten
     if fmt == "flax":
         for r in readers:
             for k in r.keys():
-                out[k.replace(".", "/")] = _Tensor(r.path, k, (lambda r=r, k=k: r.view(k)))
+                out[k.replace(".", "/")] = _Tensor(r.path, k, r.shape(k), (lambda idx, r=r, k=k: r.read(k, idx)))
         return out, ignored
     where = {k: r for r in readers for k in r.keys()}
     mapping, ignored = _pt_key_map({k: r.shape(k) for k, r in where.items()}, shape_tree, family, prefix)
     for path, (key, transpose) in mapping.items():
         r = where[key]
-        out[path] = _Tensor(r.path, key, (lambda r=r, k=key: r.view(k)), transpose)
+        out[path] = _Tensor(r.path, key, r.shape(key), (lambda idx, r=r, k=key: r.read(k, idx)), transpose)
     return out, ignored
 
 
@@ -237,7 +253,7 @@ def _from_torch_bin(files, shape_tree, family, prefix) -> tuple[dict[str, _Tenso
     out = {}
     for path, (key, transpose) in mapping.items():
         file, t = state[key]
-        out[path] = _Tensor(file, key, (lambda t=t: as_numpy(t)), transpose)
+        out[path] = _Tensor(file, key, tuple(t.shape), (lambda idx, t=t: as_numpy(t[idx])), transpose)
     return out, ignored
 
 
@@ -263,7 +279,7 @@ def _place(path: str, src: _Tensor, shape, dtype, sharding) -> jax.Array:
     def cb(index):
         key = tuple((s.start, s.stop, s.step) for s in index)
         if key not in cache:
-            part = np.asarray(src.array()[index])
+            part = np.asarray(src.read(index))
             if np.issubdtype(part.dtype, np.floating) or part.dtype.name == "bfloat16":
                 bad = ~np.isfinite(part.astype(np.float32))
                 if bad.any():
@@ -309,7 +325,7 @@ def load(path: str, mesh: Mesh | str | None = None, rules=None, dtype=None,
         logging.warning("%s: %d tensors are not parameters of %s and were ignored: %s", files[0],
                         len(extra), type(model).__name__, ", ".join(extra[:20]))
     for p, sd in expected.items():
-        got = sources[p].array().shape
+        got = sources[p].shape
         if tuple(got) != tuple(sd.shape):
             raise CheckpointError(
                 f"{sources[p].file}: parameter {p!r} (tensor {sources[p].key!r}) has shape "

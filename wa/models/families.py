@@ -48,6 +48,15 @@ class Family:
     # PyTorch state-dict entries that are buffers, not parameters (never loaded).
     pt_buffers: tuple[str, ...] = ()
     loss_doc: str = ""
+    # HF wrappers disagree on how to ask for dropout: most take ``train``, OPT ``deterministic``.
+    deterministic_flag: bool = False
+
+    def forward(self, model, params, input_ids, attention_mask=None, train=False, rng=None):
+        """The HF model's output (logits or hidden states first) with uniform arguments."""
+        kw = {"deterministic": not train} if self.deterministic_flag else {"train": train}
+        if train:
+            kw["dropout_rng"] = rng
+        return model(input_ids, attention_mask=attention_mask, params=params, **kw)
 
     def classify(self, path: str) -> ParamInfo:
         for regex, component, role in self.taxonomy:
@@ -63,19 +72,19 @@ class Family:
         Returning the sum and the count lets callers aggregate exactly over batches and
         shards: the mean is ``sum / count`` and perplexity ``exp(sum / count)``.
         """
-        return LOSSES[self.kind](model, params, batch, rng)
+        return LOSSES[self.kind](self, model, params, batch, rng)
 
     def loss(self, model, params, batch, rng=None):
         total, count = self.token_nll(model, params, batch, rng)
         return total / jnp.maximum(count, 1)
 
 
-def causal_lm_nll(model, params, batch, rng=None):
+def causal_lm_nll(family, model, params, batch, rng=None):
     """Next-token cross entropy over positions where both token and target are real."""
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     mask = jnp.ones_like(ids) if mask is None else mask
-    logits = model(ids, attention_mask=mask, params=params, train=False).logits
+    logits = family.forward(model, params, ids, mask)[0]
     nll = optax.softmax_cross_entropy_with_integer_labels(
         logits[:, :-1].astype(jnp.float32), ids[:, 1:])
     w = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
@@ -85,7 +94,7 @@ def causal_lm_nll(model, params, batch, rng=None):
 SIMCSE_TEMPERATURE = 0.05
 
 
-def encoder_contrastive_nll(model, params, batch, rng=None):
+def encoder_contrastive_nll(family, model, params, batch, rng=None):
     """Unsupervised SimCSE loss for encoders without a task head.
 
     Each sequence is encoded twice under independent dropout masks; the mean-pooled,
@@ -103,7 +112,7 @@ def encoder_contrastive_nll(model, params, batch, rng=None):
     r1, r2 = jax.random.split(rng)
 
     def embed(r):
-        h = model(ids, attention_mask=mask, params=params, dropout_rng=r, train=True)[0]
+        h = family.forward(model, params, ids, mask, train=True, rng=r)[0]
         m = mask[..., None].astype(h.dtype)
         e = (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
         return e / jnp.linalg.norm(e, axis=-1, keepdims=True).clip(1e-6)
@@ -161,7 +170,7 @@ register(Family(
         (r"c_proj/kernel$", P("fsdp", "model")),
         _NORM, _BIAS,
     ),
-    pt_buffers=(r"attn\.(masked_)?bias$",),
+    pt_buffers=(r"(^|\.)attn\.(masked_)?bias$",),
 ))
 
 register(Family(
@@ -187,7 +196,7 @@ register(Family(
         (r"(out_proj|c_proj)/kernel$", FAN_IN),
         _NORM, _BIAS,
     ),
-    pt_buffers=(r"attn\.attention\.(masked_)?bias$",),
+    pt_buffers=(r"(^|\.)attn\.attention\.(masked_)?bias$",),
 ))
 
 register(Family(
@@ -218,6 +227,7 @@ register(Family(
         (r"lm_head/kernel$", FAN_OUT),
         _NORM, _BIAS,
     ),
+    deterministic_flag=True,
 ))
 
 register(Family(

@@ -1,9 +1,11 @@
 """Lazy, torch-free reading of safetensors files.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header
-(name -> dtype, shape, data_offsets) and one flat byte buffer. Reading it through
-``numpy.memmap`` lets each process touch only the bytes of the slices its devices
-hold, and lets bfloat16 (which numpy lacks) come through ``ml_dtypes``.
+(name -> dtype, shape, data_offsets) and one flat byte buffer. ``read`` fetches the rows a
+slice needs with one positioned read into a fresh buffer, so each process touches only the
+bytes its devices hold and nothing stays resident after the slice is on its device (a
+memory map would keep every touched page in the process's resident set). bfloat16, which
+numpy lacks, comes through ``ml_dtypes``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class SafetensorsError(ValueError):
 
 
 class SafetensorsFile:
-    """Header of one .safetensors file plus zero-copy views of its tensors."""
+    """Header of one .safetensors file; tensors or slices of them are read on demand."""
 
     def __init__(self, path: str):
         self.path = path
@@ -67,7 +69,6 @@ class SafetensorsFile:
                 raise SafetensorsError(
                     f"{path}: tensor {name!r} ends at byte {end} of the data but the file holds only "
                     f"{data_len}; the file is truncated")
-        self._mm = None
 
     def keys(self):
         return list(self._entries)
@@ -78,11 +79,24 @@ class SafetensorsFile:
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(_DTYPES[self._entries[name]["dtype"]])
 
-    def view(self, name: str) -> np.ndarray:
-        """A read-only memmap view: slicing it reads only the bytes asked for."""
-        if self._mm is None:
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")
+    def read(self, name: str, index: tuple = ()) -> np.ndarray:
+        """``tensor[index]`` for an index of slices, reading only the rows it spans."""
         e = self._entries[name]
+        shape, dtype = tuple(e["shape"]), np.dtype(_DTYPES[e["dtype"]])
         begin, end = e["data_offsets"]
-        raw = self._mm[self._data_start + begin:self._data_start + end]
-        return raw.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+        if not shape:
+            lo, hi, rest = 0, 1, ()
+        else:
+            index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+            lo, hi, step = index[0].indices(shape[0])
+            if step != 1:
+                raise ValueError(f"{self.path}: strided read of {name!r} is not supported")
+            hi = max(hi, lo)
+            rest = (slice(None),) + index[1:]
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        with open(self.path, "rb") as f:
+            buf = os.pread(f.fileno(), (hi - lo) * row, self._data_start + begin + lo * row)
+        if len(buf) != (hi - lo) * row:
+            raise SafetensorsError(f"{self.path}: short read of tensor {name!r}; the file is truncated")
+        arr = np.frombuffer(buf, dtype=dtype).reshape((hi - lo,) + shape[1:] if shape else ())
+        return arr[rest] if shape else arr

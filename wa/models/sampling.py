@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def greedy(model, params, prompt, new_tokens: int, stop_ids=()) -> list[int]:
+def greedy(loaded, params, prompt, new_tokens: int, stop_ids=()) -> list[int]:
     """``prompt`` followed by up to ``new_tokens`` greedily chosen tokens.
 
     The whole fixed-length buffer is re-run each step: causal attention makes position t
@@ -21,7 +21,7 @@ def greedy(model, params, prompt, new_tokens: int, stop_ids=()) -> list[int]:
 
     @jax.jit
     def step(buf, t):
-        logits = model(buf, params=params, train=False).logits
+        logits = loaded.forward(params, buf)[0]
         return buf.at[0, t + 1].set(jnp.argmax(logits[0, t]).astype(jnp.int32))
 
     out = prompt

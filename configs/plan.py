@@ -1,0 +1,48 @@
+r"""Dry-run memory plan: abstract parameters from an HF config, sharded, step compiled ahead of time.
+
+  python -m launch.plan --config configs/plan.py:llama3_8b
+  python -m launch.plan --config configs/plan.py:llama3_8b --config.mesh=data:2,fsdp:4 --config.batch_size=16
+  python -m launch.plan --config configs/plan.py:tiny      # seconds, for tests
+
+Nothing is allocated: parameters come from jax.eval_shape and the loss-and-gradient step is
+lowered and compiled for ``num_devices`` devices (forced CPU devices where there are no
+accelerators), then the compiled memory analysis is read.
+"""
+
+import ml_collections
+
+LLAMA3_8B = dict(  # Llama-3.1-8B
+    model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
+    max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+    tie_word_embeddings=False)
+
+TINY = dict(
+    model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, intermediate_size=128, vocab_size=256, max_position_embeddings=128,
+    tie_word_embeddings=False)
+
+
+def get_config(arg: str = "llama3_8b") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.num_devices = 8
+    c.mesh = "data:1,fsdp:-1"
+    c.batch_size = 8              # global sequences per step
+    c.seq_len = 2048
+    c.param_dtype = "bfloat16"
+    c.compute_dtype = "bfloat16"
+    # Gradient checkpointing of each block, where the HF Flax class offers it (GPT-2, GPT-Neo,
+    # OPT, BERT do; Llama does not, so llama3_8b plans without it).
+    c.remat = False
+    if arg == "llama3_8b":
+        c.hf_config = LLAMA3_8B
+    elif arg == "tiny":
+        c.hf_config = TINY
+        c.batch_size = 8
+        c.seq_len = 32
+        c.param_dtype = "float32"
+        c.compute_dtype = "float32"
+        c.remat = False
+    else:
+        raise ValueError(f"configs/plan.py: unknown variant {arg!r}; use llama3_8b or tiny")
+    return c

@@ -1,0 +1,51 @@
+r"""Dry-run memory plan for a loss-and-gradient step; prints one JSON line.
+
+  python -m launch.plan --config configs/plan.py:llama3_8b [--config.mesh=data:2,fsdp:4]
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+from wa import parallel
+from wa.parallel import plan
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/plan.py:llama3_8b", "Plan config.")
+flags.DEFINE_string("workdir", None, "Also write plan.json here.")
+FLAGS = flags.FLAGS
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value
+    for k in ("param_dtype", "compute_dtype"):
+        if cfg[k] not in DTYPES:
+            raise ValueError(f"--config.{k}={cfg[k]!r}: expected one of {sorted(DTYPES)}")
+    if cfg.num_devices < 1:
+        raise ValueError(f"--config.num_devices={cfg.num_devices}: must be positive")
+    # Without accelerators, stand in with as many CPU devices (must precede backend start-up).
+    if not FLAGS.host_devices and jax.config.jax_platforms in (None, "", "cpu"):
+        FLAGS.host_devices = cfg.num_devices
+    common.start()
+    devices = jax.devices()
+    if len(devices) < cfg.num_devices:
+        raise ValueError(f"--config.num_devices={cfg.num_devices} but only {len(devices)} "
+                         f"{jax.default_backend()} devices exist")
+    mesh = parallel.make_mesh(cfg.mesh, devices[:cfg.num_devices])
+    result = plan.plan(plan.hf_config(cfg.hf_config.to_dict()), mesh, cfg.batch_size, cfg.seq_len,
+                       DTYPES[cfg.param_dtype], DTYPES[cfg.compute_dtype], cfg.remat)
+    if common.is_chief():
+        line = json.dumps(result)
+        print(line)
+        if FLAGS.workdir:
+            from wa import report
+            report.write_json(report.workdir(FLAGS.workdir, "plan") + "/plan.json", result)
+
+
+if __name__ == "__main__":
+    app.run(main)

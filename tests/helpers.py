@@ -1,0 +1,112 @@
+"""Tiny random checkpoints of every family, written the way HF writes them."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import transformers as tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Dimensions divide 4 so that 2x4 meshes shard every matrix.
+CONFIGS = {
+    "gpt2": lambda: tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=96, n_positions=64),
+    "gpt_neo": lambda: tf.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4, vocab_size=96,
+                                       max_position_embeddings=64, window_size=8,
+                                       attention_types=[[["global", "local"], 1]]),
+    "opt": lambda: tf.OPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                                vocab_size=96, max_position_embeddings=64, word_embed_proj_dim=32),
+    "llama": lambda: tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, intermediate_size=64, vocab_size=96,
+                                    max_position_embeddings=64, tie_word_embeddings=False),
+    "mistral": lambda: tf.MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, vocab_size=96,
+                                        max_position_embeddings=64, sliding_window=16,
+                                        tie_word_embeddings=False),
+    "bert": lambda: tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, vocab_size=96, max_position_embeddings=64),
+    "roberta": lambda: tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=64, vocab_size=96, max_position_embeddings=70),
+}
+CLASSES = {"gpt2": "FlaxGPT2LMHeadModel", "gpt_neo": "FlaxGPTNeoForCausalLM", "opt": "FlaxOPTForCausalLM",
+           "llama": "FlaxLlamaForCausalLM", "mistral": "FlaxMistralForCausalLM", "bert": "FlaxBertModel",
+           "roberta": "FlaxRobertaModel"}
+
+
+def flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        p = f"{prefix}/{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flat(v, p))
+        else:
+            out[p] = np.asarray(v)
+    return out
+
+
+def reference(name: str, seed: int = 0):
+    """The HF Flax model of family ``name`` with random parameters."""
+    model = getattr(tf, CLASSES[name])(CONFIGS[name](), seed=seed)
+    return model, model.params
+
+
+def write_pt_safetensors(path: str, params: dict, prefix: str | None = None):
+    """Writes params in PyTorch layout (names and [out, in] matrices) as safetensors.
+
+    The inverse of transformers' PT->Flax renaming, written independently of wa's loader:
+    kernel -> weight (2-D transposed), scale -> weight, embedding -> weight.
+    """
+    tensors = {}
+    for p, a in flat(params).items():
+        parts = p.split("/")
+        leaf = parts[-1]
+        if leaf == "kernel":
+            parts[-1], a = "weight", a.T
+        elif leaf in ("scale", "embedding"):
+            parts[-1] = "weight"
+        if prefix:
+            parts = [prefix] + parts
+        tensors[".".join(parts)] = np.ascontiguousarray(a, np.float32)
+    header, offset = {}, 0
+    for k, a in tensors.items():
+        header[k] = {"dtype": "F32", "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for a in tensors.values():
+            f.write(a.tobytes())
+
+
+def write_checkpoint(tmpdir: str, name: str, fmt: str = "msgpack", seed: int = 0):
+    """Writes a tiny checkpoint of family ``name``; returns (dir, reference model, params)."""
+    model, params = reference(name, seed)
+    d = os.path.join(str(tmpdir), f"{name}-{fmt}-{seed}")
+    if fmt == "msgpack":
+        model.save_pretrained(d, params=params)
+    elif fmt == "safetensors":
+        model.save_pretrained(d, params=params, safe_serialization=True)
+    elif fmt == "pt_safetensors":
+        model.config.save_pretrained(d)
+        write_pt_safetensors(os.path.join(d, "model.safetensors"), params)
+    else:
+        raise ValueError(fmt)
+    return d, model, params
+
+
+def run_python(code: str, env_extra: dict | None = None, timeout: int = 600) -> str:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=REPO, timeout=timeout)
+    if r.returncode:
+        raise AssertionError(f"subprocess failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    return r.stdout

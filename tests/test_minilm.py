@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+import transformers
+
+from tests import helpers
+from wa import models
+from wa.data import paths, tokenizers
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return models.load(paths.minilm())
+
+
+def test_minilm_params_equal_transformers_own_conversion(minilm):
+    ref = transformers.FlaxBertModel.from_pretrained(paths.minilm(), from_pt=True)
+    got, want = helpers.flat(minilm.params), helpers.flat(ref.params)
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=k)
+    assert sum(v.size for v in got.values()) == 22_713_216
+
+
+def test_minilm_sentence_similarity(minilm):
+    tok = tokenizers.get(paths.minilm()).tok
+    b = tok(["A man is eating food.", "A man is eating a piece of bread."], padding=True, return_tensors="np")
+    h = np.asarray(minilm.forward(minilm.params, b["input_ids"], b["attention_mask"])[0])
+    m = b["attention_mask"][..., None]
+    e = (h * m).sum(1) / m.sum(1)
+    e /= np.linalg.norm(e, axis=-1, keepdims=True)
+    assert abs(float(e[0] @ e[1]) - 0.755) < 0.002
+
+
+def test_minilm_taxonomy(minilm):
+    counts = {}
+    for p in helpers.flat(minilm.params):
+        info = minilm.describe(p)
+        counts[info.component] = counts.get(info.component, 0) + 1
+    assert counts == {"embedding": 3, "norm": 26, "attention": 48, "mlp": 24, "head": 2}
