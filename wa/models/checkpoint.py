@@ -2,7 +2,7 @@
 
 Weights come from, in this order of preference: ``flax_model.msgpack`` (or its sharded
 index), ``model.safetensors`` (or its index; Flax- or PyTorch-layout), ``pytorch_model.bin``
-(needs torch). Every tensor is checked (name, shape, finiteness) as it is placed, before any
+(read without torch by ``wa.models.torch_bin``). Every tensor is checked (name, shape, finiteness) as it is placed, before any
 computation; errors name the file and the parameter.
 
 Memory: from safetensors each process reads only the slices its own devices hold
@@ -30,6 +30,7 @@ from jax.sharding import Mesh
 
 from wa.models import families as fam
 from wa.models.safetensors_io import SafetensorsError, SafetensorsFile
+from wa.models.torch_bin import TorchBin, TorchBinError
 from wa.parallel import mesh as mesh_lib
 from wa.parallel import rules as rules_lib
 
@@ -229,31 +230,34 @@ def _from_safetensors(files, shape_tree, family, prefix) -> tuple[dict[str, _Ten
     return out, ignored
 
 
+class _CurrentTensor:
+    """Placement visits tensors one at a time: read a storage once for all of its slices."""
+
+    def __init__(self):
+        self.tensor, self.array = None, None
+
+    def __call__(self, tensor, index):
+        if self.tensor is not tensor:
+            self.tensor, self.array = tensor, tensor.numpy()
+        return self.array[index]
+
+
 def _from_torch_bin(files, shape_tree, family, prefix) -> tuple[dict[str, _Tensor], list]:
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(
-            f"{files[0]} is a PyTorch checkpoint; reading it needs torch (pip install 'wa[torch]'), "
-            "or convert it to safetensors once") from None
     state = {}
     for file in files:
         try:
-            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise CheckpointError(f"{file}: cannot be read as a PyTorch checkpoint ({e})") from e
-        for k, v in sd.items():
-            state[k] = (file, v)
-    mapping, ignored = _pt_key_map({k: tuple(v.shape) for k, (_, v) in state.items()},
-                                   shape_tree, family, prefix)
+            archive = TorchBin(file)
+        except TorchBinError as e:
+            raise CheckpointError(str(e)) from e
+        for k, t in archive.tensors.items():
+            state[k] = (file, t)
+    mapping, ignored = _pt_key_map({k: t.shape for k, (_, t) in state.items()}, shape_tree, family, prefix)
 
-    def as_numpy(t):
-        return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-
+    fetch = _CurrentTensor()
     out = {}
     for path, (key, transpose) in mapping.items():
         file, t = state[key]
-        out[path] = _Tensor(file, key, tuple(t.shape), (lambda idx, t=t: as_numpy(t[idx])), transpose)
+        out[path] = _Tensor(file, key, t.shape, (lambda idx, t=t: fetch(t, idx)), transpose)
     return out, ignored
 
 
