@@ -103,7 +103,7 @@ def render(cfg, r, rows) -> str:
     comp_rows = [{"layer": k[0], "component": k[1], "parameters": f"{v:,}"}
                  for k, v in sorted(by_layer.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))]
     share = {k: f"{100 * v / r['n_params']:.1f}%" for k, v in r["params_by_component"].items()}
-    return f"""# {os.path.basename(r['checkpoint'].rstrip('/'))}: inspection and held-out perplexity
+    return f"""# {cfg.checkpoint}: inspection and held-out perplexity
 
 **{r['nll_nats_per_token']:.4f} nats/token, perplexity {r['ppl']:.3f}** on {r['target_tokens']:,}
 predicted tokens of `{r['corpus']}`.

@@ -2,8 +2,8 @@
 
 Weights come from, in this order of preference: ``flax_model.msgpack`` (or its sharded
 index), ``model.safetensors`` (or its index; Flax- or PyTorch-layout), ``pytorch_model.bin``
-(read without torch by ``wa.models.torch_bin``). Every tensor is checked (name, shape, finiteness) as it is placed, before any
-computation; errors name the file and the parameter.
+(read without torch by ``wa.models.torch_bin``). Every tensor is checked (name, shape,
+finiteness) as it is placed, before any computation; errors name the file and the parameter.
 
 Memory: from safetensors each process reads only the slices its own devices hold
 (``jax.make_array_from_callback`` + positioned reads), so no host copy of the model is ever
