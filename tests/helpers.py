@@ -24,6 +24,10 @@ CONFIGS = {
     "llama": lambda: tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                     num_key_value_heads=2, intermediate_size=64, vocab_size=96,
                                     max_position_embeddings=64, tie_word_embeddings=False),
+    # Small enough for an exact Hessian by columns (~600 parameters).
+    "llama_micro": lambda: tf.LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                          num_key_value_heads=1, intermediate_size=8, vocab_size=12,
+                                          max_position_embeddings=16, tie_word_embeddings=False),
     "mistral": lambda: tf.MistralConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                         num_key_value_heads=2, intermediate_size=64, vocab_size=96,
                                         max_position_embeddings=64, sliding_window=16,
@@ -34,7 +38,8 @@ CONFIGS = {
                                         intermediate_size=64, vocab_size=96, max_position_embeddings=70),
 }
 CLASSES = {"gpt2": "FlaxGPT2LMHeadModel", "gpt_neo": "FlaxGPTNeoForCausalLM", "opt": "FlaxOPTForCausalLM",
-           "llama": "FlaxLlamaForCausalLM", "mistral": "FlaxMistralForCausalLM", "bert": "FlaxBertModel",
+           "llama": "FlaxLlamaForCausalLM", "llama_micro": "FlaxLlamaForCausalLM",
+           "mistral": "FlaxMistralForCausalLM", "bert": "FlaxBertModel",
            "roberta": "FlaxRobertaModel"}
 
 

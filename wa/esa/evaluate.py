@@ -13,7 +13,7 @@ from wa import parallel
 
 def nll_step(loaded):
     """A jitted ``(params, batch) -> (nll_sum, n_targets)`` on sharded inputs."""
-    return jax.jit(lambda params, batch: loaded.token_nll(params, batch))
+    return loaded.compiled("esa/nll", lambda: jax.jit(lambda params, batch: loaded.token_nll(params, batch)))
 
 
 def evaluate(loaded, params, ids: np.ndarray, mask: np.ndarray, batch_size: int,
@@ -23,20 +23,13 @@ def evaluate(loaded, params, ids: np.ndarray, mask: np.ndarray, batch_size: int,
     The last batch is padded with fully masked rows; sums are accumulated in float64 on the
     host, so the figure is independent of the batch size and the mesh.
     """
-    mesh = loaded.mesh
-    parallel.check_batch_size(mesh, batch_size)
     step = step or nll_step(loaded)
-    n = len(ids)
+    batches = parallel.iter_batches(loaded.mesh, {"input_ids": ids, "attention_mask": mask}, batch_size)
     total, count = 0.0, 0.0
-    for start in tqdm(range(0, n, batch_size), desc=desc, disable=not progress or jax.process_index()):
-        def rows(lo, hi, start=start):
-            sel = np.arange(start + lo, start + hi)
-            ok = sel < n
-            sel = np.where(ok, sel, 0)
-            return {"input_ids": ids[sel], "attention_mask": mask[sel] * ok[:, None]}
-        batch = parallel.make_global_batch(mesh, batch_size, rows)
+    for batch in tqdm(batches, total=-(-len(ids) // batch_size), desc=desc,
+                      disable=not progress or jax.process_index() > 0):
         s, c = step(params, batch)
         total += float(s)
         count += float(c)
     nll = total / max(count, 1.0)
-    return {"nll": nll, "ppl": math.exp(nll), "tokens": int(count), "windows": n}
+    return {"nll": nll, "ppl": math.exp(nll), "tokens": int(count), "windows": len(ids)}

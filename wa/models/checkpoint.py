@@ -43,7 +43,7 @@ class CheckpointError(ValueError):
     pass
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Loaded:
     """A loaded checkpoint: ``model(ids, params=params)`` runs it; ``module`` is its linen module."""
     model: transformers.FlaxPreTrainedModel
@@ -54,6 +54,13 @@ class Loaded:
     shardings: dict
     path: str
     weights_files: list[str]
+    _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def compiled(self, key, build):
+        """A jitted function built once per model: analyses over many seeds compile once."""
+        if key not in self._compiled:
+            self._compiled[key] = build()
+        return self._compiled[key]
 
     @property
     def module(self):

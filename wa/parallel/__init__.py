@@ -5,6 +5,7 @@ from wa.parallel.batch import (
     batch_sharding,
     check_batch_size,
     data_parallel_size,
+    iter_batches,
     local_rows,
     make_global_batch,
 )
@@ -23,6 +24,6 @@ from wa.parallel.rules import (
 __all__ = [
     "BatchError", "DistributedError", "MeshError", "PartitionError", "batch_sharding",
     "bytes_per_device", "check_batch_size", "data_parallel_size", "describe", "flatten",
-    "initialize", "local_rows", "make_global_batch", "make_mesh", "match", "parse_axes",
+    "initialize", "iter_batches", "local_rows", "make_global_batch", "make_mesh", "match", "parse_axes",
     "path_str", "resolve_axes", "shardings_for", "specs_for",
 ]

@@ -64,3 +64,20 @@ def make_global_batch(mesh: Mesh, global_batch: int, rows: Callable[[int, int], 
         sharding = batch_sharding(mesh, v.ndim, axes)
         out[k] = jax.make_array_from_process_local_data(sharding, v, (global_batch,) + v.shape[1:])
     return out
+
+
+def iter_batches(mesh: Mesh, arrays: dict[str, np.ndarray], batch_size: int, axes: Sequence[str] = DATA_AXES):
+    """Global batches over the rows of ``arrays``; the last is padded with zero rows.
+
+    Padding rows are all zeros, so a mask among ``arrays`` (``attention_mask``) marks them as
+    empty. Each process slices only its own rows of each batch.
+    """
+    check_batch_size(mesh, batch_size, axes)
+    n = len(next(iter(arrays.values())))
+    for start in range(0, n, batch_size):
+        def rows(lo, hi, start=start):
+            sel = np.arange(start + lo, start + hi)
+            ok = sel < n
+            sel = np.where(ok, sel, 0)
+            return {k: v[sel] * ok.reshape((-1,) + (1,) * (v.ndim - 1)).astype(v.dtype) for k, v in arrays.items()}
+        yield make_global_batch(mesh, batch_size, rows, axes)
