@@ -1,0 +1,158 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wa.esa import perturb, select, stats
+
+
+def _scores():
+    return {"a/kernel": jnp.asarray([[5.0, 1.0, 3.0], [3.0, 0.5, 9.0]]),
+            "b/kernel": jnp.asarray([7.0, 3.0, 3.0, 2.0]),
+            "b/scale": jnp.asarray([100.0, 100.0])}
+
+
+def test_per_layer_topk_ties_go_to_the_lower_index():
+    sel, vals = select.top_k(_scores(), 2)
+    assert sel["a/kernel"].tolist() == [5, 0] and vals["a/kernel"].tolist() == [9.0, 5.0]
+    assert sel["b/kernel"].tolist() == [0, 1]          # 3.0 at indices 1 and 2: index 1 wins
+    assert "b/scale" not in sel                        # the default filter keeps kernels only
+
+
+def test_k_above_a_layer_size_takes_the_whole_layer_and_fractions_round_up():
+    sel, _ = select.top_k(_scores(), 5)
+    assert sorted(sel["b/kernel"].tolist()) == [0, 1, 2, 3] and len(sel["a/kernel"]) == 5
+    sel, _ = select.top_k(_scores(), 0.2)              # ceil(0.2 * 6) = 2, ceil(0.2 * 4) = 1
+    assert len(sel["a/kernel"]) == 2 and len(sel["b/kernel"]) == 1
+
+
+def test_global_topk_and_bottomk():
+    sel, vals = select.top_k(_scores(), 3, mode="global")
+    assert select.as_set(sel) == {("a/kernel", 5), ("b/kernel", 0), ("a/kernel", 0)}
+    # Three-way tie at 3.0 for the fourth place: the earlier tensor, then the lower index.
+    sel4, _ = select.top_k(_scores(), 4, mode="global")
+    assert ("a/kernel", 2) in select.as_set(sel4)
+    low, lv = select.top_k(_scores(), 2, mode="global", largest=False)
+    assert select.as_set(low) == {("a/kernel", 4), ("a/kernel", 1)}
+    assert sorted(v for vals in lv.values() for v in vals) == [0.5, 1.0]
+
+
+def test_signed_scores_rank_by_magnitude():
+    sel, _ = select.top_k({"w/kernel": jnp.asarray([1.0, -5.0, 2.0])}, 1, signed=True)
+    assert sel["w/kernel"].tolist() == [1]
+
+
+def test_selection_errors():
+    with pytest.raises(select.SelectionError, match="topk must be positive, got 0"):
+        select.top_k(_scores(), 0)
+    with pytest.raises(select.SelectionError, match="topk must be positive, got -3"):
+        select.top_k(_scores(), -3)
+    with pytest.raises(select.SelectionError, match=r"param_filter 'attn/q\$' matches no parameter"):
+        select.top_k(_scores(), 1, param_filter="attn/q$")
+    with pytest.raises(select.SelectionError, match="mode must be 'per_layer' or 'global'"):
+        select.top_k(_scores(), 1, mode="layer")
+
+
+def test_random_k_is_seeded_uniform_and_sized_like_topk():
+    s = {"w/kernel": jnp.zeros((100, 50))}
+    a = select.random_k(s, 10, "per_layer", select.DEFAULT_FILTER, seed=1)
+    b = select.random_k(s, 10, "per_layer", select.DEFAULT_FILTER, seed=1)
+    c = select.random_k(s, 10, "per_layer", select.DEFAULT_FILTER, seed=2)
+    assert a["w/kernel"].tolist() == b["w/kernel"].tolist() and select.jaccard(a, c) < 0.5
+    assert len(set(a["w/kernel"].tolist())) == 10
+    picks = np.concatenate([select.random_k(s, 50, "per_layer", select.DEFAULT_FILTER, seed=i)["w/kernel"]
+                            for i in range(40)])
+    # 2000 draws over 5000 slots in 10 bands of 500: each band near 200.
+    hist = np.bincount(picks // 500, minlength=10)
+    assert hist.min() > 140 and hist.max() < 260
+
+
+def test_jaccard_overlap_heavy_tail_counts():
+    a = {"x": np.array([1, 2, 3])}
+    b = {"x": np.array([2, 3, 4, 5])}
+    assert select.jaccard(a, b) == 2 / 5 and select.overlap(a, b) == 2 / 3
+    ht = select.heavy_tail({"w/kernel": jnp.concatenate([jnp.ones(999), jnp.asarray([1000.0])])})
+    assert ht["n"] == 1000 and ht["top01pct_share"] == pytest.approx(1000 / 1999)
+    assert ht["top1pct_mean_over_median"] == pytest.approx((1000 + 9) / 10)
+    assert select.heavy_tail({"w/kernel": jnp.ones(10)})["gini"] == pytest.approx(0.0, abs=1e-12)
+    from wa.models.families import ParamInfo
+    c = select.counts({"l/0/q": np.arange(3), "l/1/up": np.arange(2)},
+                      lambda p: ParamInfo(int(p.split("/")[1]), "attention" if p.endswith("q") else "mlp",
+                                          p.split("/")[2]))
+    assert c["component"] == {"attention": 3, "mlp": 2} and c["layer_component"] == {"0/attention": 3, "1/mlp": 2}
+
+
+def _params(dtype=jnp.float32):
+    return {"w/kernel": jnp.arange(1, 13, dtype=jnp.float32).reshape(3, 4).astype(dtype)}
+
+
+def test_sign_flip_twice_is_the_identity_and_touches_only_the_selection():
+    p = _params()
+    sel = {"w/kernel": np.array([0, 5, 11])}
+    once = perturb.apply(p, sel, "sign_flip")
+    assert np.asarray(once["w/kernel"]).ravel().tolist() == [-1, 2, 3, 4, 5, -6, 7, 8, 9, 10, 11, -12]
+    twice = perturb.apply(once, sel, "sign_flip")
+    np.testing.assert_array_equal(np.asarray(twice["w/kernel"]), np.asarray(p["w/kernel"]))
+
+
+def test_zero_and_dose():
+    p = _params()
+    sel = {"w/kernel": np.array([1])}
+    assert float(perturb.apply(p, sel, "zero")["w/kernel"][0, 1]) == 0.0
+    assert float(perturb.apply(p, sel, "zero", scale=0.25)["w/kernel"][0, 1]) == 1.5
+    assert float(perturb.apply(p, sel, "sign_flip", scale=0.5)["w/kernel"][0, 1]) == 0.0
+
+
+def test_gauss_noise_is_scaled_by_the_layer_std():
+    p = {"w/kernel": jnp.asarray(np.random.default_rng(0).normal(0, 3.0, 20000), jnp.float32)}
+    sel = {"w/kernel": np.arange(20000)}
+    out = perturb.apply(p, sel, "gauss_noise", scale=0.5, key=jax.random.key(1))
+    d = np.asarray(out["w/kernel"]) - np.asarray(p["w/kernel"])
+    assert abs(d.std() - 0.5 * float(jnp.std(p["w/kernel"]))) < 0.05
+    rel = perturb.apply(p, sel, "gauss_noise", scale=0.5, key=jax.random.key(1), noise_ref="weight")
+    r = (np.asarray(rel["w/kernel"]) - np.asarray(p["w/kernel"])) / np.abs(np.asarray(p["w/kernel"]))
+    assert abs(r.std() - 0.5) < 0.02
+
+
+@pytest.mark.parametrize("dtype,bit,expect", [(jnp.float32, 31, -3.0), (jnp.bfloat16, 15, -3.0),
+                                              (jnp.float32, 30, 3.0 * 2.0 ** -128),
+                                              (jnp.bfloat16, 14, 3.0 * 2.0 ** -128)])
+def test_bit_flip_on_chosen_bits(dtype, bit, expect):
+    p = {"w/kernel": jnp.asarray([1.0, 3.0], dtype)}
+    out = perturb.apply(p, {"w/kernel": np.array([1])}, "bit_flip", bits=(bit,))
+    assert out["w/kernel"].dtype == dtype
+    assert float(out["w/kernel"][1]) == pytest.approx(expect) and float(out["w/kernel"][0]) == 1.0
+    back = perturb.apply(out, {"w/kernel": np.array([1])}, "bit_flip", bits=(bit,))
+    assert float(back["w/kernel"][1]) == 3.0
+
+
+@pytest.mark.parametrize("dtype,nbits", [(jnp.float32, 32), (jnp.bfloat16, 16)])
+def test_random_bit_flips_hit_about_p_of_the_bits(dtype, nbits):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=4000), dtype)
+    out = perturb.apply({"w": x}, {"w": np.arange(4000)}, "bit_flip", prob=0.05, key=jax.random.key(2))
+    u = {2: np.uint16, 4: np.uint32}[jnp.dtype(dtype).itemsize]
+    diff = np.asarray(jax.lax.bitcast_convert_type(x, u)) ^ np.asarray(jax.lax.bitcast_convert_type(out["w"], u))
+    flipped = sum(int(b) for v in diff for b in bin(int(v))[2:])
+    assert abs(flipped / (4000 * nbits) - 0.05) < 0.005
+
+
+def test_perturb_errors():
+    p = _params()
+    sel = {"w/kernel": np.array([0])}
+    with pytest.raises(perturb.PerturbError, match="unknown perturbation 'melt'"):
+        perturb.apply(p, sel, "melt")
+    with pytest.raises(perturb.PerturbError, match="perturb_scale must be >= 0, got -1"):
+        perturb.apply(p, sel, "gauss_noise", scale=-1)
+    with pytest.raises(perturb.PerturbError, match=r"bits \[16\] do not exist in bfloat16"):
+        perturb.apply(_params(jnp.bfloat16), sel, "bit_flip", bits=(16,))
+
+
+def test_stats():
+    ci = stats.mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert ci["mean"] == 2.5 and ci["ci95"][0] < 2.5 < ci["ci95"][1]
+    assert stats.mean_ci([2.0])["ci95"] == [2.0, 2.0]
+    t = stats.greater([40, 41, 42], list(range(30)))  # the exact one-sided p is 1 / C(33, 3)
+    assert t["p_value"] == pytest.approx(1 / 5456)
+    assert stats.greater([1, 2, 3], [10, 11, 12])["p_value"] > 0.9
+    m = stats.monotone([0.1, 0.5, 1.0], [0.2, 0.9, 3.0])
+    assert m["monotone_increasing"] and m["spearman_rho"] == pytest.approx(1.0)

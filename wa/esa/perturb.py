@@ -1,0 +1,97 @@
+"""Perturbations applied to exactly the selected weights.
+
+Every kind takes a ``scale`` (the dose, for dose-response curves):
+
+- ``sign_flip``   w -> w (1 - 2s): s = 1 flips the sign, s = 0.5 zeroes, s = 0 leaves w.
+- ``zero``        w -> w (1 - s): s = 1 sets to zero.
+- ``gauss_noise`` w -> w + s σ ε, ε ~ N(0, 1), σ the standard deviation of the whole tensor the
+                  weight belongs to (the layer's std; ``noise_ref="weight"`` uses |w| instead).
+- ``bit_flip``    flips bits of the stored number: the listed ``bits`` (0 = least significant;
+                  for float32 30 is the exponent's top bit, for bfloat16 14), or, with
+                  ``bits=()``, every bit independently with probability ``prob``. ``scale`` is
+                  not used.
+
+Indices are flat indices into each tensor (``wa.esa.select``); the result keeps the
+parameters' shardings.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+KINDS = ("sign_flip", "zero", "gauss_noise", "bit_flip")
+_UINT = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
+
+
+class PerturbError(ValueError):
+    pass
+
+
+def _flip_bits(x, key, bits, prob):
+    nbits = x.dtype.itemsize * 8
+    u = _UINT[x.dtype.itemsize]
+    raw = jax.lax.bitcast_convert_type(x, u)
+    if bits:
+        mask = np.uint64(0)
+        for b in bits:
+            mask |= np.uint64(1) << np.uint64(b)
+        flip = jnp.full(raw.shape, mask, dtype=u)
+    else:
+        draws = jax.random.bernoulli(key, prob, raw.shape + (nbits,))
+        weights = (jnp.ones((), u) << jnp.arange(nbits, dtype=u))
+        flip = jnp.sum(jnp.where(draws, weights, jnp.zeros((), u)), axis=-1, dtype=u)
+    return jax.lax.bitcast_convert_type(raw ^ flip, x.dtype)
+
+
+def _one(w, idx, key, kind, scale, prob, bits, noise_ref):
+    flat = w.reshape(-1)
+    sel = flat[idx]
+    if kind == "sign_flip":
+        new = sel * (1 - 2 * scale)
+    elif kind == "zero":
+        new = sel * (1 - scale)
+    elif kind == "gauss_noise":
+        ref = jnp.std(flat.astype(jnp.float32)) if noise_ref == "layer_std" else jnp.abs(sel.astype(jnp.float32))
+        new = sel + (scale * ref * jax.random.normal(key, sel.shape)).astype(w.dtype)
+    elif kind == "bit_flip":
+        new = _flip_bits(sel, key, bits, prob)
+    else:
+        raise PerturbError(f"unknown perturbation {kind!r}; known: {', '.join(KINDS)}")
+    return flat.at[idx].set(new.astype(w.dtype)).reshape(w.shape)
+
+
+def check(kind: str, scale: float = 1.0, prob: float = 0.0, bits=(), dtype=jnp.float32, noise_ref="layer_std"):
+    if kind not in KINDS:
+        raise PerturbError(f"unknown perturbation {kind!r}; known: {', '.join(KINDS)}")
+    if scale < 0:
+        raise PerturbError(f"perturb_scale must be >= 0, got {scale}")
+    if not 0 <= prob <= 1:
+        raise PerturbError(f"perturb_prob must lie in [0, 1], got {prob}")
+    if noise_ref not in ("layer_std", "weight"):
+        raise PerturbError(f"noise_ref must be 'layer_std' or 'weight', got {noise_ref!r}")
+    nbits = jnp.dtype(dtype).itemsize * 8
+    bad = [b for b in bits if not 0 <= int(b) < nbits]
+    if bad:
+        raise PerturbError(f"bit_flip bits {bad} do not exist in {jnp.dtype(dtype).name} ({nbits} bits)")
+    if kind == "bit_flip" and not bits and prob == 0:
+        raise PerturbError("bit_flip needs bits to flip or perturb_prob > 0")
+
+
+def apply(params_flat: dict, selection: dict, kind: str, scale: float = 1.0, key=None, prob: float = 0.0,
+          bits=(), noise_ref: str = "layer_std") -> dict:
+    """A new flat parameter dict with ``selection`` perturbed; other tensors are shared."""
+    some = next(iter(params_flat.values()))
+    check(kind, scale, prob, bits, some.dtype, noise_ref)
+    key = jax.random.key(0) if key is None else key
+    out = dict(params_flat)
+    for n, (p, idx) in enumerate(sorted(selection.items())):
+        if len(idx):
+            new = _jitted(params_flat[p], jnp.asarray(idx), jax.random.fold_in(key, n), kind,
+                          float(scale), float(prob), tuple(int(b) for b in bits), noise_ref)
+            out[p] = jax.device_put(new, params_flat[p].sharding)
+    return out
+
+
+_jitted = jax.jit(_one, static_argnums=(3, 5, 6, 7))

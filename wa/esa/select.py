@@ -1,0 +1,161 @@
+"""Choosing weights by score: top-k, bottom-k and random-k, per layer or global; set statistics.
+
+A selection is ``{parameter path: int64 flat indices}``, best first. Ranking is by score,
+descending (by ``|score|`` for signed scores such as the Hessian diagonal), ties broken toward
+the lower flat index (``jax.lax.top_k``'s rule), and in ``global`` mode toward the tensor that
+comes first in path order. Selection runs per tensor on device (``jax.lax.top_k``) and only
+the k winners come to the host, so it scales to models whose scores do not fit in host memory.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+DEFAULT_FILTER = r"kernel$"  # weight matrices: attention, MLP and head kernels; no embeddings, norms, biases
+
+
+class SelectionError(ValueError):
+    pass
+
+
+def filter_paths(paths, regex: str) -> list[str]:
+    try:
+        pat = re.compile(regex)
+    except re.error as e:
+        raise SelectionError(f"param_filter {regex!r} is not a valid regex ({e})") from e
+    kept = [p for p in paths if pat.search(p)]
+    if not kept:
+        raise SelectionError(f"param_filter {regex!r} matches no parameter; paths look like "
+                             f"{list(paths)[:3]}")
+    return kept
+
+
+def resolve_k(topk, n: int) -> int:
+    """``topk`` as a count (int >= 1, capped at ``n``) or a fraction in (0, 1)."""
+    if isinstance(topk, bool) or not isinstance(topk, (int, float, np.integer, np.floating)):
+        raise SelectionError(f"topk must be a positive count or a fraction in (0, 1), got {topk!r}")
+    if topk <= 0:
+        raise SelectionError(f"topk must be positive, got {topk}")
+    if isinstance(topk, (float, np.floating)) and topk < 1:
+        return max(1, math.ceil(topk * n))
+    if isinstance(topk, (float, np.floating)) and topk != int(topk):
+        raise SelectionError(f"topk={topk}: a count must be a whole number (fractions lie in (0, 1))")
+    return min(int(topk), n)
+
+
+def _topk_values(x, k):
+    return jax.lax.top_k(x.reshape(-1), k)
+
+
+_topk = jax.jit(_topk_values, static_argnums=1)
+
+
+def _rank_key(score, signed: bool):
+    s = jnp.abs(score) if signed else score
+    return s.astype(jnp.float32)
+
+
+def top_k(scores: dict, topk, mode: str = "per_layer", param_filter: str = DEFAULT_FILTER,
+          signed: bool = False, largest: bool = True) -> tuple[dict, dict]:
+    """(selection, selected score values) for the highest (or lowest) scores."""
+    if mode not in ("per_layer", "global"):
+        raise SelectionError(f"mode must be 'per_layer' or 'global', got {mode!r}")
+    paths = filter_paths(list(scores), param_filter)
+    sizes = {p: int(np.prod(scores[p].shape)) for p in paths}
+    per = {}
+    for p in paths:
+        k = resolve_k(topk, sizes[p]) if mode == "per_layer" else resolve_k(topk, sum(sizes.values()))
+        k = min(k, sizes[p])
+        key = _rank_key(scores[p], signed)
+        vals, idx = _topk(key if largest else -key, k)
+        per[p] = (np.asarray(idx, np.int64), np.asarray(vals if largest else -vals, np.float64))
+    if mode == "per_layer":
+        return {p: i for p, (i, _) in per.items()}, {p: v for p, (_, v) in per.items()}
+    k = resolve_k(topk, sum(sizes.values()))
+    order = {p: n for n, p in enumerate(paths)}
+    cand = [(v if largest else -v, order[p], i, p) for p, (idx, vals) in per.items() for i, v in zip(idx, vals,
+                                                                                                      strict=True)]
+    cand.sort(key=lambda c: (-c[0], c[1], c[2]))
+    sel: dict[str, list] = {}
+    val: dict[str, list] = {}
+    for v, _, i, p in cand[:k]:
+        sel.setdefault(p, []).append(i)
+        val.setdefault(p, []).append(v if largest else -v)
+    return ({p: np.asarray(sel[p], np.int64) for p in paths if p in sel},
+            {p: np.asarray(val[p], np.float64) for p in paths if p in val})
+
+
+def random_k(scores: dict, topk, mode: str, param_filter: str, seed: int) -> dict:
+    """A uniformly random selection of the same sizes top-k would pick: top-k of uniform noise."""
+    noise = {}
+    for p in filter_paths(list(scores), param_filter):
+        key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(p.encode()))
+        noise[p] = jax.random.uniform(key, scores[p].shape)
+    return top_k(noise, topk, mode, param_filter)[0]
+
+
+def size(sel: dict) -> int:
+    return sum(len(v) for v in sel.values())
+
+
+def as_set(sel: dict) -> set:
+    return {(p, int(i)) for p, idx in sel.items() for i in idx}
+
+
+def jaccard(a: dict, b: dict) -> float:
+    sa, sb = as_set(a), as_set(b)
+    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+
+
+def overlap(a: dict, b: dict) -> float:
+    """|A ∩ B| / min(|A|, |B|): the share of the smaller set the other one also picked."""
+    sa, sb = as_set(a), as_set(b)
+    return len(sa & sb) / min(len(sa), len(sb)) if sa and sb else 1.0
+
+
+def heavy_tail(scores: dict, param_filter: str = DEFAULT_FILTER, signed: bool = False) -> dict:
+    """How concentrated the scores are, over every filtered weight (|score| for signed scores)."""
+    x = np.concatenate([np.abs(np.asarray(scores[p], np.float64)).ravel() if signed
+                        else np.asarray(scores[p], np.float64).ravel()
+                        for p in filter_paths(list(scores), param_filter)])
+    x = np.sort(x)[::-1]
+    n = len(x)
+    top1 = x[: max(1, n // 100)]
+    top01 = x[: max(1, n // 1000)]
+    median = float(np.median(x))
+    total = float(x.sum())
+    # Gini of a non-negative sample: 1 - 2 * area under the Lorenz curve.
+    asc = x[::-1]
+    lorenz = np.cumsum(asc) / total if total > 0 else np.zeros(n)
+    gini = float(1 - 2 * lorenz.sum() / n + 1 / n) if total > 0 else 0.0
+    return {
+        "n": n,
+        "top1pct_mean_over_median": float(top1.mean() / median) if median > 0 else float("inf"),
+        "gini": gini,
+        "top01pct_share": float(top01.sum() / total) if total > 0 else 0.0,
+        "median": median,
+        "max": float(x[0]),
+    }
+
+
+def counts(sel: dict, classify) -> dict:
+    """Selected weights by layer, component and role (``classify(path) -> ParamInfo``)."""
+    out = {"layer": {}, "component": {}, "role": {}, "layer_component": {}}
+    for p, idx in sel.items():
+        info = classify(p)
+        n = len(idx)
+        layer = "-" if info.layer is None else str(info.layer)
+        for k, v in (("layer", layer), ("component", info.component), ("role", info.role),
+                     ("layer_component", f"{layer}/{info.component}")):
+            out[k][v] = out[k].get(v, 0) + n
+    return out
+
+
+def coordinates(shape, flat_index) -> tuple:
+    return tuple(int(i) for i in np.unravel_index(int(flat_index), shape))
