@@ -117,10 +117,12 @@ def encoder_contrastive_nll(family, model, params, batch, rng=None):
         e = (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
         return e / jnp.linalg.norm(e, axis=-1, keepdims=True).clip(1e-6)
 
+    # Fully masked rows (batch padding) are neither examples nor negatives.
+    real = mask.sum(1) > 0
     sim = embed(r1) @ embed(r2).T / SIMCSE_TEMPERATURE
-    nll = optax.softmax_cross_entropy_with_integer_labels(sim.astype(jnp.float32),
-                                                          jnp.arange(ids.shape[0]))
-    return jnp.sum(nll), jnp.asarray(ids.shape[0], jnp.float32)
+    sim = jnp.where(real[None, :], sim.astype(jnp.float32), -1e9)
+    nll = optax.softmax_cross_entropy_with_integer_labels(sim, jnp.arange(ids.shape[0]))
+    return jnp.sum(jnp.where(real, nll, 0.0)), jnp.sum(real).astype(jnp.float32)
 
 
 LOSSES: dict[str, Callable] = {"causal_lm": causal_lm_nll, "encoder": encoder_contrastive_nll}

@@ -1,0 +1,71 @@
+r"""Critical weight analysis (ESA): score every weight, pick the top-k, prove they matter.
+
+  python -m launch.esa --config configs/esa.py:stories260k --workdir runs/esa
+  python -m launch.esa --config configs/esa.py:smoke --workdir /tmp/esa        # seconds, for tests
+  python -m launch.esa --config configs/esa.py:minilm --workdir runs/esa-minilm
+  python -m launch.esa --config configs/esa.py --config.metric=grad_x_weight,grad_squared \
+      --config.perturb=sign_flip,gauss_noise --config.perturb_scale=0.25,0.5,1.0
+
+Lists (metric, seeds, perturb, perturb_scale, controls) are comma-separated strings or tuples.
+"""
+
+import ml_collections
+
+METRICS = "magnitude,grad_x_weight,grad_squared,hutchinson_diag,act_mag"
+
+
+def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "stories260k"           # checkpoint dir, or stories260k / minilm
+    c.corpus = "tinystories"          # wa.data.text.CORPORA name or a text file
+    c.doc_split = "stories"           # wa.data.text.documents
+    c.heldout_fraction = 0.2          # last documents: perplexity; the rest: calibration
+    c.metric = METRICS
+    c.mode = "per_layer"              # per_layer (k per weight matrix) or global
+    c.topk = 0.002                    # count (>= 1) or fraction in (0, 1) of each matrix / of all
+    c.param_filter = r"kernel$"       # which tensors compete: weight matrices (not embeddings, norms)
+    c.max_samples = 16                # calibration sequences per seed
+    c.seq_len = 256
+    c.batch_size = 8
+    c.eval_windows = 32               # held-out windows for perplexity
+    c.seeds = "1337,123,999"          # each changes calibration batches, probes and random-k
+    c.probes = 8                      # Hutchinson probes per batch
+    c.probe_chunk = 4                 # probes vmapped together
+    c.stability_check = True          # Jaccard of top-k across seeds
+    c.perturb = "sign_flip"           # sign_flip, gauss_noise, zero, bit_flip
+    c.perturb_scale = "1.0"           # doses; several -> dose-response curve
+    c.perturb_prob = 0.0              # bit_flip: per-bit flip probability when bit_flip_bits is empty
+    c.bit_flip_bits = "30"            # bit_flip: bits to flip (30: float32 exponent MSB; 14 for bfloat16)
+    c.noise_ref = "layer_std"         # gauss_noise scale relative to the layer's std, or "weight" (|w|)
+    c.controls = "random_k,bottom_k"
+    c.random_draws = 8                # random-k draws per seed (the null distribution)
+    c.dtype = "float32"               # float32 or bfloat16 parameters
+    c.save_plots = True
+    c.mesh = "data:1,fsdp:-1"
+    if arg == "stories260k":
+        pass
+    elif arg == "dose":
+        c.metric = "grad_x_weight,magnitude"
+        c.perturb = "sign_flip,gauss_noise"
+        c.perturb_scale = "0.25,0.5,1.0,2.0"
+    elif arg == "smoke":
+        c.metric = "magnitude,grad_x_weight,grad_squared,hutchinson_diag,act_mag"
+        c.max_samples = 4
+        c.seq_len = 64
+        c.batch_size = 2
+        c.eval_windows = 4
+        c.seeds = "1,2"
+        c.probes = 2
+        c.probe_chunk = 2
+        c.random_draws = 2
+        c.perturb_scale = "0.5,1.0"
+    elif arg == "minilm":
+        c.model = "minilm"
+        c.corpus = "wikitext2_valid"
+        c.doc_split = "blank_lines"
+        c.seq_len = 128
+        c.max_samples = 16
+        c.eval_windows = 32
+    else:
+        raise ValueError(f"configs/esa.py: unknown variant {arg!r}; use stories260k, dose, smoke or minilm")
+    return c

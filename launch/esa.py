@@ -1,0 +1,46 @@
+r"""Critical weight analysis: scores, top-k, stability, perturbation validation, statistics, report.
+
+  python -m launch.esa --config configs/esa.py:stories260k --workdir runs/esa
+  python -m launch.esa --config configs/esa.py:smoke --workdir /tmp/esa
+
+The workdir receives config.json, summary.json, topk.csv, PNG plots and report.md.
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+from wa import report
+from wa.esa import pipeline
+from wa.esa import report as esa_report
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/esa.py:stories260k", "ESA config.")
+flags.DEFINE_string("workdir", None, "Run folder; default runs/esa-<UTC time>.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value
+    pipeline.check(cfg)  # config errors before devices, files or compute
+    common.start()
+    workdir = report.workdir(FLAGS.workdir, "esa")
+    if common.is_chief():
+        report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+    r = pipeline.run(cfg)
+    summary = pipeline.summarize(r)
+    if common.is_chief():
+        esa_report.write(workdir, r, summary, cfg.save_plots)
+        for m, e in summary["per_metric"].items():
+            main = e["perturb_main"]
+            print(f"{m:16s} jaccard {e['jaccard_mean']:.3f}  top1%/median {e['heavy_tail_ratio']:8.1f}  "
+                  f"{main['kind']} ΔPPL top-k {main['topk']['dppl_mean']:.4f}"
+                  + (f" random-k {main['random_k']['dppl_mean']:.4f} p {e['p_value_topk_vs_random']:.2g}"
+                     if "random_k" in main else ""))
+        print(f"base perplexity {summary['ppl_base']:.4f}; report in {workdir}/report.md")
+
+
+if __name__ == "__main__":
+    app.run(main)

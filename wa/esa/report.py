@@ -1,0 +1,199 @@
+"""Writes an ESA run folder: summary.json, topk.csv, PNG plots and report.md."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+
+from wa import report
+from wa.esa import select
+from wa.parallel import rules as rules_lib
+from wa.report import plots
+
+# DESIGN.md's criteria for critical weight analysis on a real pretrained model.
+CRITERIA = {
+    "stability": ("top-k stable across seeds", "Jaccard > 0.4"),
+    "agreement": ("grad×weight vs grad² top-k overlap", "> 0.6"),
+    "heavy_tail": ("top 1% scores vs the median", "> 10×"),
+    "sign_flip": ("sign-flipping the top-k vs random-k", "ΔPPL ≥ 5× random-k, p < 0.01 across seeds"),
+    "dose": ("dose-response", "monotone"),
+}
+
+
+def write_topk_csv(path, r):
+    """The first seed's top-k of every metric: where each weight is, its value and its score."""
+    loaded = r["loaded"]
+    flat = {p: np.asarray(v) for p, v in rules_lib.flatten(loaded.params).items()}
+    seed = r["plan"].seeds[0]
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["metric", "rank", "path", "flat_index", "coordinates", "layer", "component", "role", "value",
+                    "score"])
+        for m in r["plan"].metrics:
+            sel = r["sels"][m, seed]
+            sc = r["first"][m][0]
+            rows = [(float(sc[p].ravel()[i]), p, int(i)) for p, idx in sel.items() for i in idx]
+            rows.sort(key=lambda t: (-abs(t[0]), t[1], t[2]))
+            for rank, (s, p, i) in enumerate(rows):
+                info = loaded.describe(p)
+                w.writerow([m, rank, p, i, "(" + ",".join(map(str, select.coordinates(flat[p].shape, i))) + ")",
+                            "" if info.layer is None else info.layer, info.component, info.role,
+                            f"{float(flat[p].ravel()[i]):.8g}", f"{s:.8g}"])
+    os.replace(path + ".tmp", path)
+
+
+def _layer_role_tables(r):
+    loaded = r["loaded"]
+    out = {}
+    for m, (sc, _) in r["first"].items():
+        cells: dict = {}
+        for p, v in sc.items():
+            info = loaded.describe(p)
+            layer = "-" if info.layer is None else str(info.layer)
+            cells.setdefault((layer, info.role), []).append(np.abs(v).ravel())
+        rows = sorted({k[0] for k in cells}, key=lambda x: (x == "-", int(x) if x.isdigit() else 0))
+        cols = sorted({k[1] for k in cells})
+        grid = np.zeros((len(rows), len(cols)))
+        for (layer, role), parts in cells.items():
+            grid[rows.index(layer), cols.index(role)] = float(np.concatenate(parts).mean())
+        out[m] = (rows, cols, grid / max(grid[grid > 0].mean(), 1e-30))
+    return out
+
+
+def write_plots(workdir, r, summary):
+    plan = r["plan"]
+    files = []
+    files.append(plots.score_histograms(
+        {m: np.concatenate([np.ravel(v) for v in sc.values()]) for m, (sc, _) in r["first"].items()},
+        os.path.join(workdir, "score_histograms.png")))
+    files.append(plots.heatmaps(_layer_role_tables(r), os.path.join(workdir, "layer_role_heatmap.png"),
+                                "mean |score| per layer and role (relative to the model mean; log10)"))
+    for kind in plan.kinds:
+        scale = max(plan.scales)
+        groups = {m: {g: (b["dppl_mean"], b["ci95"]) for g, b in
+                      summary["per_metric"][m]["perturb"][kind][str(scale)].items() if isinstance(b, dict)}
+                  for m in plan.metrics}
+        files.append(plots.dppl_bars(groups, os.path.join(workdir, f"dppl_{kind}.png"),
+                                     f"{kind} at dose {scale}: ΔPPL of top-k vs controls"))
+        if len(plan.scales) > 1:
+            curves = {}
+            for m in plan.metrics:
+                pm = summary["per_metric"][m]["perturb"][kind]
+                curves[m] = {g: (plan.scales, [pm[str(s)][g]["dppl_mean"] for s in plan.scales])
+                             for g in ("topk", "random_k", "bottom_k") if g in pm[str(plan.scales[0])]}
+            files.append(plots.dose_response(curves, os.path.join(workdir, f"dose_response_{kind}.png"),
+                                             f"{kind}: ΔPPL vs dose"))
+    labels = [f"{m[:10]}/{s}" for m, s in r["jac_keys"]]
+    files.append(plots.matrix(labels, r["jac_matrix"], os.path.join(workdir, "jaccard.png"),
+                              "Jaccard of top-k sets (metric/seed)"))
+    return [os.path.basename(f) for f in files]
+
+
+def _fmt(x, nd=3):
+    if x is None:
+        return "–"
+    if isinstance(x, float) and (abs(x) >= 1e4 or (abs(x) < 1e-3 and x != 0)):
+        return f"{x:.2e}"
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def verdicts(summary) -> list[dict]:
+    pm = summary["per_metric"]
+    rows = []
+
+    def add(key, metric, value, ok):
+        what, target = CRITERIA[key]
+        rows.append({"criterion": what, "target": target, "metric": metric, "measured": value,
+                     "verdict": "met" if ok else "not met"})
+
+    for m, e in pm.items():
+        if not np.isnan(e["jaccard_mean"]):
+            add("stability", m, f"{e['jaccard_mean']:.3f}", e["jaccard_mean"] > 0.4)
+    for pair, v in summary["agreement_overlap"].items():
+        if set(pair.split("|")) == {"grad_x_weight", "grad_squared"}:
+            add("agreement", pair.replace("|", " vs "), f"{v:.3f}", v > 0.6)
+    for m, e in pm.items():
+        add("heavy_tail", m, f"{e['heavy_tail_ratio']:.1f}×", e["heavy_tail_ratio"] > 10)
+    for m, e in pm.items():
+        main = e["perturb_main"]
+        if main["kind"] == "sign_flip" and e.get("p_value_topk_vs_random") is not None:
+            ratio, p = e["ratio_topk_vs_random"], e["p_value_topk_vs_random"]
+            add("sign_flip", m, f"{_fmt(ratio, 1)}×, p = {_fmt(p)}", ratio >= 5 and p < 0.01)
+    for m, e in pm.items():
+        for kind, d in e.get("dose_response", {}).items():
+            add("dose", f"{m} ({kind})", "monotone" if d["monotone_increasing"] else "not monotone",
+                d["monotone_increasing"])
+    return rows
+
+
+def render(summary, cfg, figures) -> str:
+    pm = summary["per_metric"]
+    score_rows = [{"metric": m, "Jaccard (seeds)": _fmt(e["jaccard_mean"]),
+                   "top1% / median": _fmt(e["heavy_tail_ratio"], 1), "Gini": _fmt(e["gini"]),
+                   "top 0.1% share": _fmt(e["top01pct_share"]), "seconds": e["seconds"]} for m, e in pm.items()]
+    pert_rows = []
+    for m, e in pm.items():
+        for kind, by_scale in e["perturb"].items():
+            for scale, b in by_scale.items():
+                row = {"metric": m, "perturbation": kind, "dose": scale}
+                for g in ("topk", "random_k", "bottom_k"):
+                    if g in b:
+                        row[g + " ΔPPL [95% CI]"] = (f"{_fmt(b[g]['dppl_mean'])} "
+                                                    f"[{_fmt(b[g]['ci95'][0])}, {_fmt(b[g]['ci95'][1])}]")
+                row["top/random"] = _fmt(b.get("ratio_topk_vs_random"), 1)
+                row["p (top > random)"] = _fmt(b.get("p_value_topk_vs_random"))
+                pert_rows.append(row)
+    agree_rows = [{"metrics": k.replace("|", " vs "), "top-k overlap": _fmt(v)}
+                  for k, v in summary["agreement_overlap"].items()]
+    v = verdicts(summary)
+    met = sum(r["verdict"] == "met" for r in v)
+    figs = "\n".join(f"![{f}]({f})" for f in figures)
+    return f"""# Critical weight analysis of {summary['model']}
+
+**Question.** Which small fraction of {summary['model']}'s weights matters most, and can we prove it?
+**Answer in one line.** {met} of {len(v)} criteria from DESIGN.md are met (table at the end).
+
+## Setup
+- Model: `{summary['checkpoint']}` ({summary['model_type']}), {summary['n_params']:,} parameters;
+  {summary['n_scored']:,} compete for selection (`param_filter = {summary['param_filter']}`).
+- Selection: top-k `{summary['mode']}` with topk = {summary['topk']} → {summary['k_selected']:,} weights
+  per set; controls {', '.join(summary['controls'])} of exactly the same per-tensor sizes.
+- Calibration: {cfg.max_samples} windows of {cfg.seq_len} tokens per seed from the first
+  {100 * (1 - cfg.heldout_fraction):.0f}% of `{cfg.corpus}` documents; seeds {summary['seeds']} change the windows,
+  the Hutchinson probes ({cfg.probes} per batch, vmapped {cfg.probe_chunk} at a time) and the random-k draws
+  ({summary['random_draws_per_seed']} per seed).
+- Held-out perplexity: {summary['heldout_tokens']:,} tokens of the last {100 * cfg.heldout_fraction:.0f}% of
+  documents, base perplexity **{summary['ppl_base']:.4f}** ({summary['nll_base']:.4f} nats/token).
+- Perturbations: {', '.join(summary['perturb'])} at doses {summary['perturb_scale']} (sign_flip: w(1-2s);
+  zero: w(1-s); gauss_noise: w + s·σ_layer·ε; bit_flip: bits {cfg.bit_flip_bits}).
+- Statistics: ΔPPL = perplexity after − before; mean over seeds (random-k: over seeds × draws) with a
+  percentile-bootstrap 95% CI; one-sided Mann–Whitney U test of top-k ΔPPL > random-k ΔPPL.
+
+## Scores
+{report.markdown_table(score_rows)}
+
+Agreement between metrics (share of the smaller top-k set the other also picked, mean over seeds):
+
+{report.markdown_table(agree_rows)}
+
+## Perturbation
+{report.markdown_table(pert_rows)}
+
+## Verdict against DESIGN.md
+{report.markdown_table(v)}
+
+## Figures
+{figs}
+
+Total time {summary['seconds_total']} s. Files: `summary.json` (all figures), `topk.csv` (first seed's top-k of
+every metric: path, flat index, coordinates, value, score), `config.json` (resolved config).
+"""
+
+
+def write(workdir, r, summary, save_plots=True):
+    report.write_json(os.path.join(workdir, "summary.json"), summary)
+    write_topk_csv(os.path.join(workdir, "topk.csv"), r)
+    figures = write_plots(workdir, r, summary) if save_plots else []
+    report.write_text(os.path.join(workdir, "report.md"), render(summary, r["cfg"], figures))

@@ -1,0 +1,108 @@
+"""PNG figures (matplotlib, Agg backend): small functions, one figure each."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def score_histograms(scores_by_metric: dict[str, np.ndarray], path: str):
+    """log10 |score| histograms, one panel per metric."""
+    n = len(scores_by_metric)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+    for ax, (m, x) in zip(axes[0], scores_by_metric.items(), strict=True):
+        x = np.abs(np.asarray(x, np.float64).ravel())
+        x = x[x > 0]
+        ax.hist(np.log10(x), bins=80, color="tab:blue", log=True)
+        ax.axvline(np.log10(np.median(x)), color="k", ls="--", lw=1, label="median")
+        ax.axvline(np.log10(np.quantile(x, 0.99)), color="tab:red", ls=":", lw=1, label="top 1%")
+        ax.set_title(m, fontsize=9)
+        ax.set_xlabel("log10 |score|")
+    axes[0][0].set_ylabel("weights")
+    axes[0][0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def heatmaps(tables: dict[str, tuple[list, list, np.ndarray]], path: str, title: str):
+    """One heatmap per metric: rows, cols, values (log10 colour scale of a positive quantity)."""
+    n = len(tables)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2), squeeze=False)
+    for ax, (m, (rows, cols, v)) in zip(axes[0], tables.items(), strict=True):
+        with np.errstate(divide="ignore"):
+            im = ax.imshow(np.log10(np.where(v > 0, v, np.nan)), aspect="auto", cmap="viridis")
+        ax.set_xticks(range(len(cols)), cols, rotation=60, fontsize=7)
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        ax.set_title(m, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def dppl_bars(groups_by_metric: dict[str, dict[str, tuple[float, list]]], path: str, title: str):
+    """ΔPPL mean with 95% CI per group (top-k, random-k, bottom-k), grouped by metric."""
+    metrics = list(groups_by_metric)
+    groups = ["topk", "random_k", "bottom_k"]
+    colors = {"topk": "tab:red", "random_k": "tab:gray", "bottom_k": "tab:blue"}
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(metrics), 3.2))
+    w = 0.25
+    for j, g in enumerate(groups):
+        xs, ys, lo, hi = [], [], [], []
+        for i, m in enumerate(metrics):
+            if g in groups_by_metric[m]:
+                mean, ci = groups_by_metric[m][g]
+                xs.append(i + (j - 1) * w)
+                ys.append(mean)
+                lo.append(mean - ci[0])
+                hi.append(ci[1] - mean)
+        if xs:
+            ax.bar(xs, ys, w, yerr=[lo, hi], capsize=3, color=colors[g], label=g)
+    ax.set_xticks(range(len(metrics)), metrics, rotation=20, fontsize=8)
+    ax.set_ylabel("ΔPPL (mean, 95% CI)")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def dose_response(curves: dict[str, dict[str, tuple[list, list]]], path: str, title: str):
+    """ΔPPL vs dose; one panel per metric, one line per group."""
+    n = len(curves)
+    fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
+    colors = {"topk": "tab:red", "random_k": "tab:gray", "bottom_k": "tab:blue"}
+    for ax, (m, lines) in zip(axes[0], curves.items(), strict=True):
+        for g, (xs, ys) in lines.items():
+            ax.plot(xs, ys, "o-", color=colors.get(g), label=g)
+        ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_xlabel("dose (perturb_scale)")
+        ax.set_title(m, fontsize=9)
+    axes[0][0].set_ylabel("ΔPPL")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def matrix(labels: list[str], values, path: str, title: str):
+    v = np.asarray(values, np.float64)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.45 * len(labels), 1.2 + 0.4 * len(labels)))
+    im = ax.imshow(v, vmin=0, vmax=1, cmap="magma")
+    ax.set_xticks(range(len(labels)), labels, rotation=70, fontsize=6)
+    ax.set_yticks(range(len(labels)), labels, fontsize=6)
+    if len(labels) <= 16:
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                ax.text(j, i, f"{v[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                        color="w" if v[i, j] < 0.5 else "k")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
