@@ -32,4 +32,5 @@ def evaluate(loaded, params, ids: np.ndarray, mask: np.ndarray, batch_size: int,
         total += float(s)
         count += float(c)
     nll = total / max(count, 1.0)
-    return {"nll": nll, "ppl": math.exp(nll), "tokens": int(count), "windows": len(ids)}
+    ppl = math.exp(nll) if nll < 700 else float("inf")  # exp overflows past ~709; NaN stays NaN
+    return {"nll": nll, "ppl": ppl, "tokens": int(count), "windows": len(ids)}

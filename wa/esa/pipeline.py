@@ -129,7 +129,9 @@ def prepare_data(cfg, loaded, ckpt) -> Data:
 def _delta(loaded, params_flat, data, cfg, base_ppl):
     params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(loaded.params), list(params_flat.values()))
     r = evaluate.evaluate(loaded, params, data.eval_ids, data.eval_mask, cfg.batch_size, progress=False)
-    return r["ppl"] - base_ppl
+    # A perturbation that overflows the forward pass (a flipped exponent bit) leaves a NaN or
+    # infinite loss: the model is destroyed, the worst possible outcome, so ΔPPL = +inf.
+    return r["ppl"] - base_ppl if np.isfinite(r["ppl"]) else float("inf")
 
 
 def run(cfg, progress: bool = True) -> dict:

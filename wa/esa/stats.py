@@ -7,10 +7,15 @@ from scipy import stats
 
 
 def mean_ci(x, confidence: float = 0.95, seed: int = 0, n_resamples: int = 9999) -> dict:
-    """Mean with a percentile bootstrap CI; a single value has a zero-width interval."""
+    """Mean with a percentile bootstrap CI; a single value has a zero-width interval.
+
+    A sample holding +inf (a destroyed model) has mean +inf and CI [its smallest value, +inf].
+    """
     x = np.asarray(x, np.float64)
     if x.size == 0:
         return {"mean": float("nan"), "ci95": [float("nan"), float("nan")], "n": 0}
+    if not np.all(np.isfinite(x)):
+        return {"mean": float(np.mean(x)), "ci95": [float(np.min(x)), float("inf")], "n": int(x.size)}
     if x.size == 1 or np.all(x == x[0]):
         return {"mean": float(x.mean()), "ci95": [float(x.mean())] * 2, "n": int(x.size)}
     r = stats.bootstrap((x,), np.mean, confidence_level=confidence, n_resamples=n_resamples,

@@ -1,0 +1,108 @@
+"""The ESA pipeline end to end, its config errors, and sharded = unsharded scores."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests import helpers
+
+EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def _esa(tmp_path, *overrides, variant="smoke"):
+    e = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "launch.esa", "--config", f"configs/esa.py:{variant}",
+                           "--workdir", str(tmp_path), *overrides], cwd=helpers.REPO, env=e, capture_output=True,
+                          text=True, timeout=900)
+
+
+def test_esa_smoke_writes_every_output(tmp_path):
+    r = _esa(tmp_path, "--config.metric=magnitude,grad_x_weight,act_mag", "--config.perturb=sign_flip,bit_flip",
+             "--config.save_plots=True")
+    assert r.returncode == 0, r.stderr[-4000:]
+    s = json.load(open(tmp_path / "summary.json"))
+    for k in ("model", "n_params", "metrics", "mode", "topk", "seeds", "ppl_base"):
+        assert k in s
+    assert s["n_params"] == 292_800 and s["metrics"] == ["magnitude", "grad_x_weight", "act_mag"]
+    assert s["seeds"] == [1, 2] and s["ppl_base"] > 1
+    # topk 0.002 per matrix: ceil(0.002 * n) for the 36 kernels of stories260K.
+    sizes = [64 * 64, 64 * 32, 64 * 32, 64 * 64, 64 * 172, 64 * 172, 172 * 64] * 5 + [64 * 512]
+    assert s["k_selected"] == sum(-(-2 * n // 1000) for n in sizes)
+    for m in s["metrics"]:
+        e = s["per_metric"][m]
+        assert 0 <= e["jaccard_mean"] <= 1 and e["heavy_tail_ratio"] > 1
+        for kind in ("sign_flip", "bit_flip"):
+            block = e["perturb"][kind]["1.0"]
+            assert set(block) >= {"topk", "random_k", "bottom_k", "p_value_topk_vs_random"}
+            assert len(block["topk"]["values"]) == 2 and len(block["random_k"]["values"]) == 4
+            lo, hi = block["topk"]["ci95"]
+            assert lo <= block["topk"]["dppl_mean"] <= hi
+        sign = e["perturb"]["sign_flip"]["1.0"]
+        assert sign["topk"]["dppl_mean"] > sign["random_k"]["dppl_mean"] > 0
+        # Flipping float32 bit 30 (the exponent's top bit) of weights below 2 makes them ~1e38:
+        # the forward pass overflows, which counts as a destroyed model (ΔPPL = +inf).
+        assert e["perturb"]["bit_flip"]["1.0"]["topk"]["dppl_mean"] == float("inf")
+    # Magnitude does not depend on the calibration data: identical top-k for every seed.
+    assert s["per_metric"]["magnitude"]["jaccard_mean"] == 1.0
+    rows = open(tmp_path / "topk.csv").read().splitlines()
+    assert rows[0] == "metric,rank,path,flat_index,coordinates,layer,component,role,value,score"
+    assert len(rows) == 1 + 3 * s["k_selected"]
+    metric, rank, path, idx, *_ = rows[1].split(",")
+    assert metric == "magnitude" and rank == "0" and path.endswith("kernel")
+    for f in ("report.md", "config.json", "score_histograms.png", "layer_role_heatmap.png", "dppl_sign_flip.png",
+              "dppl_bit_flip.png", "dose_response_sign_flip.png", "jaccard.png"):
+        assert (tmp_path / f).stat().st_size > 0, f
+    report = open(tmp_path / "report.md").read()
+    assert "## Verdict against DESIGN.md" in report and f"{s['ppl_base']:.4f}" in report
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.metric=fisher", "unknown metric ['fisher']"),
+    ("--config.topk=0", "--config.topk=0.0: topk must be positive, got 0.0"),
+    ("--config.topk=-5", "topk must be positive, got -5.0"),
+    ("--config.perturb_scale=0.5,-1", "--config.perturb_scale='0.5,-1': scales must be >= 0"),
+    ("--config.perturb=melt", "unknown perturbation 'melt'"),
+    ("--config.seq_len=4096", "--config.seq_len=4096 exceeds the model's max_position_embeddings=512"),
+    ("--config.param_filter=attn_out$", "param_filter 'attn_out$' matches no parameter"),
+    ("--config.corpus=/nonexistent.txt", "corpus '/nonexistent.txt' is neither a known corpus"),
+    (("--config.perturb=bit_flip", "--config.bit_flip_bits=40"), "bits [40] do not exist in float32"),
+])
+def test_bad_config_fails_before_compute(tmp_path, override, message):
+    r = _esa(tmp_path / "w", *((override,) if isinstance(override, str) else override))
+    assert r.returncode != 0
+    assert message in r.stderr, r.stderr[-2000:]
+    assert "gradients" not in r.stderr and "base perplexity" not in r.stderr
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n")
+    r = _esa(tmp_path / "w", f"--config.corpus={tmp_path / 'empty.txt'}")
+    assert r.returncode != 0 and "empty.txt is empty" in r.stderr
+
+
+def _scores(ckpt, mesh, out, env=None):
+    helpers.run_python(f"from tests import esa_worker; esa_worker.main({ckpt!r}, {mesh!r}, {out!r})", env)
+    return np.load(out, allow_pickle=True)
+
+
+def _same(a, b):
+    keys = [k for k in a.files if ":" in k]
+    assert keys == [k for k in b.files if ":" in k]
+    for k in keys:
+        if k.endswith(":topk"):
+            assert a[k].tolist() == b[k].tolist(), k
+        else:
+            # Sums of v * Hv cancel; reduction order differs across shardings.
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-4 * float(np.abs(b[k]).max()), err_msg=k)
+
+
+def test_sharded_scores_equal_unsharded(tmp_path):
+    d, _, _ = helpers.write_checkpoint(tmp_path, "llama", "pt_safetensors")
+    one = _scores(d, "data:1,fsdp:-1", str(tmp_path / "one.npz"))
+    eight = _scores(d, "data:2,fsdp:4", str(tmp_path / "eight.npz"), EIGHT)
+    assert int(one["n_devices"]) == 1 and int(eight["n_devices"]) == 8
+    _same(one, eight)
