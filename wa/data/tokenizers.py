@@ -72,6 +72,11 @@ def get(name_or_path: str):
         sp = os.path.join(name_or_path, "tokenizer.model")
         if os.path.exists(sp):
             return SentencePiece(sp)
+        marker = os.path.join(name_or_path, "wa_tokenizer.json")
+        if os.path.exists(marker):  # written by launch.train_lm for tokenizers without files
+            import json
+            with open(marker) as f:
+                return get(json.load(f)["type"])
         from transformers import AutoTokenizer
         try:
             return HF(AutoTokenizer.from_pretrained(name_or_path, local_files_only=True))

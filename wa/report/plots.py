@@ -106,3 +106,13 @@ def matrix(labels: list[str], values, path: str, title: str):
     fig.colorbar(im, ax=ax, fraction=0.04)
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
+
+
+def training_curve(steps, loss, val_steps, val_loss, path: str):
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(steps, loss, lw=1, label="train (batch)")
+    ax.plot(val_steps, val_loss, "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats / token")
+    ax.legend()
+    return _save(fig, path)

@@ -1,0 +1,54 @@
+r"""Train a small causal LM and save it as an HF Flax checkpoint (workdir/hf).
+
+  python -m launch.train_lm --config configs/train_lm.py:shakespeare_char --workdir runs/shakespeare_char
+
+Resumes from workdir/checkpoints (orbax) when re-run. Writes train.json, history.json,
+training_curve.png and report.md.
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+from wa import report
+from wa.report import plots
+from wa.train import lm
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_lm.py:shakespeare_char", "Training config.")
+flags.DEFINE_string("workdir", None, "Run folder (resumes if it holds checkpoints); default runs/train_lm-<time>.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value
+    common.start()
+    workdir = report.workdir(FLAGS.workdir, "train_lm")
+    report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+    r = lm.train(cfg, workdir)
+    if common.is_chief():
+        report.write_json(os.path.join(workdir, "train.json"), r)
+        h = r["history"]
+        plots.training_curve([x["step"] for x in h["train"]], [x["loss"] for x in h["train"]],
+                             [x["step"] for x in h["val"]], [x["nll"] for x in h["val"]],
+                             os.path.join(workdir, "training_curve.png"))
+        report.write_text(os.path.join(workdir, "report.md"), f"""# {r['arch']} on {r['corpus']}
+
+{r['n_params']:,} parameters, tokenizer `{r['tokenizer']}` (vocabulary {r['vocab_size']}), trained {r['steps']} steps
+on {r['tokens_seen']:,} tokens drawn from a {r['train_tokens']:,}-token training stream.
+
+**Validation: {r['val_nll']:.4f} nats/token, perplexity {r['val_ppl']:.3f}** on {r['val_tokens']:,} held-out tokens
+(the last {100 * cfg.val_fraction:.0f}% of documents, never trained on).
+
+![training curve](training_curve.png)
+
+Checkpoint: `{r['hf_dir']}` (HF `save_pretrained`; load with `wa.models.load`).
+""")
+        print(f"{r['n_params']:,} parameters; validation {r['val_nll']:.4f} nats/token, perplexity {r['val_ppl']:.3f}; "
+              f"checkpoint {r['hf_dir']}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,40 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from tests import helpers
+from wa import models
+from wa.data import tokenizers
+
+
+def _train(workdir, *overrides):
+    return subprocess.run([sys.executable, "-m", "launch.train_lm", "--config", "configs/train_lm.py:smoke",
+                           "--workdir", str(workdir), *overrides], cwd=helpers.REPO, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_train_save_load_and_resume(tmp_path):
+    r = _train(tmp_path / "a", "--config.steps=6")
+    assert r.returncode == 0, r.stderr[-3000:]
+    t = json.load(open(tmp_path / "a" / "train.json"))
+    assert t["steps"] == 6 and t["resumed_from"] == 0 and t["n_params"] == 34_752
+    assert [v["step"] for v in t["history"]["val"]] == [3, 6]
+    # A resumed run continues from the last checkpoint and ends where one uninterrupted run ends.
+    r = _train(tmp_path / "a", "--config.steps=9")
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = json.load(open(tmp_path / "a" / "train.json"))
+    assert resumed["resumed_from"] == 6
+    r = _train(tmp_path / "b", "--config.steps=9")
+    assert r.returncode == 0, r.stderr[-3000:]
+    straight = json.load(open(tmp_path / "b" / "train.json"))
+    np.testing.assert_allclose(resumed["val_nll"], straight["val_nll"], rtol=1e-5)
+    # The output is an ordinary HF checkpoint that wa loads, with its tokenizer beside it.
+    hf = str(tmp_path / "a" / "hf")
+    m = models.load(hf)
+    assert m.config.model_type == "gpt2" and m.config.vocab_size == 258
+    assert isinstance(tokenizers.get(hf), tokenizers.Bytes)
+    for f in ("report.md", "training_curve.png", "history.json"):
+        assert os.path.getsize(tmp_path / "a" / f) > 0

@@ -1,0 +1,162 @@
+"""Train a causal LM from scratch: HF Flax GPT-2 / Llama, optax AdamW, orbax resume, save_pretrained.
+
+Data: the corpus is split into documents; the last ``val_fraction`` of them are validation
+(never trained on). Each step draws ``batch_size`` random windows of ``seq_len`` tokens from the
+training stream (seeded by step, so a resumed run sees the same batches as an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import transformers
+from absl import logging
+from tqdm import tqdm
+
+from wa import parallel
+from wa.data import paths, text, tokenizers
+from wa.esa import evaluate
+from wa.models import checkpoint as ckpt_lib
+from wa.models import families
+from wa.parallel import mesh as mesh_lib
+from wa.parallel import rules as rules_lib
+
+TOKENIZER_FILE = "wa_tokenizer.json"
+
+
+class TrainError(ValueError):
+    pass
+
+
+def get_tokenizer(name: str):
+    return tokenizers.get(paths.checkpoint(name) if name in paths.CHECKPOINTS else name)
+
+
+def hf_config(cfg, vocab_size: int, bos: int | None, eos: int | None):
+    if cfg.hidden % cfg.heads:
+        raise TrainError(f"--config.hidden={cfg.hidden} is not divisible by --config.heads={cfg.heads}")
+    if cfg.arch == "gpt2":
+        return transformers.GPT2Config(vocab_size=vocab_size, n_positions=cfg.seq_len, n_embd=cfg.hidden,
+                                       n_layer=cfg.layers, n_head=cfg.heads, bos_token_id=bos, eos_token_id=eos,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if cfg.arch == "llama":
+        if cfg.heads % cfg.kv_heads:
+            raise TrainError(f"--config.heads={cfg.heads} is not divisible by --config.kv_heads={cfg.kv_heads}")
+        return transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+                                        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                                        intermediate_size=cfg.intermediate, max_position_embeddings=cfg.seq_len,
+                                        bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=False)
+    raise TrainError(f"--config.arch={cfg.arch!r}: expected gpt2 or llama")
+
+
+def save_tokenizer(tok, name: str, out_dir: str):
+    """Puts the tokenizer beside the weights so ``wa.data.tokenizers.get(out_dir)`` finds it."""
+    if isinstance(tok, tokenizers.SentencePiece):
+        import shutil
+        shutil.copyfile(tok.path, os.path.join(out_dir, "tokenizer.model"))
+    elif isinstance(tok, tokenizers.HF):
+        tok.tok.save_pretrained(out_dir)
+    else:
+        with open(os.path.join(out_dir, TOKENIZER_FILE), "w") as f:
+            json.dump({"type": name}, f)
+
+
+def train(cfg, workdir: str, progress: bool = True) -> dict:
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.seq_len < 2:
+        raise TrainError("--config.steps, batch_size must be >= 1 and seq_len >= 2")
+    tok = get_tokenizer(cfg.tokenizer)
+    docs = text.documents(text.read(cfg.corpus), cfg.doc_split)
+    n_val = max(1, int(round(len(docs) * cfg.val_fraction)))
+    train_stream = text.token_stream(docs[:-n_val], tok)
+    val_ids, val_mask = text.lm_windows(text.token_stream(docs[-n_val:], tok), cfg.seq_len)
+    val_ids, val_mask = val_ids[:cfg.eval_windows], val_mask[:cfg.eval_windows]
+    if len(train_stream) <= cfg.seq_len:
+        raise TrainError(f"{cfg.corpus}: the training part has {len(train_stream)} tokens, fewer than seq_len")
+
+    config = hf_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id)
+    model, family = ckpt_lib.build_model(config)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    shapes = model.params_shape_tree
+    shardings = rules_lib.shardings_for(shapes, family.partition_rules, mesh)
+    init = jax.jit(lambda key: model.init_weights(key, (1, cfg.seq_len)), out_shardings=shardings)
+    params = init(jax.random.key(cfg.seed))
+    n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps, cfg.lr * 0.1)
+    decay_mask = jax.tree_util.tree_map_with_path(lambda kp, x: x.ndim >= 2, params)
+    opt = optax.chain(optax.clip_by_global_norm(cfg.clip),
+                      optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=cfg.weight_decay, mask=decay_mask))
+    opt_state = jax.jit(opt.init)(params)
+    state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
+
+    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    history = {"train": [], "val": []}
+    hist_file = os.path.join(workdir, "history.json")
+    if mngr.latest_step() is not None:
+        step0 = mngr.latest_step()
+        state = mngr.restore(step0, args=ocp.args.StandardRestore(state))
+        if os.path.exists(hist_file):
+            history = json.load(open(hist_file))
+            history = {k: [h for h in v if h["step"] <= step0] for k, v in history.items()}
+        logging.info("resumed from step %d", step0)
+
+    loaded = ckpt_lib.Loaded(model, state["params"], config, family, mesh, shardings, workdir, [])
+
+    @jax.jit
+    def step_fn(state, batch):
+        loss, grads = jax.value_and_grad(lambda p: family.loss(model, p, batch))(state["params"])
+        updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
+        return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
+                "step": state["step"] + 1}, loss
+
+    def batch_for(step):
+        rng = np.random.default_rng([cfg.seed, step])
+        starts = rng.integers(0, len(train_stream) - cfg.seq_len, size=cfg.batch_size)
+        ids = np.stack([train_stream[s:s + cfg.seq_len] for s in starts])
+        return parallel.make_global_batch(mesh, cfg.batch_size,
+                                          lambda lo, hi: {"input_ids": ids[lo:hi],
+                                                          "attention_mask": np.ones_like(ids[lo:hi])})
+
+    start = int(state["step"])
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
+               disable=not progress or jax.process_index() > 0)
+    for step in bar:
+        state, loss = step_fn(state, batch_for(step))
+        done = step + 1
+        if done % 10 == 0 or done == cfg.steps:
+            history["train"].append({"step": done, "loss": float(loss)})
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            r = evaluate.evaluate(loaded, state["params"], val_ids, val_mask, cfg.batch_size, progress=False)
+            history["val"].append({"step": done, "nll": r["nll"], "ppl": r["ppl"]})
+            logging.info("step %d: val %.4f nats/token, perplexity %.3f", done, r["nll"], r["ppl"])
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            mngr.save(done, args=ocp.args.StandardSave(state))
+            mngr.wait_until_finished()
+            if jax.process_index() == 0:
+                tmp = hist_file + ".tmp"
+                json.dump(history, open(tmp, "w"))
+                os.replace(tmp, hist_file)
+    seconds = time.time() - t0
+
+    hf_dir = os.path.join(workdir, "hf")
+    if jax.process_index() == 0:
+        host = jax.device_get(state["params"])
+        model.save_pretrained(hf_dir, params=host)
+        save_tokenizer(tok, cfg.tokenizer, hf_dir)
+    final = history["val"][-1]
+    return {"arch": cfg.arch, "n_params": n_params, "tokenizer": cfg.tokenizer, "vocab_size": tok.vocab_size,
+            "corpus": cfg.corpus, "train_tokens": int(len(train_stream)), "steps": cfg.steps,
+            "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len, "val_tokens": int(val_mask[:, 1:].sum()),
+            "val_nll": final["nll"], "val_ppl": final["ppl"], "seconds_this_run": round(seconds, 1),
+            "resumed_from": start, "hf_dir": hf_dir, "history": history,
+            "family": families.for_model_type(config.model_type).name}
