@@ -40,6 +40,7 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.controls = "random_k,bottom_k"
     c.random_draws = 8                # random-k draws per seed (the null distribution)
     c.dtype = "float32"               # float32 or bfloat16 parameters
+    c.super_weights = True            # Yu et al. 2024 activation-spike candidates, zeroed vs largest |w|
     c.save_plots = True
     c.mesh = "data:1,fsdp:-1"
     if arg == "stories260k":

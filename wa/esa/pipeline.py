@@ -17,7 +17,7 @@ from absl import logging
 
 from wa import models, parallel
 from wa.data import paths, text, tokenizers
-from wa.esa import evaluate, perturb, scores, select, stats
+from wa.esa import evaluate, perturb, scores, select, stats, superweights
 from wa.parallel import rules as rules_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -134,6 +134,34 @@ def _delta(loaded, params_flat, data, cfg, base_ppl):
     return r["ppl"] - base_ppl if np.isfinite(r["ppl"]) else float("inf")
 
 
+def super_weight_study(loaded, flat, kept, data, cfg, base_ppl, seed) -> dict | None:
+    """Zero each down-projection's super-weight candidate; control: the largest-|w| weight(s)."""
+    downs = superweights.down_paths(loaded, kept)
+    if not downs:
+        return None
+    pick = np.sort(np.random.default_rng(seed).choice(len(data.cal_ids), size=cfg.max_samples, replace=False))
+    batches = list(parallel.iter_batches(
+        loaded.mesh, {"input_ids": data.cal_ids[pick], "attention_mask": data.cal_mask[pick]}, cfg.batch_size))
+    cands = superweights.candidates(loaded, flat, superweights.spikes(loaded, loaded.params, batches, downs))
+    for c in cands:
+        c["dppl_zero"] = _delta(loaded, perturb.apply(flat, {c["path"]: np.array([c["flat_index"]])}, "zero"),
+                                data, cfg, base_ppl)
+        big = superweights.largest_magnitude(flat, [c["path"]], 1)
+        c["dppl_zero_largest_in_matrix"] = _delta(loaded, perturb.apply(flat, big, "zero"), data, cfg, base_ppl)
+    every = {}
+    for c in cands:
+        every.setdefault(c["path"], []).append(c["flat_index"])
+    every = {p: np.asarray(v) for p, v in every.items()}
+    n = len(cands)
+    return {
+        "candidates": cands,
+        "dppl_zero_all_candidates": _delta(loaded, perturb.apply(flat, every, "zero"), data, cfg, base_ppl),
+        "dppl_zero_largest_magnitude": _delta(
+            loaded, perturb.apply(flat, superweights.largest_magnitude(flat, kept, n), "zero"), data, cfg, base_ppl),
+        "n": n,
+    }
+
+
 def run(cfg, progress: bool = True) -> dict:
     """Runs the whole analysis; returns everything the report needs."""
     plan = check(cfg)
@@ -178,6 +206,8 @@ def run(cfg, progress: bool = True) -> dict:
             if metric not in first:
                 first[metric] = ({p: np.asarray(v) for p, v in sc.items()}, vals)
     k_total = select.size(next(iter(sels.values())))
+    super_w = super_weight_study(loaded, flat, kept, data, cfg, base["ppl"], plan.seeds[0]) if cfg.super_weights \
+        else None
 
     # Stability across seeds, agreement across metrics.
     stability = {}
@@ -223,7 +253,8 @@ def run(cfg, progress: bool = True) -> dict:
 
     return dict(cfg=cfg, plan=plan, loaded=loaded, data=data, base=base, sels=sels, first=first, heavy=heavy,
                 stability=stability, jac_keys=keys, jac_matrix=jac_matrix, agreement=agreement, results=results,
-                k_total=k_total, n_kept=sum(int(np.prod(flat[p].shape)) for p in kept), kept=kept,
+                k_total=k_total, super_weights=super_w, kept=kept,
+                n_kept=sum(int(np.prod(flat[p].shape)) for p in kept),
                 seconds_scores=timing, seconds_total=time.time() - t0)
 
 
@@ -239,6 +270,7 @@ def summarize(r: dict) -> dict:
         "random_draws_per_seed": cfg.random_draws, "ppl_base": r["base"]["ppl"], "nll_base": r["base"]["nll"],
         "heldout_tokens": r["base"]["tokens"], "calibration_tokens_per_seed": int(cfg.max_samples * (cfg.seq_len - 1)),
         "agreement_overlap": r["agreement"], "seconds_total": round(r["seconds_total"], 1),
+        "super_weights": r["super_weights"],
         "per_metric": {},
     }
     main_kind, main_scale = plan.kinds[0], max(plan.scales)

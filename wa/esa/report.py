@@ -128,6 +128,25 @@ def verdicts(summary) -> list[dict]:
     return rows
 
 
+def _super_section(summary) -> str:
+    sw = summary.get("super_weights")
+    if not sw:
+        return ""
+    rows = [{"layer": c["layer"], "weight": f"{c['path']}{tuple(c['coordinates'])}", "value": _fmt(c["value"]),
+             "largest output (× median)": f"{_fmt(c['max_out'])} ({_fmt(c['out_over_median'], 0)}×)",
+             "largest input (× median)": f"{_fmt(c['max_in'])} ({_fmt(c['in_over_median'], 0)}×)",
+             "ΔPPL zeroed": _fmt(c["dppl_zero"]), "ΔPPL largest-magnitude weight of the matrix zeroed":
+             _fmt(c["dppl_zero_largest_in_matrix"])} for c in sw["candidates"]]
+    return f"""## Super weights (activation-spike method, Yu et al. 2024)
+One candidate per MLP down-projection, strongest output spike first (first seed's calibration windows).
+
+{report.markdown_table(rows)}
+
+Zeroing all {sw['n']} candidates: ΔPPL {_fmt(sw['dppl_zero_all_candidates'])}; zeroing the {sw['n']} largest-magnitude
+weights instead: ΔPPL {_fmt(sw['dppl_zero_largest_magnitude'])}.
+"""
+
+
 def render(summary, cfg, figures) -> str:
     pm = summary["per_metric"]
     score_rows = [{"metric": m, "Jaccard (seeds)": _fmt(e["jaccard_mean"]),
@@ -181,6 +200,7 @@ Agreement between metrics (share of the smaller top-k set the other also picked,
 ## Perturbation
 {report.markdown_table(pert_rows)}
 
+{_super_section(summary)}
 ## Verdict against DESIGN.md
 {report.markdown_table(v)}
 

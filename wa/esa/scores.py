@@ -164,7 +164,7 @@ def hutchinson_diag(params, cal: Calibration):
     return {p: v / total for p, v in acc.items()}
 
 
-def _linear_input_axis(module) -> int | None:
+def linear_input_axis(module) -> int | None:
     """Which kernel axis multiplies the input features, for the linear layers wa knows."""
     if isinstance(module, nn.Dense):
         return 0
@@ -179,7 +179,7 @@ def input_sq_norms(loaded, params, batch):
     out = {}
 
     def interceptor(next_fun, args, kwargs, context):
-        axis = _linear_input_axis(context.module) if context.method_name == "__call__" else None
+        axis = linear_input_axis(context.module) if context.method_name == "__call__" else None
         if axis is not None and args:
             x = args[0].astype(jnp.float32)
             if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
