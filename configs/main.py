@@ -1,4 +1,5 @@
-r"""The README's main job: inspect a causal LM and measure its held-out perplexity.
+r"""The README's main job: inspect a causal LM, measure its held-out perplexity, then run the
+critical weight analysis (configs/esa.py, variant ``esa_variant``) into <workdir>/esa.
 
   python -m launch.main                                   # stories260K on TinyStories
   python -m launch.main --config configs/main.py:smoke    # a few windows, for tests
@@ -20,11 +21,13 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.mesh = "data:1,fsdp:-1"
     c.dtype = "float32"
     c.sample_tokens = 64             # greedy continuation of BOS shown in the report (0 = none)
+    c.esa_variant = "stories260k"    # configs/esa.py variant run after the perplexity ("" = skip)
     if arg == "smoke":
         c.max_windows = 4
         c.seq_len = 128
         c.batch_size = 2
         c.sample_tokens = 8
+        c.esa_variant = ""
     elif arg != "default":
         raise ValueError(f"configs/main.py: unknown variant {arg!r}; use default or smoke")
     return c

@@ -3,9 +3,11 @@ r"""Main job: inspect a checkpoint and report its perplexity on a held-out corpu
   python -m launch.main [--config configs/main.py:default] [--workdir DIR] [--config.field=value]
 
 Writes config.json, params.json, summary.json and report.md to the workdir
-(default runs/main-<time>).
+(default runs/main-<time>), then the critical weight analysis (configs/esa.py:<esa_variant>) to
+<workdir>/esa: summary.json, topk.csv, plots and report.md.
 """
 
+import importlib.util
 import os
 import time
 
@@ -16,8 +18,11 @@ from ml_collections import config_flags
 from launch import common
 from wa import models, report
 from wa.data import paths, text, tokenizers
-from wa.esa import evaluate
+from wa.esa import evaluate, pipeline
+from wa.esa import report as esa_report
 from wa.models import sampling, summary
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/main.py:default", "Job config.")
 flags.DEFINE_string("workdir", None, "Run folder; default runs/main-<UTC time>.")
@@ -37,10 +42,20 @@ def check(cfg):
         raise ValueError("--config.max_windows and --config.sample_tokens must be >= 0")
 
 
+def esa_config(variant: str):
+    spec = importlib.util.spec_from_file_location("esa_config", os.path.join(REPO, "configs", "esa.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
 def main(argv):
     del argv
     cfg = _CONFIG.value
     check(cfg)
+    esa_cfg = esa_config(cfg.esa_variant) if cfg.esa_variant else None
+    if esa_cfg is not None:
+        pipeline.check(esa_cfg)
     common.start()
     workdir = report.workdir(FLAGS.workdir, "main")
     report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
@@ -93,6 +108,17 @@ def main(argv):
         report.write_text(os.path.join(workdir, "report.md"), render(cfg, result, rows))
         print(f"{cfg.checkpoint}: {res['nll']:.4f} nats/token, perplexity {res['ppl']:.3f} on "
               f"{res['tokens']:,} tokens of {cfg.corpus}; report in {workdir}/report.md")
+    if esa_cfg is not None:
+        esa_dir = os.path.join(workdir, "esa")
+        os.makedirs(esa_dir, exist_ok=True)
+        report.write_json(os.path.join(esa_dir, "config.json"), esa_cfg.to_dict())
+        r = pipeline.run(esa_cfg)
+        s = pipeline.summarize(r)
+        if common.is_chief():
+            esa_report.write(esa_dir, r, s, esa_cfg.save_plots)
+            met = [v for v in esa_report.verdicts(s) if v["verdict"] == "met"]
+            print(f"critical weight analysis: {len(met)} of {len(esa_report.verdicts(s))} DESIGN.md criteria met; "
+                  f"report in {esa_dir}/report.md")
 
 
 def render(cfg, r, rows) -> str:

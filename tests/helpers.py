@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -115,3 +116,27 @@ def run_python(code: str, env_extra: dict | None = None, timeout: int = 600) -> 
     if r.returncode:
         raise AssertionError(f"subprocess failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
     return r.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(module: str, args: list[str], devices_per_process: int = 4, timeout: int = 300):
+    """Runs ``python -m module *args COORD 2 PROCESS_ID`` as two local processes (gloo on CPU)."""
+    coord = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
+    procs = [subprocess.Popen([sys.executable, "-m", module, *args, coord, "2", str(i)], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        finally:
+            p.kill()
+    if any(p.returncode for p in procs):
+        raise AssertionError("\n\n".join(x[-4000:] for x in logs))

@@ -1,10 +1,5 @@
 """Sharded = unsharded: 8 forced CPU devices in a subprocess, and two local processes."""
 
-import os
-import socket
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -54,32 +49,12 @@ def test_rule_that_does_not_divide_a_dimension(tmp_path):
             "172 is not divisible by 8") in out
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("name", ["llama"])
 def test_two_processes_equal_one(tmp_path, name):
     d, _, _ = helpers.write_checkpoint(tmp_path, name, "pt_safetensors")
     single = _worker(d, "data:1,fsdp:-1", str(tmp_path / "one.npz"))
     out = str(tmp_path / "two.npz")
-    coord = f"127.0.0.1:{_free_port()}"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = helpers.REPO
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "tests.sharded_worker", d, "data:2,fsdp:4", out, coord, "2", str(i)],
-        cwd=helpers.REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        finally:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n\n".join(x[-4000:] for x in logs)
+    helpers.two_processes("tests.sharded_worker", [d, "data:2,fsdp:4", out])
     two = np.load(out)
     assert int(two["n_processes"]) == 2 and int(two["n_devices"]) == 8
     _compare(single, two)
