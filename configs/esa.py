@@ -40,6 +40,7 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.controls = "random_k,bottom_k"
     c.random_draws = 8                # random-k draws per seed (the null distribution)
     c.dtype = "float32"               # float32 or bfloat16 parameters
+    c.prune_sparsity = "0.3,0.5"      # zero the lowest-scoring fraction per matrix ("" = skip)
     c.super_weights = True            # Yu et al. 2024 activation-spike candidates, zeroed vs largest |w|
     c.save_plots = True
     c.mesh = "data:1,fsdp:-1"
@@ -60,6 +61,7 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
         c.probe_chunk = 2
         c.random_draws = 2
         c.perturb_scale = "0.5,1.0"
+        c.prune_sparsity = "0.5"
     elif arg == "minilm":
         c.model = "minilm"
         c.corpus = "wikitext2_valid"

@@ -48,6 +48,14 @@ def test_esa_smoke_writes_every_output(tmp_path):
         assert e["perturb"]["bit_flip"]["1.0"]["topk"]["dppl_mean"] == float("inf")
     # Magnitude does not depend on the calibration data: identical top-k for every seed.
     assert s["per_metric"]["magnitude"]["jaccard_mean"] == 1.0
+    # Pruning half of every matrix hurts more than flipping 0.2% of it, and the gains are relative
+    # to magnitude pruning.
+    pr = s["pruning_ppl"]["0.5"]
+    assert set(pr) == {"magnitude", "grad_x_weight", "act_mag"} and min(pr.values()) > s["ppl_base"]
+    gain = s["pruning_gain_vs_magnitude"]["0.5"]["act_mag"]
+    assert gain == pytest.approx((pr["magnitude"] - pr["act_mag"]) / pr["magnitude"])
+    sw = s["super_weights"]
+    assert sw["n"] == 5 and [c["layer"] for c in sw["candidates"]] != [] and sw["candidates"][0]["max_out"] > 0
     rows = open(tmp_path / "topk.csv").read().splitlines()
     assert rows[0] == "metric,rank,path,flat_index,coordinates,layer,component,role,value,score"
     assert len(rows) == 1 + 3 * s["k_selected"]
@@ -70,6 +78,7 @@ def test_esa_smoke_writes_every_output(tmp_path):
     ("--config.param_filter=attn_out$", "param_filter 'attn_out$' matches no parameter"),
     ("--config.corpus=/nonexistent.txt", "corpus '/nonexistent.txt' is neither a known corpus"),
     (("--config.perturb=bit_flip", "--config.bit_flip_bits=40"), "bits [40] do not exist in float32"),
+    ("--config.prune_sparsity=1.5", "--config.prune_sparsity: 1.5 is not a fraction in (0, 1)"),
 ])
 def test_bad_config_fails_before_compute(tmp_path, override, message):
     r = _esa(tmp_path / "w", *((override,) if isinstance(override, str) else override))

@@ -19,6 +19,7 @@ CRITERIA = {
     "heavy_tail": ("top 1% scores vs the median", "> 10×"),
     "sign_flip": ("sign-flipping the top-k vs random-k", "ΔPPL ≥ 5× random-k, p < 0.01 across seeds"),
     "dose": ("dose-response", "monotone"),
+    "pruning": ("sensitivity-guided pruning vs magnitude pruning at equal sparsity", "> 15% lower perplexity"),
 }
 
 
@@ -128,6 +129,20 @@ def verdicts(summary) -> list[dict]:
     return rows
 
 
+def _prune_section(summary) -> str:
+    pr = summary.get("pruning_ppl")
+    if not pr:
+        return ""
+    rows = [{"sparsity": f"{float(sp):.0%}", **{m: _fmt(v) for m, v in row.items()}} for sp, row in pr.items()]
+    return f"""## Pruning at equal sparsity
+Perplexity after zeroing the lowest-scoring fraction of every weight matrix (magnitude = magnitude
+pruning; act_mag = Wanda's score, grouped per matrix; the rest are sensitivity-guided). Base perplexity
+{summary['ppl_base']:.4f}.
+
+{report.markdown_table(rows)}
+"""
+
+
 def _super_section(summary) -> str:
     sw = summary.get("super_weights")
     if not sw:
@@ -200,6 +215,7 @@ Agreement between metrics (share of the smaller top-k set the other also picked,
 ## Perturbation
 {report.markdown_table(pert_rows)}
 
+{_prune_section(summary)}
 {_super_section(summary)}
 ## Verdict against DESIGN.md
 {report.markdown_table(v)}
