@@ -3,6 +3,7 @@ r"""Critical weight analysis (ESA): score every weight, pick the top-k, prove th
   python -m launch.esa --config configs/esa.py:stories260k --workdir runs/esa
   python -m launch.esa --config configs/esa.py:smoke --workdir /tmp/esa        # seconds, for tests
   python -m launch.esa --config configs/esa.py:minilm --workdir runs/esa-minilm
+  python -m launch.esa --config configs/esa.py:shakespeare_char --workdir runs/esa-shakespeare
   python -m launch.esa --config configs/esa.py --config.metric=grad_x_weight,grad_squared \
       --config.perturb=sign_flip,gauss_noise --config.perturb_scale=0.25,0.5,1.0
 
@@ -62,6 +63,13 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
         c.random_draws = 2
         c.perturb_scale = "0.5,1.0"
         c.prune_sparsity = "0.5"
+    elif arg == "shakespeare_char":
+        # wa's own 1.25M-parameter character-level GPT-2 (launch.train_lm); its validation split is
+        # the last 10% of the Tiny Shakespeare paragraphs, so that is the held-out part here too.
+        c.model = "shakespeare_char"
+        c.corpus = "tinyshakespeare"
+        c.doc_split = "blank_lines"
+        c.heldout_fraction = 0.1
     elif arg == "minilm":
         c.model = "minilm"
         c.corpus = "wikitext2_valid"
@@ -70,5 +78,6 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
         c.max_samples = 16
         c.eval_windows = 32
     else:
-        raise ValueError(f"configs/esa.py: unknown variant {arg!r}; use stories260k, dose, smoke or minilm")
+        raise ValueError(f"configs/esa.py: unknown variant {arg!r}; use stories260k, dose, smoke, minilm or "
+                         "shakespeare_char")
     return c

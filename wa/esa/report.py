@@ -198,7 +198,8 @@ def render(summary, cfg, figures) -> str:
   {100 * (1 - cfg.heldout_fraction):.0f}% of `{cfg.corpus}` documents; seeds {summary['seeds']} change the windows,
   the Hutchinson probes ({cfg.probes} per batch, vmapped {cfg.probe_chunk} at a time) and the random-k draws
   ({summary['random_draws_per_seed']} per seed).
-- Held-out perplexity: {summary['heldout_tokens']:,} tokens of the last {100 * cfg.heldout_fraction:.0f}% of
+- Held-out perplexity: {summary['heldout_tokens']:,} loss terms (tokens for a causal LM; sequences for an
+  encoder, whose "perplexity" is exp of its contrastive loss) from the last {100 * cfg.heldout_fraction:.0f}% of
   documents, base perplexity **{summary['ppl_base']:.4f}** ({summary['nll_base']:.4f} nats/token).
 - Perturbations: {', '.join(summary['perturb'])} at doses {summary['perturb_scale']} (sign_flip: w(1-2s);
   zero: w(1-s); gauss_noise: w + s·σ_layer·ε; bit_flip: bits {cfg.bit_flip_bits}).
