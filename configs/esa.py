@@ -25,12 +25,12 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.mode = "per_layer"              # per_layer (k per weight matrix) or global
     c.topk = 0.002                    # count (>= 1) or fraction in (0, 1) of each matrix / of all
     c.param_filter = r"kernel$"       # which tensors compete: weight matrices (not embeddings, norms)
-    c.max_samples = 16                # calibration sequences per seed
+    c.max_samples = 32                # calibration sequences per seed
     c.seq_len = 256
     c.batch_size = 8
     c.eval_windows = 32               # held-out windows for perplexity
     c.seeds = "1337,123,999"          # each changes calibration batches, probes and random-k
-    c.probes = 8                      # Hutchinson probes per batch
+    c.probes = 4                      # Hutchinson probes per batch
     c.probe_chunk = 4                 # probes vmapped together
     c.stability_check = True          # Jaccard of top-k across seeds
     c.perturb = "sign_flip"           # sign_flip, gauss_noise, zero, bit_flip
