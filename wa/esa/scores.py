@@ -144,24 +144,21 @@ def hutchinson_diag(params, cal: Calibration):
 
     step = loaded.compiled(("esa/hutchinson", chunk), build)
 
-    acc, total = None, 0.0
-    for i, batch in enumerate(_progress(cal, cal.batches, "hutchinson")):
-        rng = cal.rng(i)
-        est, count = None, 0.0
-        for j in range(n_chunks):
-            # The last chunk may be partly padding: its extra probes get weight 0.
-            live = min(chunk, cal.probes - j * chunk)
-            weights = (jnp.arange(chunk) < live).astype(jnp.float32) / cal.probes
-            key = jax.random.fold_in(jax.random.fold_in(cal.key, 1_000_003 + i), j)
-            part, count = step(params, batch, rng, key, weights)
-            part = _flat(part)
-            est = part if est is None else {p: est[p] + part[p] for p in part}
-        c = float(count)
-        acc = {p: c * v for p, v in est.items()} if acc is None else {p: acc[p] + c * est[p] for p in est}
-        total += c
-    if not total:
-        raise ScoreError("the calibration batches hold no loss terms (all tokens masked?)")
-    return {p: v / total for p, v in acc.items()}
+    def per_batch():
+        for i, batch in enumerate(_progress(cal, cal.batches, "hutchinson")):
+            rng = cal.rng(i)
+            est, count = None, 0.0
+            for j in range(n_chunks):
+                # The last chunk may be partly padding: its extra probes get weight 0.
+                live = min(chunk, cal.probes - j * chunk)
+                weights = (jnp.arange(chunk) < live).astype(jnp.float32) / cal.probes
+                key = jax.random.fold_in(jax.random.fold_in(cal.key, 1_000_003 + i), j)
+                part, count = step(params, batch, rng, key, weights)
+                part = _flat(part)
+                est = part if est is None else {p: est[p] + part[p] for p in part}
+            yield float(count), est
+
+    return _weighted_mean(per_batch())
 
 
 def linear_input_axis(module) -> int | None:
