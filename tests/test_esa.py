@@ -66,6 +66,8 @@ def test_esa_smoke_writes_every_output(tmp_path):
         assert (tmp_path / f).stat().st_size > 0, f
     report = open(tmp_path / "report.md").read()
     assert "## Verdict against DESIGN.md" in report and f"{s['ppl_base']:.4f}" in report
+    assert "| sensitivity-guided pruning vs magnitude pruning at equal sparsity | > 15% lower perplexity | " \
+           "grad_x_weight at 50% |" in report
 
 
 @pytest.mark.parametrize("override,message", [

@@ -126,6 +126,10 @@ def verdicts(summary) -> list[dict]:
         for kind, d in e.get("dose_response", {}).items():
             add("dose", f"{m} ({kind})", "monotone" if d["monotone_increasing"] else "not monotone",
                 d["monotone_increasing"])
+    for sp, gains in (summary.get("pruning_gain_vs_magnitude") or {}).items():
+        for m, g in gains.items():
+            if m in ("grad_x_weight", "grad_squared", "hutchinson_diag"):
+                add("pruning", f"{m} at {float(sp):.0%}", f"{100 * g:+.1f}%", g > 0.15)
     return rows
 
 
