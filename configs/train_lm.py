@@ -32,6 +32,7 @@ def get_config(arg: str = "shakespeare_char") -> ml_collections.ConfigDict:
     c.eval_windows = 64
     c.checkpoint_every = 250
     c.seed = 0
+    c.halt_at = 0                     # stop after this step as if preempted (0 = never); re-run resumes
     c.mesh = "data:-1"
     if arg == "shakespeare_char":
         pass

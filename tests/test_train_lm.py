@@ -17,16 +17,18 @@ def _train(workdir, *overrides):
 
 
 def test_train_save_load_and_resume(tmp_path):
-    r = _train(tmp_path / "a", "--config.steps=6")
+    # Preempted after step 6 of 9 ...
+    r = _train(tmp_path / "a", "--config.steps=9", "--config.halt_at=6")
     assert r.returncode == 0, r.stderr[-3000:]
     t = json.load(open(tmp_path / "a" / "train.json"))
-    assert t["steps"] == 6 and t["resumed_from"] == 0 and t["n_params"] == 34_752
+    assert t["steps_done"] == 6 and t["resumed_from"] == 0 and t["n_params"] == 34_752
     assert [v["step"] for v in t["history"]["val"]] == [3, 6]
-    # A resumed run continues from the last checkpoint and ends where one uninterrupted run ends.
+    # ... a re-run continues from the checkpoint and ends exactly where one uninterrupted run ends.
     r = _train(tmp_path / "a", "--config.steps=9")
     assert r.returncode == 0, r.stderr[-3000:]
     resumed = json.load(open(tmp_path / "a" / "train.json"))
-    assert resumed["resumed_from"] == 6
+    assert resumed["resumed_from"] == 6 and resumed["steps_done"] == 9
+    assert [v["step"] for v in resumed["history"]["val"]] == [3, 6, 9]
     r = _train(tmp_path / "b", "--config.steps=9")
     assert r.returncode == 0, r.stderr[-3000:]
     straight = json.load(open(tmp_path / "b" / "train.json"))

@@ -146,6 +146,9 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
                 tmp = hist_file + ".tmp"
                 json.dump(history, open(tmp, "w"))
                 os.replace(tmp, hist_file)
+            if cfg.halt_at and done >= cfg.halt_at:
+                logging.info("halting at step %d as asked (--config.halt_at); re-run to resume", done)
+                break
     seconds = time.time() - t0
 
     hf_dir = os.path.join(workdir, "hf")
@@ -153,10 +156,11 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
         host = jax.device_get(state["params"])
         model.save_pretrained(hf_dir, params=host)
         save_tokenizer(tok, cfg.tokenizer, hf_dir)
-    final = history["val"][-1]
+    final = history["val"][-1] if history["val"] else {"nll": float("nan"), "ppl": float("nan")}
     return {"arch": cfg.arch, "n_params": n_params, "tokenizer": cfg.tokenizer, "vocab_size": tok.vocab_size,
             "corpus": cfg.corpus, "train_tokens": int(len(train_stream)), "steps": cfg.steps,
-            "tokens_seen": cfg.steps * cfg.batch_size * cfg.seq_len, "val_tokens": int(val_mask[:, 1:].sum()),
+            "steps_done": int(state["step"]),
+            "tokens_seen": int(state["step"]) * cfg.batch_size * cfg.seq_len, "val_tokens": int(val_mask[:, 1:].sum()),
             "val_nll": final["nll"], "val_ppl": final["ppl"], "seconds_this_run": round(seconds, 1),
             "resumed_from": start, "hf_dir": hf_dir, "history": history,
             "family": families.for_model_type(config.model_type).name}
