@@ -112,7 +112,7 @@ def _same(a, b):
 
 
 def test_sharded_scores_equal_unsharded(tmp_path):
-    d, _, _ = helpers.write_checkpoint(tmp_path, "llama", "pt_safetensors")
+    d, _, _ = helpers.write_checkpoint(tmp_path, "llama_micro", "pt_safetensors")
     one = _scores(d, "data:1,fsdp:-1", str(tmp_path / "one.npz"))
     eight = _scores(d, "data:2,fsdp:4", str(tmp_path / "eight.npz"), EIGHT)
     assert int(one["n_devices"]) == 1 and int(eight["n_devices"]) == 8
@@ -120,7 +120,7 @@ def test_sharded_scores_equal_unsharded(tmp_path):
 
 
 def test_two_processes_give_the_same_scores(tmp_path):
-    d, _, _ = helpers.write_checkpoint(tmp_path, "llama", "pt_safetensors")
+    d, _, _ = helpers.write_checkpoint(tmp_path, "llama_micro", "pt_safetensors")
     one = _scores(d, "data:1,fsdp:-1", str(tmp_path / "one.npz"))
     out = str(tmp_path / "two.npz")
     helpers.two_processes("tests.esa_worker", [d, "data:2,fsdp:4", out])
