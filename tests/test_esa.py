@@ -46,6 +46,9 @@ def test_esa_smoke_writes_every_output(tmp_path):
         # Flipping float32 bit 30 (the exponent's top bit) of weights below 2 makes them ~1e38:
         # the forward pass overflows, which counts as a destroyed model (ΔPPL = +inf).
         assert e["perturb"]["bit_flip"]["1.0"]["topk"]["dppl_mean"] == float("inf")
+    counts = s["per_metric"]["act_mag"]["topk_counts"]
+    assert sum(counts["component"].values()) == s["k_selected"] == sum(counts["layer"].values())
+    assert counts["component"]["head"] == -(-2 * 64 * 512 // 1000)
     # Magnitude does not depend on the calibration data: identical top-k for every seed.
     assert s["per_metric"]["magnitude"]["jaccard_mean"] == 1.0
     # Pruning half of every matrix hurts more than flipping 0.2% of it, and the gains are relative

@@ -233,8 +233,8 @@ def run(cfg, progress: bool = True) -> dict:
     stability = {}
     for m in plan.metrics:
         pairs = [select.jaccard(sels[m, a], sels[m, b]) for a, b in itertools.combinations(plan.seeds, 2)]
-        stability[m] = float(np.mean(pairs)) if pairs else float("nan")
-    keys = [(m, s) for m in plan.metrics for s in plan.seeds]
+        stability[m] = float(np.mean(pairs)) if pairs and cfg.stability_check else float("nan")
+    keys = [(m, s) for m in plan.metrics for s in (plan.seeds if cfg.stability_check else plan.seeds[:1])]
     jac_matrix = [[select.jaccard(sels[a], sels[b]) for b in keys] for a in keys]
     agreement = {}
     for a, b in itertools.combinations(plan.metrics, 2):
@@ -305,6 +305,7 @@ def summarize(r: dict) -> dict:
             "gini": float(np.mean([h["gini"] for h in ht])),
             "top01pct_share": float(np.mean([h["top01pct_share"] for h in ht])),
             "seconds": round(r["seconds_scores"][m], 2),
+            "topk_counts": select.counts(r["sels"][m, plan.seeds[0]], loaded.describe),
             "perturb": {},
         }
         for kind, scale in itertools.product(plan.kinds, plan.scales):

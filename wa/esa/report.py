@@ -183,6 +183,8 @@ def render(summary, cfg, figures) -> str:
                 row["top/random"] = _fmt(b.get("ratio_topk_vs_random"), 1)
                 row["p (top > random)"] = _fmt(b.get("p_value_topk_vs_random"))
                 pert_rows.append(row)
+    count_rows = [{"metric": m, **{f"{k}": ", ".join(f"{n} {c}" for n, c in sorted(e["topk_counts"][k].items()))
+                                   for k in ("component", "role")}} for m, e in pm.items()]
     agree_rows = [{"metrics": k.replace("|", " vs "), "top-k overlap": _fmt(v)}
                   for k, v in summary["agreement_overlap"].items()]
     v = verdicts(summary)
@@ -212,6 +214,11 @@ def render(summary, cfg, figures) -> str:
 
 ## Scores
 {report.markdown_table(score_rows)}
+
+Where the first seed's top-k weights sit (counts by component and by role; in `per_layer` mode every
+matrix contributes its k, so these follow the matrix sizes; `global` mode lets them move):
+
+{report.markdown_table(count_rows)}
 
 Agreement between metrics (share of the smaller top-k set the other also picked, mean over seeds):
 
