@@ -11,7 +11,6 @@ import importlib.util
 import os
 import time
 
-import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -28,7 +27,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/main.py:default", "
 flags.DEFINE_string("workdir", None, "Run folder; default runs/main-<UTC time>.")
 FLAGS = flags.FLAGS
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = pipeline.DTYPES
 
 
 def check(cfg):

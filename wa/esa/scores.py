@@ -59,10 +59,6 @@ def _flat(tree):
     return rules_lib.flatten(tree)
 
 
-def _unflat(like, flat):
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like), list(flat.values()))
-
-
 def _progress(cal, it, desc):
     return tqdm(it, desc=desc, disable=not cal.progress or jax.process_index() > 0)
 
