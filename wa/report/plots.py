@@ -116,3 +116,13 @@ def training_curve(steps, loss, val_steps, val_loss, path: str):
     ax.set_ylabel("nats / token")
     ax.legend()
     return _save(fig, path)
+
+
+def scaling(n_params, series: dict[str, list], path: str):
+    """One log-log panel per quantity against the parameter count."""
+    fig, axes = plt.subplots(1, len(series), figsize=(3.4 * len(series), 3), squeeze=False)
+    for ax, (name, ys) in zip(axes[0], series.items(), strict=True):
+        ax.loglog(n_params, ys, "o-")
+        ax.set_xlabel("parameters")
+        ax.set_title(name, fontsize=9)
+    return _save(fig, path)
