@@ -36,17 +36,10 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     a = ap.parse_args()
 
-    import importlib.util
-
+    from launch.common import load_config as config
     from wa.esa import pipeline
     from wa.report import plots
     from wa.train import lm
-
-    def config(name, variant):
-        spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        return mod.get_config(variant)
 
     rows = []
     for hidden, layers in SIZES:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import jax
 from absl import flags, logging
 
@@ -31,3 +34,14 @@ def start() -> None:
 
 def is_chief() -> bool:
     return jax.process_index() == 0
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, variant: str):
+    """``configs/<name>.py:<variant>`` as a ConfigDict, for jobs that run another job's config."""
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(REPO, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)

@@ -7,7 +7,6 @@ Writes config.json, params.json, summary.json and report.md to the workdir
 <workdir>/esa: summary.json, topk.csv, plots and report.md.
 """
 
-import importlib.util
 import os
 import time
 
@@ -20,8 +19,6 @@ from wa.data import paths, text, tokenizers
 from wa.esa import evaluate, pipeline
 from wa.esa import report as esa_report
 from wa.models import sampling, summary
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/main.py:default", "Job config.")
 flags.DEFINE_string("workdir", None, "Run folder; default runs/main-<UTC time>.")
@@ -41,18 +38,11 @@ def check(cfg):
         raise ValueError("--config.max_windows and --config.sample_tokens must be >= 0")
 
 
-def esa_config(variant: str):
-    spec = importlib.util.spec_from_file_location("esa_config", os.path.join(REPO, "configs", "esa.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
 def main(argv):
     del argv
     cfg = _CONFIG.value
     check(cfg)
-    esa_cfg = esa_config(cfg.esa_variant) if cfg.esa_variant else None
+    esa_cfg = common.load_config("esa", cfg.esa_variant) if cfg.esa_variant else None
     if esa_cfg is not None:
         pipeline.check(esa_cfg)
     common.start()

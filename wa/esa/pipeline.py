@@ -137,14 +137,18 @@ def _delta(loaded, params_flat, data, cfg, base_ppl):
     return r["ppl"] - base_ppl if np.isfinite(r["ppl"]) else float("inf")
 
 
-def super_weight_study(loaded, flat, kept, data, cfg, base_ppl, seed) -> dict | None:
+def calibration_batches(loaded, data, cfg, seed) -> list[dict]:
+    """The seed's ``max_samples`` calibration windows (drawn without replacement), as global batches."""
+    pick = np.sort(np.random.default_rng(seed).choice(len(data.cal_ids), size=cfg.max_samples, replace=False))
+    return list(parallel.iter_batches(
+        loaded.mesh, {"input_ids": data.cal_ids[pick], "attention_mask": data.cal_mask[pick]}, cfg.batch_size))
+
+
+def super_weight_study(loaded, flat, kept, data, cfg, base_ppl, batches) -> dict | None:
     """Zero each down-projection's super-weight candidate; control: the largest-|w| weight(s)."""
     downs = superweights.down_paths(loaded, kept)
     if not downs:
         return None
-    pick = np.sort(np.random.default_rng(seed).choice(len(data.cal_ids), size=cfg.max_samples, replace=False))
-    batches = list(parallel.iter_batches(
-        loaded.mesh, {"input_ids": data.cal_ids[pick], "attention_mask": data.cal_mask[pick]}, cfg.batch_size))
     cands = superweights.candidates(loaded, flat, superweights.spikes(loaded, loaded.params, batches, downs))
     for c in cands:
         c["dppl_zero"] = _delta(loaded, perturb.apply(flat, {c["path"]: np.array([c["flat_index"]])}, "zero"),
@@ -202,11 +206,10 @@ def run(cfg, progress: bool = True) -> dict:
     first: dict = {}    # metric -> (scores on kept paths, top-k values) of the first seed
     heavy: dict = {}
     timing: dict = {m: 0.0 for m in plan.metrics}
+    first_batches = None
     for seed in plan.seeds:
-        rng = np.random.default_rng(seed)
-        pick = np.sort(rng.choice(len(data.cal_ids), size=cfg.max_samples, replace=False))
-        batches = list(parallel.iter_batches(
-            loaded.mesh, {"input_ids": data.cal_ids[pick], "attention_mask": data.cal_mask[pick]}, cfg.batch_size))
+        batches = calibration_batches(loaded, data, cfg, seed)
+        first_batches = first_batches or batches
         cal = scores.Calibration(loaded, batches, jax.random.key(seed), cfg.probes, cfg.probe_chunk, progress)
         for metric in plan.metrics:
             t = time.time()
@@ -226,7 +229,7 @@ def run(cfg, progress: bool = True) -> dict:
             if metric not in first:
                 first[metric] = ({p: np.asarray(v) for p, v in sc.items()}, vals)
     k_total = select.size(next(iter(sels.values())))
-    super_w = super_weight_study(loaded, flat, kept, data, cfg, base["ppl"], plan.seeds[0]) if cfg.super_weights \
+    super_w = super_weight_study(loaded, flat, kept, data, cfg, base["ppl"], first_batches) if cfg.super_weights \
         else None
 
     # Stability across seeds, agreement across metrics.
