@@ -18,11 +18,15 @@ flags.DEFINE_integer("host_devices", None,
                      "Expose this many CPU devices (like --xla_force_host_platform_device_count); "
                      "for trying meshes on a machine without accelerators.")
 
+flags.DEFINE_string("jax_cache", os.path.join("~", ".cache", "wa", "jax"),
+                    "Persistent compilation cache folder ('' to disable): re-runs skip XLA compiles.")
 FLAGS = flags.FLAGS
 
 
 def start() -> None:
     """Call first in ``main``: before any JAX computation starts its backend."""
+    if FLAGS.jax_cache and not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(FLAGS.jax_cache))
     if FLAGS.host_devices:
         jax.config.update("jax_num_cpu_devices", FLAGS.host_devices)
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

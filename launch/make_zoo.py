@@ -1,0 +1,43 @@
+r"""Build a model zoo: vmapped population training, properties at every checkpoint, family trees, zarr store.
+
+  python -m launch.make_zoo --config configs/zoo.py:digits --workdir runs/zoo_digits
+
+Writes <workdir>/zoo (the store), zoo_summary.json, report.md and PNGs. Re-running resumes. Multi-host: start
+one process per host with --coordinator_address/--num_processes/--process_id; they split the units.
+"""
+
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+from wa import report
+from wa.zoo import build
+from wa.zoo import report as zoo_report
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/zoo.py:digits", "Zoo config.")
+flags.DEFINE_string("workdir", None, "Run folder (resumes a zoo there); default runs/zoo-<time>.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value
+    common.start()
+    workdir = report.workdir(FLAGS.workdir, "zoo")
+    builder = build.Builder(cfg, workdir)  # every check happens here, before any training
+    run = builder.run()
+    if common.is_chief():
+        zoo = build.store_lib.Zoo.open(run["zoo"])
+        summary = build.summary(zoo, run)
+        report.write_json(os.path.join(workdir, "zoo_summary.json"), summary)
+        zoo_report.write(zoo, summary, workdir)
+        print(f"{summary['n_models']} models, {summary['n_checkpoints']} checkpoints, "
+              f"{summary['family_trees_3_generations']} trees of >= 3 generations; test acc median "
+              f"{summary['test_acc']['q50']:.3f} (5%-95%: {summary['test_acc']['q05']:.3f}-"
+              f"{summary['test_acc']['q95']:.3f}); {run['models_per_second']:.2f} models/s; {workdir}/report.md")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,209 @@
+"""The zoo's plan: every model, its hyperparameters, its training data and its parent, fixed up front.
+
+The plan is a pure function of the config (and the data set's size), so every process of a multi-host job
+and every restart of a killed one computes the same table; ``wa.zoo.store`` keeps it beside the weights
+and refuses to resume a zoo whose plan differs.
+
+Family trees: ``lineage.trees_per_group`` roots of every architecture group found a tree; every model of
+generation g < ``lineage.generations`` − 1 in a tree gets ``lineage.children`` children, each fine-tuned
+from its parent's last checkpoint for ``lineage.epochs`` epochs after one mutation:
+
+- ``data``: a fresh training subset (new data seed and train fraction),
+- ``classes``: trained only on a random subset of ``lineage.class_subset`` of the classes,
+- ``hparams``: a fresh optimizer, learning rate, weight decay and dropout.
+
+Training pools (``training_data``): a random ``train_fraction`` of the training set; then class imbalance
+keeps, per class, a share 1 − imbalance · r / (C − 1) of that class, r the class's rank in a random order
+(so the rarest class keeps 1 − imbalance); then the class subset; then ``label_noise`` replaces that share of
+the pool's labels with a uniformly drawn different class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pandas as pd
+
+from wa.zoo import archs as archs_lib
+from wa.zoo import population as pop_lib
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+    arch: archs_lib.Arch
+    roots: int
+
+
+def groups_from_config(cfg) -> list[Group]:
+    out = []
+    for i, g in enumerate(cfg.groups):
+        g = dict(g)
+        try:
+            arch = archs_lib.Arch(g["family"], int(g["depth"]), int(g["width"]), g["activation"],
+                                  int(g.get("patch", 4)))
+        except KeyError as e:
+            raise PlanError(f"config groups[{i}] lacks {e}; each group needs family, depth, width, activation, "
+                            "roots") from None
+        try:
+            arch.check()
+        except archs_lib.ArchError as e:
+            raise PlanError(f"config groups[{i}]: {e}") from None
+        out.append(Group(arch, int(g.get("roots", 0))))
+    ids = [g.arch.id for g in out]
+    if len(set(ids)) != len(ids):
+        raise PlanError(f"config groups repeat an architecture: {ids}")
+    return out
+
+
+def _log_uniform(rng, lo, hi):
+    return float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
+
+
+def _choice(rng, values):
+    values = list(values)
+    return values[int(rng.integers(len(values)))]
+
+
+def _optim_hparams(rng, h) -> dict:
+    opt = _choice(rng, h.optimizers)
+    if opt not in pop_lib.OPTIMIZER_NAMES:
+        raise PlanError(f"hparams.optimizers: unknown optimizer {opt!r}; choose from {list(pop_lib.OPTIMIZER_NAMES)}")
+    lo, hi = h.lr[opt]
+    wd = 0.0 if rng.uniform() < h.weight_decay_zero else _log_uniform(rng, *h.weight_decay)
+    return {"optimizer": opt, "lr": _log_uniform(rng, lo, hi), "weight_decay": wd,
+            "dropout": 0.0 if rng.uniform() < h.dropout_zero else float(rng.uniform(*h.dropout))}
+
+
+def _root(rng, cfg, n_classes) -> dict:
+    h, d = cfg.hparams, cfg.data_characteristics
+    row = _optim_hparams(rng, h)
+    row.update(init_scheme=_choice(rng, h.init_schemes), init_scale=_log_uniform(rng, *h.init_scale),
+               augment=int(_choice(rng, d.augment)), train_fraction=float(_choice(rng, d.train_fraction)),
+               label_noise=float(_choice(rng, d.label_noise)), imbalance=float(_choice(rng, d.imbalance)),
+               classes=",".join(str(c) for c in range(n_classes)))
+    return row
+
+
+def _mutate(rng, cfg, parent: dict, kind: str, n_classes: int) -> dict:
+    child = {k: parent[k] for k in ("optimizer", "lr", "weight_decay", "dropout", "init_scheme", "init_scale",
+                                    "augment", "train_fraction", "label_noise", "imbalance", "classes")}
+    if kind == "data":
+        child["train_fraction"] = float(_choice(rng, cfg.data_characteristics.train_fraction))
+    elif kind == "classes":
+        lo, hi = cfg.lineage.class_subset
+        k = int(rng.integers(max(2, math.ceil(lo * n_classes)), max(2, math.floor(hi * n_classes)) + 1))
+        child["classes"] = ",".join(str(c) for c in sorted(rng.choice(n_classes, k, replace=False)))
+    elif kind == "hparams":
+        child.update(_optim_hparams(rng, cfg.hparams))
+    else:
+        raise PlanError(f"lineage.mutations: unknown mutation {kind!r}; choose from data, classes, hparams")
+    return child
+
+
+def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
+    """One row per model, in training order: generation, then group, then unit."""
+    groups = groups_from_config(cfg)
+    lin = cfg.lineage
+    if lin.generations < 1 or lin.children < 0:
+        raise PlanError("lineage.generations must be >= 1 and lineage.children >= 0")
+    if cfg.population < 1:
+        raise PlanError(f"population = {cfg.population}: must be >= 1")
+    for name, ck, epochs in (("checkpoints", cfg.checkpoints, cfg.epochs), ("lineage.checkpoints", lin.checkpoints,
+                                                                             lin.epochs)):
+        ck = list(ck)
+        if not ck or ck != sorted(set(ck)) or ck[0] < 0 or ck[-1] != epochs:
+            raise PlanError(f"{name} = {ck}: must be increasing epochs in [0, {epochs}] ending at {epochs} "
+                            "(the final weights are always stored)")
+    rng = np.random.default_rng(cfg.seed)
+    rows: list[dict] = []
+    unit = 0
+    by_gen: list[list[list[dict]]] = []   # [generation][group] -> models
+    rows_by_id: dict[int, dict] = {}
+    for gen in range(lin.generations):
+        per_group = []
+        for gi, g in enumerate(groups):
+            if gen == 0:
+                models = [dict(_root(rng, cfg, n_classes), parent_id=-1, mutation="") for _ in range(g.roots)]
+            else:
+                parents = [m for m in by_gen[gen - 1][gi] if m["tree"]]
+                models = []
+                for p in parents:
+                    for _ in range(lin.children):
+                        kind = _choice(rng, lin.mutations)
+                        models.append(dict(_mutate(rng, cfg, p, kind, n_classes), parent_id=p["model_id"],
+                                           mutation=kind))
+            for i, m in enumerate(models):
+                m.update(model_id=len(rows) + i, generation=gen, group=gi, seed=int(rng.integers(2**31 - 1)),
+                         data_seed=int(rng.integers(2**31 - 1)), arch_depth=g.arch.depth,
+                         arch_width=g.arch.width, activation=g.arch.activation,
+                         patch=g.arch.patch if g.arch.family == "transformer" else 0)
+                m["arch_id"], m["layout_id"], m["family"] = g.arch.id, g.arch.layout_id, g.arch.family
+                m["epochs"] = cfg.epochs if gen == 0 else lin.epochs
+                m["tree"] = i < lin.trees_per_group if gen == 0 else True
+                m["root_id"] = m["model_id"] if gen == 0 else rows_by_id[m["parent_id"]]["root_id"]
+                rows_by_id[m["model_id"]] = m
+            for s in range(0, len(models), cfg.population):
+                chunk = models[s: s + cfg.population]
+                if len(chunk) % n_devices:
+                    raise PlanError(f"group {g.arch.id}, generation {gen}: a population of {len(chunk)} models does "
+                                    f"not divide over {n_devices} devices; make roots, lineage.trees_per_group and "
+                                    f"population multiples of {n_devices}")
+                for m in chunk:
+                    m["unit"] = unit
+                unit += 1
+            rows.extend(models)
+            per_group.append(models)
+        by_gen.append(per_group)
+        if gen == 0 and any(g.roots < lin.trees_per_group for g in groups) and lin.generations > 1:
+            raise PlanError(f"lineage.trees_per_group = {lin.trees_per_group} exceeds the roots of some group")
+    df = pd.DataFrame(rows)
+    return df.drop(columns=["tree"]).set_index("model_id", drop=False)
+
+
+def assign_rows(plan: pd.DataFrame, chunk_models: int) -> pd.DataFrame:
+    """Row of every model in its layout's weight array. Units start on chunk boundaries so that no two units
+    (which different processes may write at once) ever share a zarr chunk."""
+    plan = plan.copy()
+    nxt: dict[str, int] = {}
+    rows = np.zeros(len(plan), np.int64)
+    for unit, idx in plan.groupby("unit", sort=True).indices.items():
+        del unit
+        lid = plan["layout_id"].iloc[idx[0]]
+        start = -(-nxt.get(lid, 0) // chunk_models) * chunk_models
+        rows[idx] = start + np.arange(len(idx))
+        nxt[lid] = start + len(idx)
+    plan["row"] = rows
+    return plan
+
+
+def training_data(row, y_train: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(pool mask [N_train] bool, training labels [N_train] int32) of one model, from its plan row."""
+    rng = np.random.default_rng(int(row["data_seed"]))
+    n = len(y_train)
+    mask = np.zeros(n, bool)
+    mask[rng.choice(n, max(1, int(round(row["train_fraction"] * n))), replace=False)] = True
+    if row["imbalance"] > 0:
+        rank = rng.permutation(n_classes)
+        keep = 1.0 - row["imbalance"] * rank / max(n_classes - 1, 1)
+        mask &= rng.uniform(size=n) < keep[y_train]
+    allowed = np.zeros(n_classes, bool)
+    allowed[[int(c) for c in str(row["classes"]).split(",")]] = True
+    mask &= allowed[y_train]
+    if not mask.any():
+        raise PlanError(f"model {row['model_id']}: its training pool is empty (train_fraction "
+                        f"{row['train_fraction']}, imbalance {row['imbalance']}, classes {row['classes']})")
+    labels = y_train.astype(np.int32).copy()
+    if row["label_noise"] > 0:
+        flip = mask & (rng.uniform(size=n) < row["label_noise"])
+        labels[flip] = (labels[flip] + rng.integers(1, n_classes, flip.sum())) % n_classes
+    return mask, labels
+
+
+def checkpoints(cfg, generation: int) -> list[int]:
+    return list(cfg.checkpoints if generation == 0 else cfg.lineage.checkpoints)

@@ -1,0 +1,69 @@
+"""zoo_summary.json's companion: distributions of the zoo's properties as PNGs and a markdown report."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from wa import report
+from wa.report import plots
+
+
+def write(zoo, summary: dict, out_dir: str) -> str:
+    md = zoo.metadata
+    final = md.loc[md.groupby("model_id")["checkpoint"].idxmax()]
+    by_family = {f: g for f, g in final.groupby("family")}
+    plots.distributions({f: g["test_acc"].to_numpy() for f, g in by_family.items()},
+                        {f: g["gen_gap"].to_numpy() for f, g in by_family.items()},
+                        os.path.join(out_dir, "distributions.png"))
+    plots.scatter_by_group({f: (g["train_acc"].to_numpy(), g["test_acc"].to_numpy()) for f, g in by_family.items()},
+                           "train accuracy", "test accuracy", os.path.join(out_dir, "train_vs_test.png"))
+    roots = md[md["generation"] == 0]
+    curves = {}
+    for f, g in roots.groupby("family"):
+        med = g.groupby("epoch")["test_acc"].median()
+        curves[f] = (med.index.tolist(), med.tolist())
+    plots.curves(curves, "epoch", "median test accuracy (roots)", os.path.join(out_dir, "development.png"))
+    rows = []
+    for col in ("test_acc", "gen_gap", "ece", "disparity_range", "fgsm_acc_0.1", "pgd_acc_0.1", "noise_acc_0.3"):
+        if col in final:
+            s = final[col]
+            rows.append({"property": col, **{q: f"{s.quantile(v):.3f}" for q, v in
+                                             (("min", 0), ("5%", .05), ("25%", .25), ("median", .5), ("75%", .75),
+                                              ("95%", .95), ("max", 1))}})
+    arch_rows = [{"architecture": a, "models": int(len(g)), "params": int(g["n_params"].iloc[0]),
+                  "test acc median": f"{g['test_acc'].median():.3f}",
+                  "gen gap median": f"{g['gen_gap'].median():.3f}"} for a, g in final.groupby("arch_id")]
+    cost = summary.get("cost_per_arch", {})
+    cost_rows = [{"architecture": a, "models trained": v["models"], "s / model": f"{v['seconds_per_model']:.3f}",
+                  "s / model-epoch (training + properties)": f"{v['seconds_per_model_epoch']:.4f}"} for a, v in sorted(cost.items())]
+    mps = summary.get("models_per_second")
+    text = f"""# Model zoo: {zoo.info['data']['name']}
+
+{summary['n_models']} models ({summary['n_planned']} planned), {summary['n_checkpoints']} model checkpoints
+(checkpoints per model: {summary['checkpoints_per_model']}), {summary['family_trees']} family trees
+({summary['family_trees_3_generations']} with 3 or more generations). Families: {summary['families']}.
+Generations: {summary['generations']}.
+
+This run trained {summary.get('trained_this_run')} models in {summary.get('seconds_this_run', 0):.0f} s
+({'n/a' if mps is None or np.isnan(mps) else f'{mps:.2f}'} models/s, properties at every checkpoint included).
+
+## Spread of the final checkpoints
+{report.markdown_table(rows)}
+
+![distributions](distributions.png)
+![train vs test](train_vs_test.png)
+![development](development.png)
+
+## Architectures
+{report.markdown_table(arch_rows)}
+
+## Cost (this run)
+{report.markdown_table(cost_rows) if cost_rows else 'Nothing trained in this run (everything was already done).'}
+
+Data: {zoo.info['data']}. Store: `{zoo.path}` (`wa.zoo.store.Zoo.open`).
+"""
+    path = os.path.join(out_dir, "report.md")
+    report.write_text(path, text)
+    return path
