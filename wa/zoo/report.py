@@ -37,7 +37,8 @@ def write(zoo, summary: dict, out_dir: str) -> str:
                   "gen gap median": f"{g['gen_gap'].median():.3f}"} for a, g in final.groupby("arch_id")]
     cost = summary.get("cost_per_arch", {})
     cost_rows = [{"architecture": a, "models trained": v["models"], "s / model": f"{v['seconds_per_model']:.3f}",
-                  "s / model-epoch (training + properties)": f"{v['seconds_per_model_epoch']:.4f}"} for a, v in sorted(cost.items())]
+                  "s / model-epoch (training + properties)": f"{v['seconds_per_model_epoch']:.4f}"}
+                 for a, v in sorted(cost.items())]
     mps = summary.get("models_per_second")
     text = f"""# Model zoo: {zoo.info['data']['name']}
 
