@@ -4,7 +4,9 @@ r"""Zoo benchmark: a population of 64 trained at once vs the same 64 one after a
   python experiments/bench_zoo.py --arch=mlp --epochs=3
 
 Both training paths run the same code (``wa.zoo.population``); the sequential one is a population of one,
-compiled once, called 64 times. Compile time is excluded from both (one warm-up epoch each). The store part
+compiled once, called 64 times. Compile time is excluded from both (one warm-up epoch each). ``pipeline_*``
+times the builder's whole unit path (init, training, properties at every epoch, store writes) the same way:
+one unit of 64 vs 64 units of one. The store part
 writes and reads [models x checkpoints x parameters] float32 weights through ``wa.zoo.store`` and through one
 ``np.save`` file per model, on the same disk.
 """
@@ -12,6 +14,7 @@ writes and reads [models x checkpoints x parameters] float32 weights through ``w
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 
@@ -20,9 +23,11 @@ import numpy as np
 import pandas as pd
 from absl import app, flags
 
-from wa.data import images
-from wa.zoo import archs, store
-from wa.zoo import population as pop_lib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/ for the pipeline part
+
+from wa.data import images  # noqa: E402
+from wa.zoo import archs, store  # noqa: E402
+from wa.zoo import population as pop_lib  # noqa: E402
 
 flags.DEFINE_enum("arch", "cnn", ["cnn", "mlp", "transformer"], "Family (digits defaults: cnn d3 w16, mlp d1 w32, "
                   "transformer d1 w16).")
@@ -64,14 +69,46 @@ def _training(n, epochs):
     x = pop.replicate(data.x_train)
     hp, mask, labels, keys = _members(n, data, np.random.default_rng(0))
     t_pop = _run(pop, hp, mask, labels, keys, x, epochs)
+    # One model at a time runs on one device: a single model's axis cannot be split.
+    alone = pop_lib.Population(ARCHS[FLAGS.arch], data.n_classes, data.shape, len(data.y_train), 32,
+                               mesh=jax.sharding.Mesh(np.array(jax.local_devices()[:1]), ("pop",)))
+    x1 = alone.replicate(data.x_train)
     t_seq = 0.0
     for i in range(n):
         one = {k: v[i:i + 1] for k, v in hp.items()}
-        t_seq += _run(pop, one, mask[i:i + 1], labels[i:i + 1], keys[i:i + 1], x, epochs)
+        t_seq += _run(alone, one, mask[i:i + 1], labels[i:i + 1], keys[i:i + 1], x1, epochs)
     return {"arch": ARCHS[FLAGS.arch].id, "models": n, "epochs": epochs,
             "population_model_epochs_per_s": n * epochs / t_pop,
             "sequential_model_epochs_per_s": n * epochs / t_seq, "speedup": t_seq / t_pop,
             "population_seconds": t_pop, "sequential_seconds": t_seq}
+
+
+def _pipeline(n, epochs):
+    """The whole unit path of launch.make_zoo (init, training, properties at every checkpoint, store writes)
+    for n models as one population and as n populations of one."""
+    from configs import zoo as zoo_configs
+    from wa.zoo import build
+    a = ARCHS[FLAGS.arch]
+    out = {}
+    for size in (n, 1):
+        cfg = zoo_configs.get_config("digits")
+        cfg.groups = [dict(family=a.family, depth=a.depth, width=a.width, activation=a.activation, roots=n)]
+        cfg.lineage.generations = 1
+        cfg.epochs, cfg.checkpoints, cfg.population = epochs, tuple(range(epochs + 1)), size
+        root = tempfile.mkdtemp(prefix="bench_zoo_")
+        try:
+            b = build.Builder(cfg, root)
+            zoo = b.open_store()
+            units = sorted(b.plan["unit"].unique())
+            b.train_unit(zoo, units[0])  # warm-up: compiles
+            t = time.perf_counter()
+            for u in units:
+                b.train_unit(zoo, u)
+            out[size] = time.perf_counter() - t
+        finally:
+            shutil.rmtree(root)
+    return {"pipeline_epochs": epochs, "pipeline_population_model_epochs_per_s": n * epochs / out[n],
+            "pipeline_sequential_model_epochs_per_s": n * epochs / out[1], "pipeline_speedup": out[1] / out[n]}
 
 
 def _store(n, n_ckpt):
@@ -98,7 +135,7 @@ def _store(n, n_ckpt):
         t_ts_r = time.perf_counter() - t
         assert np.array_equal(got, w)
         t = time.perf_counter()
-        one = [zoo.array("cnn")[i, -1].read().result() for i in range(0, n, max(n // 128, 1))]
+        one = [zoo.array("cnn")[i, n_ckpt - 1].read().result() for i in range(0, n, max(n // 128, 1))]
         t_ts_one = (time.perf_counter() - t) / len(one)
         d = os.path.join(root, "npy")
         os.makedirs(d)
@@ -121,6 +158,7 @@ def main(argv):
     del argv
     out = {"device": jax.devices()[0].platform, "n_devices": jax.device_count()}
     out.update(_training(FLAGS.models, FLAGS.epochs))
+    out.update(_pipeline(FLAGS.models, FLAGS.epochs))
     out.update(_store(FLAGS.store_models, FLAGS.checkpoints))
     print(json.dumps(out))
 

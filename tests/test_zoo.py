@@ -1,5 +1,6 @@
 """The model zoo: population training, properties, plan, store."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +87,17 @@ def test_init_scheme_and_scale(digits):
     np.testing.assert_allclose(k[0].std(), np.sqrt(2 / 64), rtol=0.05)
     np.testing.assert_allclose(k[1].std() / k[0].std(), 3.0, rtol=0.05)
     assert not p["hidden_0"]["bias"].any()
+
+
+@pytest.mark.parametrize("size,stride", [(8, 2), (7, 2), (28, 2), (5, 1)])
+def test_patch_conv_equals_flax_conv(size, stride):
+    x = np.random.default_rng(0).normal(size=(3, size, size, 2)).astype(np.float32)
+    mine = archs.Conv(5, stride=stride)
+    params = mine.init(jax.random.key(1), x)["params"]
+    params["bias"] = np.arange(5, dtype=np.float32)
+    ref = nn.Conv(5, (3, 3), strides=(stride, stride), padding="SAME")
+    np.testing.assert_allclose(mine.apply({"params": params}, x), ref.apply({"params": params}, x), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_every_architecture_runs(digits):

@@ -54,6 +54,29 @@ def dropout(x, rate, train: bool, module: nn.Module):
     return jnp.where(mask, x / keep, 0.0)
 
 
+class Conv(nn.Module):
+    """``nn.Conv(features, (k, k), strides=(s, s), padding="SAME")`` with the same parameters, computed as
+    patches @ kernel. Under ``vmap`` over models this is one batched matrix product, which XLA:CPU runs many
+    times faster than the grouped convolution that vmapping ``lax.conv`` produces."""
+    features: int
+    kernel_size: int = 3
+    stride: int = 2
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        k, s = self.kernel_size, self.stride
+        b, h, w, c = x.shape
+        kernel = self.param("kernel", self.kernel_init, (k, k, c, self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        ho, wo = -(-h // s), -(-w // s)
+        ph, pw = max((ho - 1) * s + k - h, 0), max((wo - 1) * s + k - w, 0)
+        xp = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+        patches = jnp.stack([xp[:, i: i + (ho - 1) * s + 1: s, j: j + (wo - 1) * s + 1: s, :]
+                             for i in range(k) for j in range(k)], axis=3).reshape(b, ho, wo, k * k * c)
+        return patches @ kernel.reshape(k * k * c, self.features) + bias
+
+
 class Net(nn.Module):
     """The fields every zoo family shares; ``__call__(x, train, rate)`` returns logits."""
     depth: int
@@ -82,8 +105,7 @@ class CNN(Net):
     def __call__(self, x, train: bool = False, rate=0.0):
         act = ACTIVATIONS[self.activation]
         for i in range(self.depth):
-            x = act(nn.Conv(self.width, (3, 3), strides=(2, 2), padding="SAME", kernel_init=self.kernel_init,
-                            name=f"conv_{i}")(x))
+            x = act(Conv(self.width, kernel_init=self.kernel_init, name=f"conv_{i}")(x))
             x = dropout(x, rate, train, self)
         x = x.mean(axis=(1, 2))
         return nn.Dense(self.n_classes, kernel_init=self.kernel_init, name="head")(x)
