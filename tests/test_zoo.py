@@ -352,3 +352,46 @@ def test_zoo_resumes_after_a_crash_and_splits_over_two_writers(tmp_path):
     for i, log in enumerate(logs):
         assert f"this process ({i} of 2) has" in log
     _same_zoo(str(ref / "zoo"), str(shared / "zoo"))
+
+
+def test_population_sharded_over_devices_equals_one_device():
+    code = r'''
+import jax, numpy as np
+from jax.sharding import Mesh
+from tests.test_zoo import _members, _train
+from wa.data import images
+from wa.zoo import archs, population as pop_lib
+assert jax.device_count() == 4
+d = images.load("digits")
+x = d.x_train[:256]
+hp, mask, labels, keys = _members(8, len(x))
+out = []
+for devs in (jax.devices(), jax.devices()[:1]):
+    pop = pop_lib.Population(archs.Arch("cnn", 2, 4, "relu"), 10, d.shape, len(x), batch_size=32,
+                             mesh=Mesh(np.array(devs), ("pop",)))
+    out.append(_train(pop, hp, mask, labels, keys, x, 1, ["he_normal"] * 8, np.ones(8)))
+    if len(devs) == 4:
+        try:
+            pop.check_size(6)
+        except pop_lib.PopulationError as e:
+            print("ERR", e)
+for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+print("OK")
+'''
+    out = helpers.run_python(code, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    assert "OK" in out
+    assert "population of 6 models does not divide over the 4 devices" in out
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["--config.lineage.mutations=('data', 'grafting')"], {}, "lineage.mutations: unknown value 'grafting'"),
+    (["--host_devices=2", "--config.population=3"], {}, "population = 3 does not divide over the 2 devices"),
+    (["--config.data.name=fmnist"], {"WA_FASHION_MNIST": "/nowhere"}, "apt-get install -y dataset-fashion-mnist"),
+    (["--config.eval.fgsm_eps=(0.1, -0.1)"], {}, "eval.fgsm_eps = -0.1: must be >= 0"),
+])
+def test_make_zoo_rejects_bad_config_before_training(tmp_path, args, env, message):
+    r = helpers.run_launch("launch.make_zoo", "--config", "configs/zoo.py:smoke", "--workdir", str(tmp_path / "z"),
+                           *args, env_extra=env, rc=1)
+    assert message in r.stderr
+    assert not (tmp_path / "z" / "zoo").exists()

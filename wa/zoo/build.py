@@ -103,6 +103,17 @@ class Builder:
         _barrier("zoo-created")
         return zoo or store_lib.Zoo.open(path)
 
+    def _parent_weights(self, zoo: store_lib.Zoo, rows) -> np.ndarray:
+        """Last stored checkpoint of every row's parent, located through the plan (another process may have
+        written it; the metadata this process has cached need not list it yet)."""
+        parents = self.plan.loc[rows["parent_id"].to_numpy()]
+        missing = set(parents["unit"]) - zoo.done_units()
+        if missing:
+            raise store_lib.StoreError(f"{zoo.path}: parents' units {sorted(missing)} are not finished")
+        ck = [len(plan_lib.checkpoints(self.cfg, int(g))) - 1 for g in parents["generation"]]
+        return np.stack([zoo.array(lid)[int(r), c, :].read().result()
+                         for lid, r, c in zip(parents["layout_id"], parents["row"], ck, strict=True)])
+
     # ---- one unit --------------------------------------------------------------------------------------
     def train_unit(self, zoo: store_lib.Zoo, unit: int) -> list[dict]:
         cfg = self.cfg
@@ -117,13 +128,13 @@ class Builder:
         if gen == 0:
             params = pop.init(k_init, list(rows["init_scheme"]), rows["init_scale"].to_numpy())
         else:
-            params = store_lib.from_flat(np.stack([zoo.load_flat(int(p)) for p in rows["parent_id"]]), layout)
+            params = store_lib.from_flat(self._parent_weights(zoo, rows), layout)
         pools = [plan_lib.training_data(r, self.data.y_train, self.data.n_classes) for _, r in rows.iterrows()]
         mask = np.stack([p[0] for p in pools])
         labels = np.stack([p[1] for p in pools])
         hp = pop_lib.hparams_arrays(rows.to_dict("records"))
-        if self.images is None or self.images[0] is not pop.mesh:
-            self.images = (pop.mesh, pop.replicate(self.data.x_train))
+        if self.images is None:  # every population shares the builder's mesh
+            self.images = pop.replicate(self.data.x_train)
         params = pop.shard(params)
         opt = pop.shard(pop.opt_init(params))
         keys, d_hp, d_mask, d_labels = pop.shard((k_train, hp, mask, labels))
@@ -144,7 +155,7 @@ class Builder:
                     logging.warning("debug.crash_unit: killing the process after unit %d checkpoint %d", unit, ci)
                     os._exit(17)
             if epoch < ckpts[-1]:
-                params, opt, keys, loss = pop.epoch(params, opt, keys, d_hp, d_mask, d_labels, self.images[1])
+                params, opt, keys, loss = pop.epoch(params, opt, keys, d_hp, d_mask, d_labels, self.images)
                 epoch_loss = np.asarray(loss)
         zoo.commit(unit, records)
         return records

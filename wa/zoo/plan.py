@@ -34,6 +34,9 @@ class PlanError(ValueError):
     pass
 
 
+MUTATIONS = ("data", "classes", "hparams")
+
+
 @dataclasses.dataclass(frozen=True)
 class Group:
     arch: archs_lib.Arch
@@ -112,6 +115,13 @@ def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
     lin = cfg.lineage
     if lin.generations < 1 or lin.children < 0:
         raise PlanError("lineage.generations must be >= 1 and lineage.children >= 0")
+    for name, values, known in (("hparams.optimizers", cfg.hparams.optimizers, pop_lib.OPTIMIZER_NAMES),
+                                ("hparams.init_schemes", cfg.hparams.init_schemes, archs_lib.INIT_SCHEMES),
+                                ("lineage.mutations", lin.mutations, MUTATIONS)):
+        bad = [v for v in values if v not in known]
+        if bad or not values:
+            raise PlanError(f"{name}: unknown value {bad[0]!r}; choose from {sorted(known)}" if bad else
+                            f"{name} is empty")
     if cfg.population < 1:
         raise PlanError(f"population = {cfg.population}: must be >= 1")
     for name, ck, epochs in (("checkpoints", cfg.checkpoints, cfg.epochs), ("lineage.checkpoints", lin.checkpoints,

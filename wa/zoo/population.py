@@ -105,6 +105,7 @@ class Population:
         self._pop = NamedSharding(self.mesh, P("pop"))
         self._rep = NamedSharding(self.mesh, P())
         self._init = {}
+        self._opt_init = jax.jit(jax.vmap(optimizer({"weight_decay": 0.0, "optimizer": 0, "lr": 0.0}).init))
         self._epoch = jax.jit(jax.vmap(self._epoch_one, in_axes=(0, 0, 0, 0, 0, 0, None)), donate_argnums=(0, 1, 2))
 
     # ---- placement ---------------------------------------------------------------------------------
@@ -151,7 +152,8 @@ class Population:
         return traverse_util.unflatten_dict(flat)
 
     def opt_init(self, params):
-        return jax.jit(jax.vmap(optimizer({"weight_decay": 0.0, "optimizer": 0, "lr": 0.0}).init))(params)
+        """Optimizer states of a population; their structure does not depend on the hyperparameters."""
+        return self._opt_init(params)
 
     # ---- one epoch of one model (vmapped by the caller) --------------------------------------------------
     def loss(self, params, x, y, train=False, rate=0.0, key=None):
