@@ -1,0 +1,47 @@
+"""Weight views: networks as jraph graphs."""
+
+import jax
+import numpy as np
+import pytest
+
+from wa.weights import graph
+from wa.zoo import archs
+
+
+def _params(arch):
+    return jax.tree.map(np.asarray, arch.module(10).init(jax.random.key(0), np.zeros((1, 8, 8, 1)))["params"])
+
+
+def test_mlp_graph_nodes_edges_and_weights():
+    p = _params(archs.Arch("mlp", 2, 5, "tanh"))
+    p["hidden_1"]["bias"] = np.arange(5, dtype=np.float32)
+    g = graph.to_graph(p, "mlp", "tanh")
+    assert g.n_node.tolist() == [64 + 5 + 5 + 10] and g.n_edge.tolist() == [64 * 5 + 5 * 5 + 5 * 10]
+    # Edge from hidden_0 unit 2 to hidden_1 unit 3 carries hidden_1/kernel[2, 3].
+    e = np.flatnonzero((g.senders == 64 + 2) & (g.receivers == 64 + 5 + 3))
+    assert len(e) == 1 and g.edges["w"][e[0], 0] == p["hidden_1"]["kernel"][2, 3] and not g.edges["w"][e[0], 1:].any()
+    np.testing.assert_array_equal(g.nodes["x"][69:74, 0], np.arange(5))
+    lt = g.nodes["layer_type"]
+    assert (lt[:64] == 0).all() and (lt[64:74] == 1).all() and (lt[74:] == 3).all()
+    assert (g.nodes["activation"][64:74] == graph.ACTIVATIONS.index("tanh")).all()
+    assert (g.nodes["activation"][74:] == 0).all() and (g.nodes["x"][:64, 2] == 1).all()
+
+
+def test_cnn_graph_carries_kernels_as_edge_vectors():
+    p = _params(archs.Arch("cnn", 3, 4, "relu"))
+    g = graph.to_graph(p, "cnn", "relu")
+    assert g.n_node.tolist() == [1 + 4 * 3 + 10] and g.n_edge.tolist() == [1 * 4 + 4 * 4 * 2 + 4 * 10]
+    e = np.flatnonzero((g.senders == 1 + 4 + 1) & (g.receivers == 1 + 8 + 2))[0]  # conv_2: channel 1 -> 2
+    np.testing.assert_array_equal(g.edges["w"][e], p["conv_2"]["kernel"][:, :, 1, 2].reshape(9))
+    assert g.edges["edge_type"][e] == graph.EDGE_TYPES.index("conv")
+
+
+def test_batch_pads_to_fixed_budget():
+    gs = [graph.to_graph(_params(archs.Arch("mlp", 1, w, "relu")), "mlp", "relu") for w in (3, 6)]
+    b = graph.batch(gs, n_node=300, n_edge=1000, n_graph=4)
+    assert b.n_node.sum() == 300 and b.n_edge.sum() == 1000 and len(b.n_node) == 4
+    assert b.nodes["x"].shape == (300, 4) and b.edges["w"].shape == (1000, 9)
+    with pytest.raises(graph.GraphError, match="below what the batch needs"):
+        graph.batch(gs, n_node=100, n_edge=1000, n_graph=4)
+    with pytest.raises(graph.GraphError, match="no graph view for family 'transformer'"):
+        graph.to_graph({}, "transformer", "relu")
