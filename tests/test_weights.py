@@ -45,3 +45,38 @@ def test_batch_pads_to_fixed_budget():
         graph.batch(gs, n_node=100, n_edge=1000, n_graph=4)
     with pytest.raises(graph.GraphError, match="no graph view for family 'transformer'"):
         graph.to_graph({}, "transformer", "relu")
+
+
+@pytest.mark.parametrize("arch", [archs.Arch("mlp", 3, 6, "gelu"), archs.Arch("cnn", 3, 5, "tanh")])
+def test_permutations_keep_the_function_and_canonical_order_undoes_them(arch):
+    from wa.weights import canonical
+    p = _params(arch)
+    perms = canonical.random_perms(p, arch.family, np.random.default_rng(0))
+    q = canonical.permute(p, arch.family, perms)
+    x = np.random.default_rng(1).uniform(size=(4, 8, 8, 1)).astype(np.float32)
+    m = arch.module(10)
+    np.testing.assert_allclose(m.apply({"params": q}, x), m.apply({"params": p}, x), rtol=1e-5, atol=1e-6)
+    assert not np.array_equal(q[graph.layers(p, arch.family)[0][0]]["kernel"],
+                              p[graph.layers(p, arch.family)[0][0]]["kernel"])
+    cp, cq = canonical.canonicalize(p, arch.family), canonical.canonicalize(q, arch.family)
+    back = canonical.align(q, p, arch.family)
+    for a, b in zip(jax.tree.leaves(cp), jax.tree.leaves(cq), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, c in zip(jax.tree.leaves(p), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_statistics_features():
+    from wa.weights import canonical, stats
+    arch = archs.Arch("mlp", 2, 6, "relu")
+    p = _params(arch)
+    v, names = stats.features(p, "mlp")
+    assert len(v) == len(names) == 3 * 2 * 7
+    k = p["hidden_1"]["kernel"]
+    i = names.index("layer1/kernel/var")
+    assert v[i] == pytest.approx(k.var(), rel=1e-5) and v[names.index("layer1/kernel/q100")] == pytest.approx(k.max())
+    q = canonical.permute(p, "mlp", canonical.random_perms(p, "mlp", np.random.default_rng(0)))
+    np.testing.assert_allclose(stats.features(q, "mlp")[0], v, rtol=1e-6)
+    v4, names4 = stats.features(p, "mlp", n_layers=4)
+    assert names4[-14:] == names[-14:] and not v4[28:42].any()
+    np.testing.assert_array_equal(v4[-14:], v[-14:])
