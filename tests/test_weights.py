@@ -43,8 +43,8 @@ def test_batch_pads_to_fixed_budget():
     assert b.nodes["x"].shape == (300, 4) and b.edges["w"].shape == (1000, 9)
     with pytest.raises(graph.GraphError, match="below what the batch needs"):
         graph.batch(gs, n_node=100, n_edge=1000, n_graph=4)
-    with pytest.raises(graph.GraphError, match="no graph view for family 'transformer'"):
-        graph.to_graph({}, "transformer", "relu")
+    with pytest.raises(graph.GraphError, match="no graph view for family .resnet."):
+        graph.to_graph({}, "resnet", "relu")
 
 
 @pytest.mark.parametrize("arch", [archs.Arch("mlp", 3, 6, "gelu"), archs.Arch("cnn", 3, 5, "tanh")])
@@ -80,3 +80,21 @@ def test_statistics_features():
     v4, names4 = stats.features(p, "mlp", n_layers=4)
     assert names4[-14:] == names[-14:] and not v4[28:42].any()
     np.testing.assert_array_equal(v4[-14:], v[-14:])
+
+
+def test_transformer_graph_has_attention_mlp_norm_and_residual_edges():
+    p = _params(archs.Arch("transformer", 1, 16, "gelu"))
+    g = graph.to_graph(p, "transformer", "gelu")
+    blk = 16 + 48 + 16 + 16 + 32 + 16
+    assert g.n_node.tolist() == [16 + 4 + 16 + blk + 16 + 10]
+    assert g.n_edge.tolist() == [256 + 64 + (16 + 3 * 256 + 256 + 16 + 16 + 512 + 512 + 16) + 16 + 160]
+    lt = [graph.LAYER_TYPES[t] for t in g.nodes["layer_type"]]
+    first = {t: lt.index(t) for t in ("position", "embed", "mlp_in", "mlp_out", "attn_out")}
+    e = np.flatnonzero((g.senders == first["position"] + 2) & (g.receivers == first["embed"] + 7))
+    assert g.edges["w"][e[0], 0] == p["pos"][0, 2, 7]
+    e = np.flatnonzero((g.senders == first["mlp_in"] + 3) & (g.receivers == first["mlp_out"] + 5))
+    assert g.edges["w"][e[0], 0] == p["block_0"]["mlp_out"]["kernel"][3, 5]
+    res = g.edges["edge_type"] == graph.EDGE_TYPES.index("residual")
+    assert res.sum() == 32 and (g.edges["w"][res, 0] == 1).all()
+    assert (g.senders[res][16:] == first["attn_out"] + np.arange(16)).all()
+    assert (g.nodes["activation"][np.array(lt) == "mlp_in"] == graph.ACTIVATIONS.index("gelu")).all()

@@ -5,7 +5,7 @@ Node features: ``x`` = [bias, depth position in [0, 1], is_input, is_output] wit
 or for a convolution the flattened k×k kernel between two channels, zero-padded to ``EDGE_DIM``; integer
 ``edge_type`` (dense, conv). Senders are the layer's input units, receivers its output units.
 
-Implemented here for the MLP and CNN zoo families; the transformer (attention, residual edges) follows.
+The MLP and CNN are chains of layers; the patch transformer's graph is described in ``_transformer``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import numpy as np
 from wa.zoo import archs as archs_lib
 
 EDGE_DIM = 9
-LAYER_TYPES = ("input", "dense", "conv", "output")
-EDGE_TYPES = ("dense", "conv")
+LAYER_TYPES = ("input", "dense", "conv", "output", "position", "embed", "norm", "query", "key", "value", "attn_out",
+               "mlp_in", "mlp_out")
+EDGE_TYPES = ("dense", "conv", "residual", "norm", "position")
 ACTIVATIONS = ("none", *sorted(archs_lib.ACTIVATIONS))
 
 
@@ -29,7 +30,8 @@ class GraphError(ValueError):
 
 
 def layers(params: dict, family: str) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
-    """(name, kind, kernel, bias) in forward order; kernels [fan_in, fan_out] or [k, k, fan_in, fan_out]."""
+    """(name, kind, kernel, bias) in forward order for the MLP and CNN families; kernels [fan_in, fan_out] or
+    [k, k, fan_in, fan_out]."""
     if family == "mlp":
         names = sorted((k for k in params if k.startswith("hidden_")), key=lambda k: int(k.split("_")[1]))
         kind = "dense"
@@ -37,48 +39,129 @@ def layers(params: dict, family: str) -> list[tuple[str, str, np.ndarray, np.nda
         names = sorted((k for k in params if k.startswith("conv_")), key=lambda k: int(k.split("_")[1]))
         kind = "conv"
     else:
-        raise GraphError(f"no graph view for family {family!r} yet; implemented: mlp, cnn")
+        raise GraphError(f"no layer sequence for family {family!r}; implemented: mlp, cnn")
     out = [(n, kind, np.asarray(params[n]["kernel"]), np.asarray(params[n]["bias"])) for n in names]
     return out + [("head", "dense", np.asarray(params["head"]["kernel"]), np.asarray(params["head"]["bias"]))]
+
+
+class _Graph:
+    """Accumulates nodes and edges; ``depth`` positions are filled in at the end."""
+
+    def __init__(self):
+        self.bias, self.pos, self.inp, self.out, self.ltype, self.act = [], [], [], [], [], []
+        self.s, self.r, self.w, self.etype = [], [], [], []
+        self.n = 0
+
+    def nodes(self, n: int, kind: str, depth: float, bias=None, act: int = 0, inp=False, out=False) -> np.ndarray:
+        idx = self.n + np.arange(n)
+        self.n += n
+        self.bias.append(np.zeros(n) if bias is None else np.asarray(bias, np.float64))
+        self.pos.append(np.full(n, depth))
+        self.inp.append(np.full(n, float(inp)))
+        self.out.append(np.full(n, float(out)))
+        self.ltype.append(np.full(n, LAYER_TYPES.index(kind), np.int32))
+        self.act.append(np.full(n, act, np.int32))
+        return idx
+
+    def dense(self, src, dst, kernel, kind="dense"):
+        """All-to-all edges; ``kernel`` [fan_in, fan_out] or [k, k, fan_in, fan_out] (taps become the vector)."""
+        kernel = np.asarray(kernel)
+        fan_in, fan_out = kernel.shape[-2], kernel.shape[-1]
+        s, r = np.meshgrid(src, dst, indexing="ij")
+        vec = kernel.reshape(-1, fan_in, fan_out).transpose(1, 2, 0).reshape(fan_in * fan_out, -1)
+        if vec.shape[1] > EDGE_DIM:
+            raise GraphError(f"kernel of {vec.shape[1]} taps exceeds EDGE_DIM={EDGE_DIM}")
+        self._edges(s.reshape(-1), r.reshape(-1), vec, kind)
+
+    def diagonal(self, src, dst, values, kind):
+        self._edges(np.asarray(src), np.asarray(dst), np.asarray(values, np.float64).reshape(-1, 1), kind)
+
+    def _edges(self, s, r, vec, kind):
+        self.s.append(s)
+        self.r.append(r)
+        self.w.append(np.pad(vec, ((0, 0), (0, EDGE_DIM - vec.shape[1]))))
+        self.etype.append(np.full(len(s), EDGE_TYPES.index(kind), np.int32))
+
+    def tuple(self) -> jraph.GraphsTuple:
+        x = np.stack([np.concatenate(a) for a in (self.bias, self.pos, self.inp, self.out)], axis=1)
+        n_edge = sum(len(s) for s in self.s)
+        return jraph.GraphsTuple(
+            nodes={"x": x.astype(np.float32), "layer_type": np.concatenate(self.ltype),
+                   "activation": np.concatenate(self.act)},
+            edges={"w": np.concatenate(self.w).astype(np.float32), "edge_type": np.concatenate(self.etype)},
+            senders=np.concatenate(self.s).astype(np.int32), receivers=np.concatenate(self.r).astype(np.int32),
+            n_node=np.array([self.n], np.int32), n_edge=np.array([n_edge], np.int32), globals=None)
+
+
+def _sequential(params, family, act) -> _Graph:
+    ls = layers(params, family)
+    g, depth = _Graph(), len(ls)
+    prev = g.nodes(ls[0][2].shape[-2], "input", 0.0, inp=True)
+    for li, (_, kind, kernel, bias) in enumerate(ls):
+        last = li == depth - 1
+        cur = g.nodes(kernel.shape[-1], "output" if last else kind, (li + 1) / depth, bias, 0 if last else act,
+                      out=last)
+        g.dense(prev, cur, kernel, kind)
+        prev = cur
+    return g
+
+
+def _transformer(params, act) -> _Graph:
+    """Patch inputs and token positions feed the embedding; per block the residual stream passes through
+    LayerNorm (scale as a diagonal edge, shift as bias), query/key/value, the attention output projection and
+    the MLP, with identity residual edges around both; then the final LayerNorm and the head. Query and key
+    units have no outgoing weights (their product only weighs the values)."""
+    blocks = sorted((k for k in params if k.startswith("block_")), key=lambda k: int(k.split("_")[1]))
+    depth = 3 + 4 * len(blocks)
+    g = _Graph()
+    emb = params["embed"]
+    d = emb["kernel"].shape[1]
+    inp = g.nodes(emb["kernel"].shape[0], "input", 0.0, inp=True)
+    pos = np.asarray(params["pos"])[0]
+    tokens = g.nodes(pos.shape[0], "position", 0.0, inp=True)
+    stream = g.nodes(d, "embed", 1 / depth, emb["bias"])
+    g.dense(inp, stream, emb["kernel"])
+    g.dense(tokens, stream, pos, "position")
+    level = 1
+    for name in blocks:
+        b = params[name]
+
+        def norm(src, ln, lvl):
+            n = g.nodes(d, "norm", lvl / depth, ln["bias"])
+            g.diagonal(src, n, ln["scale"], "norm")
+            return n
+
+        h = norm(stream, b["ln_1"], level + 1)
+        q, k, v = (g.nodes(d, t, (level + 2) / depth, b[t]["bias"]) for t in ("query", "key", "value"))
+        for t, nodes in (("query", q), ("key", k), ("value", v)):
+            g.dense(h, nodes, b[t]["kernel"])
+        att = g.nodes(d, "attn_out", (level + 3) / depth, b["out"]["bias"])
+        g.dense(v, att, b["out"]["kernel"])
+        g.diagonal(stream, att, np.ones(d), "residual")
+        h = norm(att, b["ln_2"], level + 3.5)
+        hid = g.nodes(b["mlp_in"]["kernel"].shape[1], "mlp_in", (level + 3.75) / depth, b["mlp_in"]["bias"], act)
+        g.dense(h, hid, b["mlp_in"]["kernel"])
+        stream_new = g.nodes(d, "mlp_out", (level + 4) / depth, b["mlp_out"]["bias"])
+        g.dense(hid, stream_new, b["mlp_out"]["kernel"])
+        g.diagonal(att, stream_new, np.ones(d), "residual")
+        stream, level = stream_new, level + 4
+    ln = g.nodes(d, "norm", (depth - 1) / depth, params["ln_f"]["bias"])
+    g.diagonal(stream, ln, params["ln_f"]["scale"], "norm")
+    head = g.nodes(params["head"]["kernel"].shape[1], "output", 1.0, params["head"]["bias"], out=True)
+    g.dense(ln, head, params["head"]["kernel"])
+    return g
 
 
 def to_graph(params: dict, family: str, activation: str) -> jraph.GraphsTuple:
     """One network as a single-graph ``GraphsTuple`` (numpy leaves)."""
     if activation not in ACTIVATIONS:
         raise GraphError(f"unknown activation {activation!r}; known: {ACTIVATIONS}")
-    ls = layers(params, family)
-    n_in = ls[0][2].shape[-2]
-    depth = len(ls)
-    xs = [np.stack([np.zeros(n_in), np.zeros(n_in), np.ones(n_in), np.zeros(n_in)], axis=1)]
-    ltype = [np.zeros(n_in, np.int32)]
-    act = [np.zeros(n_in, np.int32)]
-    senders, receivers, w, etype = [], [], [], []
-    offset, prev = n_in, np.arange(n_in)
-    for li, (_, kind, kernel, bias) in enumerate(ls):
-        fan_in, fan_out = kernel.shape[-2], kernel.shape[-1]
-        last = li == depth - 1
-        units = offset + np.arange(fan_out)
-        xs.append(np.stack([bias, np.full(fan_out, (li + 1) / depth), np.zeros(fan_out),
-                            np.full(fan_out, float(last))], axis=1))
-        ltype.append(np.full(fan_out, LAYER_TYPES.index("output" if last else kind), np.int32))
-        act.append(np.full(fan_out, 0 if last else ACTIVATIONS.index(activation), np.int32))
-        s, r = np.meshgrid(prev, units, indexing="ij")  # [fan_in, fan_out]
-        senders.append(s.reshape(-1))
-        receivers.append(r.reshape(-1))
-        vec = kernel.reshape(-1, fan_in, fan_out).transpose(1, 2, 0).reshape(fan_in * fan_out, -1)
-        if vec.shape[1] > EDGE_DIM:
-            raise GraphError(f"kernel of {vec.shape[1]} taps exceeds EDGE_DIM={EDGE_DIM}")
-        w.append(np.pad(vec, ((0, 0), (0, EDGE_DIM - vec.shape[1]))))
-        etype.append(np.full(fan_in * fan_out, EDGE_TYPES.index(kind), np.int32))
-        offset += fan_out
-        prev = units
-    n_nodes, n_edges = offset, sum(len(s) for s in senders)
-    return jraph.GraphsTuple(
-        nodes={"x": np.concatenate(xs).astype(np.float32), "layer_type": np.concatenate(ltype),
-               "activation": np.concatenate(act)},
-        edges={"w": np.concatenate(w).astype(np.float32), "edge_type": np.concatenate(etype)},
-        senders=np.concatenate(senders).astype(np.int32), receivers=np.concatenate(receivers).astype(np.int32),
-        n_node=np.array([n_nodes], np.int32), n_edge=np.array([n_edges], np.int32), globals=None)
+    act = ACTIVATIONS.index(activation)
+    if family in ("mlp", "cnn"):
+        return _sequential(params, family, act).tuple()
+    if family == "transformer":
+        return _transformer(params, act).tuple()
+    raise GraphError(f"no graph view for family {family!r}; implemented: mlp, cnn, transformer")
 
 
 @contextlib.contextmanager
