@@ -98,3 +98,22 @@ def test_transformer_graph_has_attention_mlp_norm_and_residual_edges():
     assert res.sum() == 32 and (g.edges["w"][res, 0] == 1).all()
     assert (g.senders[res][16:] == first["attn_out"] + np.arange(16)).all()
     assert (g.nodes["activation"][np.array(lt) == "mlp_in"] == graph.ACTIVATIONS.index("gelu")).all()
+
+
+def test_tokens_are_the_graph_densely_and_permute_with_hidden_units():
+    from wa.weights import canonical, tokens
+    arch = archs.Arch("mlp", 2, 4, "relu")
+    p = _params(arch)
+    t = tokens.to_tokens(graph.to_graph(p, "mlp", "relu"), max_tokens=90)
+    assert t["mask"].sum() == 64 + 4 + 4 + 10 and t["incoming"].shape == (90, 64 * 9)
+    # Token of hidden_1 unit 2 (index 64 + 4 + 2): incoming weights = hidden_1/kernel[:, 2], in sender order.
+    np.testing.assert_array_equal(t["incoming"][70].reshape(64, 9)[:4, 0], p["hidden_1"]["kernel"][:, 2])
+    np.testing.assert_array_equal(t["edges"][70, 64:68, 0], p["hidden_1"]["kernel"][:, 2])
+    assert t["adjacency"].sum() == 64 * 4 + 16 + 40 and t["x"][70, 0] == p["hidden_1"]["bias"][2]
+    perms = canonical.random_perms(p, "mlp", np.random.default_rng(3))
+    q = tokens.to_tokens(graph.to_graph(canonical.permute(p, "mlp", perms), "mlp", "relu"), max_tokens=90)
+    order = np.concatenate([np.arange(64), 64 + perms[0], 68 + perms[1], np.arange(72, 90)])
+    np.testing.assert_array_equal(q["edges"], t["edges"][order][:, order])
+    np.testing.assert_array_equal(q["x"], t["x"][order])
+    with pytest.raises(tokens.TokenError, match="more than max_tokens=50"):
+        tokens.to_tokens(graph.to_graph(p, "mlp", "relu"), max_tokens=50)
