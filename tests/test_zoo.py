@@ -104,8 +104,8 @@ def test_every_architecture_runs(digits):
     for arch in (archs.Arch("mlp", 2, 8, "gelu"), archs.Arch("cnn", 3, 4, "relu"),
                  archs.Arch("transformer", 1, 8, "silu", patch=4)):
         m = arch.module(10)
-        params = m.init(jax.random.key(0), digits.x_test[:2])["params"]
-        out = m.apply({"params": params}, digits.x_test[:5])
+        params = jax.jit(m.init)(jax.random.key(0), digits.x_test[:2])["params"]
+        out = jax.jit(m.apply)({"params": params}, digits.x_test[:5])
         assert out.shape == (5, 10) and np.isfinite(out).all()
     with pytest.raises(archs.ArchError, match="unknown activation 'swishy'"):
         archs.Arch("mlp", 1, 8, "swishy").check()
