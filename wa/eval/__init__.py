@@ -1,0 +1,1 @@
+"""Metrics, splits and permutation checks for learners that read weights."""
