@@ -52,14 +52,9 @@ class Builder:
     def __init__(self, cfg, workdir: str):
         self.cfg, self.workdir = cfg, workdir
         self.spec = props_lib.EvalSpec.from_config(cfg.eval)
-        self.groups = plan_lib.groups_from_config(cfg)
-        self.archs = {g.arch.id: g.arch for g in self.groups}
         self.data = images.load(cfg.data.name, cfg.data.get("max_train", 0), cfg.data.get("max_test", 0))
-        for g in self.groups:
-            try:
-                g.arch.check(self.data.shape)
-            except archs_lib.ArchError as e:
-                raise plan_lib.PlanError(f"config groups: {e}") from None
+        self.groups = plan_lib.groups_from_config(cfg, self.data.shape)
+        self.archs = {g.arch.id: g.arch for g in self.groups}
         self.mesh = jax.sharding.Mesh(np.array(_devices(cfg)), ("pop",))
         self.n_devices = self.mesh.devices.size
         if cfg.population % self.n_devices:
@@ -122,7 +117,6 @@ class Builder:
         arch = self.archs[first["arch_id"]]
         pop, ev = self.population(arch), self._evals[arch.id]
         n, gen = len(rows), int(first["generation"])
-        pop.check_size(n, f"unit {unit}")
         layout = self.layouts[arch.layout_id]
         k_init, k_train, k_eval = (_keys(rows["seed"].to_numpy(), purpose) for purpose in range(3))
         if gen == 0:
@@ -210,7 +204,7 @@ class Builder:
 
 def summary(zoo: store_lib.Zoo, run: dict) -> dict:
     md = zoo.metadata
-    final = md.loc[md.groupby("model_id")["checkpoint"].idxmax()]
+    final = zoo.final()
     q = [0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0]
 
     def quant(s: pd.Series) -> dict:

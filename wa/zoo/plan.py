@@ -43,7 +43,8 @@ class Group:
     roots: int
 
 
-def groups_from_config(cfg) -> list[Group]:
+def groups_from_config(cfg, image_shape: tuple[int, int, int] | None = None) -> list[Group]:
+    """The config's architecture groups, each checked (against ``image_shape`` too, when given)."""
     out = []
     for i, g in enumerate(cfg.groups):
         g = dict(g)
@@ -54,7 +55,7 @@ def groups_from_config(cfg) -> list[Group]:
             raise PlanError(f"config groups[{i}] lacks {e}; each group needs family, depth, width, activation, "
                             "roots") from None
         try:
-            arch.check()
+            arch.check(image_shape)
         except archs_lib.ArchError as e:
             raise PlanError(f"config groups[{i}]: {e}") from None
         out.append(Group(arch, int(g.get("roots", 0))))
@@ -75,8 +76,6 @@ def _choice(rng, values):
 
 def _optim_hparams(rng, h) -> dict:
     opt = _choice(rng, h.optimizers)
-    if opt not in pop_lib.OPTIMIZER_NAMES:
-        raise PlanError(f"hparams.optimizers: unknown optimizer {opt!r}; choose from {list(pop_lib.OPTIMIZER_NAMES)}")
     lo, hi = h.lr[opt]
     wd = 0.0 if rng.uniform() < h.weight_decay_zero else _log_uniform(rng, *h.weight_decay)
     return {"optimizer": opt, "lr": _log_uniform(rng, lo, hi), "weight_decay": wd,
@@ -102,10 +101,8 @@ def _mutate(rng, cfg, parent: dict, kind: str, n_classes: int) -> dict:
         lo, hi = cfg.lineage.class_subset
         k = int(rng.integers(max(2, math.ceil(lo * n_classes)), max(2, math.floor(hi * n_classes)) + 1))
         child["classes"] = ",".join(str(c) for c in sorted(rng.choice(n_classes, k, replace=False)))
-    elif kind == "hparams":
+    else:  # "hparams"; make_plan has checked every mutation name
         child.update(_optim_hparams(rng, cfg.hparams))
-    else:
-        raise PlanError(f"lineage.mutations: unknown mutation {kind!r}; choose from data, classes, hparams")
     return child
 
 
@@ -124,6 +121,8 @@ def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
                             f"{name} is empty")
     if cfg.population < 1:
         raise PlanError(f"population = {cfg.population}: must be >= 1")
+    if lin.generations > 1 and any(g.roots < lin.trees_per_group for g in groups):
+        raise PlanError(f"lineage.trees_per_group = {lin.trees_per_group} exceeds the roots of some group")
     for name, ck, epochs in (("checkpoints", cfg.checkpoints, cfg.epochs), ("lineage.checkpoints", lin.checkpoints,
                                                                              lin.epochs)):
         ck = list(ck)
@@ -170,8 +169,6 @@ def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
             rows.extend(models)
             per_group.append(models)
         by_gen.append(per_group)
-        if gen == 0 and any(g.roots < lin.trees_per_group for g in groups) and lin.generations > 1:
-            raise PlanError(f"lineage.trees_per_group = {lin.trees_per_group} exceeds the roots of some group")
     df = pd.DataFrame(rows)
     return df.drop(columns=["tree"]).set_index("model_id", drop=False)
 

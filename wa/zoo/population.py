@@ -18,7 +18,6 @@ form every optimizer here shares.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +119,7 @@ class Population:
 
     def shard(self, tree):
         """Leading (model) axis over the devices."""
+        self.check_size(len(jax.tree.leaves(tree)[0]))
         return jax.device_put(tree, self._pop)
 
     def replicate(self, x):
@@ -183,12 +183,6 @@ class Population:
     def epoch(self, params, opt_state, keys, hp: dict, mask, labels, images):
         """One epoch for every model. All but ``images`` (replicated) carry the model axis first."""
         return self._epoch(params, opt_state, keys, hp, mask, labels, images)
-
-    # ---- prediction ----------------------------------------------------------------------------------
-    @functools.cached_property
-    def logits(self):
-        """jit(vmap): params [N, ...], x [E, H, W, C] shared -> logits [N, E, classes]."""
-        return jax.jit(jax.vmap(lambda p, x: self.module.apply({"params": p}, x), in_axes=(0, None)))
 
 
 def hparams_arrays(rows: list[dict]) -> dict:

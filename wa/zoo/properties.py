@@ -170,13 +170,14 @@ class EvalData:
 def evaluate(ev: Evaluator, params, ed: EvalData, mask: np.ndarray, labels: np.ndarray, keys) -> list[dict]:
     """Every property of every model of a population at one checkpoint (a list of N dicts)."""
     n = mask.shape[0]
-    tr = ev.clean(params, ed.x_train, labels[:, ed.train_index])
+    train_labels = labels[:, ed.train_index]
+    tr = ev.clean(params, ed.x_train, train_labels)
     yt = np.broadcast_to(ed.y_test, (n, len(ed.y_test)))
     te = ev.clean(params, ed.x_test, yt)
     noise = {s: ev.clean(params, x, yt)["pred"] == yt for s, x in ed.noisy.items()}
     r = ed.robust_n
     rob = ev.robust(params, ed.x_test[:r], ed.y_test[:r], keys)
-    return summarize(tr, mask[:, ed.train_index], labels[:, ed.train_index], te, ed.y_test, noise, rob, ev.spec,
+    return summarize(tr, mask[:, ed.train_index], train_labels, te, ed.y_test, noise, rob, ev.spec,
                      ed.n_classes)
 
 

@@ -12,7 +12,7 @@ from wa.report import plots
 
 def write(zoo, summary: dict, out_dir: str) -> str:
     md = zoo.metadata
-    final = md.loc[md.groupby("model_id")["checkpoint"].idxmax()]
+    final = zoo.final()
     by_family = {f: g for f, g in final.groupby("family")}
     plots.distributions({f: g["test_acc"].to_numpy() for f, g in by_family.items()},
                         {f: g["gen_gap"].to_numpy() for f, g in by_family.items()},

@@ -30,6 +30,8 @@ import pandas as pd
 import tensorstore as ts
 from flax import traverse_util
 
+from wa import report
+
 FORMAT = "wa-zoo/1"
 
 
@@ -125,10 +127,7 @@ class Zoo:
                            "layout": layout}
         _write_parquet(plan.reset_index(drop=True), os.path.join(path, "plan.parquet"))
         info = dict(info, format=FORMAT, plan_hash=h, n_models=len(plan), arrays=arrays)
-        tmp = os.path.join(path, "zoo.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=1, default=str)
-        os.replace(tmp, os.path.join(path, "zoo.json"))  # last: a zoo.json means the zoo is fully set up
+        report.write_json(os.path.join(path, "zoo.json"), info)  # last: a zoo.json means the zoo is fully set up
         return cls(path)
 
     # ---- writing (builder) -----------------------------------------------------------------------------
@@ -167,6 +166,11 @@ class Zoo:
         df = props.merge(plan, on="model_id", how="left", validate="many_to_one")
         return df.sort_values(["model_id", "checkpoint"], kind="stable").reset_index(drop=True)
 
+    def final(self) -> pd.DataFrame:
+        """The metadata row of every finished model's last checkpoint."""
+        md = self.metadata
+        return md.loc[md.groupby("model_id")["checkpoint"].idxmax()]
+
     def layout(self, layout_id: str) -> pd.DataFrame:
         return pd.DataFrame(self.info["arrays"][layout_id]["layout"])
 
@@ -192,8 +196,8 @@ class Zoo:
 
     def load(self, model_id: int, step: int | None = None):
         """The model's parameter pytree at epoch ``step`` (default: its last checkpoint)."""
-        lid = self._locate(model_id, step)[0]
-        return from_flat(self.load_flat(model_id, step), self.info["arrays"][lid]["layout"])
+        lid, row, ck = self._locate(model_id, step)
+        return from_flat(self.array(lid)[row, ck, :].read().result(), self.info["arrays"][lid]["layout"])
 
     def weights(self, layout_id: str, rows, checkpoint: int) -> np.ndarray:
         """[len(rows), P] flat weights of many models of one layout at one checkpoint index."""
