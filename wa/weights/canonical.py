@@ -36,8 +36,9 @@ def random_perms(params: dict, family: str, rng: np.random.Generator) -> list[np
     return [rng.permutation(k.shape[-1]) for _, _, k, _ in layers(params, family)[:-1]]
 
 
-def _incoming(kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """[units, fan_in * taps + 1]: each unit's incoming weights and bias."""
+def _incoming(params: dict, name: str) -> np.ndarray:
+    """[units, fan_in * taps + 1]: each unit of layer ``name``'s incoming weights and bias."""
+    kernel, bias = np.asarray(params[name]["kernel"]), np.asarray(params[name]["bias"])
     fan_out = kernel.shape[-1]
     return np.concatenate([np.moveaxis(kernel, -1, 0).reshape(fan_out, -1), bias[:, None]], axis=1)
 
@@ -53,7 +54,7 @@ def canonicalize(params: dict, family: str) -> dict:
     out = params
     names = _names(params, family)
     for i in range(len(names) - 1):
-        inc = _incoming(np.asarray(out[names[i]]["kernel"]), np.asarray(out[names[i]]["bias"]))
+        inc = _incoming(out, names[i])
         out = _permute_layer(out, family, names, i, np.argsort(-np.linalg.norm(inc, axis=1), kind="stable"))
     return out
 
@@ -65,8 +66,7 @@ def align(params: dict, reference: dict, family: str) -> dict:
     out = params
     names = _names(params, family)
     for i in range(len(names) - 1):
-        a = _incoming(np.asarray(out[names[i]]["kernel"]), np.asarray(out[names[i]]["bias"]))
-        b = _incoming(np.asarray(reference[names[i]]["kernel"]), np.asarray(reference[names[i]]["bias"]))
+        a, b = _incoming(out, names[i]), _incoming(reference, names[i])
         rows, cols = linear_sum_assignment(-(b @ a.T))
         out = _permute_layer(out, family, names, i, cols[np.argsort(rows)])
     return out

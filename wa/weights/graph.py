@@ -29,23 +29,24 @@ class GraphError(ValueError):
     pass
 
 
+def _numbered(params: dict, prefix: str) -> list[str]:
+    """``prefix_0``, ``prefix_1``, ... in numeric order (``hidden_10`` after ``hidden_9``)."""
+    return sorted((k for k in params if k.startswith(prefix + "_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+
+
 def layers(params: dict, family: str) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
     """(name, kind, kernel, bias) in forward order for the MLP and CNN families; kernels [fan_in, fan_out] or
     [k, k, fan_in, fan_out]."""
-    if family == "mlp":
-        names = sorted((k for k in params if k.startswith("hidden_")), key=lambda k: int(k.split("_")[1]))
-        kind = "dense"
-    elif family == "cnn":
-        names = sorted((k for k in params if k.startswith("conv_")), key=lambda k: int(k.split("_")[1]))
-        kind = "conv"
-    else:
+    prefix, kind = {"mlp": ("hidden", "dense"), "cnn": ("conv", "conv")}.get(family, (None, None))
+    if prefix is None:
         raise GraphError(f"no layer sequence for family {family!r}; implemented: mlp, cnn")
-    out = [(n, kind, np.asarray(params[n]["kernel"]), np.asarray(params[n]["bias"])) for n in names]
+    out = [(n, kind, np.asarray(params[n]["kernel"]), np.asarray(params[n]["bias"]))
+           for n in _numbered(params, prefix)]
     return out + [("head", "dense", np.asarray(params["head"]["kernel"]), np.asarray(params["head"]["bias"]))]
 
 
 class _Graph:
-    """Accumulates nodes and edges; ``depth`` positions are filled in at the end."""
+    """Accumulates nodes (with their features) and edges, in the order they are added."""
 
     def __init__(self):
         self.bias, self.pos, self.inp, self.out, self.ltype, self.act = [], [], [], [], [], []
@@ -111,7 +112,7 @@ def _transformer(params, act) -> _Graph:
     LayerNorm (scale as a diagonal edge, shift as bias), query/key/value, the attention output projection and
     the MLP, with identity residual edges around both; then the final LayerNorm and the head. Query and key
     units have no outgoing weights (their product only weighs the values)."""
-    blocks = sorted((k for k in params if k.startswith("block_")), key=lambda k: int(k.split("_")[1]))
+    blocks = _numbered(params, "block")
     depth = 3 + 4 * len(blocks)
     g = _Graph()
     emb = params["embed"]
