@@ -6,7 +6,6 @@ r"""Critical weight analysis: scores, top-k, stability, perturbation validation,
 The workdir receives config.json, summary.json, topk.csv, PNG plots and report.md.
 """
 
-import os
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -27,12 +26,8 @@ def main(argv):
     pipeline.check(cfg)  # config errors before devices, files or compute
     common.start()
     workdir = report.workdir(FLAGS.workdir, "esa")
+    _, summary = esa_report.run(cfg, workdir)
     if common.is_chief():
-        report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
-    r = pipeline.run(cfg)
-    summary = pipeline.summarize(r)
-    if common.is_chief():
-        esa_report.write(workdir, r, summary, cfg.save_plots)
         for m, e in summary["per_metric"].items():
             main = e["perturb_main"]
             print(f"{m:16s} jaccard {e['jaccard_mean']:.3f}  top1%/median {e['heavy_tail_ratio']:8.1f}  "

@@ -100,13 +100,11 @@ def main(argv):
     if esa_cfg is not None:
         esa_dir = os.path.join(workdir, "esa")
         os.makedirs(esa_dir, exist_ok=True)
-        report.write_json(os.path.join(esa_dir, "config.json"), esa_cfg.to_dict())
-        r = pipeline.run(esa_cfg)
-        s = pipeline.summarize(r)
+        _, s = esa_report.run(esa_cfg, esa_dir)
         if common.is_chief():
-            esa_report.write(esa_dir, r, s, esa_cfg.save_plots)
-            met = [v for v in esa_report.verdicts(s) if v["verdict"] == "met"]
-            print(f"critical weight analysis: {len(met)} of {len(esa_report.verdicts(s))} DESIGN.md criteria met; "
+            v = esa_report.verdicts(s)
+            met = [x for x in v if x["verdict"] == "met"]
+            print(f"critical weight analysis: {len(met)} of {len(v)} DESIGN.md criteria met; "
                   f"report in {esa_dir}/report.md")
 
 

@@ -60,6 +60,10 @@ def gpt2() -> HF:
                                 merges_file=os.path.join(d, "merges.txt")))
 
 
+# Written beside a checkpoint whose tokenizer has no files of its own (``bytes``, ``gpt2``): {"type": name}.
+MARKER = "wa_tokenizer.json"
+
+
 def get(name_or_path: str):
     """``gpt2``, ``bytes``, a SentencePiece ``.model`` file, or a checkpoint directory."""
     if name_or_path == "gpt2":
@@ -72,7 +76,7 @@ def get(name_or_path: str):
         sp = os.path.join(name_or_path, "tokenizer.model")
         if os.path.exists(sp):
             return SentencePiece(sp)
-        marker = os.path.join(name_or_path, "wa_tokenizer.json")
+        marker = os.path.join(name_or_path, MARKER)
         if os.path.exists(marker):  # written by launch.train_lm for tokenizers without files
             import json
             with open(marker) as f:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import os
 
+import jax
 import numpy as np
 
 from wa import report
-from wa.esa import select
+from wa.esa import pipeline, select
 from wa.parallel import rules as rules_lib
 from wa.report import plots
 
@@ -238,6 +239,19 @@ Agreement between metrics (share of the smaller top-k set the other also picked,
 Total time {summary['seconds_total']} s. Files: `summary.json` (all figures), `topk.csv` (first seed's top-k of
 every metric: path, flat index, coordinates, value, score), `config.json` (resolved config).
 """
+
+
+def run(cfg, workdir: str) -> tuple[dict, dict]:
+    """Runs the analysis ``cfg`` describes; process 0 writes config.json and everything ``write`` does to
+    ``workdir``. Returns (results, summary)."""
+    chief = jax.process_index() == 0
+    if chief:
+        report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+    r = pipeline.run(cfg)
+    summary = pipeline.summarize(r)
+    if chief:
+        write(workdir, r, summary, cfg.save_plots)
+    return r, summary
 
 
 def write(workdir, r, summary, save_plots=True):

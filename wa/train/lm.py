@@ -20,23 +20,16 @@ import transformers
 from absl import logging
 from tqdm import tqdm
 
-from wa import parallel
+from wa import parallel, report
 from wa.data import paths, text, tokenizers
 from wa.esa import evaluate
 from wa.models import checkpoint as ckpt_lib
-from wa.models import families
 from wa.parallel import mesh as mesh_lib
 from wa.parallel import rules as rules_lib
-
-TOKENIZER_FILE = "wa_tokenizer.json"
 
 
 class TrainError(ValueError):
     pass
-
-
-def get_tokenizer(name: str):
-    return tokenizers.get(paths.checkpoint(name) if name in paths.CHECKPOINTS else name)
 
 
 def hf_config(cfg, vocab_size: int, bos: int | None, eos: int | None):
@@ -64,14 +57,13 @@ def save_tokenizer(tok, name: str, out_dir: str):
     elif isinstance(tok, tokenizers.HF):
         tok.tok.save_pretrained(out_dir)
     else:
-        with open(os.path.join(out_dir, TOKENIZER_FILE), "w") as f:
-            json.dump({"type": name}, f)
+        report.write_json(os.path.join(out_dir, tokenizers.MARKER), {"type": name})
 
 
 def train(cfg, workdir: str, progress: bool = True) -> dict:
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.seq_len < 2:
         raise TrainError("--config.steps, batch_size must be >= 1 and seq_len >= 2")
-    tok = get_tokenizer(cfg.tokenizer)
+    tok = tokenizers.get(paths.checkpoint(cfg.tokenizer))
     docs = text.documents(text.read(cfg.corpus), cfg.doc_split)
     n_val = max(1, int(round(len(docs) * cfg.val_fraction)))
     train_stream = text.token_stream(docs[:-n_val], tok)
@@ -143,9 +135,7 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
             mngr.save(done, args=ocp.args.StandardSave(state))
             mngr.wait_until_finished()
             if jax.process_index() == 0:
-                tmp = hist_file + ".tmp"
-                json.dump(history, open(tmp, "w"))
-                os.replace(tmp, hist_file)
+                report.write_json(hist_file, history)
             if cfg.halt_at and done >= cfg.halt_at:
                 logging.info("halting at step %d as asked (--config.halt_at); re-run to resume", done)
                 break
@@ -163,4 +153,4 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
             "tokens_seen": int(state["step"]) * cfg.batch_size * cfg.seq_len, "val_tokens": int(val_mask[:, 1:].sum()),
             "val_nll": final["nll"], "val_ppl": final["ppl"], "seconds_this_run": round(seconds, 1),
             "resumed_from": start, "hf_dir": hf_dir, "history": history,
-            "family": families.for_model_type(config.model_type).name}
+            "family": family.name}
