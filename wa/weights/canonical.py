@@ -2,7 +2,10 @@
 
 Permuting the units of a hidden layer (its kernel's output axis and bias) together with the next layer's
 input axis leaves the network's function unchanged; these are the symmetries a weight-space learner must
-respect. MLP and CNN zoo families; the permutation of layer ``i`` acts on ``hidden_i`` / ``conv_i``.
+respect. A family's permutable layers are (producer, consumer) pairs of parameter paths: for the MLP and CNN
+each hidden layer and the layer after it; for the patch transformer the hidden units of every block's MLP
+(``mlp_in`` → ``mlp_out``). The transformer has more symmetries (residual-stream dimensions, dimensions inside
+an attention head) that these functions leave alone.
 """
 
 from __future__ import annotations
@@ -10,41 +13,56 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from wa.weights.graph import layers
+from wa.weights import graph
 
 
-def _names(params: dict, family: str) -> list[str]:
-    return [n for n, *_ in layers(params, family)]
+def pairs(params: dict, family: str) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(producer path, consumer path) for every permutable hidden layer, in forward order."""
+    if family == "transformer":
+        return [((b, "mlp_in"), (b, "mlp_out")) for b in graph._numbered(params, "block")]
+    names = [(n,) for n, *_ in graph.layers(params, family)]
+    return list(zip(names[:-1], names[1:]))
+
+
+def _get(params: dict, path: tuple[str, ...]) -> dict:
+    for k in path:
+        params = params[k]
+    return params
+
+
+def _copy(params: dict) -> dict:
+    return {k: _copy(v) if isinstance(v, dict) else v for k, v in params.items()}
 
 
 def permute(params: dict, family: str, perms: list[np.ndarray]) -> dict:
     """A copy of ``params`` with hidden layer i's units reordered by ``perms[i]`` (new unit k = old perms[i][k])."""
-    names = _names(params, family)
-    if len(perms) != len(names) - 1:
-        raise ValueError(f"{family} with {len(names) - 1} hidden layers needs {len(names) - 1} permutations, "
+    ps = pairs(params, family)
+    if len(perms) != len(ps):
+        raise ValueError(f"{family} with {len(ps)} permutable hidden layers needs {len(ps)} permutations, "
                          f"got {len(perms)}")
-    out = {k: dict(v) for k, v in params.items()}
-    for i, p in enumerate(perms):
-        cur, nxt = names[i], names[i + 1]
-        out[cur]["kernel"] = out[cur]["kernel"][..., p]
-        out[cur]["bias"] = out[cur]["bias"][p]
-        out[nxt]["kernel"] = out[nxt]["kernel"][..., p, :]
+    out = _copy(params)
+    for (cur, nxt), p in zip(ps, perms):
+        c, n = _get(out, cur), _get(out, nxt)
+        c["kernel"] = np.asarray(c["kernel"])[..., p]
+        c["bias"] = np.asarray(c["bias"])[p]
+        n["kernel"] = np.asarray(n["kernel"])[..., p, :]
     return out
 
 
 def random_perms(params: dict, family: str, rng: np.random.Generator) -> list[np.ndarray]:
-    return [rng.permutation(k.shape[-1]) for _, _, k, _ in layers(params, family)[:-1]]
+    return [rng.permutation(np.shape(_get(params, cur)["kernel"])[-1]) for cur, _ in pairs(params, family)]
 
 
-def _incoming(params: dict, name: str) -> np.ndarray:
-    """[units, fan_in * taps + 1]: each unit of layer ``name``'s incoming weights and bias."""
-    kernel, bias = np.asarray(params[name]["kernel"]), np.asarray(params[name]["bias"])
+def _incoming(params: dict, path: tuple[str, ...]) -> np.ndarray:
+    """[units, fan_in * taps + 1]: each unit's incoming weights and bias."""
+    layer = _get(params, path)
+    kernel, bias = np.asarray(layer["kernel"]), np.asarray(layer["bias"])
     fan_out = kernel.shape[-1]
     return np.concatenate([np.moveaxis(kernel, -1, 0).reshape(fan_out, -1), bias[:, None]], axis=1)
 
 
-def _permute_layer(params: dict, family: str, names: list[str], i: int, p: np.ndarray) -> dict:
-    perms = [np.arange(np.asarray(params[n]["kernel"]).shape[-1]) for n in names[:-1]]
+def _permute_layer(params: dict, family: str, i: int, p: np.ndarray) -> dict:
+    perms = [np.arange(np.shape(_get(params, cur)["kernel"])[-1]) for cur, _ in pairs(params, family)]
     perms[i] = p
     return permute(params, family, perms)
 
@@ -52,10 +70,9 @@ def _permute_layer(params: dict, family: str, names: list[str], i: int, p: np.nd
 def canonicalize(params: dict, family: str) -> dict:
     """Weight-norm canonical order: equal for any two hidden-neuron permutations of one network (ties aside)."""
     out = params
-    names = _names(params, family)
-    for i in range(len(names) - 1):
-        inc = _incoming(out, names[i])
-        out = _permute_layer(out, family, names, i, np.argsort(-np.linalg.norm(inc, axis=1), kind="stable"))
+    for i, (cur, _) in enumerate(pairs(params, family)):
+        inc = _incoming(out, cur)
+        out = _permute_layer(out, family, i, np.argsort(-np.linalg.norm(inc, axis=1), kind="stable"))
     return out
 
 
@@ -64,9 +81,8 @@ def align(params: dict, reference: dict, family: str) -> dict:
     Hungarian matching (``scipy.optimize.linear_sum_assignment``) on the inner product of incoming weights
     and biases, after the previous layer has been aligned."""
     out = params
-    names = _names(params, family)
-    for i in range(len(names) - 1):
-        a, b = _incoming(out, names[i]), _incoming(reference, names[i])
+    for i, (cur, _) in enumerate(pairs(params, family)):
+        a, b = _incoming(out, cur), _incoming(reference, cur)
         rows, cols = linear_sum_assignment(-(b @ a.T))
-        out = _permute_layer(out, family, names, i, cols[np.argsort(rows)])
+        out = _permute_layer(out, family, i, cols[np.argsort(rows)])
     return out

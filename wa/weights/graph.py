@@ -1,7 +1,9 @@
 """A network as a graph (Kofinas et al. 2024): nodes are input units and neurons/channels, edges are weights.
 
 Node features: ``x`` = [bias, depth position in [0, 1], is_input, is_output] with integer ``layer_type``
-(input, dense, conv, output) and ``activation`` ids for learned embeddings. Edge features: ``w`` = the weight,
+(input, dense, conv, output) and ``activation`` ids for learned embeddings, ``layer`` (the node group's number in
+forward order, for pooling neurons into layers) and ``index`` (the node's place inside its group: meaningful for
+input and output units, arbitrary for hidden ones, which a permutation-aware learner must not read). Edge features: ``w`` = the weight,
 or for a convolution the flattened k×k kernel between two channels, zero-padded to ``EDGE_DIM``; integer
 ``edge_type`` (dense, conv). Senders are the layer's input units, receivers its output units.
 
@@ -50,6 +52,7 @@ class _Graph:
 
     def __init__(self):
         self.bias, self.pos, self.inp, self.out, self.ltype, self.act = [], [], [], [], [], []
+        self.layer, self.index = [], []
         self.s, self.r, self.w, self.etype = [], [], [], []
         self.n = 0
 
@@ -62,6 +65,8 @@ class _Graph:
         self.out.append(np.full(n, float(out)))
         self.ltype.append(np.full(n, LAYER_TYPES.index(kind), np.int32))
         self.act.append(np.full(n, act, np.int32))
+        self.layer.append(np.full(n, len(self.layer), np.int32))
+        self.index.append(np.arange(n, dtype=np.int32))
         return idx
 
     def dense(self, src, dst, kernel, kind="dense"):
@@ -88,7 +93,8 @@ class _Graph:
         n_edge = sum(len(s) for s in self.s)
         return jraph.GraphsTuple(
             nodes={"x": x.astype(np.float32), "layer_type": np.concatenate(self.ltype),
-                   "activation": np.concatenate(self.act)},
+                   "activation": np.concatenate(self.act), "layer": np.concatenate(self.layer),
+                   "index": np.concatenate(self.index)},
             edges={"w": np.concatenate(self.w).astype(np.float32), "edge_type": np.concatenate(self.etype)},
             senders=np.concatenate(self.s).astype(np.int32), receivers=np.concatenate(self.r).astype(np.int32),
             n_node=np.array([self.n], np.int32), n_edge=np.array([n_edge], np.int32), globals=None)

@@ -1,24 +1,50 @@
 """Weight statistics per layer (StatNN, Unterthiner et al. 2020): mean, variance and quantiles of every
-layer's kernel and bias, in forward order. Invariant to hidden-neuron permutations by construction."""
+layer's kernel and bias, in forward order. Invariant to hidden-neuron permutations by construction.
+
+The patch transformer's "layers" are its weight matrices in forward order (embedding, position table, per
+block query/key/value/out/mlp_in/mlp_out and the two LayerNorms, final LayerNorm, head); a LayerNorm's scale
+plays the kernel's part and its shift the bias's.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from wa.weights.graph import layers
+from wa.weights import graph
 
 STATS = ("mean", "var", "q0", "q25", "q50", "q75", "q100")
 
 
 def _stats(a: np.ndarray) -> np.ndarray:
     a = np.asarray(a, np.float64).ravel()
+    if a.size == 0:
+        return np.zeros(len(STATS))
     return np.concatenate([[a.mean(), a.var()], np.quantile(a, [0.0, 0.25, 0.5, 0.75, 1.0])])
+
+
+def tensors(params: dict, family: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, kernel, bias) per layer in forward order; the head last."""
+    if family != "transformer":
+        return [(n, k, b) for n, _, k, b in graph.layers(params, family)]
+    out = [("embed", params["embed"]["kernel"], params["embed"]["bias"]),
+           ("pos", params["pos"], np.zeros(0))]
+    for blk in graph._numbered(params, "block"):
+        b = params[blk]
+        for name in ("ln_1", "query", "key", "value", "out", "ln_2", "mlp_in", "mlp_out"):
+            kernel = b[name]["scale"] if name.startswith("ln") else b[name]["kernel"]
+            out.append((f"{blk}/{name}", kernel, b[name]["bias"]))
+    out.append(("ln_f", params["ln_f"]["scale"], params["ln_f"]["bias"]))
+    return out + [("head", params["head"]["kernel"], params["head"]["bias"])]
+
+
+def n_layers(params: dict, family: str) -> int:
+    return len(tensors(params, family))
 
 
 def features(params: dict, family: str, n_layers: int | None = None) -> tuple[np.ndarray, list[str]]:
     """(vector, names). ``n_layers`` pads (zeros) or refuses to truncate, so that networks of different depth
     share one feature space: the last layer (the head) always comes last."""
-    ls = layers(params, family)
+    ls = tensors(params, family)
     n = n_layers or len(ls)
     if len(ls) > n:
         raise ValueError(f"{family} network has {len(ls)} layers, more than n_layers={n}")
@@ -26,8 +52,8 @@ def features(params: dict, family: str, n_layers: int | None = None) -> tuple[np
     vec, names = [], []
     for i, layer in enumerate(slots):
         tag = "head" if i == n - 1 else f"layer{i}"
-        for part in ("kernel", "bias"):
-            v = np.zeros(len(STATS)) if layer is None else _stats(layer[2] if part == "kernel" else layer[3])
+        for j, part in enumerate(("kernel", "bias")):
+            v = np.zeros(len(STATS)) if layer is None else _stats(layer[1 + j])
             vec.append(v)
             names += [f"{tag}/{part}/{s}" for s in STATS]
     return np.concatenate(vec).astype(np.float32), names

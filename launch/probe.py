@@ -1,0 +1,34 @@
+r"""Learn from weights: train and evaluate one learner on a zoo (configs/probe.py names the variants).
+
+  python -m launch.probe --config configs/probe.py:nwpa --workdir runs/probe_nwpa
+
+Writes <workdir>/metrics.json (task → metric → value on held-out family trees, per family, permutation gaps,
+timings), history.json, predictions.parquet, embeddings.npy and orbax checkpoints; re-running resumes.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from launch import common
+from wa import report
+from wa.learners import probe
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/probe.py:nwpa", "Probe config.")
+flags.DEFINE_string("workdir", None, "Run folder; default runs/probe-<time>.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value
+    probe.check(cfg)
+    common.start()
+    r = probe.run(cfg, report.workdir(FLAGS.workdir, "probe"))
+    for task, m in r["tasks"].items():
+        keys = ("accuracy", "f1") if "accuracy" in m else ("r2", "kendall_tau", "mae")
+        print(f"{task:>15}: " + "  ".join(f"{k} {m[k]:.4f}" for k in keys))
+    print(f"permutation gap (max over {r['permutation']['networks']} networks): {r['permutation']['max']:.2e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

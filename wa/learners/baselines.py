@@ -1,0 +1,139 @@
+"""Baselines that ignore the structure of a network: weight statistics (StatNN) and flattened weights.
+
+``stats_gbt``: per-layer statistics → scikit-learn histogram gradient-boosted trees, one per task (the
+published Small-CNN-Zoo baseline). ``stats_mlp``: the same features → an MLP with the shared multi-task heads.
+``pca_linear``: flattened weights → PCA → ridge / logistic regression. ``flat_mlp``: flattened weights → MLP.
+Networks of different sizes are zero-padded to the largest one's length (flat) or depth (statistics); the
+padding sizes are fixed by the first networks prepared (the whole set, before splitting).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+from sklearn import decomposition, ensemble, linear_model, pipeline, preprocessing
+
+from wa.learners import base, heads
+from wa.weights import stats
+
+
+def flat(params) -> np.ndarray:
+    return np.concatenate([np.ravel(np.asarray(x, np.float32)) for x in jax.tree.leaves(params)])
+
+
+class _Features:
+    """Statistics or flat weights as one padded matrix [n, F]."""
+    kind = "stats"
+    width = None
+
+    def _matrix(self, params, families):
+        if self.kind == "stats":
+            if self.width is None:
+                self.width = max(stats.n_layers(p, f) for p, f in zip(params, families))
+            return np.stack([stats.features(p, f, self.width)[0] for p, f in zip(params, families)])
+        vecs = [flat(p) for p in params]
+        if self.width is None:
+            self.width = max(len(v) for v in vecs)
+        if max(len(v) for v in vecs) > self.width:
+            raise base.LearnerError(f"a network has more than the {self.width} weights the baseline was sized for")
+        return np.stack([np.pad(v, (0, self.width - len(v))) for v in vecs]).astype(np.float32)
+
+
+class MLP(nn.Module):
+    out_dims: tuple
+    dim: int = 256
+    n_layers: int = 2
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = x
+        for i in range(self.n_layers):
+            h = nn.gelu(nn.Dense(self.dim, name=f"hidden_{i}")(h))
+            h = nn.Dropout(self.dropout, deterministic=not train)(h)
+        z = nn.Dense(self.dim, name="embedding")(h)
+        return {"embedding": z, **heads.Heads(self.out_dims, self.dim, name="heads")(nn.gelu(z))}
+
+
+class _DenseMLP(_Features, base.Dense):
+    mean = std = None
+
+    def prepare(self, params, families, activations):
+        return self._matrix(params, families)
+
+    def fit_normalizer(self, feats, train_idx):
+        self.mean = feats[train_idx].mean(0)
+        self.std = feats[train_idx].std(0) + 1e-6
+
+    def gather(self, feats, rows):
+        return ((feats[np.maximum(rows, 0)] - self.mean) / self.std).astype(np.float32)
+
+    def module(self):
+        c = self.cfg
+        return MLP(tuple(self.targets.out_dims().items()), dim=c.dim, n_layers=c.layers, dropout=c.dropout)
+
+
+class StatsMLP(_DenseMLP):
+    name, kind = "stats_mlp", "stats"
+
+
+class FlatMLP(_DenseMLP):
+    name, kind = "flat_mlp", "flat"
+
+
+class _Fitted(_Features, base.Learner):
+    """One scikit-learn estimator per task; ``predict`` gives class probabilities or standardized values."""
+    neural = False
+
+    def prepare(self, params, families, activations):
+        return self._matrix(params, families)
+
+    def estimator(self, kind: str, seed: int):
+        raise NotImplementedError
+
+    pre = None
+
+    def preprocessor(self, seed: int):
+        return None
+
+    def fit(self, feats, train_idx, val_idx, seed: int):
+        # The validation rows are not needed: these estimators carry their own regularization.
+        self.pre = self.preprocessor(seed)
+        x = feats[train_idx] if self.pre is None else self.pre.fit_transform(feats[train_idx])
+        self.models = {task: self.estimator(spec["kind"], seed).fit(x, self.targets.y[task][train_idx])
+                       for task, spec in self.targets.spec.items()}
+
+    def predict(self, feats, idx):
+        x = feats[idx] if self.pre is None else self.pre.transform(feats[idx])
+        out = {"embedding": x if self.pre is not None else None}
+        for task, m in self.models.items():
+            if self.targets.spec[task]["kind"] == "class":
+                p = np.zeros((len(idx), len(self.targets.spec[task]["classes"])))
+                p[:, m.classes_] = m.predict_proba(x)   # a class absent from training gets probability 0
+                out[task] = p
+            else:
+                out[task] = m.predict(x)
+        return out
+
+
+class StatsGBT(_Fitted):
+    name, kind = "stats_gbt", "stats"
+
+    def estimator(self, kind, seed):
+        c = self.cfg
+        cls = ensemble.HistGradientBoostingClassifier if kind == "class" else ensemble.HistGradientBoostingRegressor
+        return cls(max_iter=c.iters, learning_rate=c.lr, random_state=seed)
+
+
+class PCALinear(_Fitted):
+    name, kind = "pca_linear", "flat"
+
+    def preprocessor(self, seed):
+        return pipeline.make_pipeline(preprocessing.StandardScaler(),
+                                      decomposition.PCA(self.cfg.components, random_state=seed))
+
+    def estimator(self, kind, seed):
+        c = self.cfg
+        return (linear_model.LogisticRegression(C=c.c, max_iter=2000) if kind == "class"
+                else linear_model.Ridge(alpha=c.alpha))

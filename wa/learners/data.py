@@ -1,0 +1,140 @@
+"""What a learner reads and predicts: networks from a zoo (``WeightSet``) and the tasks about them (``Targets``).
+
+A task is a metadata column read as a class (architecture, data characteristics), a number (accuracy,
+generalization gap, disparity), or a number cut into two classes (``vulnerable``: PGD accuracy below the
+training split's median). Regression targets are standardized with the training split's mean and standard
+deviation; predictions are reported back in the column's own units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+from absl import logging
+
+from wa.zoo import store
+
+
+class DataError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    kind: str            # "class", "regression" or "below_median"
+    column: str
+    about: str
+
+
+TASKS = {
+    "architecture": Task("class", "arch_id", "which of the zoo's architectures"),
+    "family": Task("class", "family", "MLP, CNN or transformer"),
+    "test_acc": Task("regression", "test_acc", "test accuracy"),
+    "gen_gap": Task("regression", "gen_gap", "train minus test accuracy"),
+    "disparity": Task("regression", "disparity_std", "std of per-class test accuracy"),
+    "vulnerable": Task("below_median", "pgd_acc_0.1", "PGD (eps 0.1) accuracy below the training median"),
+    "train_fraction": Task("class", "train_fraction", "share of the training set used"),
+    "label_noise": Task("class", "label_noise", "share of training labels flipped"),
+    "imbalance": Task("class", "imbalance", "class-imbalance level"),
+    "augment": Task("class", "augment", "shift augmentation on or off"),
+}
+DATA_TASKS = ("train_fraction", "label_noise", "imbalance", "augment")
+
+
+@dataclasses.dataclass
+class WeightSet:
+    """Networks (parameter pytrees, numpy) with their metadata rows, one per (model, checkpoint)."""
+    rows: pd.DataFrame
+    params: list
+
+    def __len__(self):
+        return len(self.rows)
+
+    @property
+    def families(self) -> np.ndarray:
+        return self.rows["family"].to_numpy()
+
+    @property
+    def activations(self) -> np.ndarray:
+        return self.rows["activation"].to_numpy()
+
+
+def load(zoo_path: str, min_epoch: int = 1, final_only: bool = False, families=(), max_models: int = 0,
+         seed: int = 0) -> WeightSet:
+    """Every finished (model, checkpoint) of the zoo with ``epoch >= min_epoch`` (1 drops untrained roots and each
+    child's epoch-0 copy of its parent), or only each model's last checkpoint; ``max_models`` keeps that many
+    models (all their checkpoints), chosen at random by ``seed``."""
+    zoo = store.Zoo.open(zoo_path)
+    md = zoo.metadata
+    if md.empty:
+        raise DataError(f"zoo {zoo_path} has no finished models")
+    if families:
+        unknown = set(families) - set(md["family"])
+        if unknown:
+            raise DataError(f"families {sorted(unknown)} are not in zoo {zoo_path}; it has {sorted(set(md['family']))}")
+        md = md[md["family"].isin(families)]
+    md = zoo.final().loc[lambda d: d.index.isin(md.index)] if final_only else md[md["epoch"] >= min_epoch]
+    if max_models:
+        ids = np.sort(md["model_id"].unique())
+        keep = np.random.default_rng(seed).choice(ids, size=min(max_models, len(ids)), replace=False)
+        md = md[md["model_id"].isin(keep)]
+    md = md.reset_index(drop=True)
+    params = [None] * len(md)
+    for lid, sub in md.groupby("layout_id"):
+        arr = zoo.array(lid)
+        rows = np.sort(sub["row"].unique())
+        block = arr[int(rows[0]): int(rows[-1]) + 1].read().result()   # [rows, checkpoints, P]
+        layout = zoo.info["arrays"][lid]["layout"]
+        for i, r, c in zip(sub.index, sub["row"], sub["checkpoint"]):
+            params[i] = store.from_flat(np.asarray(block[int(r) - int(rows[0]), int(c)]), layout)
+    logging.info("loaded %d networks (%d models) from %s", len(md), md["model_id"].nunique(), zoo_path)
+    return WeightSet(md, params)
+
+
+@dataclasses.dataclass
+class Targets:
+    """``y[task]``: int class ids or standardized floats, one per row; ``spec[task]``: how to read them back."""
+    y: dict[str, np.ndarray]
+    spec: dict[str, dict]
+
+    def out_dims(self) -> dict[str, int]:
+        return {t: (len(s["classes"]) if s["kind"] == "class" else 1) for t, s in self.spec.items()}
+
+    def weights(self) -> dict[str, float]:
+        return {t: s["weight"] for t, s in self.spec.items()}
+
+    def unscale(self, task: str, pred: np.ndarray) -> np.ndarray:
+        s = self.spec[task]
+        return pred * s["std"] + s["mean"] if s["kind"] == "regression" else pred
+
+    def truth(self, task: str, idx) -> np.ndarray:
+        return self.unscale(task, self.y[task][idx])
+
+
+def targets(rows: pd.DataFrame, tasks: dict[str, float], train_idx: np.ndarray) -> Targets:
+    """``tasks``: task name → loss weight. Scales and thresholds come from the training rows only."""
+    y, spec = {}, {}
+    for name, weight in tasks.items():
+        if name not in TASKS:
+            raise DataError(f"unknown task {name!r}; known: {sorted(TASKS)}")
+        t = TASKS[name]
+        if t.column not in rows:
+            raise DataError(f"task {name!r} needs metadata column {t.column!r}, which this zoo lacks")
+        col = rows[t.column]
+        if t.kind == "class":
+            classes = sorted(col.unique().tolist())
+            y[name] = col.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int32)
+            spec[name] = {"kind": "class", "classes": [str(c) for c in classes]}
+        elif t.kind == "below_median":
+            thr = float(np.median(col.to_numpy()[train_idx]))
+            y[name] = (col.to_numpy() < thr).astype(np.int32)
+            spec[name] = {"kind": "class", "classes": ["no", "yes"], "threshold": thr}
+        else:
+            v = col.to_numpy(np.float64)
+            mean, std = float(v[train_idx].mean()), float(v[train_idx].std() or 1.0)
+            y[name] = ((v - mean) / std).astype(np.float32)
+            spec[name] = {"kind": "regression", "mean": mean, "std": std}
+        spec[name].update(column=t.column, weight=float(weight), about=t.about)
+    return Targets(y, spec)

@@ -1,0 +1,47 @@
+"""Shared pieces of the neural learners: input embeddings of graph nodes and edges, and the multi-task heads."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from wa.weights import graph as graph_lib
+
+MAX_INDEX = 256   # input pixels / patch pixels / positions / classes: the units whose index means something
+
+
+def fixed_units(nodes) -> jnp.ndarray:
+    """Input and output units keep their identity under hidden-neuron permutations; hidden units do not."""
+    return (nodes["x"][..., 2] + nodes["x"][..., 3]) > 0
+
+
+class NodeEmbed(nn.Module):
+    dim: int
+    layer_types: bool = True
+    positions: str = "fixed"      # "fixed": index of input/output units only; "all": every unit's index (ablation)
+
+    @nn.compact
+    def __call__(self, nodes):
+        h = nn.Dense(self.dim, name="x")(nodes["x"])
+        h = h + nn.Embed(len(graph_lib.ACTIVATIONS), self.dim, name="activation")(nodes["activation"])
+        if self.layer_types:
+            h = h + nn.Embed(len(graph_lib.LAYER_TYPES), self.dim, name="layer_type")(nodes["layer_type"])
+        index = jnp.minimum(nodes["index"], MAX_INDEX - 1)
+        pos = nn.Embed(MAX_INDEX, self.dim, name="index")(index)
+        keep = fixed_units(nodes) if self.positions == "fixed" else jnp.ones(index.shape, bool)
+        return h + pos * keep[..., None]
+
+
+class Heads(nn.Module):
+    """embedding → {task: logits [.., classes] or value [..]} through a shared MLP trunk."""
+    out_dims: tuple          # ((task, dim), ...)
+    hidden: int
+
+    @nn.compact
+    def __call__(self, z):
+        t = nn.gelu(nn.Dense(self.hidden, name="trunk")(z))
+        out = {}
+        for task, dim in self.out_dims:
+            o = nn.Dense(dim, name=f"head_{task}")(t)
+            out[task] = o[..., 0] if dim == 1 else o
+        return out

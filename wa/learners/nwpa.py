@@ -1,0 +1,96 @@
+"""NWPA: a graph network over a network's neurons (nodes) and weights (edges), after Kofinas et al. 2024.
+
+Per layer, every neuron attends over its incoming edges GAT-style: the key and value of edge j→i are the
+sender's state plus a projection of the weight vector (edge-conditioned), multi-head; a second channel adds the
+mean of the incoming edge messages so that the scale of a neuron's weights, which softmax attention normalizes
+away, reaches it too. Residual + LayerNorm + MLP per node. Pooling is hierarchical: neurons → layers (mean and
+max over each layer's nodes) → network (attention over the layers). Dropout drops whole nodes and whole edges.
+Every operation is a segment reduction over edges or nodes, so the output is invariant to any relabelling of
+the hidden neurons.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import jraph
+
+from wa.learners import base, heads
+from wa.weights import graph as graph_lib
+
+
+class Layer(nn.Module):
+    dim: int
+    n_heads: int
+
+    @nn.compact
+    def __call__(self, h, e, senders, receivers, edge_keep):
+        n, dh = h.shape[0], self.dim // self.n_heads
+        q = nn.Dense(self.dim, name="query")(h)[receivers].reshape(-1, self.n_heads, dh)
+        ek = nn.Dense(self.dim, name="edge_key")(e)
+        k = (nn.Dense(self.dim, name="key")(h)[senders] + ek).reshape(-1, self.n_heads, dh)
+        v = nn.Dense(self.dim, name="value")(h)[senders] + nn.Dense(self.dim, name="edge_value")(e)
+        logits = (q * k).sum(-1) / jnp.sqrt(dh)
+        logits = jnp.where(edge_keep[:, None], logits, -1e9)
+        alpha = jraph.segment_softmax(logits, receivers, num_segments=n) * edge_keep[:, None]
+        att = jax.ops.segment_sum(alpha[..., None] * v.reshape(-1, self.n_heads, dh), receivers, n).reshape(n, -1)
+        msg = jax.ops.segment_sum(v * edge_keep[:, None], receivers, n)
+        cnt = jax.ops.segment_sum(edge_keep.astype(h.dtype), receivers, n)
+        mean = msg / jnp.maximum(cnt, 1.0)[:, None]
+        h = nn.LayerNorm(name="ln_1")(h + nn.Dense(self.dim, name="out")(jnp.concatenate([att, mean], -1)))
+        return nn.LayerNorm(name="ln_2")(h + nn.Dense(self.dim, name="mlp_out")(
+            nn.gelu(nn.Dense(2 * self.dim, name="mlp_in")(h))))
+
+
+class NWPA(nn.Module):
+    out_dims: tuple
+    dim: int = 64
+    n_layers: int = 3
+    n_heads: int = 4
+    max_layers: int = 32
+    node_dropout: float = 0.0
+    edge_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, g: jraph.GraphsTuple, train: bool = False):
+        n, n_graph = g.nodes["x"].shape[0], g.n_node.shape[0]
+        h = heads.NodeEmbed(self.dim, name="node_embed")(g.nodes)
+        e = nn.Dense(self.dim, name="edge_embed")(g.edges["w"]) + nn.Embed(
+            len(graph_lib.EDGE_TYPES), self.dim, name="edge_type")(g.edges["edge_type"])
+        edge_keep = jnp.ones(g.senders.shape, bool)
+        if train and self.edge_dropout > 0:
+            edge_keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.edge_dropout, g.senders.shape)
+        for i in range(self.n_layers):
+            if train and self.node_dropout > 0:
+                keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.node_dropout, (n, 1))
+                h = h * keep
+            h = Layer(self.dim, self.n_heads, name=f"layer_{i}")(h, e, g.senders, g.receivers, edge_keep)
+        gid = jnp.repeat(jnp.arange(n_graph), g.n_node, total_repeat_length=n)
+        seg = gid * self.max_layers + jnp.minimum(g.nodes["layer"], self.max_layers - 1)
+        m = n_graph * self.max_layers
+        cnt = jax.ops.segment_sum(jnp.ones(n), seg, m)
+        present = cnt > 0
+        mean = jax.ops.segment_sum(h, seg, m) / jnp.maximum(cnt, 1.0)[:, None]
+        mx = jnp.where(present[:, None], jax.ops.segment_max(h, seg, m), 0.0)
+        lay = nn.gelu(nn.Dense(self.dim, name="layer_pool")(jnp.concatenate([mean, mx], -1)))
+        lay = lay.reshape(n_graph, self.max_layers, self.dim)
+        score = jnp.where(present.reshape(n_graph, -1), nn.Dense(1, name="layer_score")(lay)[..., 0], -1e9)
+        z = (jax.nn.softmax(score, -1)[..., None] * lay).sum(1)
+        z = jnp.concatenate([z, (lay * present.reshape(n_graph, -1, 1)).sum(1)
+                             / jnp.maximum(present.reshape(n_graph, -1).sum(1, keepdims=True), 1)], -1)
+        z = nn.Dense(self.dim, name="embedding")(z)
+        out = heads.Heads(self.out_dims, self.dim, name="heads")(nn.gelu(z))
+        return {"embedding": z, **out}
+
+
+class Learner(base.Graphs):
+    name = "nwpa"
+
+    def prepare(self, params, families, activations):
+        return [graph_lib.to_graph(p, f, a) for p, f, a in zip(params, families, activations)]
+
+    def module(self):
+        c = self.cfg
+        return NWPA(tuple(self.targets.out_dims().items()), dim=c.dim, n_layers=c.layers, n_heads=c.heads,
+                    node_dropout=c.node_dropout, edge_dropout=c.edge_dropout)

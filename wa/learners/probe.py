@@ -1,0 +1,129 @@
+"""Train one learner on a zoo and evaluate it: the body of ``launch.probe`` and of the benchmark.
+
+Writes to ``workdir``: ``metrics.json`` (task → metric → value on the test split, plus per family, the
+permutation gaps, timings and the run's facts), ``history.json`` and ``checkpoints/`` (neural learners),
+``predictions.parquet`` (test rows: truth and prediction per task) and ``embeddings.npy`` (test rows).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pandas as pd
+from absl import logging
+
+from wa import learners, report
+from wa.eval import metrics as metrics_lib
+from wa.eval import permutation, splits
+from wa.learners import data as data_lib
+from wa.train import loop as loop_lib
+
+
+class ProbeError(ValueError):
+    pass
+
+
+def split(rows: pd.DataFrame, cfg) -> dict[str, np.ndarray]:
+    if cfg.kind == "model":
+        return splits.by_group(rows, tuple(cfg.fractions), cfg.seed, "model_id")
+    if cfg.kind == "tree":
+        return splits.by_group(rows, tuple(cfg.fractions), cfg.seed, "root_id")
+    if cfg.kind == "cross_arch":
+        return splits.cross_architecture(rows, cfg.held_out, "family", cfg.fractions[1], cfg.seed)
+    raise ProbeError(f"--config.split.kind={cfg.kind!r}: expected model, tree or cross_arch")
+
+
+def check(cfg) -> None:
+    """Everything that can be wrong with the config, before any network is loaded."""
+    if cfg.learner not in learners.LEARNERS:
+        raise ProbeError(f"--config.learner={cfg.learner!r}; known: {sorted(learners.LEARNERS)}")
+    unknown = set(cfg.tasks) - set(data_lib.TASKS)
+    if unknown or not cfg.tasks:
+        raise ProbeError(f"--config.tasks has unknown tasks {sorted(unknown)} (or none); known: {sorted(data_lib.TASKS)}")
+    if not os.path.exists(os.path.join(cfg.zoo, "zoo.json")):
+        raise ProbeError(f"--config.zoo={cfg.zoo!r} is not a zoo (no zoo.json); build one with launch.make_zoo")
+    if cfg.split.kind == "cross_arch" and not cfg.split.held_out:
+        raise ProbeError("--config.split.kind=cross_arch needs --config.split.held_out=<family>")
+
+
+def scores(targets, pred: dict, idx: np.ndarray) -> dict:
+    out = {}
+    for task, s in targets.spec.items():
+        y = targets.truth(task, idx)
+        if s["kind"] == "class":
+            out[task] = metrics_lib.classification(y, np.asarray(pred[task]).argmax(-1))
+        else:
+            out[task] = metrics_lib.regression(y, targets.unscale(task, np.asarray(pred[task])))
+    return out
+
+
+def run(cfg, workdir: str, progress: bool = True, ws: data_lib.WeightSet | None = None) -> dict:
+    check(cfg)
+    ws = ws or data_lib.load(cfg.zoo, **cfg.data.to_dict())
+    parts = split(ws.rows, cfg.split)
+    for k, v in parts.items():
+        if not len(v):
+            raise ProbeError(f"the {k} split is empty ({len(ws)} networks, split {cfg.split.to_dict()})")
+    targets = data_lib.targets(ws.rows, dict(cfg.tasks), parts["train"])
+    learner = learners.get(cfg.learner, cfg.model, targets, cfg.train.devices)
+    t0 = time.time()
+    feats = learner.prepare(ws.params, ws.families, ws.activations)
+    prep_s = time.time() - t0
+    learner.fit_normalizer(feats, parts["train"])
+    t0 = time.time()
+    if learner.neural:
+        if hasattr(learner, "set_budget"):
+            learner.set_budget(feats, cfg.train.batch_size)
+        loop = loop_lib.Loop(learner, targets, cfg.train)
+        fit = loop.fit(feats, parts["train"], parts["val"], workdir, progress)
+        predict = lambda f, idx: loop.predict(fit.params, f, idx)  # noqa: E731
+        facts = {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "resumed_from": fit.resumed_from}
+    else:
+        learner.fit(feats, parts["train"], parts["val"], cfg.train.seed)
+        predict, facts = learner.predict, {}
+    train_s = time.time() - t0
+
+    test = parts["test"]
+    t0 = time.time()
+    pred = predict(feats, test)
+    pred_s = time.time() - t0
+    result = {"learner": cfg.learner, "tasks": scores(targets, pred, test)}
+    fam = ws.families[test]
+    result["by_family"] = {f: scores(targets, {k: (v[fam == f] if v is not None else None) for k, v in pred.items()},
+                                     test[fam == f]) for f in sorted(set(fam))}
+
+    def predict_networks(params, families, activations):
+        f = learner.prepare(params, families, activations)
+        out = predict(f, np.arange(len(params)))
+        return {t: (targets.unscale(t, out[t]) if targets.spec[t]["kind"] == "regression" else out[t])
+                for t in targets.spec}
+
+    pick = np.random.default_rng(cfg.permutation.seed).permutation(test)[:cfg.permutation.networks]
+    result["permutation"] = permutation.gaps(predict_networks, [ws.params[i] for i in pick], ws.families[pick],
+                                             ws.activations[pick], cfg.permutation.seed)
+    t0 = time.time()
+    predict_networks([ws.params[i] for i in pick], ws.families[pick], ws.activations[pick])
+    one = (time.time() - t0) / max(len(pick), 1)
+    result["timing"] = {"prepare_s": round(prep_s, 2), "train_s": round(train_s, 2),
+                        "predict_test_s": round(pred_s, 3), "predict_one_network_ms": round(1e3 * one, 3)}
+    result["data"] = {"networks": len(ws), "models": int(ws.rows["model_id"].nunique()),
+                      **{f"{k}_networks": int(len(v)) for k, v in parts.items()},
+                      "split": cfg.split.to_dict(), "zoo": cfg.zoo}
+    result["targets"] = targets.spec
+    result.update(facts)
+    if workdir:
+        report.write_json(os.path.join(workdir, "metrics.json"), result)
+        cols = {"row": test, "model_id": ws.rows["model_id"].to_numpy()[test], "family": fam}
+        for t, s in targets.spec.items():
+            cols[f"{t}/true"] = targets.truth(t, test)
+            p = np.asarray(pred[t])
+            cols[f"{t}/pred"] = p.argmax(-1) if s["kind"] == "class" else targets.unscale(t, p)
+        pd.DataFrame(cols).to_parquet(os.path.join(workdir, "predictions.parquet"))
+        if pred.get("embedding") is not None:
+            np.save(os.path.join(workdir, "embeddings.npy"), np.asarray(pred["embedding"], np.float32))
+    logging.info("%s: %s", cfg.learner, {t: {k: round(v, 4) for k, v in m.items() if k in ("accuracy", "r2",
+                                                                                       "kendall_tau")}
+                                          for t, m in result["tasks"].items()})
+    return result

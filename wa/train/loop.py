@@ -1,0 +1,209 @@
+"""One training loop for every neural learner: optax AdamW with warmup + cosine decay, a weighted multi-task
+loss, per-epoch validation metrics, early stopping on the validation loss (the best parameters are kept),
+orbax checkpoints after every epoch with exact resume, data parallelism over local devices.
+
+Determinism: the data order of epoch e comes from ``numpy.random.default_rng([seed, e])`` and the dropout key
+of step s from ``fold_in(fold_in(key(seed), e), s)``, so a run resumed after epoch e computes the same
+parameters as one that never stopped. Data parallelism: a batch has a leading device axis (one sub-batch per
+device, ``NamedSharding(mesh, P('data'))``), the model is vmapped over it and the parameters are replicated;
+the mean over all sub-batches makes the gradient the all-device one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from wa import report
+from wa.eval import metrics as metrics_lib
+
+
+class LoopError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class Fit:
+    params: dict
+    history: list
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    resumed_from: int
+
+
+def mesh(n_devices: int) -> Mesh:
+    devs = jax.local_devices()
+    if n_devices < 1 or n_devices > len(devs):
+        raise LoopError(f"--config.train.devices={n_devices}: this process has {len(devs)} local devices")
+    return Mesh(np.array(devs[:n_devices]), ("data",))
+
+
+def _loss(out, y, mask, spec, weights):
+    total, per = 0.0, {}
+    m = mask.astype(jnp.float32)
+    n = jnp.maximum(m.sum(), 1.0)
+    for task, s in spec.items():
+        if s == "class":
+            lt = optax.softmax_cross_entropy_with_integer_labels(out[task], y[task])
+        else:
+            lt = (out[task] - y[task]) ** 2
+        per[task] = (lt * m).sum() / n
+        total = total + weights[task] * per[task]
+    return total, per
+
+
+class Loop:
+    def __init__(self, learner, targets, cfg):
+        if cfg.epochs < 1 or cfg.batch_size < 1:
+            raise LoopError("--config.train.epochs and batch_size must be >= 1")
+        self.learner, self.targets, self.cfg = learner, targets, cfg
+        self.module = learner.module()
+        self.mesh = mesh(learner.n_devices)
+        self.data = NamedSharding(self.mesh, P("data"))
+        self.repl = NamedSharding(self.mesh, P())
+        spec = {t: s["kind"] for t, s in targets.spec.items()}
+        weights = targets.weights()
+        module = self.module
+
+        def apply(params, batch, train, keys):
+            return jax.vmap(lambda b, k: module.apply({"params": params}, b, train=train,
+                                                      rngs={"dropout": k}))(batch, keys)
+
+        def loss_fn(params, batch, y, mask, keys):
+            total, per = _loss(apply(params, batch, True, keys), y, mask, spec, weights)
+            return total, per
+
+        def step(params, opt_state, batch, y, mask, keys):
+            (loss, per), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, y, mask, keys)
+            updates, opt_state = self.opt.update(g, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        def evaluate(params, batch, y, mask):
+            keys = jax.random.split(jax.random.key(0), mask.shape[0])
+            out = apply(params, batch, False, keys)
+            return out, _loss(out, y, mask, spec, weights)
+
+        self._step = jax.jit(step)
+        self._eval = jax.jit(evaluate)
+
+    def _device(self, batch, rows):
+        y = {t: v[np.maximum(rows, 0)] for t, v in self.targets.y.items()}
+        put = lambda x: jax.device_put(x, self.data)  # noqa: E731
+        return jax.tree.map(put, batch), jax.tree.map(put, y), put(rows >= 0)
+
+    def init(self, feats, train_idx):
+        batch, _ = next(self.learner.batches(feats, train_idx[:1], self.cfg.batch_size, None))
+        sample = jax.tree.map(lambda x: x[0], batch)
+        params = self.module.init({"params": jax.random.key(self.cfg.seed), "dropout": jax.random.key(1)},
+                                  sample, train=False)["params"]
+        steps = self.cfg.epochs * max(1, -(-len(train_idx) // self.cfg.batch_size))
+        schedule = optax.warmup_cosine_decay_schedule(0.0, self.cfg.lr, min(self.cfg.warmup_steps, steps // 2),
+                                                      steps, self.cfg.lr * 0.01)
+        self.opt = optax.chain(optax.clip_by_global_norm(self.cfg.clip),
+                               optax.adamw(schedule, weight_decay=self.cfg.weight_decay))
+        params = jax.device_put(params, self.repl)
+        return params, jax.jit(self.opt.init)(params)
+
+    def predict(self, params, feats, idx) -> dict:
+        """Outputs for rows ``idx`` in that order: class probabilities, regression values (standardized),
+        embeddings; plus the mean validation-style losses over these rows."""
+        outs, rows_all = [], []
+        for batch, rows in self.learner.batches(feats, np.asarray(idx), self.cfg.batch_size, None):
+            b, y, m = self._device(batch, rows)
+            out, _ = self._eval(params, b, y, m)
+            outs.append(jax.device_get(out))
+            rows_all.append(rows.reshape(-1))
+        rows = np.concatenate(rows_all)
+        pos = {r: i for i, r in enumerate(rows) if r >= 0}
+        order = np.array([pos[int(r)] for r in idx])
+        res = {}
+        for k in outs[0]:
+            v = np.concatenate([o[k].reshape(-1, *o[k].shape[2:]) for o in outs])
+            v = v[order]
+            if k != "embedding" and self.targets.spec[k]["kind"] == "class":
+                v = np.asarray(jax.nn.softmax(v, -1))
+            res[k] = v
+        return res
+
+    def _val_metrics(self, params, feats, val_idx) -> dict:
+        pred = self.predict(params, feats, val_idx)
+        out, total = {}, 0.0
+        for task, s in self.targets.spec.items():
+            y = self.targets.y[task][val_idx]
+            if s["kind"] == "class":
+                p = np.clip(pred[task][np.arange(len(y)), y], 1e-12, 1)
+                loss = float(-np.log(p).mean())
+                out[task] = {"loss": loss, **metrics_lib.classification(y, pred[task].argmax(-1))}
+            else:
+                loss = float(((pred[task] - y) ** 2).mean())
+                out[task] = {"loss": loss, **metrics_lib.regression(y, pred[task])}
+            total += s["weight"] * loss
+        return {"loss": total, "tasks": out}
+
+    def fit(self, feats, train_idx, val_idx, workdir: str | None = None, progress: bool = True) -> Fit:
+        cfg = self.cfg
+        params, opt_state = self.init(feats, train_idx)
+        state = {"params": params, "opt_state": opt_state, "best_params": params,
+                 "epoch": np.int32(0), "best_epoch": np.int32(0), "best_val": np.float32(np.inf),
+                 "bad_epochs": np.int32(0)}
+        history, start = [], 0
+        mngr = hist_file = None
+        if workdir:
+            mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                                         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+            hist_file = os.path.join(workdir, "history.json")
+            if mngr.latest_step() is not None:
+                state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
+                start = int(state["epoch"])
+                history = [h for h in json.load(open(hist_file)) if h["epoch"] <= start]
+                logging.info("%s: resumed after epoch %d", self.learner.name, start)
+        t0 = time.time()
+        bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, desc=self.learner.name,
+                   disable=not progress)
+        for epoch in bar:
+            if int(state["bad_epochs"]) >= cfg.patience:
+                break
+            rng = np.random.default_rng([cfg.seed, epoch])
+            key = jax.random.fold_in(jax.random.key(cfg.seed), epoch)
+            params, opt_state = state["params"], state["opt_state"]
+            losses, te = [], time.time()
+            for s, (batch, rows) in enumerate(self.learner.batches(feats, train_idx, cfg.batch_size, rng)):
+                b, y, m = self._device(batch, rows)
+                keys = jax.device_put(jax.random.split(jax.random.fold_in(key, s), rows.shape[0]), self.data)
+                params, opt_state, loss = self._step(params, opt_state, b, y, m, keys)
+                losses.append(loss)
+            train_loss = float(np.mean(jax.device_get(losses)))
+            val = self._val_metrics(params, feats, val_idx)
+            better = val["loss"] < float(state["best_val"])
+            state = {"params": params, "opt_state": opt_state,
+                     "best_params": params if better else state["best_params"],
+                     "epoch": np.int32(epoch + 1), "best_epoch": np.int32(epoch + 1 if better else state["best_epoch"]),
+                     "best_val": np.float32(val["loss"] if better else state["best_val"]),
+                     "bad_epochs": np.int32(0 if better else int(state["bad_epochs"]) + 1)}
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+                            "val": val["tasks"], "seconds": round(time.time() - te, 2)})
+            bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val['loss']:.3f}")
+            logging.info("%s epoch %d: train %.4f val %.4f (%.1fs)", self.learner.name, epoch + 1, train_loss,
+                         val["loss"], time.time() - te)
+            if mngr is not None:
+                mngr.save(epoch + 1, args=ocp.args.StandardSave(state))
+                mngr.wait_until_finished()
+                report.write_json(hist_file, history)
+            if cfg.halt_at and epoch + 1 >= cfg.halt_at:
+                logging.info("halting after epoch %d as asked (--config.train.halt_at)", epoch + 1)
+                break
+        return Fit(state["best_params"], history, int(state["best_epoch"]), int(state["epoch"]),
+                   time.time() - t0, start)
