@@ -1,7 +1,8 @@
 """NWPA: a graph network over a network's neurons (nodes) and weights (edges), after Kofinas et al. 2024.
 
-Per layer, every neuron attends over its incoming edges GAT-style: the key and value of edge j→i are the
-sender's state plus a projection of the weight vector (edge-conditioned), multi-head; a second channel adds the
+Per layer, every neuron attends over its incoming edges GAT-style, multi-head and edge-conditioned: the key of
+edge j→i is the sender's state plus an embedding of the weight vector, its value the sender's state gated by
+(1 + another embedding of the weight) plus the first; a second channel adds the
 mean of the incoming edge messages so that the scale of a neuron's weights, which softmax attention normalizes
 away, reaches it too. Residual + LayerNorm + MLP per node. Pooling is hierarchical: neurons → layers (mean and
 max over each layer's nodes) → network (attention over the layers). Dropout drops whole nodes and whole edges.
@@ -25,12 +26,12 @@ class Layer(nn.Module):
     n_heads: int
 
     @nn.compact
-    def __call__(self, h, e, senders, receivers, edge_keep):
+    def __call__(self, h, e_add, e_mul, senders, receivers, edge_keep):
         n, dh = h.shape[0], self.dim // self.n_heads
         q = nn.Dense(self.dim, name="query")(h)[receivers].reshape(-1, self.n_heads, dh)
-        ek = nn.Dense(self.dim, name="edge_key")(e)
-        k = (nn.Dense(self.dim, name="key")(h)[senders] + ek).reshape(-1, self.n_heads, dh)
-        v = nn.Dense(self.dim, name="value")(h)[senders] + nn.Dense(self.dim, name="edge_value")(e)
+        k = (nn.Dense(self.dim, name="key")(h)[senders] + e_add).reshape(-1, self.n_heads, dh)
+        # A weight multiplies what its sender carries: the value is gated by the edge, plus the edge itself.
+        v = nn.Dense(self.dim, name="value")(h)[senders] * e_mul + e_add
         logits = (q * k).sum(-1) / jnp.sqrt(dh)
         logits = jnp.where(edge_keep[:, None], logits, -1e9)
         alpha = jraph.segment_softmax(logits, receivers, num_segments=n) * edge_keep[:, None]
@@ -56,8 +57,11 @@ class NWPA(nn.Module):
     def __call__(self, g: jraph.GraphsTuple, train: bool = False):
         n, n_graph = g.nodes["x"].shape[0], g.n_node.shape[0]
         h = heads.NodeEmbed(self.dim, name="node_embed")(g.nodes)
-        e = nn.Dense(self.dim, name="edge_embed")(g.edges["w"]) + nn.Embed(
-            len(graph_lib.EDGE_TYPES), self.dim, name="edge_type")(g.edges["edge_type"])
+        # Edges are embedded once (additive and multiplicative parts), not per layer: a digits-zoo batch holds
+        # ~80k edges and ~5k nodes, so per-edge matrix products would dominate the step.
+        e = nn.Dense(2 * self.dim, name="edge_embed")(g.edges["w"]) + nn.Embed(
+            len(graph_lib.EDGE_TYPES), 2 * self.dim, name="edge_type")(g.edges["edge_type"])
+        e_add, e_mul = e[:, :self.dim], 1.0 + e[:, self.dim:]
         edge_keep = jnp.ones(g.senders.shape, bool)
         if train and self.edge_dropout > 0:
             edge_keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.edge_dropout, g.senders.shape)
@@ -65,7 +69,7 @@ class NWPA(nn.Module):
             if train and self.node_dropout > 0:
                 keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.node_dropout, (n, 1))
                 h = h * keep
-            h = Layer(self.dim, self.n_heads, name=f"layer_{i}")(h, e, g.senders, g.receivers, edge_keep)
+            h = Layer(self.dim, self.n_heads, name=f"layer_{i}")(h, e_add, e_mul, g.senders, g.receivers, edge_keep)
         gid = jnp.repeat(jnp.arange(n_graph), g.n_node, total_repeat_length=n)
         seg = gid * self.max_layers + jnp.minimum(g.nodes["layer"], self.max_layers - 1)
         m = n_graph * self.max_layers

@@ -1,6 +1,7 @@
 """Rebuild a family tree of models from their weights alone (after MoTHer, Horwitz et al. 2024).
 
-1. Distance: Euclidean distance between flattened weights (models of one architecture).
+1. Distance: Euclidean distance between flattened weights (models of one architecture), or between learned
+   embeddings of the models (``features``).
 2. Direction: fine-tuning raises the kurtosis of a model's weights (MoTHer's observation), so an edge
    i → j (i parent of j) whose kurtosis falls is charged ``direction_penalty`` × the median nearest-neighbour
    distance extra.
@@ -32,11 +33,15 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float((v[i] + v[i + 1]) / 2)
 
 
-def recover(weights: np.ndarray, direction_penalty: float = 0.5, root_cost: float | None = None) -> dict:
-    """``weights`` [n, P] -> {'parent': [n] (index or -1), 'distance', 'kurtosis', 'root_cost'}."""
+def recover(weights: np.ndarray, direction_penalty: float = 0.5, root_cost: float | None = None,
+            features: np.ndarray | None = None) -> dict:
+    """``weights`` [n, P] -> {'parent': [n] (index or -1), 'distance', 'kurtosis', 'root_cost'}. With
+    ``features`` [n, F] (e.g. a learner's embeddings) distances are measured there; the kurtosis direction cue
+    still comes from the weights."""
     w = np.asarray(weights, np.float64)
     n = len(w)
-    d = cdist(w, w)
+    f = w if features is None else np.asarray(features, np.float64)
+    d = cdist(f, f)
     kurt = stats.kurtosis(w, axis=1)
     off = d[~np.eye(n, dtype=bool)]
     nn = np.where(np.eye(n, dtype=bool), np.inf, d).min(axis=1)

@@ -159,3 +159,21 @@ def curves(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, path:
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+def projections(panels: list[tuple[str, np.ndarray, np.ndarray, bool]], path: str):
+    """2-D points per panel (title, xy [n, 2], colour values [n], categorical?)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.3), squeeze=False)
+    for ax, (title, xy, c, categorical) in zip(axes[0], panels, strict=True):
+        if categorical:
+            for name in sorted(set(c.tolist())):
+                m = c == name
+                ax.scatter(xy[m, 0], xy[m, 1], s=6, alpha=0.7, label=str(name))
+            ax.legend(fontsize=6, markerscale=2)
+        else:
+            sc = ax.scatter(xy[:, 0], xy[:, 1], s=6, c=np.asarray(c, np.float64), cmap="viridis")
+            fig.colorbar(sc, ax=ax, fraction=0.046)
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return _save(fig, path)

@@ -1,0 +1,278 @@
+r"""Learning from weights, every learner on one zoo and one split: a paper-style results section.
+
+  python experiments/nwa_benchmark.py                          # digits zoo (runs/zoo_digits), 3 seeds, ~1 h on 2 cores
+  python experiments/nwa_benchmark.py --zoo=/tmp/zoo/zoo --smoke --workdir=/tmp/nwa   # seconds, for tests
+
+Every learner of ``configs/probe.py`` is trained with each seed (initialization, data order, dropout) on the same
+split by family tree (70/15/15, split seed 0); a cross-architecture run holds out one family. Lineage: trees
+rebuilt per architecture from weights (whole zoo) and, on the test trees, from learned embeddings.
+Writes <workdir>/results.json, report.md and PNGs; each (learner, seed) run keeps its own folder, and a re-run
+skips finished ones. Prints one JSON line of headline figures.
+"""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from absl import app, flags, logging
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+
+from configs import probe as probe_configs  # noqa: E402
+from wa import lineage, report  # noqa: E402
+from wa.learners import baselines  # noqa: E402
+from wa.learners import data as data_lib  # noqa: E402
+from wa.learners import probe  # noqa: E402
+from wa.report import plots  # noqa: E402
+
+flags.DEFINE_string("zoo", "runs/zoo_digits/zoo", "Zoo store (launch.make_zoo writes <workdir>/zoo).")
+flags.DEFINE_string("workdir", "runs/nwa_benchmark", "Output folder.")
+flags.DEFINE_list("learners", list(probe_configs.LEARNERS), "configs/probe.py variants to run.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+flags.DEFINE_bool("final_only", True, "One network per model (its last checkpoint) instead of every checkpoint.")
+flags.DEFINE_integer("graph_epochs", 15, "Epochs for NWPA / WeightNet variants (early stopping may end sooner).")
+flags.DEFINE_integer("dense_epochs", 60, "Epochs for the MLP baselines.")
+flags.DEFINE_string("cross_arch", "transformer", "Family held out in the cross-architecture run ('' to skip).")
+flags.DEFINE_list("cross_learners", ["nwpa", "stats_gbt"], "Learners of the cross-architecture run (seed 0).")
+flags.DEFINE_bool("smoke", False, "Tiny models and 2 epochs (tests).")
+FLAGS = flags.FLAGS
+
+HEADLINE = {"class": ("accuracy", "f1"), "regression": ("r2", "kendall_tau", "mae")}
+EQUIVARIANT = ("nwpa", "weightnet", "weightnet_no_layer_types", "stats_gbt", "stats_mlp")
+GRAPH = ("nwpa", "weightnet", "weightnet_flat", "weightnet_canonical", "weightnet_no_layer_types")
+# DESIGN.md's learner targets: (task, metric, threshold or None for "above the statistics baseline").
+TARGETS = [("architecture", "accuracy", 0.99), ("data characteristics (mean of 4)", "accuracy", 0.80),
+           ("test_acc", "kendall_tau", None), ("gen_gap", "r2", 0.7), ("vulnerable", "f1", 0.75),
+           ("disparity", "r2", 0.6)]
+
+
+def config(variant: str, seed: int, cross: str = ""):
+    c = probe_configs.get_config(variant + (",smoke" if FLAGS.smoke else ""))
+    c.zoo = FLAGS.zoo
+    c.data.final_only = FLAGS.final_only
+    c.train.seed = seed
+    if not FLAGS.smoke:
+        c.train.epochs = FLAGS.graph_epochs if variant in GRAPH else FLAGS.dense_epochs
+        c.train.patience = 5 if variant in GRAPH else 10
+    if cross:
+        c.split.kind, c.split.held_out = "cross_arch", cross
+        for t in ("architecture", "family"):
+            if t in c.tasks:
+                del c.tasks[t]
+    return c
+
+
+def run_one(variant, seed, ws, cross=""):
+    out = os.path.join(FLAGS.workdir, f"cross_{cross}" if cross else "runs", variant, f"seed_{seed}")
+    done = os.path.join(out, "metrics.json")
+    if os.path.exists(done):
+        return json.load(open(done))
+    os.makedirs(out, exist_ok=True)
+    t0 = time.time()
+    r = probe.run(config(variant, seed, cross), out, progress=False, ws=ws)
+    logging.info("%s seed %d%s: %.0f s", variant, seed, f" (cross {cross})" if cross else "", time.time() - t0)
+    return r
+
+
+def headline(runs: dict) -> dict:
+    """variant → task → metric → (mean, std, values over seeds)."""
+    out = {}
+    for v, by_seed in runs.items():
+        rs = list(by_seed.values())
+        out[v] = {}
+        for task, spec in rs[0]["targets"].items():
+            out[v][task] = {}
+            for m in HEADLINE[spec["kind"]]:
+                vals = [r["tasks"][task][m] for r in rs]
+                out[v][task][m] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "values": vals}
+        data = [np.mean([r["tasks"][t]["accuracy"] for t in data_lib.DATA_TASKS if t in r["tasks"]]) for r in rs]
+        out[v]["data characteristics (mean of 4)"] = {"accuracy": {"mean": float(np.mean(data)),
+                                                                   "std": float(np.std(data)), "values": data}}
+        gaps = [r["permutation"]["max"] for r in rs]
+        out[v]["permutation_gap"] = {"max": float(np.max(gaps)), "values": gaps}
+        out[v]["timing"] = {k: float(np.mean([r["timing"][k] for r in rs])) for k in rs[0]["timing"]}
+    return out
+
+
+def lineage_scores(ws, runs) -> dict:
+    """Per architecture: trees from final weights of every model; on the test trees also from each learner's
+    seed-0 test embeddings (final checkpoints only)."""
+    rows = ws.rows
+    final = rows.loc[rows.groupby("model_id")["epoch"].idxmax()] if not FLAGS.final_only else rows
+    out = {"weights_all": {}, "test_trees": {}}
+    for arch, sub in final.groupby("arch_id"):
+        ids = sub["model_id"].to_numpy()
+        pos = {m: i for i, m in enumerate(ids)}
+        true = np.array([pos.get(p, -1) for p in sub["parent_id"].fillna(-1).astype(int)])
+        w = np.stack([baselines.flat(ws.params[i]) for i in sub.index])
+        out["weights_all"][arch] = lineage.score(true, lineage.recover(w)["parent"])
+    for v in runs:
+        r0 = runs[v].get(0)
+        emb_file = os.path.join(FLAGS.workdir, "runs", v, "seed_0", "embeddings.npy")
+        if r0 is None or not os.path.exists(emb_file) or not FLAGS.final_only:
+            continue
+        import pandas as pd
+        pred = pd.read_parquet(os.path.join(FLAGS.workdir, "runs", v, "seed_0", "predictions.parquet"))
+        emb = np.load(emb_file)
+        res = {}
+        for arch, sub in rows.iloc[pred["row"].to_numpy()].reset_index().groupby("arch_id"):
+            ids = sub["model_id"].to_numpy()
+            pos = {m: i for i, m in enumerate(ids)}
+            true = np.array([pos.get(p, -1) for p in sub["parent_id"].fillna(-1).astype(int)])
+            w = np.stack([baselines.flat(ws.params[i]) for i in sub["index"]])
+            e = emb[sub.index.to_numpy()]
+            res[arch] = {"weights": lineage.score(true, lineage.recover(w)["parent"]),
+                         "embedding": lineage.score(true, lineage.recover(w, features=e)["parent"])}
+        out["test_trees"][v] = res
+    return out
+
+
+def fmt(d):
+    return f"{d['mean']:.3f} ± {d['std']:.3f}"
+
+
+def write_report(results, ws, runs):
+    wd = FLAGS.workdir
+    h = results["headline"]
+    variants = list(h)
+    tasks = list(runs[variants[0]][0]["targets"])
+    lines = ["# Learning from weights — benchmark", "",
+             f"Zoo `{FLAGS.zoo}`: {results['data']['networks']} networks ({'last checkpoint of each model' if FLAGS.final_only else 'every checkpoint from epoch 1'}), "
+             f"split by family tree 70/15/15 (split seed 0): {results['data']['train_networks']} train / "
+             f"{results['data']['val_networks']} val / {results['data']['test_networks']} test networks. "
+             f"Seeds {FLAGS.seeds} (model init, data order, dropout); numbers are mean ± std over seeds on the test "
+             "split. Regression metrics are in the target's own units.", ""]
+    lines += ["## Targets (DESIGN.md)", "", "| target | " + " | ".join(variants) + " |",
+              "|---" * (len(variants) + 1) + "|"]
+    base_tau = h.get("stats_gbt", {}).get("test_acc", {}).get("kendall_tau", {}).get("mean")
+    for task, metric, thr in TARGETS:
+        cells = []
+        for v in variants:
+            d = h[v].get(task, {}).get(metric)
+            if d is None:
+                cells.append("—")
+                continue
+            goal = thr if thr is not None else base_tau
+            ok = goal is not None and d["mean"] > goal if thr is None else d["mean"] >= thr
+            cells.append(f"{d['mean']:.3f} {'✔' if ok else '✘'}")
+        goal = f"≥ {thr}" if thr is not None else f"> stats_gbt ({base_tau:.3f})" if base_tau is not None else "> baseline"
+        lines.append(f"| {task} {metric} {goal} | " + " | ".join(cells) + " |")
+    lines.append("| permutation gap ≤ 1e-4 | " + " | ".join(
+        f"{h[v]['permutation_gap']['max']:.1e} {'✔' if h[v]['permutation_gap']['max'] <= 1e-4 else '✘'}"
+        for v in variants) + " |")
+    lin = results.get("lineage", {})
+    if lin.get("weights_all"):
+        mean_dir = np.mean([s["directed_edges"] for s in lin["weights_all"].values()])
+        lines += ["", f"Lineage (weights + kurtosis + arborescence, every model, per architecture): directed edges "
+                  f"recovered **{mean_dir:.3f}** on average (target > 0.75 {'✔' if mean_dir > 0.75 else '✘'})."]
+    lines += ["", "## Every task", ""]
+    for task in tasks:
+        kind = runs[variants[0]][0]["targets"][task]["kind"]
+        ms = HEADLINE[kind]
+        lines += [f"### {task} — {runs[variants[0]][0]['targets'][task]['about']}", "",
+                  "| learner | " + " | ".join(ms) + " |", "|---" * (len(ms) + 1) + "|"]
+        for v in variants:
+            lines.append(f"| {v} | " + " | ".join(fmt(h[v][task][m]) for m in ms) + " |")
+        lines.append("")
+    lines += ["## Per family (test_acc Kendall τ, seed mean)", "", "| learner | " + " | ".join(
+        sorted(runs[variants[0]][0]["by_family"])) + " |", "|---" * (1 + len(runs[variants[0]][0]["by_family"])) + "|"]
+    for v in variants:
+        fams = sorted(runs[v][0]["by_family"])
+        lines.append(f"| {v} | " + " | ".join(
+            f"{np.mean([r['by_family'][f]['test_acc']['kendall_tau'] for r in runs[v].values()]):.3f}"
+            for f in fams) + " |")
+    if results.get("cross_arch"):
+        ca = results["cross_arch"]
+        lines += ["", f"## Cross-architecture: train on the other families, test on `{FLAGS.cross_arch}` (seed 0)", "",
+                  "| learner | test_acc τ | test_acc R² | gen_gap R² | disparity R² | data char. acc |", "|---|---|---|---|---|---|"]
+        for v, r in ca.items():
+            t = r["tasks"]
+            dc = np.mean([t[k]["accuracy"] for k in data_lib.DATA_TASKS if k in t])
+            lines.append(f"| {v} | {t['test_acc']['kendall_tau']:.3f} | {t['test_acc']['r2']:.3f} | "
+                         f"{t['gen_gap']['r2']:.3f} | {t['disparity']['r2']:.3f} | {dc:.3f} |")
+    lines += ["", "## Permutation check", "",
+              "Each test network vs the same network with hidden neurons randomly permuted (function unchanged); "
+              "largest absolute prediction difference over tasks (probabilities for classes, target units for numbers).",
+              "", "| learner | max gap over seeds | networks |", "|---|---|---|"]
+    for v in variants:
+        lines.append(f"| {v} | {h[v]['permutation_gap']['max']:.2e} | {runs[v][0]['permutation']['networks']} |")
+    if lin:
+        lines += ["", "## Lineage", "", "Every model's last checkpoint, per architecture (directed / undirected edges):", "",
+                  "| architecture | directed | undirected | edges |", "|---|---|---|---|"]
+        for a, s in lin["weights_all"].items():
+            lines.append(f"| {a} | {s['directed_edges']:.3f} | {s['undirected_edges']:.3f} | {s['edges']} |")
+        if lin.get("test_trees"):
+            lines += ["", "Test trees only (seed 0), weight distance vs the learner's embedding distance "
+                      "(mean of directed-edge shares over architectures):", "",
+                      "| learner | weights | embedding |", "|---|---|---|"]
+            for v, res in lin["test_trees"].items():
+                lines.append(f"| {v} | {np.mean([r['weights']['directed_edges'] for r in res.values()]):.3f} | "
+                             f"{np.mean([r['embedding']['directed_edges'] for r in res.values()]):.3f} |")
+    lines += ["", "## Cost (2-core CPU, mean over seeds)", "", "| learner | prepare views s | train s | epochs run | "
+              "predict one network ms |", "|---|---|---|---|---|"]
+    for v in variants:
+        t = h[v]["timing"]
+        ep = np.mean([r.get("epochs_run", 0) for r in runs[v].values()])
+        lines.append(f"| {v} | {t['prepare_s']:.1f} | {t['train_s']:.1f} | {ep:.1f} | {t['predict_one_network_ms']:.2f} |")
+    lines += ["", "![validation loss](curves.png)", "", "![embeddings](embeddings.png)", ""]
+    report.write_text(os.path.join(wd, "report.md"), "\n".join(lines))
+
+
+def plots_for(ws, runs):
+    series = {}
+    for v, by_seed in runs.items():
+        hist_file = os.path.join(FLAGS.workdir, "runs", v, "seed_0", "history.json")
+        if os.path.exists(hist_file):
+            hist = json.load(open(hist_file))
+            series[v] = ([x["epoch"] for x in hist], [x["val_loss"] for x in hist])
+    if series:
+        plots.curves(series, "epoch", "validation loss (weighted multi-task)", os.path.join(FLAGS.workdir, "curves.png"))
+    panels = []
+    import pandas as pd
+    from sklearn.decomposition import PCA
+    for v in ("nwpa", "weightnet"):
+        d = os.path.join(FLAGS.workdir, "runs", v, "seed_0")
+        if not os.path.exists(os.path.join(d, "embeddings.npy")):
+            continue
+        emb = np.load(os.path.join(d, "embeddings.npy"))
+        pred = pd.read_parquet(os.path.join(d, "predictions.parquet"))
+        xy = PCA(2, random_state=0).fit_transform(emb)
+        panels += [(f"{v}: test accuracy", xy, pred["test_acc/true"].to_numpy(), False),
+                   (f"{v}: family", xy, pred["family"].to_numpy(), True)]
+    if panels:
+        plots.projections(panels, os.path.join(FLAGS.workdir, "embeddings.png"))
+
+
+def main(argv):
+    del argv
+    unknown = set(FLAGS.learners) - set(probe_configs.LEARNERS)
+    if unknown:
+        raise app.UsageError(f"--learners {sorted(unknown)} unknown; known: {probe_configs.LEARNERS}")
+    seeds = [int(s) for s in FLAGS.seeds]
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    t0 = time.time()
+    c0 = config(FLAGS.learners[0], 0)
+    ws = data_lib.load(FLAGS.zoo, **c0.data.to_dict())
+    runs = {v: {s: run_one(v, s, ws) for s in seeds} for v in FLAGS.learners}
+    cross = ({v: run_one(v, 0, ws, FLAGS.cross_arch) for v in FLAGS.cross_learners}
+             if FLAGS.cross_arch else {})
+    first = runs[FLAGS.learners[0]][seeds[0]]
+    results = {"data": first["data"], "seeds": seeds, "headline": headline(runs), "cross_arch": cross,
+               "lineage": lineage_scores(ws, runs), "runs": runs, "seconds": round(time.time() - t0, 1)}
+    report.write_json(os.path.join(FLAGS.workdir, "results.json"), results)
+    plots_for(ws, runs)
+    write_report(results, ws, runs)
+    h = results["headline"]
+    line = {"networks": len(ws), "seconds": results["seconds"]}
+    for v in h:
+        line[v] = {"arch_acc": round(h[v]["architecture"]["accuracy"]["mean"], 4) if "architecture" in h[v] else None,
+                   "test_acc_tau": round(h[v]["test_acc"]["kendall_tau"]["mean"], 4),
+                   "gen_gap_r2": round(h[v]["gen_gap"]["r2"]["mean"], 4),
+                   "perm_gap": h[v]["permutation_gap"]["max"]}
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    app.run(main)
