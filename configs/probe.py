@@ -30,7 +30,7 @@ def model(variant: str) -> tuple[str, ml_collections.ConfigDict]:
         m.layer_types = variant != "weightnet_no_layer_types"
         return "weightnet", m
     if variant == "stats_gbt":
-        m.update(iters=300, lr=0.05)
+        m.update(iters=300, lr=0.05, min_leaf=20)
     elif variant == "pca_linear":
         m.update(components=64, alpha=1.0, c=1.0)
     elif variant in ("stats_mlp", "flat_mlp"):
@@ -67,7 +67,7 @@ def get_config(arg: str = "nwpa") -> ml_collections.ConfigDict:
             if c.learner == "weightnet":
                 c.model.edge_dim = 4
         elif c.learner == "stats_gbt":
-            c.model.iters = 10
+            c.model.update(iters=10, min_leaf=2)
         elif c.learner == "pca_linear":
             c.model.components = 4
         else:

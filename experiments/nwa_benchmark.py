@@ -22,9 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from configs import probe as probe_configs  # noqa: E402
 from wa import lineage, report  # noqa: E402
-from wa.learners import baselines  # noqa: E402
+from wa.learners import (
+    baselines,  # noqa: E402
+    probe,  # noqa: E402
+)
 from wa.learners import data as data_lib  # noqa: E402
-from wa.learners import probe  # noqa: E402
 from wa.report import plots  # noqa: E402
 
 flags.DEFINE_string("zoo", "runs/zoo_digits/zoo", "Zoo store (launch.make_zoo writes <workdir>/zoo).")
@@ -97,35 +99,23 @@ def headline(runs: dict) -> dict:
 
 
 def lineage_scores(ws, runs) -> dict:
-    """Per architecture: trees from final weights of every model; on the test trees also from each learner's
-    seed-0 test embeddings (final checkpoints only)."""
+    """Per architecture: trees from the last-checkpoint weights of every model; on the test trees also from each
+    learner's seed-0 test embeddings (needs --final_only: one embedding per model)."""
+    import pandas as pd
     rows = ws.rows
-    final = rows.loc[rows.groupby("model_id")["epoch"].idxmax()] if not FLAGS.final_only else rows
-    out = {"weights_all": {}, "test_trees": {}}
-    for arch, sub in final.groupby("arch_id"):
-        ids = sub["model_id"].to_numpy()
-        pos = {m: i for i, m in enumerate(ids)}
-        true = np.array([pos.get(p, -1) for p in sub["parent_id"].fillna(-1).astype(int)])
-        w = np.stack([baselines.flat(ws.params[i]) for i in sub.index])
-        out["weights_all"][arch] = lineage.score(true, lineage.recover(w)["parent"])
+    final = rows.loc[rows.groupby("model_id")["epoch"].idxmax()]
+    flat = {i: baselines.flat(ws.params[i]) for i in final.index}
+    out = {"weights_all": lineage.per_architecture(final, [flat[i] for i in final.index]), "test_trees": {}}
     for v in runs:
-        r0 = runs[v].get(0)
-        emb_file = os.path.join(FLAGS.workdir, "runs", v, "seed_0", "embeddings.npy")
-        if r0 is None or not os.path.exists(emb_file) or not FLAGS.final_only:
+        d = os.path.join(FLAGS.workdir, "runs", v, "seed_0")
+        if not FLAGS.final_only or not os.path.exists(os.path.join(d, "embeddings.npy")):
             continue
-        import pandas as pd
-        pred = pd.read_parquet(os.path.join(FLAGS.workdir, "runs", v, "seed_0", "predictions.parquet"))
-        emb = np.load(emb_file)
-        res = {}
-        for arch, sub in rows.iloc[pred["row"].to_numpy()].reset_index().groupby("arch_id"):
-            ids = sub["model_id"].to_numpy()
-            pos = {m: i for i, m in enumerate(ids)}
-            true = np.array([pos.get(p, -1) for p in sub["parent_id"].fillna(-1).astype(int)])
-            w = np.stack([baselines.flat(ws.params[i]) for i in sub["index"]])
-            e = emb[sub.index.to_numpy()]
-            res[arch] = {"weights": lineage.score(true, lineage.recover(w)["parent"]),
-                         "embedding": lineage.score(true, lineage.recover(w, features=e)["parent"])}
-        out["test_trees"][v] = res
+        test = pd.read_parquet(os.path.join(d, "predictions.parquet"))["row"].to_numpy()
+        emb = np.load(os.path.join(d, "embeddings.npy"))
+        sub = rows.iloc[test]
+        w = [flat[i] for i in test]
+        out["test_trees"][v] = {"weights": lineage.per_architecture(sub, w),
+                                "embedding": lineage.per_architecture(sub, w, features=list(emb))}
     return out
 
 
@@ -138,8 +128,9 @@ def write_report(results, ws, runs):
     h = results["headline"]
     variants = list(h)
     tasks = list(runs[variants[0]][0]["targets"])
+    which = "last checkpoint of each model" if FLAGS.final_only else "every checkpoint from epoch 1"
     lines = ["# Learning from weights — benchmark", "",
-             f"Zoo `{FLAGS.zoo}`: {results['data']['networks']} networks ({'last checkpoint of each model' if FLAGS.final_only else 'every checkpoint from epoch 1'}), "
+             f"Zoo `{FLAGS.zoo}`: {results['data']['networks']} networks ({which}), "
              f"split by family tree 70/15/15 (split seed 0): {results['data']['train_networks']} train / "
              f"{results['data']['val_networks']} val / {results['data']['test_networks']} test networks. "
              f"Seeds {FLAGS.seeds} (model init, data order, dropout); numbers are mean ± std over seeds on the test "
@@ -157,7 +148,8 @@ def write_report(results, ws, runs):
             goal = thr if thr is not None else base_tau
             ok = goal is not None and d["mean"] > goal if thr is None else d["mean"] >= thr
             cells.append(f"{d['mean']:.3f} {'✔' if ok else '✘'}")
-        goal = f"≥ {thr}" if thr is not None else f"> stats_gbt ({base_tau:.3f})" if base_tau is not None else "> baseline"
+        goal = (f"≥ {thr}" if thr is not None else
+                f"> stats_gbt ({base_tau:.3f})" if base_tau is not None else "> baseline")
         lines.append(f"| {task} {metric} {goal} | " + " | ".join(cells) + " |")
     lines.append("| permutation gap ≤ 1e-4 | " + " | ".join(
         f"{h[v]['permutation_gap']['max']:.1e} {'✔' if h[v]['permutation_gap']['max'] <= 1e-4 else '✘'}"
@@ -186,7 +178,8 @@ def write_report(results, ws, runs):
     if results.get("cross_arch"):
         ca = results["cross_arch"]
         lines += ["", f"## Cross-architecture: train on the other families, test on `{FLAGS.cross_arch}` (seed 0)", "",
-                  "| learner | test_acc τ | test_acc R² | gen_gap R² | disparity R² | data char. acc |", "|---|---|---|---|---|---|"]
+                  "| learner | test_acc τ | test_acc R² | gen_gap R² | disparity R² | data char. acc |",
+                  "|---|---|---|---|---|---|"]
         for v, r in ca.items():
             t = r["tasks"]
             dc = np.mean([t[k]["accuracy"] for k in data_lib.DATA_TASKS if k in t])
@@ -194,12 +187,14 @@ def write_report(results, ws, runs):
                          f"{t['gen_gap']['r2']:.3f} | {t['disparity']['r2']:.3f} | {dc:.3f} |")
     lines += ["", "## Permutation check", "",
               "Each test network vs the same network with hidden neurons randomly permuted (function unchanged); "
-              "largest absolute prediction difference over tasks (probabilities for classes, target units for numbers).",
+              "largest absolute prediction difference over tasks (probabilities for classes, target units for "
+              "numbers).",
               "", "| learner | max gap over seeds | networks |", "|---|---|---|"]
     for v in variants:
         lines.append(f"| {v} | {h[v]['permutation_gap']['max']:.2e} | {runs[v][0]['permutation']['networks']} |")
     if lin:
-        lines += ["", "## Lineage", "", "Every model's last checkpoint, per architecture (directed / undirected edges):", "",
+        lines += ["", "## Lineage", "",
+                  "Every model's last checkpoint, per architecture (directed / undirected edges):", "",
                   "| architecture | directed | undirected | edges |", "|---|---|---|---|"]
         for a, s in lin["weights_all"].items():
             lines.append(f"| {a} | {s['directed_edges']:.3f} | {s['undirected_edges']:.3f} | {s['edges']} |")
@@ -208,27 +203,29 @@ def write_report(results, ws, runs):
                       "(mean of directed-edge shares over architectures):", "",
                       "| learner | weights | embedding |", "|---|---|---|"]
             for v, res in lin["test_trees"].items():
-                lines.append(f"| {v} | {np.mean([r['weights']['directed_edges'] for r in res.values()]):.3f} | "
-                             f"{np.mean([r['embedding']['directed_edges'] for r in res.values()]):.3f} |")
+                lines.append(f"| {v} | {np.mean([r['directed_edges'] for r in res['weights'].values()]):.3f} | "
+                             f"{np.mean([r['directed_edges'] for r in res['embedding'].values()]):.3f} |")
     lines += ["", "## Cost (2-core CPU, mean over seeds)", "", "| learner | prepare views s | train s | epochs run | "
               "predict one network ms |", "|---|---|---|---|---|"]
     for v in variants:
         t = h[v]["timing"]
         ep = np.mean([r.get("epochs_run", 0) for r in runs[v].values()])
-        lines.append(f"| {v} | {t['prepare_s']:.1f} | {t['train_s']:.1f} | {ep:.1f} | {t['predict_one_network_ms']:.2f} |")
+        lines.append(f"| {v} | {t['prepare_s']:.1f} | {t['train_s']:.1f} | {ep:.1f} | "
+                     f"{t['predict_one_network_ms']:.2f} |")
     lines += ["", "![validation loss](curves.png)", "", "![embeddings](embeddings.png)", ""]
     report.write_text(os.path.join(wd, "report.md"), "\n".join(lines))
 
 
 def plots_for(ws, runs):
     series = {}
-    for v, by_seed in runs.items():
+    for v in runs:
         hist_file = os.path.join(FLAGS.workdir, "runs", v, "seed_0", "history.json")
         if os.path.exists(hist_file):
             hist = json.load(open(hist_file))
             series[v] = ([x["epoch"] for x in hist], [x["val_loss"] for x in hist])
     if series:
-        plots.curves(series, "epoch", "validation loss (weighted multi-task)", os.path.join(FLAGS.workdir, "curves.png"))
+        plots.curves(series, "epoch", "validation loss (weighted multi-task)",
+                     os.path.join(FLAGS.workdir, "curves.png"))
     panels = []
     import pandas as pd
     from sklearn.decomposition import PCA

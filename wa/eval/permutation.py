@@ -13,7 +13,8 @@ def gaps(predict, params: list, families, activations, seed: int = 0) -> dict:
     """``predict(params, families, activations) -> {task: array}`` (regression in target units, classes as
     probabilities; other keys are ignored if not in both). Returns per-task and overall max / mean gaps."""
     rng = np.random.default_rng(seed)
-    permuted = [canonical.permute(p, f, canonical.random_perms(p, f, rng)) for p, f in zip(params, families)]
+    permuted = [canonical.permute(p, f, canonical.random_perms(p, f, rng))
+                for p, f in zip(params, families, strict=True)]
     a, b = predict(params, families, activations), predict(permuted, families, activations)
     per = {}
     for task in a:

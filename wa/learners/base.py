@@ -46,7 +46,8 @@ class Neural(Learner):
 
     def _check_batch(self, batch_size: int) -> int:
         if batch_size % self.n_devices:
-            raise LearnerError(f"batch size {batch_size} is not divisible by the {self.n_devices} data-parallel devices")
+            raise LearnerError(f"batch size {batch_size} is not divisible by the {self.n_devices} data-parallel "
+                               "devices")
         return batch_size // self.n_devices
 
 

@@ -30,8 +30,8 @@ class _Features:
     def _matrix(self, params, families):
         if self.kind == "stats":
             if self.width is None:
-                self.width = max(stats.n_layers(p, f) for p, f in zip(params, families))
-            return np.stack([stats.features(p, f, self.width)[0] for p, f in zip(params, families)])
+                self.width = max(stats.n_layers(p, f) for p, f in zip(params, families, strict=True))
+            return np.stack([stats.features(p, f, self.width)[0] for p, f in zip(params, families, strict=True)])
         vecs = [flat(p) for p in params]
         if self.width is None:
             self.width = max(len(v) for v in vecs)
@@ -123,7 +123,7 @@ class StatsGBT(_Fitted):
     def estimator(self, kind, seed):
         c = self.cfg
         cls = ensemble.HistGradientBoostingClassifier if kind == "class" else ensemble.HistGradientBoostingRegressor
-        return cls(max_iter=c.iters, learning_rate=c.lr, random_state=seed)
+        return cls(max_iter=c.iters, learning_rate=c.lr, min_samples_leaf=c.min_leaf, random_state=seed)
 
 
 class PCALinear(_Fitted):

@@ -87,7 +87,7 @@ def load(zoo_path: str, min_epoch: int = 1, final_only: bool = False, families=(
         rows = np.sort(sub["row"].unique())
         block = arr[int(rows[0]): int(rows[-1]) + 1].read().result()   # [rows, checkpoints, P]
         layout = zoo.info["arrays"][lid]["layout"]
-        for i, r, c in zip(sub.index, sub["row"], sub["checkpoint"]):
+        for i, r, c in zip(sub.index, sub["row"], sub["checkpoint"], strict=True):
             params[i] = store.from_flat(np.asarray(block[int(r) - int(rows[0]), int(c)]), layout)
     logging.info("loaded %d networks (%d models) from %s", len(md), md["model_id"].nunique(), zoo_path)
     return WeightSet(md, params)
@@ -100,7 +100,8 @@ class Targets:
     spec: dict[str, dict]
 
     def out_dims(self) -> dict[str, int]:
-        return {t: (len(s["classes"]) if s["kind"] == "class" else 1) for t, s in self.spec.items()}
+        """Classes per classification task; 0 for a regression task (one scalar output)."""
+        return {t: (len(s["classes"]) if s["kind"] == "class" else 0) for t, s in self.spec.items()}
 
     def weights(self) -> dict[str, float]:
         return {t: s["weight"] for t, s in self.spec.items()}

@@ -34,7 +34,7 @@ class NodeEmbed(nn.Module):
 
 class Heads(nn.Module):
     """embedding → {task: logits [.., classes] or value [..]} through a shared MLP trunk."""
-    out_dims: tuple          # ((task, dim), ...)
+    out_dims: tuple          # ((task, classes or 0 for a scalar), ...)
     hidden: int
 
     @nn.compact
@@ -42,6 +42,6 @@ class Heads(nn.Module):
         t = nn.gelu(nn.Dense(self.hidden, name="trunk")(z))
         out = {}
         for task, dim in self.out_dims:
-            o = nn.Dense(dim, name=f"head_{task}")(t)
-            out[task] = o[..., 0] if dim == 1 else o
+            o = nn.Dense(dim or 1, name=f"head_{task}")(t)
+            out[task] = o if dim else o[..., 0]
         return out

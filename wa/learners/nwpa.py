@@ -92,7 +92,7 @@ class Learner(base.Graphs):
     name = "nwpa"
 
     def prepare(self, params, families, activations):
-        return [graph_lib.to_graph(p, f, a) for p, f, a in zip(params, families, activations)]
+        return [graph_lib.to_graph(p, f, a) for p, f, a in zip(params, families, activations, strict=True)]
 
     def module(self):
         c = self.cfg

@@ -41,7 +41,8 @@ def check(cfg) -> None:
         raise ProbeError(f"--config.learner={cfg.learner!r}; known: {sorted(learners.LEARNERS)}")
     unknown = set(cfg.tasks) - set(data_lib.TASKS)
     if unknown or not cfg.tasks:
-        raise ProbeError(f"--config.tasks has unknown tasks {sorted(unknown)} (or none); known: {sorted(data_lib.TASKS)}")
+        raise ProbeError(f"--config.tasks has unknown tasks {sorted(unknown)} (or none); "
+                         f"known: {sorted(data_lib.TASKS)}")
     if not os.path.exists(os.path.join(cfg.zoo, "zoo.json")):
         raise ProbeError(f"--config.zoo={cfg.zoo!r} is not a zoo (no zoo.json); build one with launch.make_zoo")
     if cfg.split.kind == "cross_arch" and not cfg.split.held_out:

@@ -104,8 +104,8 @@ class Learner(base.Dense):
         if self.cfg.mode not in MODES:
             raise base.LearnerError(f"weightnet mode {self.cfg.mode!r}; expected one of {MODES}")
         if self.cfg.mode == "canonical":
-            params = [canonical.canonicalize(p, f) for p, f in zip(params, families)]
-        graphs = [graph_lib.to_graph(p, f, a) for p, f, a in zip(params, families, activations)]
+            params = [canonical.canonicalize(p, f) for p, f in zip(params, families, strict=True)]
+        graphs = [graph_lib.to_graph(p, f, a) for p, f, a in zip(params, families, activations, strict=True)]
         if self.budget is None:
             self.budget = (max(int(g.n_node[0]) for g in graphs), max(int(g.n_edge[0]) for g in graphs))
         return graphs

@@ -43,11 +43,16 @@ def recover(weights: np.ndarray, direction_penalty: float = 0.5, root_cost: floa
     f = w if features is None else np.asarray(features, np.float64)
     d = cdist(f, f)
     kurt = stats.kurtosis(w, axis=1)
+    if n < 2:
+        return {"parent": np.full(n, -1), "distance": d, "kurtosis": kurt, "root_cost": float("nan")}
     off = d[~np.eye(n, dtype=bool)]
     nn = np.where(np.eye(n, dtype=bool), np.inf, d).min(axis=1)
     if root_cost is None:
         # Relatives are much closer than strangers: split all pairwise distances (log scale) into two classes.
-        root_cost = float(np.exp(otsu_threshold(np.log(off)))) if n > 2 else float(np.median(off))
+        # Identical models (distance 0) would give log 0; the smallest positive distance stands in.
+        pos = off[off > 0]
+        logs = np.log(np.maximum(off, pos.min() if pos.size else 1.0))
+        root_cost = float(np.exp(otsu_threshold(logs))) if n > 2 else float(np.median(off))
     g = nx.DiGraph()
     root = n
     for j in range(n):
@@ -78,3 +83,22 @@ def score(true_parent: np.ndarray, parent: np.ndarray) -> dict:
     return {"directed_edges": directed, "undirected_edges": undirected, "edges": int(has.sum()),
             "root_precision": len(roots & roots_true) / max(len(roots), 1),
             "root_recall": len(roots & roots_true) / max(len(roots_true), 1)}
+
+
+def per_architecture(rows, weights: list, features=None, direction_penalty: float = 0.5) -> dict:
+    """Rebuild trees among ``rows`` (one per model: ``model_id``, ``parent_id``, ``arch_id``) separately for each
+    architecture; ``weights[i]`` is row i's flat weight vector, ``features[i]`` an optional embedding to measure
+    distances in. A parent outside ``rows`` counts as no parent. Returns arch → score (plus ``parent``, model ids)."""
+    import pandas as pd
+    rows = pd.DataFrame(rows).reset_index(drop=True)
+    out = {}
+    for arch, sub in rows.groupby("arch_id"):
+        ids = sub["model_id"].to_numpy()
+        pos = {int(m): i for i, m in enumerate(ids)}
+        true = np.array([pos.get(int(p), -1) for p in sub["parent_id"].fillna(-1)])
+        w = np.stack([weights[i] for i in sub.index])
+        f = None if features is None else np.stack([features[i] for i in sub.index])
+        found = recover(w, direction_penalty, features=f)["parent"]
+        out[arch] = {**score(true, found), "model_id": ids.tolist(),
+                     "parent": [int(ids[p]) if p >= 0 else -1 for p in found]}
+    return out

@@ -51,6 +51,14 @@ def mesh(n_devices: int) -> Mesh:
     return Mesh(np.array(devs[:n_devices]), ("data",))
 
 
+def _i(x):
+    return np.asarray(x, np.int32)   # 0-d arrays: orbax saves arrays, not numpy scalars
+
+
+def _f(x):
+    return np.asarray(x, np.float32)
+
+
 def _loss(out, y, mask, spec, weights):
     total, per = 0.0, {}
     m = mask.astype(jnp.float32)
@@ -157,8 +165,7 @@ class Loop:
         cfg = self.cfg
         params, opt_state = self.init(feats, train_idx)
         state = {"params": params, "opt_state": opt_state, "best_params": params,
-                 "epoch": np.int32(0), "best_epoch": np.int32(0), "best_val": np.float32(np.inf),
-                 "bad_epochs": np.int32(0)}
+                 "epoch": _i(0), "best_epoch": _i(0), "best_val": _f(np.inf), "bad_epochs": _i(0)}
         history, start = [], 0
         mngr = hist_file = None
         if workdir:
@@ -190,9 +197,9 @@ class Loop:
             better = val["loss"] < float(state["best_val"])
             state = {"params": params, "opt_state": opt_state,
                      "best_params": params if better else state["best_params"],
-                     "epoch": np.int32(epoch + 1), "best_epoch": np.int32(epoch + 1 if better else state["best_epoch"]),
-                     "best_val": np.float32(val["loss"] if better else state["best_val"]),
-                     "bad_epochs": np.int32(0 if better else int(state["bad_epochs"]) + 1)}
+                     "epoch": _i(epoch + 1), "best_epoch": _i(epoch + 1 if better else state["best_epoch"]),
+                     "best_val": _f(val["loss"] if better else state["best_val"]),
+                     "bad_epochs": _i(0 if better else int(state["bad_epochs"]) + 1)}
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                             "val": val["tasks"], "seconds": round(time.time() - te, 2)})
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val['loss']:.3f}")

@@ -21,7 +21,7 @@ def pairs(params: dict, family: str) -> list[tuple[tuple[str, ...], tuple[str, .
     if family == "transformer":
         return [((b, "mlp_in"), (b, "mlp_out")) for b in graph._numbered(params, "block")]
     names = [(n,) for n, *_ in graph.layers(params, family)]
-    return list(zip(names[:-1], names[1:]))
+    return list(zip(names[:-1], names[1:], strict=True))
 
 
 def _get(params: dict, path: tuple[str, ...]) -> dict:
@@ -41,7 +41,7 @@ def permute(params: dict, family: str, perms: list[np.ndarray]) -> dict:
         raise ValueError(f"{family} with {len(ps)} permutable hidden layers needs {len(ps)} permutations, "
                          f"got {len(perms)}")
     out = _copy(params)
-    for (cur, nxt), p in zip(ps, perms):
+    for (cur, nxt), p in zip(ps, perms, strict=True):
         c, n = _get(out, cur), _get(out, nxt)
         c["kernel"] = np.asarray(c["kernel"])[..., p]
         c["bias"] = np.asarray(c["bias"])[p]

@@ -3,9 +3,10 @@
 Node features: ``x`` = [bias, depth position in [0, 1], is_input, is_output] with integer ``layer_type``
 (input, dense, conv, output) and ``activation`` ids for learned embeddings, ``layer`` (the node group's number in
 forward order, for pooling neurons into layers) and ``index`` (the node's place inside its group: meaningful for
-input and output units, arbitrary for hidden ones, which a permutation-aware learner must not read). Edge features: ``w`` = the weight,
-or for a convolution the flattened k×k kernel between two channels, zero-padded to ``EDGE_DIM``; integer
-``edge_type`` (dense, conv). Senders are the layer's input units, receivers its output units.
+input and output units, arbitrary for hidden ones, which a permutation-aware learner must not read). Edge
+features: ``w`` = the weight, or for a convolution the flattened k×k kernel between two channels, zero-padded to
+``EDGE_DIM``; integer ``edge_type`` (dense, conv, residual, norm, position). Senders are the layer's input
+units, receivers its output units.
 
 The MLP and CNN are chains of layers; the patch transformer's graph is described in ``_transformer``.
 """
