@@ -53,14 +53,14 @@ def get_config(arg: str = "nwpa") -> ml_collections.ConfigDict:
     c.tasks = ml_collections.ConfigDict(dict(architecture=1.0, test_acc=1.0, gen_gap=1.0, disparity=1.0,
                                              vulnerable=1.0, train_fraction=0.5, label_noise=0.5, imbalance=0.5,
                                              augment=0.5))
-    c.train = ml_collections.ConfigDict(dict(epochs=40, batch_size=32, lr=1e-3, weight_decay=1e-4, warmup_steps=200,
+    c.train = ml_collections.ConfigDict(dict(epochs=40, batch_size=32, lr=1e-3, weight_decay=1e-4, warmup=0.05,
                                              clip=1.0, patience=8, seed=0, devices=1, halt_at=0))
     c.permutation = ml_collections.ConfigDict(dict(networks=64, seed=0))
     if "smoke" in flags:
         c.data.min_epoch = 0
         c.split.kind = "model"
         c.split.fractions = (0.5, 0.25, 0.25)
-        c.train.update(epochs=2, batch_size=8, warmup_steps=2)
+        c.train.update(epochs=2, batch_size=8)
         c.permutation.networks = 4
         if c.learner in ("nwpa", "weightnet"):
             c.model.update(dim=16, layers=1, heads=2)

@@ -77,6 +77,8 @@ class Loop:
     def __init__(self, learner, targets, cfg):
         if cfg.epochs < 1 or cfg.batch_size < 1:
             raise LoopError("--config.train.epochs and batch_size must be >= 1")
+        if not 0 <= cfg.warmup < 1:
+            raise LoopError(f"--config.train.warmup={cfg.warmup}: expected a fraction of the steps in [0, 1)")
         self.learner, self.targets, self.cfg = learner, targets, cfg
         self.module = learner.module()
         self.mesh = mesh(learner.n_devices)
@@ -118,8 +120,8 @@ class Loop:
         params = self.module.init({"params": jax.random.key(self.cfg.seed), "dropout": jax.random.key(1)},
                                   sample, train=False)["params"]
         steps = self.cfg.epochs * max(1, -(-len(train_idx) // self.cfg.batch_size))
-        schedule = optax.warmup_cosine_decay_schedule(0.0, self.cfg.lr, min(self.cfg.warmup_steps, steps // 2),
-                                                      steps, self.cfg.lr * 0.01)
+        schedule = optax.warmup_cosine_decay_schedule(0.0, self.cfg.lr, int(self.cfg.warmup * steps), steps,
+                                                      self.cfg.lr * 0.01)
         self.opt = optax.chain(optax.clip_by_global_norm(self.cfg.clip),
                                optax.adamw(schedule, weight_decay=self.cfg.weight_decay))
         params = jax.device_put(params, self.repl)
