@@ -98,17 +98,17 @@ def _fit(variant, workdir, model=None, **train):
 
 
 def test_loop_resume_is_exact_and_runs_are_deterministic(tmp_path):
-    full = _fit("nwpa", str(tmp_path / "a"), epochs=3, patience=10)
-    again = _fit("nwpa", None, epochs=3, patience=10)
-    halted = _fit("nwpa", str(tmp_path / "b"), epochs=3, patience=10, halt_at=1)
+    # The resumed run is a fresh process-like start (new loop, state from disk), so equality with the
+    # uninterrupted run also shows the run is deterministic by seed.
+    full = _fit("nwpa", str(tmp_path / "a"), epochs=2, patience=10)
+    halted = _fit("nwpa", str(tmp_path / "b"), epochs=2, patience=10, halt_at=1)
     assert halted.epochs_run == 1
-    resumed = _fit("nwpa", str(tmp_path / "b"), epochs=3, patience=10)
-    assert resumed.resumed_from == 1 and resumed.epochs_run == 3 and resumed.best_epoch == full.best_epoch
-    for other in (again, resumed):
-        for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(other.params), strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    resumed = _fit("nwpa", str(tmp_path / "b"), epochs=2, patience=10)
+    assert resumed.resumed_from == 1 and resumed.epochs_run == 2 and resumed.best_epoch == full.best_epoch
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     hist = json.load(open(tmp_path / "b" / "history.json"))
-    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert [h["epoch"] for h in hist] == [1, 2]
     assert [h["val_loss"] for h in hist] == [h["val_loss"] for h in full.history]
     assert set(hist[0]["val"]) == set(_cfg("nwpa").tasks) and "kendall_tau" in hist[0]["val"]["test_acc"]
 
@@ -192,11 +192,11 @@ def test_probe_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path):
 
     bench = tmp_path / "bench"
     r = helpers.run_launch("experiments.nwa_benchmark", f"--zoo={store}", "--smoke", f"--workdir={bench}",
-                           "--learners=stats_gbt,pca_linear", "--seeds=0,1", "--cross_learners=stats_gbt")
+                           "--learners=stats_gbt,pca_linear", "--seeds=0,1", "--cross_arch=")
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(line) >= {"stats_gbt", "pca_linear"} and line["pca_linear"]["perm_gap"] > 0
     res = json.load(open(bench / "results.json"))
     assert res["headline"]["stats_gbt"]["test_acc"]["kendall_tau"]["values"].__len__() == 2
-    assert set(res["cross_arch"]) == {"stats_gbt"} and len(res["lineage"]["weights_all"]) == 3
+    assert res["cross_arch"] == {} and len(res["lineage"]["weights_all"]) == 3
     text = open(bench / "report.md").read()
     assert "## Targets (DESIGN.md)" in text and "| architecture accuracy ≥ 0.99 |" in text
