@@ -131,7 +131,7 @@ def fmt(d):
     return f"{d['mean']:.3f} ± {d['std']:.3f}"
 
 
-def write_report(results, ws, runs):
+def write_report(results, runs):
     wd = FLAGS.workdir
     h = results["headline"]
     variants = list(h)
@@ -229,7 +229,7 @@ def write_report(results, ws, runs):
     report.write_text(os.path.join(wd, "report.md"), "\n".join(lines))
 
 
-def plots_for(ws, runs):
+def plots_for(runs):
     series = {}
     for v in runs:
         hist_file = os.path.join(FLAGS.workdir, "runs", v, "seed_0", "history.json")
@@ -273,8 +273,8 @@ def main(argv):
     results = {"data": first["data"], "seeds": seeds, "headline": headline(runs), "cross_arch": cross,
                "lineage": lineage_scores(ws, runs), "runs": runs, "seconds": round(time.time() - t0, 1)}
     report.write_json(os.path.join(FLAGS.workdir, "results.json"), results)
-    plots_for(ws, runs)
-    write_report(results, ws, runs)
+    plots_for(runs)
+    write_report(results, runs)
     h = results["headline"]
     line = {"networks": len(ws), "seconds": results["seconds"]}
     for v in h:

@@ -67,8 +67,7 @@ def test_predictions_under_hidden_neuron_permutations(variant, equivariant):
     t = data_lib.targets(ws.rows, dict(cfg.tasks), np.arange(6))
     lr = learners.get(cfg.learner, cfg.model, t)
     feats = lr.prepare(ws.params, ws.families, ws.activations)
-    if hasattr(lr, "set_budget"):
-        lr.set_budget(feats, cfg.train.batch_size)
+    lr.setup(feats, np.arange(6), cfg.train.batch_size)
     loop = loop_lib.Loop(lr, t, cfg.train)
     params, _ = loop.init(feats, np.arange(6))
 
@@ -91,9 +90,7 @@ def _fit(variant, workdir, model=None, **train):
     t = data_lib.targets(ws.rows, dict(cfg.tasks), idx[:12])
     lr = learners.get(cfg.learner, cfg.model, t, cfg.train.devices)
     feats = lr.prepare(ws.params, ws.families, ws.activations)
-    lr.fit_normalizer(feats, idx[:12])
-    if hasattr(lr, "set_budget"):
-        lr.set_budget(feats, cfg.train.batch_size)
+    lr.setup(feats, idx[:12], cfg.train.batch_size)
     return loop_lib.Loop(lr, t, cfg.train).fit(feats, idx[:12], idx[12:], workdir, progress=False)
 
 

@@ -8,6 +8,7 @@ baselines) fits in one call and needs no loop.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from wa.learners.data import Targets
@@ -29,8 +30,9 @@ class Learner:
         """Views of these networks, in row order."""
         raise NotImplementedError
 
-    def fit_normalizer(self, feats, train_idx: np.ndarray) -> None:
-        """Feature scaling from the training rows (dense baselines); a no-op by default."""
+    def setup(self, feats, train_idx: np.ndarray, batch_size: int) -> None:
+        """Whatever the learner fixes from the prepared networks before training: feature scaling from the
+        training rows (dense baselines), batch budgets (graph learners). A no-op by default."""
 
 
 class Neural(Learner):
@@ -73,7 +75,7 @@ class Graphs(Neural):
 
     budget = None
 
-    def set_budget(self, graphs: list, batch_size: int):
+    def setup(self, graphs: list, train_idx, batch_size: int):
         per = self._check_batch(batch_size)
         nn_ = np.array([int(g.n_node[0]) for g in graphs])
         ne = np.array([int(g.n_edge[0]) for g in graphs])
@@ -100,7 +102,7 @@ class Graphs(Neural):
     def batches(self, graphs, idx, batch_size, rng):
         self._check_batch(batch_size)
         if self.budget is None:
-            raise LearnerError("set_budget() must run before batches()")
+            raise LearnerError("setup() must run before batches()")
         n_graph = self.budget[2]
         subs = list(self._pack(graphs, self._order(idx, rng)))
         subs += [[]] * ((-len(subs)) % self.n_devices)
@@ -114,5 +116,4 @@ class Graphs(Neural):
 
 
 def stack(trees):
-    import jax
     return jax.tree.map(lambda *xs: np.stack(xs), *trees)

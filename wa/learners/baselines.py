@@ -62,7 +62,7 @@ class _DenseMLP(_Features, base.Dense):
     def prepare(self, params, families, activations):
         return self._matrix(params, families)
 
-    def fit_normalizer(self, feats, train_idx):
+    def setup(self, feats, train_idx, batch_size):
         self.mean = feats[train_idx].mean(0)
         self.std = feats[train_idx].std(0) + 1e-6
 

@@ -32,6 +32,14 @@ class NodeEmbed(nn.Module):
         return h + pos * keep[..., None]
 
 
+def residual_update(h, update, dim: int):
+    """Post-LN transformer tail shared by the learners: h + Dense(update), then h + MLP(h), each LayerNorm'd.
+    Called inside a compact method, so its layers (``out``, ``ln_1``, ``mlp_in``, ``mlp_out``, ``ln_2``) belong to
+    the caller."""
+    h = nn.LayerNorm(name="ln_1")(h + nn.Dense(dim, name="out")(update))
+    return nn.LayerNorm(name="ln_2")(h + nn.Dense(dim, name="mlp_out")(nn.gelu(nn.Dense(2 * dim, name="mlp_in")(h))))
+
+
 class Heads(nn.Module):
     """embedding → {task: logits [.., classes] or value [..]} through a shared MLP trunk."""
     out_dims: tuple          # ((task, classes or 0 for a scalar), ...)

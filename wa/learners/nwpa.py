@@ -39,9 +39,7 @@ class Layer(nn.Module):
         msg = jax.ops.segment_sum(v * edge_keep[:, None], receivers, n)
         cnt = jax.ops.segment_sum(edge_keep.astype(h.dtype), receivers, n)
         mean = msg / jnp.maximum(cnt, 1.0)[:, None]
-        h = nn.LayerNorm(name="ln_1")(h + nn.Dense(self.dim, name="out")(jnp.concatenate([att, mean], -1)))
-        return nn.LayerNorm(name="ln_2")(h + nn.Dense(self.dim, name="mlp_out")(
-            nn.gelu(nn.Dense(2 * self.dim, name="mlp_in")(h))))
+        return heads.residual_update(h, jnp.concatenate([att, mean], -1), self.dim)
 
 
 class NWPA(nn.Module):

@@ -47,9 +47,7 @@ class Block(nn.Module):
             ev = jnp.einsum("bhij,bijc->bihc", alpha, dense_e).reshape(b, t, -1)
             prop = jnp.einsum("bijc,bjc->bic", dense_e, nn.Dense(dense_e.shape[-1], name="prop_in")(h))
             out = jnp.concatenate([out, ev, prop], -1)
-        h = nn.LayerNorm(name="ln_1")(h + nn.Dense(self.dim, name="out")(out))
-        return nn.LayerNorm(name="ln_2")(h + nn.Dense(self.dim, name="mlp_out")(
-            nn.gelu(nn.Dense(2 * self.dim, name="mlp_in")(h))))
+        return heads.residual_update(h, out, self.dim)
 
 
 class WeightNet(nn.Module):

@@ -60,7 +60,7 @@ def _f(x):
 
 
 def _loss(out, y, mask, spec, weights):
-    total, per = 0.0, {}
+    total = 0.0
     m = mask.astype(jnp.float32)
     n = jnp.maximum(m.sum(), 1.0)
     for task, s in spec.items():
@@ -68,9 +68,8 @@ def _loss(out, y, mask, spec, weights):
             lt = optax.softmax_cross_entropy_with_integer_labels(out[task], y[task])
         else:
             lt = (out[task] - y[task]) ** 2
-        per[task] = (lt * m).sum() / n
-        total = total + weights[task] * per[task]
-    return total, per
+        total = total + weights[task] * (lt * m).sum() / n
+    return total
 
 
 class Loop:
@@ -93,18 +92,16 @@ class Loop:
                                                       rngs={"dropout": k}))(batch, keys)
 
         def loss_fn(params, batch, y, mask, keys):
-            total, per = _loss(apply(params, batch, True, keys), y, mask, spec, weights)
-            return total, per
+            return _loss(apply(params, batch, True, keys), y, mask, spec, weights)
 
         def step(params, opt_state, batch, y, mask, keys):
-            (loss, per), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, y, mask, keys)
+            loss, g = jax.value_and_grad(loss_fn)(params, batch, y, mask, keys)
             updates, opt_state = self.opt.update(g, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, loss
 
-        def evaluate(params, batch, y, mask):
-            keys = jax.random.split(jax.random.key(0), mask.shape[0])
-            out = apply(params, batch, False, keys)
-            return out, _loss(out, y, mask, spec, weights)
+        def evaluate(params, batch):
+            # No dropout in evaluation; the keys only fill apply's signature.
+            return apply(params, batch, False, jax.random.split(jax.random.key(0), learner.n_devices))
 
         self._step = jax.jit(step)
         self._eval = jax.jit(evaluate)
@@ -129,11 +126,10 @@ class Loop:
 
     def predict(self, params, feats, idx) -> dict:
         """Outputs for rows ``idx`` in that order: class probabilities, regression values (standardized),
-        embeddings; plus the mean validation-style losses over these rows."""
+        embeddings."""
         outs, rows_all = [], []
         for batch, rows in self.learner.batches(feats, np.asarray(idx), self.cfg.batch_size, None):
-            b, y, m = self._device(batch, rows)
-            out, _ = self._eval(params, b, y, m)
+            out = self._eval(params, jax.device_put(batch, self.data))
             outs.append(jax.device_get(out))
             rows_all.append(rows.reshape(-1))
         rows = np.concatenate(rows_all)
