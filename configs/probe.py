@@ -15,26 +15,31 @@ Re-running with the same workdir resumes training from the last finished epoch. 
 
 import ml_collections
 
-LEARNERS = ("nwpa", "weightnet", "weightnet_flat", "weightnet_canonical", "weightnet_no_layer_types", "stats_gbt",
-            "stats_mlp", "pca_linear", "flat_mlp")
+LEARNERS = ("nwpa", "weightnet", "nfn", "weightnet_flat", "weightnet_canonical", "weightnet_no_layer_types",
+            "stats_gbt", "stats_mlp", "pca_linear", "flat_mlp")
 
 
 def model(variant: str) -> tuple[str, ml_collections.ConfigDict]:
     m = ml_collections.ConfigDict()
     if variant == "nwpa":
-        m.update(dim=32, layers=2, heads=2, node_dropout=0.05, edge_dropout=0.1)
+        m.update(dim=32, layers=2, heads=2, node_dropout=0.05, edge_dropout=0.1, dense=True, normalize=True, clip=8.0,
+                 stats=False)
         return "nwpa", m
+    if variant == "nfn":
+        m.update(channels=16, layers=2, layer="hnp", dim=64, normalize=True, clip=8.0, stats=False)
+        return "nfn", m
     if variant.startswith("weightnet"):
-        m.update(dim=32, layers=2, heads=2, edge_dim=8, dropout=0.0, mode="equivariant", layer_types=True)
+        m.update(dim=32, layers=2, heads=2, edge_dim=8, dropout=0.0, mode="equivariant", layer_types=True, dense=True,
+                 normalize=True, clip=8.0, stats=False)
         m.mode = {"weightnet_flat": "flat", "weightnet_canonical": "canonical"}.get(variant, "equivariant")
         m.layer_types = variant != "weightnet_no_layer_types"
         return "weightnet", m
     if variant == "stats_gbt":
         m.update(iters=300, lr=0.05, min_leaf=20)
     elif variant == "pca_linear":
-        m.update(components=64, alpha=1.0, c=1.0)
+        m.update(components=64, alpha=1.0, c=1.0, clip=8.0)
     elif variant in ("stats_mlp", "flat_mlp"):
-        m.update(dim=256, layers=2, dropout=0.1)
+        m.update(dim=256, layers=2, dropout=0.1, clip=8.0)
     else:
         raise ValueError(f"configs/probe.py: unknown variant {variant!r}; use one of {LEARNERS} (optionally ',smoke')")
     return variant, m
@@ -66,6 +71,8 @@ def get_config(arg: str = "nwpa") -> ml_collections.ConfigDict:
             c.model.update(dim=16, layers=1, heads=2)
             if c.learner == "weightnet":
                 c.model.edge_dim = 4
+        elif c.learner == "nfn":
+            c.model.update(channels=4, layers=1, dim=16)
         elif c.learner == "stats_gbt":
             c.model.update(iters=10, min_leaf=2)
         elif c.learner == "pca_linear":

@@ -21,6 +21,7 @@ from absl import app, flags, logging
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
 
 from configs import probe as probe_configs  # noqa: E402
+from launch import common  # noqa: E402
 from wa import lineage, report  # noqa: E402
 from wa.learners import (
     baselines,  # noqa: E402
@@ -257,6 +258,7 @@ def plots_for(runs):
 
 def main(argv):
     del argv
+    common.start()
     unknown = set(FLAGS.learners) - set(probe_configs.LEARNERS)
     if unknown:
         raise app.UsageError(f"--learners {sorted(unknown)} unknown; known: {probe_configs.LEARNERS}")

@@ -3,12 +3,13 @@
 A config names its learner by string; adding one is adding a class here.
 """
 
-from wa.learners import baselines, nwpa, weightnet
+from wa.learners import baselines, nfn, nwpa, weightnet
 from wa.learners.base import LearnerError
 
 LEARNERS = {
     "nwpa": nwpa.Learner,
     "weightnet": weightnet.Learner,
+    "nfn": nfn.Learner,
     "stats_gbt": baselines.StatsGBT,
     "stats_mlp": baselines.StatsMLP,
     "pca_linear": baselines.PCALinear,

@@ -22,6 +22,7 @@ class LearnerError(ValueError):
 class Learner:
     name = ""
     neural = True
+    families = None     # the zoo families it can read (None: every one)
 
     def __init__(self, cfg, targets: Targets, n_devices: int = 1):
         self.cfg, self.targets, self.n_devices = cfg, targets, n_devices
@@ -41,6 +42,10 @@ class Neural(Learner):
 
     def batches(self, feats, idx: np.ndarray, batch_size: int, rng: np.random.Generator | None):
         raise NotImplementedError
+
+    def init_batches(self, feats, train_idx, batch_size):
+        """Batches whose shapes the parameters must cover (the loop initializes on each and merges)."""
+        return [next(self.batches(feats, train_idx[:1], batch_size, None))[0]]
 
     def _order(self, idx, rng):
         idx = np.asarray(idx)
@@ -113,6 +118,153 @@ class Graphs(Neural):
                 parts.append(graph_lib.batch([graphs[i] for i in (sub or [0])], *self.budget))
                 rows.append(np.array(sub + [-1] * (n_graph - len(sub))))
             yield stack(parts), np.stack(rows)
+
+
+@jax.tree_util.register_pytree_node_class
+class Bucket:
+    """A batch of networks of one architecture: node features [.., T, ...] and per-block weights
+    [.., receivers, senders, taps]; the ``Layout`` is static (jit compiles once per layout)."""
+
+    def __init__(self, layout: graph_lib.Layout, nodes: dict, weights: tuple, stats=None):
+        self.layout, self.nodes, self.weights, self.stats = layout, nodes, tuple(weights), stats
+
+    def tree_flatten(self):
+        return (self.nodes, self.weights, self.stats), self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout, children):
+        return cls(layout, *children)
+
+
+class Blocks(Neural):
+    """Learners that read ``wa.weights.graph.Blocked`` networks. Batches are bucketed by layout (networks of one
+    architecture): each batch holds one bucket's networks as dense tensors, so a step compiles once per layout
+    and message passing is dense. Within a bucket the order is shuffled, then the batches of all buckets are.
+
+    Input scale (``setup``): every weight block and every node group's biases are standardized per layer
+    position (layout, block / group) with robust statistics of the training networks (median and 1.4826 × the
+    median absolute deviation), then clipped to ±``cfg.clip``; a layer position that no training network has
+    (a held-out architecture) uses the statistics pooled over the training blocks of the same edge type (biases:
+    the same layer type). The raw scale survives as two node features: log(1 + RMS of the node's incoming
+    weights) and asinh(bias), both as stored. ``cfg.normalize=False`` feeds the weights as stored."""
+
+    norm = None
+
+    @property
+    def dense(self) -> bool:
+        """False: the learner's packed path (the next class in its MRO: padded edge lists), kept as the
+        reference the bucketed path is tested and timed against."""
+        return self.cfg.get("dense", True)
+
+    def prepare(self, params, families, activations):
+        return [graph_lib.to_blocks(p, f, a) for p, f, a in zip(params, families, activations, strict=True)]
+
+    def setup(self, nets, train_idx, batch_size):
+        if not self.dense:
+            return super().setup(nets, train_idx, batch_size)
+        self._check_batch(batch_size)
+        self.norm = Normalizer.fit([nets[i] for i in train_idx], self.cfg.clip) if self.cfg.normalize else None
+
+    def init_batches(self, nets, train_idx, batch_size):
+        """One batch per architecture of every prepared network (a learner may hold per-architecture
+        parameters, and prediction may meet an architecture that training did not)."""
+        if not self.dense:
+            return super().init_batches(nets, train_idx, batch_size)
+        first = {}
+        for i, n in enumerate(nets):
+            first.setdefault(n.layout, i)
+        return [next(self.batches(nets, [i], batch_size, None))[0] for i in first.values()]
+
+    def batches(self, nets, idx, batch_size, rng):
+        if not self.dense:
+            yield from super().batches(nets, idx, batch_size, rng)
+            return
+        per = self._check_batch(batch_size)
+        idx = np.asarray(idx)
+        by = {}
+        for i in idx:
+            by.setdefault(nets[i].layout, []).append(i)
+        rows = []
+        for members in by.values():
+            order = self._order(members, rng)
+            pad = (-len(order)) % batch_size
+            rows += list(np.concatenate([order, np.full(pad, -1)]).reshape(-1, self.n_devices, per))
+        if rng is not None:
+            rows = [rows[k] for k in rng.permutation(len(rows))]
+        for r in rows:
+            yield self.gather(nets, r), r
+
+    def gather(self, nets, rows):
+        if not self.dense:
+            return super().gather(nets, rows)
+        first = nets[int(rows[rows >= 0][0])]
+        views = [self.view(nets[int(i)] if i >= 0 else first) for i in rows.reshape(-1)]
+        nodes = {k: np.stack([v.nodes[k] for v in views]).reshape(*rows.shape, *views[0].nodes[k].shape)
+                 for k in views[0].nodes}
+        weights = tuple(np.stack([v.weights[b] for v in views]).reshape(*rows.shape, *w.shape)
+                        for b, w in enumerate(views[0].weights))
+        stats = None if views[0].stats is None else np.stack([v.stats for v in views]).reshape(*rows.shape, -1)
+        return Bucket(first.layout, nodes, weights, stats)
+
+    def view(self, net):
+        return self.norm(net) if self.norm is not None else net
+
+
+def robust(values: np.ndarray, axis=None):
+    """Median and 1.4826 × median absolute deviation (the standard deviation for Gaussian data, untouched by a
+    few diverged networks); where the MAD is 0 (mostly constant values) the standard deviation, floored at 1e-8."""
+    med = np.median(values, axis=axis)
+    mad = 1.4826 * np.median(np.abs(values - (med if axis is None else np.expand_dims(med, axis))), axis=axis)
+    scale = np.where(mad > 1e-8, mad, np.maximum(np.std(values, axis=axis), 1e-8))
+    return (float(med), float(scale)) if axis is None else (med, scale)
+
+
+class Normalizer:
+    """Per layer position statistics of the training networks (see ``Blocks``)."""
+
+    def __init__(self, blocks: dict, groups: dict, by_type: dict, clip: float):
+        self.blocks, self.groups, self.by_type, self.clip = blocks, groups, by_type, clip
+
+    @classmethod
+    def fit(cls, nets: list, clip: float) -> Normalizer:
+        if clip <= 0:
+            raise LearnerError(f"--config.model.clip={clip}: expected > 0 (standardized weights are clipped to ±clip)")
+        w, b, wt, bt = {}, {}, {}, {}
+        for n in nets:
+            lay = n.layout
+            for k, (_, _, etype, _, _) in enumerate(lay.blocks):
+                w.setdefault((lay, k), []).append(n.weights[k].ravel())
+                wt.setdefault(("edge", etype), []).append(n.weights[k].ravel())
+            for g, (start, size) in enumerate(lay.groups):
+                bias = n.nodes["x"][start:start + size, 0]
+                b.setdefault((lay, g), []).append(bias)
+                bt.setdefault(("node", int(n.nodes["layer_type"][start])), []).append(bias)
+        stat = lambda d: {k: robust(np.concatenate(v)) for k, v in d.items()}  # noqa: E731
+        return cls(stat(w), stat(b), {**stat(wt), **stat(bt)}, clip)
+
+    def _stat(self, table, key, fallback):
+        return table.get(key) or self.by_type.get(fallback) or (0.0, 1.0)
+
+    def __call__(self, net) -> graph_lib.Blocked:
+        lay, c = net.layout, self.clip
+        weights = []
+        rms_sum = np.zeros(lay.n_nodes)
+        count = np.zeros(lay.n_nodes)
+        for k, (_, r, etype, _, _) in enumerate(lay.blocks):
+            w = net.weights[k]
+            m, s = self._stat(self.blocks, (lay, k), ("edge", etype))
+            weights.append(np.clip((w - m) / s, -c, c).astype(np.float32))
+            start, size = lay.groups[r]
+            rms_sum[start:start + size] += (w.astype(np.float64) ** 2).reshape(size, -1).sum(1)
+            count[start:start + size] += w[0].size
+        x = net.nodes["x"].astype(np.float64)
+        bias = x[:, 0].copy()
+        for g, (start, size) in enumerate(lay.groups):
+            m, s = self._stat(self.groups, (lay, g), ("node", int(net.nodes["layer_type"][start])))
+            x[start:start + size, 0] = np.clip((bias[start:start + size] - m) / s, -c, c)
+        raw = np.stack([np.log1p(np.sqrt(rms_sum / np.maximum(count, 1))), np.arcsinh(bias)], 1)
+        nodes = dict(net.nodes, x=np.concatenate([x, raw], 1).astype(np.float32))
+        return graph_lib.Blocked(lay, nodes, tuple(weights))
 
 
 def stack(trees):

@@ -3,8 +3,9 @@
 ``stats_gbt``: per-layer statistics → scikit-learn histogram gradient-boosted trees, one per task (the
 published Small-CNN-Zoo baseline). ``stats_mlp``: the same features → an MLP with the shared multi-task heads.
 ``pca_linear``: flattened weights → PCA → ridge / logistic regression. ``flat_mlp``: flattened weights → MLP.
-Networks of different sizes are zero-padded to the largest one's length (flat) or depth (statistics); the
-padding sizes are fixed by the first networks prepared (the whole set, before splitting).
+Inputs of the neural and linear baselines are scaled robustly (``RobustClip``, statistics of the training rows);
+the trees need no scaling. Networks of different sizes are zero-padded to the largest one's length (flat) or
+depth (statistics); the padding sizes are fixed by the first networks prepared (the whole set, before splitting).
 """
 
 from __future__ import annotations
@@ -56,18 +57,36 @@ class MLP(nn.Module):
         return {"embedding": z, **heads.Heads(self.out_dims, self.dim, name="heads")(nn.gelu(z))}
 
 
+class RobustClip(preprocessing.FunctionTransformer):
+    """Per feature: (x − median) / (1.4826 × MAD) of the training rows, clipped to ±clip, so that a diverged
+    network (weights ~1e4 in a zoo of ~1e-1) cannot dominate a scale or a loss."""
+
+    def __init__(self, clip: float = 8.0):
+        self.clip = clip
+        super().__init__()
+
+    def fit(self, x, y=None):
+        self.center_, self.scale_ = base.robust(np.asarray(x, np.float64), axis=0)
+        return self
+
+    def transform(self, x):
+        return np.clip((np.asarray(x, np.float64) - self.center_) / self.scale_, -self.clip, self.clip)
+
+    def fit_transform(self, x, y=None):
+        return self.fit(x).transform(x)
+
+
 class _DenseMLP(_Features, base.Dense):
-    mean = std = None
+    scaler = None
 
     def prepare(self, params, families, activations):
         return self._matrix(params, families)
 
     def setup(self, feats, train_idx, batch_size):
-        self.mean = feats[train_idx].mean(0)
-        self.std = feats[train_idx].std(0) + 1e-6
+        self.scaler = RobustClip(self.cfg.clip).fit(feats[train_idx])
 
     def gather(self, feats, rows):
-        return ((feats[np.maximum(rows, 0)] - self.mean) / self.std).astype(np.float32)
+        return self.scaler.transform(feats[np.maximum(rows, 0)]).astype(np.float32)
 
     def module(self):
         c = self.cfg
@@ -130,8 +149,8 @@ class PCALinear(_Fitted):
     name, kind = "pca_linear", "flat"
 
     def preprocessor(self, seed):
-        return pipeline.make_pipeline(preprocessing.StandardScaler(),
-                                      decomposition.PCA(self.cfg.components, random_state=seed))
+        return pipeline.make_pipeline(RobustClip(self.cfg.clip), decomposition.PCA(self.cfg.components,
+                                                                                   random_state=seed))
 
     def estimator(self, kind, seed):
         c = self.cfg

@@ -98,6 +98,7 @@ class Targets:
     """``y[task]``: int class ids or standardized floats, one per row; ``spec[task]``: how to read them back."""
     y: dict[str, np.ndarray]
     spec: dict[str, dict]
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def out_dims(self) -> dict[str, int]:
         """Classes per classification task; 0 for a regression task (one scalar output)."""
@@ -115,8 +116,9 @@ class Targets:
 
 
 def targets(rows: pd.DataFrame, tasks: dict[str, float], train_idx: np.ndarray) -> Targets:
-    """``tasks``: task name → loss weight. Scales and thresholds come from the training rows only."""
-    y, spec = {}, {}
+    """``tasks``: task name → loss weight. Scales and thresholds come from the training rows only. A class task
+    whose training rows hold a single class is skipped (``Targets.skipped`` says why)."""
+    y, spec, skipped = {}, {}, {}
     for name, weight in tasks.items():
         if name not in TASKS:
             raise DataError(f"unknown task {name!r}; known: {sorted(TASKS)}")
@@ -124,6 +126,12 @@ def targets(rows: pd.DataFrame, tasks: dict[str, float], train_idx: np.ndarray) 
         if t.column not in rows:
             raise DataError(f"task {name!r} needs metadata column {t.column!r}, which this zoo lacks")
         col = rows[t.column]
+        if t.kind == "class" and col.iloc[train_idx].nunique() < 2:
+            # Nothing to learn (e.g. the architecture in a single-architecture zoo), and scikit-learn's
+            # classifiers cannot be fitted on one class.
+            skipped[name] = f"its training rows hold one class ({col.iloc[train_idx].iloc[0]!r})"
+            logging.info("task %s skipped: %s", name, skipped[name])
+            continue
         if t.kind == "class":
             classes = sorted(col.unique().tolist())
             y[name] = col.map({c: i for i, c in enumerate(classes)}).to_numpy(np.int32)
@@ -138,4 +146,6 @@ def targets(rows: pd.DataFrame, tasks: dict[str, float], train_idx: np.ndarray) 
             y[name] = ((v - mean) / std).astype(np.float32)
             spec[name] = {"kind": "regression", "mean": mean, "std": std}
         spec[name].update(column=t.column, weight=float(weight), about=t.about)
-    return Targets(y, spec)
+    if not spec:
+        raise DataError(f"every task was skipped: {skipped}")
+    return Targets(y, spec, skipped)

@@ -40,6 +40,15 @@ def residual_update(h, update, dim: int):
     return nn.LayerNorm(name="ln_2")(h + nn.Dense(dim, name="mlp_out")(nn.gelu(nn.Dense(2 * dim, name="mlp_in")(h))))
 
 
+def fuse_stats(z, stats, dim: int):
+    """Multi-resolution readout: the pooled embedding (micro/meso levels, from neurons and layers) concatenated
+    with an embedding of the network's per-layer weight statistics (macro level), when the batch carries them.
+    Called inside a compact method; its layer (``stats_embed``) belongs to the caller."""
+    if stats is None:
+        return z
+    return jnp.concatenate([z, nn.gelu(nn.Dense(dim, name="stats_embed")(stats))], -1)
+
+
 class Heads(nn.Module):
     """embedding → {task: logits [.., classes] or value [..]} through a shared MLP trunk."""
     out_dims: tuple          # ((task, classes or 0 for a scalar), ...)

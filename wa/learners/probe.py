@@ -35,6 +35,24 @@ def split(rows: pd.DataFrame, cfg) -> dict[str, np.ndarray]:
     raise ProbeError(f"--config.split.kind={cfg.kind!r}: expected model, tree or cross_arch")
 
 
+def readable(ws: data_lib.WeightSet, parts: dict, families, learner: str):
+    """The networks a learner can read: for one limited to some families, the zoo's split (made on every
+    network, so that it equals the other learners' split) restricted to them. Returns the subset, its split and
+    each kept row's number in the whole zoo."""
+    keep = np.ones(len(ws), bool) if families is None else np.isin(ws.families, families)
+    orig = np.flatnonzero(keep)
+    if keep.all():
+        return ws, parts, orig
+    if not keep.any():
+        raise ProbeError(f"{learner} reads the families {list(families)}; the zoo has none of them")
+    logging.info("%s reads %s only: %d of %d networks kept (same split, other families dropped)", learner,
+                 "/".join(families), len(orig), len(ws))
+    new = np.full(len(ws), -1)
+    new[orig] = np.arange(len(orig))
+    sub = data_lib.WeightSet(ws.rows.iloc[orig].reset_index(drop=True), [ws.params[i] for i in orig])
+    return sub, {k: new[v[keep[v]]] for k, v in parts.items()}, orig
+
+
 def check(cfg) -> None:
     """Everything that can be wrong with the config, before any network is loaded."""
     if cfg.learner not in learners.LEARNERS:
@@ -67,6 +85,7 @@ def run(cfg, workdir: str, progress: bool = True, ws: data_lib.WeightSet | None 
     for k, v in parts.items():
         if not len(v):
             raise ProbeError(f"the {k} split is empty ({len(ws)} networks, split {cfg.split.to_dict()})")
+    ws, parts, orig = readable(ws, parts, learners.LEARNERS[cfg.learner].families, cfg.learner)
     targets = data_lib.targets(ws.rows, dict(cfg.tasks), parts["train"])
     learner = learners.get(cfg.learner, cfg.model, targets, cfg.train.devices)
     t0 = time.time()
@@ -109,12 +128,13 @@ def run(cfg, workdir: str, progress: bool = True, ws: data_lib.WeightSet | None 
                         "predict_test_s": round(pred_s, 3), "predict_one_network_ms": round(1e3 * one, 3)}
     result["data"] = {"networks": len(ws), "models": int(ws.rows["model_id"].nunique()),
                       **{f"{k}_networks": int(len(v)) for k, v in parts.items()},
-                      "split": cfg.split.to_dict(), "zoo": cfg.zoo}
+                      "split": cfg.split.to_dict(), "zoo": cfg.zoo, "families": sorted(set(ws.families))}
     result["targets"] = targets.spec
+    result["skipped_tasks"] = targets.skipped
     result.update(facts)
     if workdir:
         report.write_json(os.path.join(workdir, "metrics.json"), result)
-        cols = {"row": test, "model_id": ws.rows["model_id"].to_numpy()[test], "family": fam}
+        cols = {"row": orig[test], "model_id": ws.rows["model_id"].to_numpy()[test], "family": fam}
         for t, s in targets.spec.items():
             cols[f"{t}/true"] = targets.truth(t, test)
             p = np.asarray(pred[t])

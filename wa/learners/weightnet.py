@@ -63,25 +63,23 @@ class WeightNet(nn.Module):
 
     @nn.compact
     def __call__(self, batch, train: bool = False):
-        nodes, mask = batch["nodes"], batch["node_mask"]
-        b, t = mask.shape
         eq = self.mode == "equivariant"
+        kernel = self.param("edge_embed", nn.initializers.lecun_normal(), (graph_lib.EDGE_DIM, self.edge_dim)) \
+            if eq else None
+        types = self.param("edge_type", nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
+                           (len(graph_lib.EDGE_TYPES), self.edge_dim)) if eq else None
+        if isinstance(batch, base.Bucket):
+            nodes, stats = batch.nodes, batch.stats
+            mask = jnp.ones(nodes["layer_type"].shape, bool)
+            dense_e, inc, fan_in = _dense_edges(batch, kernel, types, self.max_fan_in, eq)
+        else:
+            nodes, mask, stats = batch["nodes"], batch["node_mask"], None
+            dense_e, inc, fan_in = _padded_edges(batch, kernel, types, self.max_fan_in, eq)
         h = heads.NodeEmbed(self.dim, self.layer_types, "fixed" if eq else "all", name="node_embed")(nodes)
-        bi = jnp.arange(b)[:, None]
-        s, r, w, em = batch["senders"], batch["receivers"], batch["w"], batch["edge_mask"]
-        dense_e = None
         if eq:
-            ew = nn.Dense(self.edge_dim, name="edge_embed")(w) + nn.Embed(
-                len(graph_lib.EDGE_TYPES), self.edge_dim, name="edge_type")(batch["edge_type"])
-            dense_e = jnp.zeros((b, t, t, self.edge_dim)).at[bi, r, s].add(ew * em[..., None])
-            fan_in = jnp.zeros((b, t)).at[bi, r].add(em)
             h = h + nn.Dense(self.dim, name="incoming")(dense_e.sum(2) / jnp.sqrt(jnp.maximum(fan_in, 1.0))[..., None])
         else:
-            # Stored order: the sender's index inside its layer is the slot (transformer residual edges, constant 1,
-            # share the slot of a dense edge and add to it).
-            slot = jnp.minimum(jnp.take_along_axis(nodes["index"], s, 1), self.max_fan_in - 1)
-            inc = jnp.zeros((b, t, self.max_fan_in, w.shape[-1])).at[bi, r, slot].add(w * em[..., None])
-            h = h + nn.Dense(self.dim, name="incoming")(inc.reshape(b, t, -1))
+            h = h + nn.Dense(self.dim, name="incoming")(inc.reshape(*inc.shape[:2], -1))
         for i in range(self.n_layers):
             if train and self.dropout > 0:
                 h = nn.Dropout(self.dropout, deterministic=False)(h)
@@ -90,11 +88,69 @@ class WeightNet(nn.Module):
         mean = (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
         score = jnp.where(mask, nn.Dense(1, name="pool_score")(h)[..., 0], -1e9)
         att = (jax.nn.softmax(score, -1)[..., None] * h).sum(1)
-        z = nn.Dense(self.dim, name="embedding")(jnp.concatenate([mean, att], -1))
+        z = heads.fuse_stats(jnp.concatenate([mean, att], -1), stats, self.dim)
+        z = nn.Dense(self.dim, name="embedding")(z)
         return {"embedding": z, **heads.Heads(self.out_dims, self.dim, name="heads")(nn.gelu(z))}
 
 
-class Learner(base.Dense):
+def _padded_edges(batch, kernel, types, max_fan_in, eq):
+    """From edge lists padded to a fixed budget (scatter): the path before bucketing, kept as the reference."""
+    nodes, mask = batch["nodes"], batch["node_mask"]
+    b, t = mask.shape
+    bi = jnp.arange(b)[:, None]
+    s, r, w, em = batch["senders"], batch["receivers"], batch["w"], batch["edge_mask"]
+    if eq:
+        ew = w @ kernel + types[batch["edge_type"]]
+        dense_e = jnp.zeros((b, t, t, kernel.shape[1])).at[bi, r, s].add(ew * em[..., None])
+        return dense_e, None, jnp.zeros((b, t)).at[bi, r].add(em)
+    # Stored order: the sender's index inside its layer is the slot (transformer residual edges, constant 1,
+    # share the slot of a dense edge and add to it).
+    slot = jnp.minimum(jnp.take_along_axis(nodes["index"], s, 1), max_fan_in - 1)
+    inc = jnp.zeros((b, t, max_fan_in, w.shape[-1])).at[bi, r, slot].add(w * em[..., None])
+    return None, inc, None
+
+
+def _dense_edges(batch: base.Bucket, kernel, types, max_fan_in, eq):
+    """The same tensors from one architecture's weight blocks, assembled by concatenation (no scatter)."""
+    lay, ws = batch.layout, batch.weights
+    b = ws[0].shape[0]
+    by_pair = {(lay.blocks[k][1], lay.blocks[k][0]): k for k in range(len(lay.blocks))}
+    if not eq:
+        rows = []
+        for r, (_, nr) in enumerate(lay.groups):
+            inc = jnp.zeros((b, nr, max_fan_in, graph_lib.EDGE_DIM))
+            for k in lay.incoming(r):
+                _, _, _, diag, taps = lay.blocks[k]
+                w = jnp.pad(ws[k], ((0, 0), (0, 0), (0, 0), (0, graph_lib.EDGE_DIM - taps)))
+                if diag:
+                    inc = inc + jnp.einsum("bic,if->bifc", w[:, :, 0], jnp.asarray(_slots(nr, max_fan_in)))
+                else:
+                    inc = inc + jnp.einsum("bijc,jf->bifc", w, jnp.asarray(_slots(w.shape[2], max_fan_in)))
+            rows.append(inc)
+        return None, jnp.concatenate(rows, 1), None
+    rows, fan_in = [], []
+    for r, (_, nr) in enumerate(lay.groups):
+        cols = []
+        for s, (_, ns) in enumerate(lay.groups):
+            k = by_pair.get((r, s))
+            if k is None:
+                cols.append(jnp.zeros((b, nr, ns, kernel.shape[1])))
+                continue
+            _, _, etype, diag, taps = lay.blocks[k]
+            e = ws[k] @ kernel[:taps] + types[etype]
+            cols.append(e * jnp.eye(nr)[None, :, :, None] if diag else e)
+        rows.append(jnp.concatenate(cols, 2))
+        fan_in.append(np.full(nr, sum(1 if lay.blocks[k][3] else lay.groups[lay.blocks[k][0]][1]
+                                      for k in lay.incoming(r)), np.float32))
+    return jnp.concatenate(rows, 1), None, jnp.asarray(np.concatenate(fan_in))[None]
+
+
+def _slots(n: int, max_fan_in: int) -> np.ndarray:
+    """One-hot [n, max_fan_in]: sender j goes to slot min(j, max_fan_in - 1)."""
+    return np.eye(max_fan_in, dtype=np.float32)[np.minimum(np.arange(n), max_fan_in - 1)]
+
+
+class Learner(base.Blocks, base.Dense):
     name = "weightnet"
     budget = None
 
@@ -103,12 +159,16 @@ class Learner(base.Dense):
             raise base.LearnerError(f"weightnet mode {self.cfg.mode!r}; expected one of {MODES}")
         if self.cfg.mode == "canonical":
             params = [canonical.canonicalize(p, f) for p, f in zip(params, families, strict=True)]
+        if self.dense:
+            return super().prepare(params, families, activations)
         graphs = [graph_lib.to_graph(p, f, a) for p, f, a in zip(params, families, activations, strict=True)]
         if self.budget is None:
             self.budget = (max(int(g.n_node[0]) for g in graphs), max(int(g.n_edge[0]) for g in graphs))
         return graphs
 
     def gather(self, graphs, rows):
+        if self.dense:
+            return super().gather(graphs, rows)
         t, e = self.budget
         cols = {k: [] for k in ("x", "layer_type", "activation", "layer", "index", "node_mask", "senders", "receivers",
                                 "w", "edge_type", "edge_mask")}

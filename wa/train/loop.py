@@ -72,6 +72,14 @@ def _loss(out, y, mask, spec, weights):
     return total
 
 
+def _merge(a: dict, b: dict) -> dict:
+    """Union of two parameter trees; where both hold a leaf, ``a``'s is kept."""
+    out = dict(b)
+    for k, v in a.items():
+        out[k] = _merge(v, b[k]) if isinstance(v, dict) and isinstance(b.get(k), dict) else v
+    return out
+
+
 class Loop:
     def __init__(self, learner, targets, cfg):
         if cfg.epochs < 1 or cfg.batch_size < 1:
@@ -112,10 +120,13 @@ class Loop:
         return jax.tree.map(put, batch), jax.tree.map(put, y), put(rows >= 0)
 
     def init(self, feats, train_idx):
-        batch, _ = next(self.learner.batches(feats, train_idx[:1], self.cfg.batch_size, None))
-        sample = jax.tree.map(lambda x: x[0], batch)
-        params = self.module.init({"params": jax.random.key(self.cfg.seed), "dropout": jax.random.key(1)},
-                                  sample, train=False)["params"]
+        params = {}
+        # Compiled: run op by op, a graph learner's initialization costs tens of seconds per architecture.
+        init = jax.jit(lambda rngs, x: self.module.init(rngs, x, train=False)["params"])
+        for batch in self.learner.init_batches(feats, train_idx, self.cfg.batch_size):
+            sample = jax.tree.map(lambda x: x[0], batch)
+            params = _merge(params, init({"params": jax.random.key(self.cfg.seed), "dropout": jax.random.key(1)},
+                                         sample))
         steps = self.cfg.epochs * max(1, -(-len(train_idx) // self.cfg.batch_size))
         schedule = optax.warmup_cosine_decay_schedule(0.0, self.cfg.lr, int(self.cfg.warmup * steps), steps,
                                                       self.cfg.lr * 0.01)

@@ -9,11 +9,18 @@ features: ``w`` = the weight, or for a convolution the flattened k×k kernel bet
 units, receivers its output units.
 
 The MLP and CNN are chains of layers; the patch transformer's graph is described in ``_transformer``.
+
+The same graph comes in two forms. ``to_graph``: a ``jraph.GraphsTuple`` (edge lists, for irregular batches and
+segment ops). ``to_blocks``: ``Blocked``, the graph as node groups (one per layer, contiguous) and edge blocks
+(one per weight tensor: a dense [receivers, senders, taps] array or a diagonal), so that networks of one
+architecture share a static ``Layout`` and stack into dense tensors: message passing over a block is then a
+batched matrix product with the weight matrix as the adjacency.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import jax
 import jraph
@@ -56,9 +63,12 @@ class _Graph:
         self.layer, self.index = [], []
         self.s, self.r, self.w, self.etype = [], [], [], []
         self.n = 0
+        self.group_of = {}       # first node id -> group (layer) number
+        self.blocks = []         # (sender group, receiver group, edge type, diagonal, [receivers, senders|1, taps])
 
     def nodes(self, n: int, kind: str, depth: float, bias=None, act: int = 0, inp=False, out=False) -> np.ndarray:
         idx = self.n + np.arange(n)
+        self.group_of[self.n] = len(self.layer)
         self.n += n
         self.bias.append(np.zeros(n) if bias is None else np.asarray(bias, np.float64))
         self.pos.append(np.full(n, depth))
@@ -79,9 +89,16 @@ class _Graph:
         if vec.shape[1] > EDGE_DIM:
             raise GraphError(f"kernel of {vec.shape[1]} taps exceeds EDGE_DIM={EDGE_DIM}")
         self._edges(s.reshape(-1), r.reshape(-1), vec, kind)
+        self._block(src, dst, kind, False, vec.reshape(fan_in, fan_out, -1).transpose(1, 0, 2))
 
     def diagonal(self, src, dst, values, kind):
-        self._edges(np.asarray(src), np.asarray(dst), np.asarray(values, np.float64).reshape(-1, 1), kind)
+        values = np.asarray(values, np.float64).reshape(-1, 1)
+        self._edges(np.asarray(src), np.asarray(dst), values, kind)
+        self._block(src, dst, kind, True, values[:, None, :])
+
+    def _block(self, src, dst, kind, diagonal, w):
+        self.blocks.append((self.group_of[int(src[0])], self.group_of[int(dst[0])], EDGE_TYPES.index(kind), diagonal,
+                            w.astype(np.float32)))
 
     def _edges(self, s, r, vec, kind):
         self.s.append(s)
@@ -99,6 +116,37 @@ class _Graph:
             edges={"w": np.concatenate(self.w).astype(np.float32), "edge_type": np.concatenate(self.etype)},
             senders=np.concatenate(self.s).astype(np.int32), receivers=np.concatenate(self.r).astype(np.int32),
             n_node=np.array([self.n], np.int32), n_edge=np.array([n_edge], np.int32), globals=None)
+
+    def blocked(self) -> Blocked:
+        g = self.tuple()
+        sizes = [len(b) for b in self.bias]
+        groups = tuple((int(s), n) for s, n in zip(np.cumsum([0] + sizes[:-1]), sizes, strict=True))
+        layout = Layout(groups, tuple((s, r, t, d, w.shape[-1]) for s, r, t, d, w in self.blocks))
+        return Blocked(layout, g.nodes, tuple(b[-1] for b in self.blocks))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What networks of one architecture share: node groups ``(first node, size)`` in forward order, and edge
+    blocks ``(sender group, receiver group, edge type, diagonal, taps)``. A dense block's weights are
+    [receivers, senders, taps]; a diagonal one's [n, 1, taps] (receiver i's only sender is the group's node i)."""
+    groups: tuple
+    blocks: tuple
+
+    @property
+    def n_nodes(self) -> int:
+        return sum(n for _, n in self.groups)
+
+    def incoming(self, group: int) -> list[int]:
+        return [b for b, (_, r, *_) in enumerate(self.blocks) if r == group]
+
+
+@dataclasses.dataclass
+class Blocked:
+    layout: Layout
+    nodes: dict          # the graph's node features, [nodes, ...]
+    weights: tuple       # per block, see ``Layout``
+    stats: np.ndarray | None = None    # per-network features a learner may add (multi-resolution input)
 
 
 def _sequential(params, family, act) -> _Graph:
@@ -160,16 +208,25 @@ def _transformer(params, act) -> _Graph:
     return g
 
 
-def to_graph(params: dict, family: str, activation: str) -> jraph.GraphsTuple:
-    """One network as a single-graph ``GraphsTuple`` (numpy leaves)."""
+def _build(params: dict, family: str, activation: str) -> _Graph:
     if activation not in ACTIVATIONS:
         raise GraphError(f"unknown activation {activation!r}; known: {ACTIVATIONS}")
     act = ACTIVATIONS.index(activation)
     if family in ("mlp", "cnn"):
-        return _sequential(params, family, act).tuple()
+        return _sequential(params, family, act)
     if family == "transformer":
-        return _transformer(params, act).tuple()
+        return _transformer(params, act)
     raise GraphError(f"no graph view for family {family!r}; implemented: mlp, cnn, transformer")
+
+
+def to_graph(params: dict, family: str, activation: str) -> jraph.GraphsTuple:
+    """One network as a single-graph ``GraphsTuple`` (numpy leaves)."""
+    return _build(params, family, activation).tuple()
+
+
+def to_blocks(params: dict, family: str, activation: str) -> Blocked:
+    """One network as node groups and dense edge blocks (see ``Layout``)."""
+    return _build(params, family, activation).blocked()
 
 
 @contextlib.contextmanager
