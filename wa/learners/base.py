@@ -8,11 +8,15 @@ baselines) fits in one call and needs no loop.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
+from sklearn import preprocessing
 
 from wa.learners.data import Targets
 from wa.weights import graph as graph_lib
+from wa.weights import stats as weight_stats
 
 
 class LearnerError(ValueError):
@@ -61,7 +65,8 @@ class Neural(Learner):
 class Dense(Neural):
     """Learners that read one fixed-size array per network: batches are row slices, padded with row -1."""
 
-    def gather(self, feats, rows: np.ndarray):
+    def gather(self, feats, rows: np.ndarray, rng=None):
+        """The batch of these rows; ``rng`` is given while training (for augmentation)."""
         raise NotImplementedError
 
     def batches(self, feats, idx, batch_size, rng):
@@ -70,7 +75,7 @@ class Dense(Neural):
         pad = (-len(order)) % batch_size
         rows = np.concatenate([order, np.full(pad, -1)]).reshape(-1, self.n_devices, per)
         for r in rows:
-            yield self.gather(feats, r), r
+            yield self.gather(feats, r, rng), r
 
 
 class Graphs(Neural):
@@ -156,14 +161,24 @@ class Blocks(Neural):
         reference the bucketed path is tested and timed against."""
         return self.cfg.get("dense", True)
 
+    stats_depth = stats_scaler = None
+
     def prepare(self, params, families, activations):
-        return [graph_lib.to_blocks(p, f, a) for p, f, a in zip(params, families, activations, strict=True)]
+        nets = [graph_lib.to_blocks(p, f, a) for p, f, a in zip(params, families, activations, strict=True)]
+        if self.cfg.get("stats"):
+            # Multi-resolution: the per-layer statistics ride along with each network (depth fixed by the first
+            # set prepared, as for the statistics baselines).
+            x, self.stats_depth = weight_stats.matrix(params, families, self.stats_depth)
+            nets = [dataclasses.replace(n, stats=v) for n, v in zip(nets, x, strict=True)]
+        return nets
 
     def setup(self, nets, train_idx, batch_size):
         if not self.dense:
             return super().setup(nets, train_idx, batch_size)
         self._check_batch(batch_size)
         self.norm = Normalizer.fit([nets[i] for i in train_idx], self.cfg.clip) if self.cfg.normalize else None
+        if self.cfg.get("stats"):
+            self.stats_scaler = RobustClip(self.cfg.clip).fit(np.stack([nets[i].stats for i in train_idx]))
 
     def init_batches(self, nets, train_idx, batch_size):
         """One batch per architecture of every prepared network (a learner may hold per-architecture
@@ -192,13 +207,15 @@ class Blocks(Neural):
         if rng is not None:
             rows = [rows[k] for k in rng.permutation(len(rows))]
         for r in rows:
-            yield self.gather(nets, r), r
+            yield self.gather(nets, r, rng), r
 
-    def gather(self, nets, rows):
+    def gather(self, nets, rows, rng=None):
         if not self.dense:
             return super().gather(nets, rows)
         first = nets[int(rows[rows >= 0][0])]
         views = [self.view(nets[int(i)] if i >= 0 else first) for i in rows.reshape(-1)]
+        if rng is not None and self.cfg.get("permute_augment"):
+            views = [permuted(v, rng) for v in views]
         nodes = {k: np.stack([v.nodes[k] for v in views]).reshape(*rows.shape, *views[0].nodes[k].shape)
                  for k in views[0].nodes}
         weights = tuple(np.stack([v.weights[b] for v in views]).reshape(*rows.shape, *w.shape)
@@ -207,7 +224,67 @@ class Blocks(Neural):
         return Bucket(first.layout, nodes, weights, stats)
 
     def view(self, net):
-        return self.norm(net) if self.norm is not None else net
+        out = self.norm(net) if self.norm is not None else net
+        if self.stats_scaler is not None:
+            out = dataclasses.replace(out, stats=self.stats_scaler.transform(net.stats[None])[0].astype(np.float32))
+        return out
+
+
+def drop_wide_inputs(batch: Bucket, max_input_tokens: int) -> tuple[Bucket, tuple]:
+    """Leaves out input groups (no incoming weights) of more than ``max_input_tokens`` units (784 pixels of an
+    MNIST MLP would be 90% of its nodes): returns the bucket without them (groups renumbered, their outgoing
+    blocks removed) and, per removed block, (first node of its receiving group in the new numbering, weights
+    [b, receivers, senders, taps]) for the receivers to read as features."""
+    lay = batch.layout
+    wide = {g for g, (_, n) in enumerate(lay.groups) if not lay.incoming(g) and n > max_input_tokens}
+    if not wide:
+        return batch, ()
+    new, groups, keep, at = {}, [], [], 0
+    for g, (s, n) in enumerate(lay.groups):
+        if g not in wide:
+            new[g] = len(groups)
+            groups.append((at, n))
+            keep.append(np.arange(s, s + n))
+            at += n
+    blocks, weights, rows = [], [], []
+    for k, (s, r, t, d, taps) in enumerate(lay.blocks):
+        if s in wide:
+            rows.append((groups[new[r]][0], batch.weights[k]))
+        else:
+            blocks.append((new[s], new[r], t, d, taps))
+            weights.append(batch.weights[k])
+    keep = np.concatenate(keep)
+    nodes = {k: v[..., keep] if v.ndim == batch.nodes["layer_type"].ndim else v[..., keep, :]
+             for k, v in batch.nodes.items()}
+    return Bucket(graph_lib.Layout(tuple(groups), tuple(blocks)), nodes, tuple(weights), batch.stats), tuple(rows)
+
+
+PERMUTABLE = tuple(graph_lib.LAYER_TYPES.index(t) for t in ("dense", "conv", "mlp_in"))
+
+
+def permuted(net: graph_lib.Blocked, rng: np.random.Generator) -> graph_lib.Blocked:
+    """The network with the units of every hidden layer (dense / conv / transformer MLP hidden units) randomly
+    relabelled, as ``wa.weights.canonical.permute`` would give it: node features move with their node, each
+    node keeps its place's ``index``, the layer's incoming rows and outgoing columns move along. Augmentation for
+    learners that are not permutation-invariant by construction."""
+    lay = net.layout
+    nodes = {k: v.copy() for k, v in net.nodes.items()}
+    weights = list(net.weights)
+    for g, (start, n) in enumerate(lay.groups):
+        if int(net.nodes["layer_type"][start]) not in PERMUTABLE:
+            continue
+        p = rng.permutation(n)
+        for k in nodes:
+            if k not in ("index", "layer"):
+                nodes[k][start:start + n] = net.nodes[k][start:start + n][p]
+        for b, (s, r, _, diag, _) in enumerate(lay.blocks):
+            if diag and g in (s, r):
+                raise LearnerError("a diagonal block touches a permutable layer")
+            if r == g:
+                weights[b] = weights[b][p]
+            if s == g:
+                weights[b] = weights[b][:, p]
+    return dataclasses.replace(net, nodes=nodes, weights=tuple(weights))
 
 
 def robust(values: np.ndarray, axis=None):
@@ -217,6 +294,25 @@ def robust(values: np.ndarray, axis=None):
     mad = 1.4826 * np.median(np.abs(values - (med if axis is None else np.expand_dims(med, axis))), axis=axis)
     scale = np.where(mad > 1e-8, mad, np.maximum(np.std(values, axis=axis), 1e-8))
     return (float(med), float(scale)) if axis is None else (med, scale)
+
+
+class RobustClip(preprocessing.FunctionTransformer):
+    """Per feature: (x − median) / (1.4826 × MAD) of the training rows, clipped to ±clip, so that a diverged
+    network (weights ~1e4 in a zoo of ~1e-1) cannot dominate a scale or a loss."""
+
+    def __init__(self, clip: float = 8.0):
+        self.clip = clip
+        super().__init__()
+
+    def fit(self, x, y=None):
+        self.center_, self.scale_ = robust(np.asarray(x, np.float64), axis=0)
+        return self
+
+    def transform(self, x):
+        return np.clip((np.asarray(x, np.float64) - self.center_) / self.scale_, -self.clip, self.clip)
+
+    def fit_transform(self, x, y=None):
+        return self.fit(x).transform(x)
 
 
 class Normalizer:
@@ -264,7 +360,7 @@ class Normalizer:
             x[start:start + size, 0] = np.clip((bias[start:start + size] - m) / s, -c, c)
         raw = np.stack([np.log1p(np.sqrt(rms_sum / np.maximum(count, 1))), np.arcsinh(bias)], 1)
         nodes = dict(net.nodes, x=np.concatenate([x, raw], 1).astype(np.float32))
-        return graph_lib.Blocked(lay, nodes, tuple(weights))
+        return graph_lib.Blocked(lay, nodes, tuple(weights), net.stats)
 
 
 def stack(trees):

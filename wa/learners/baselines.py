@@ -3,7 +3,7 @@
 ``stats_gbt``: per-layer statistics → scikit-learn histogram gradient-boosted trees, one per task (the
 published Small-CNN-Zoo baseline). ``stats_mlp``: the same features → an MLP with the shared multi-task heads.
 ``pca_linear``: flattened weights → PCA → ridge / logistic regression. ``flat_mlp``: flattened weights → MLP.
-Inputs of the neural and linear baselines are scaled robustly (``RobustClip``, statistics of the training rows);
+Inputs of the neural and linear baselines are scaled robustly (``base.RobustClip``, statistics of the training rows);
 the trees need no scaling. Networks of different sizes are zero-padded to the largest one's length (flat) or
 depth (statistics); the padding sizes are fixed by the first networks prepared (the whole set, before splitting).
 """
@@ -13,10 +13,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import numpy as np
-from sklearn import decomposition, ensemble, linear_model, pipeline, preprocessing
+from sklearn import decomposition, ensemble, linear_model, pipeline
 
 from wa.learners import base, heads
-from wa.weights import stats
+from wa.weights import canonical, stats
 
 
 def flat(params) -> np.ndarray:
@@ -30,9 +30,8 @@ class _Features:
 
     def _matrix(self, params, families):
         if self.kind == "stats":
-            if self.width is None:
-                self.width = max(stats.n_layers(p, f) for p, f in zip(params, families, strict=True))
-            return np.stack([stats.features(p, f, self.width)[0] for p, f in zip(params, families, strict=True)])
+            x, self.width = stats.matrix(params, families, self.width)
+            return x
         vecs = [flat(p) for p in params]
         if self.width is None:
             self.width = max(len(v) for v in vecs)
@@ -57,36 +56,29 @@ class MLP(nn.Module):
         return {"embedding": z, **heads.Heads(self.out_dims, self.dim, name="heads")(nn.gelu(z))}
 
 
-class RobustClip(preprocessing.FunctionTransformer):
-    """Per feature: (x − median) / (1.4826 × MAD) of the training rows, clipped to ±clip, so that a diverged
-    network (weights ~1e4 in a zoo of ~1e-1) cannot dominate a scale or a loss."""
-
-    def __init__(self, clip: float = 8.0):
-        self.clip = clip
-        super().__init__()
-
-    def fit(self, x, y=None):
-        self.center_, self.scale_ = base.robust(np.asarray(x, np.float64), axis=0)
-        return self
-
-    def transform(self, x):
-        return np.clip((np.asarray(x, np.float64) - self.center_) / self.scale_, -self.clip, self.clip)
-
-    def fit_transform(self, x, y=None):
-        return self.fit(x).transform(x)
-
-
 class _DenseMLP(_Features, base.Dense):
-    scaler = None
+    scaler = sources = None
 
     def prepare(self, params, families, activations):
-        return self._matrix(params, families)
+        x = self._matrix(params, families)
+        if self.kind == "flat" and self.cfg.get("permute_augment") and self.sources is None:
+            # The networks the flat vectors came from, to draw hidden-neuron permutations of while training.
+            self.sources = (list(params), list(families), x)
+        return x
 
     def setup(self, feats, train_idx, batch_size):
-        self.scaler = RobustClip(self.cfg.clip).fit(feats[train_idx])
+        self.scaler = base.RobustClip(self.cfg.clip).fit(feats[train_idx])
 
-    def gather(self, feats, rows):
-        return self.scaler.transform(feats[np.maximum(rows, 0)]).astype(np.float32)
+    def gather(self, feats, rows, rng=None):
+        x = feats[np.maximum(rows, 0)]
+        if rng is not None and self.sources is not None:
+            params, families, src = self.sources
+            if src is not feats:
+                raise base.LearnerError("permute_augment: training rows must come from the first prepare() call")
+            x = np.stack([self._matrix([canonical.permute(params[i], families[i],
+                                                          canonical.random_perms(params[i], families[i], rng))],
+                                       [families[i]])[0] for i in np.maximum(rows, 0).ravel()]).reshape(x.shape)
+        return self.scaler.transform(x.reshape(-1, x.shape[-1])).reshape(x.shape).astype(np.float32)
 
     def module(self):
         c = self.cfg
@@ -149,7 +141,7 @@ class PCALinear(_Fitted):
     name, kind = "pca_linear", "flat"
 
     def preprocessor(self, seed):
-        return pipeline.make_pipeline(RobustClip(self.cfg.clip), decomposition.PCA(self.cfg.components,
+        return pipeline.make_pipeline(base.RobustClip(self.cfg.clip), decomposition.PCA(self.cfg.components,
                                                                                    random_state=seed))
 
     def estimator(self, kind, seed):

@@ -40,6 +40,16 @@ def residual_update(h, update, dim: int):
     return nn.LayerNorm(name="ln_2")(h + nn.Dense(dim, name="mlp_out")(nn.gelu(nn.Dense(2 * dim, name="mlp_in")(h))))
 
 
+def add_wide_rows(h, rows, dim: int):
+    """Each neuron fed by a wide input layer (``base.drop_wide_inputs``) reads its row of weights over the fixed
+    input units as one feature vector (as NFN reads its inputs), added to its embedding. Called inside a compact
+    method; its layers (``wide_input_<inputs>x<taps>``, one per input size) belong to the caller."""
+    for at, w in rows:
+        f = nn.Dense(dim, name=f"wide_input_{w.shape[-2]}x{w.shape[-1]}")(w.reshape(*w.shape[:-2], -1))
+        h = h + jnp.pad(f, ((0, 0), (at, h.shape[1] - at - f.shape[1]), (0, 0)))
+    return h
+
+
 def fuse_stats(z, stats, dim: int):
     """Multi-resolution readout: the pooled embedding (micro/meso levels, from neurons and layers) concatenated
     with an embedding of the network's per-layer weight statistics (macro level), when the batch carries them.

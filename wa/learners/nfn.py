@@ -8,8 +8,9 @@ columns, both, of the neighbouring layers and the biases — with weights that d
 neuron's index, so it commutes with any permutation of hidden neurons:
 - ``np`` (NP): every neuron's index is treated as exchangeable, inputs and outputs included; learned input /
   output embeddings (``io_embed``) break the symmetry the data does not have;
-- ``hnp`` (HNP, the default): only hidden neurons are exchangeable; input and output units keep their identity,
-  so their rows/columns enter as individual features.
+- ``hnp`` (HNP): only hidden neurons are exchangeable; input and output units keep their identity, so their
+  rows/columns enter as individual features; its first layer's size grows with the square of the input count;
+- ``auto`` (default): HNP where the first layer has at most 256 input entries (inputs × taps), else NP.
 Layers are separated by ReLU; an invariant pooling (NPPool / HNPPool) gives one vector per network, read by the
 heads shared with the other learners (optionally with the per-layer statistics, multi-resolution).
 
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from wa.learners import base, heads
 
 FAMILIES = ("mlp", "cnn")
-LAYERS = ("hnp", "np")
+LAYERS = ("auto", "hnp", "np")
 
 
 def chain(layout) -> list[int]:
@@ -160,7 +161,12 @@ class NFN(nn.Module):
         x = g.nodes["x"]
         # Each layer's bias with the node's raw-scale features where the learner added them.
         bs = [jnp.concatenate([x[:, s:s + n, :1], x[:, s:s + n, 4:]], -1) for s, n in lay.groups[1:]]
-        z = _Stack(self.channels, self.n_layers, self.layer, taps, self.dim, name=signature(lay))(ws, bs)
+        layer = self.layer
+        if layer == "auto":
+            # HNP's first layer maps each hidden row's n_in·taps·c entries to as many: quadratic in the input
+            # size (784 pixels: 1.6e8 parameters); NP's cost does not depend on it.
+            layer = "hnp" if lay.groups[0][1] * taps[0] <= 256 else "np"
+        z = _Stack(self.channels, self.n_layers, layer, taps, self.dim, name=signature(lay))(ws, bs)
         z = heads.fuse_stats(z, g.stats, self.dim)
         z = nn.Dense(self.dim, name="embedding")(z)
         return {"embedding": z, **heads.Heads(self.out_dims, self.dim, name="heads")(nn.gelu(z))}

@@ -145,6 +145,7 @@ class NWPA(nn.Module):
     max_layers: int = 32
     node_dropout: float = 0.0
     edge_dropout: float = 0.0
+    max_input_tokens: int = 256
 
     @nn.compact
     def __call__(self, g, train: bool = False):
@@ -181,10 +182,11 @@ class NWPA(nn.Module):
         return self._readout(pooled, present.reshape(n_graph, -1), None)
 
     def _dense(self, g: base.Bucket, kernel, offsets, train):
+        g, rows = base.drop_wide_inputs(g, self.max_input_tokens)
         lay = g.layout
         if len(lay.groups) > self.max_layers:
             raise base.LearnerError(f"a network with {len(lay.groups)} layers exceeds max_layers={self.max_layers}")
-        h = heads.NodeEmbed(self.dim, name="node_embed")(g.nodes)
+        h = heads.add_wide_rows(heads.NodeEmbed(self.dim, name="node_embed")(g.nodes), rows, self.dim)
         keeps = [None] * len(lay.blocks)
         if train and self.edge_dropout > 0:
             keeps = [jax.random.bernoulli(self.make_rng("dropout"), 1 - self.edge_dropout, w.shape[:3])
@@ -221,4 +223,4 @@ class Learner(base.Blocks, base.Graphs):
     def module(self):
         c = self.cfg
         return NWPA(tuple(self.targets.out_dims().items()), dim=c.dim, n_layers=c.layers, n_heads=c.heads,
-                    node_dropout=c.node_dropout, edge_dropout=c.edge_dropout)
+                    node_dropout=c.node_dropout, edge_dropout=c.edge_dropout, max_input_tokens=c.max_input_tokens)

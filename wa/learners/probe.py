@@ -97,7 +97,8 @@ def run(cfg, workdir: str, progress: bool = True, ws: data_lib.WeightSet | None 
         loop = loop_lib.Loop(learner, targets, cfg.train)
         fit = loop.fit(feats, parts["train"], parts["val"], workdir, progress)
         predict = lambda f, idx: loop.predict(fit.params, f, idx)  # noqa: E731
-        facts = {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "resumed_from": fit.resumed_from}
+        facts = {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "resumed_from": fit.resumed_from,
+                 "task_log_vars": fit.log_vars}
     else:
         learner.fit(feats, parts["train"], parts["val"], cfg.train.seed)
         predict, facts = learner.predict, {}

@@ -57,6 +57,7 @@ class WeightNet(nn.Module):
     n_heads: int = 4
     edge_dim: int = 16
     max_fan_in: int = 64
+    max_input_tokens: int = 256
     mode: str = "equivariant"
     layer_types: bool = True
     dropout: float = 0.0
@@ -68,7 +69,9 @@ class WeightNet(nn.Module):
             if eq else None
         types = self.param("edge_type", nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
                            (len(graph_lib.EDGE_TYPES), self.edge_dim)) if eq else None
+        rows = ()
         if isinstance(batch, base.Bucket):
+            batch, rows = base.drop_wide_inputs(batch, self.max_input_tokens)
             nodes, stats = batch.nodes, batch.stats
             mask = jnp.ones(nodes["layer_type"].shape, bool)
             dense_e, inc, fan_in = _dense_edges(batch, kernel, types, self.max_fan_in, eq)
@@ -76,6 +79,7 @@ class WeightNet(nn.Module):
             nodes, mask, stats = batch["nodes"], batch["node_mask"], None
             dense_e, inc, fan_in = _padded_edges(batch, kernel, types, self.max_fan_in, eq)
         h = heads.NodeEmbed(self.dim, self.layer_types, "fixed" if eq else "all", name="node_embed")(nodes)
+        h = heads.add_wide_rows(h, rows, self.dim)
         if eq:
             h = h + nn.Dense(self.dim, name="incoming")(dense_e.sum(2) / jnp.sqrt(jnp.maximum(fan_in, 1.0))[..., None])
         else:
@@ -166,9 +170,9 @@ class Learner(base.Blocks, base.Dense):
             self.budget = (max(int(g.n_node[0]) for g in graphs), max(int(g.n_edge[0]) for g in graphs))
         return graphs
 
-    def gather(self, graphs, rows):
+    def gather(self, graphs, rows, rng=None):
         if self.dense:
-            return super().gather(graphs, rows)
+            return super().gather(graphs, rows, rng)
         t, e = self.budget
         cols = {k: [] for k in ("x", "layer_type", "activation", "layer", "index", "node_mask", "senders", "receivers",
                                 "w", "edge_type", "edge_mask")}
@@ -194,5 +198,6 @@ class Learner(base.Blocks, base.Dense):
     def module(self):
         c = self.cfg
         return WeightNet(tuple(self.targets.out_dims().items()), dim=c.dim, n_layers=c.layers, n_heads=c.heads,
-                         edge_dim=c.edge_dim, mode="equivariant" if c.mode == "equivariant" else "flat",
+                         edge_dim=c.edge_dim, max_input_tokens=c.max_input_tokens,
+                         mode="equivariant" if c.mode == "equivariant" else "flat",
                          layer_types=c.layer_types, dropout=c.dropout)

@@ -161,6 +161,23 @@ def curves(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, path:
     return _save(fig, path)
 
 
+def curve_panels(panels: dict[str, tuple[str, dict[str, tuple[list, list]]]], xlabel: str, path: str, cols: int = 3):
+    """One small plot per panel: title → (y label, {series: (x, y)})."""
+    n = len(panels)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax, (title, (ylabel, series)) in zip(axes.ravel(), panels.items(), strict=False):
+        for name, (x, y) in series.items():
+            ax.plot(x, y, label=name, lw=1)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    axes[0, 0].legend(fontsize=6)
+    return _save(fig, path)
+
+
 def projections(panels: list[tuple[str, np.ndarray, np.ndarray, bool]], path: str):
     """2-D points per panel (title, xy [n, 2], colour values [n], categorical?)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.3), squeeze=False)

@@ -42,6 +42,7 @@ class Fit:
     epochs_run: int
     seconds: float
     resumed_from: int
+    log_vars: dict = dataclasses.field(default_factory=dict)   # learned task uncertainties (balance)
 
 
 def mesh(n_devices: int) -> Mesh:
@@ -59,7 +60,13 @@ def _f(x):
     return np.asarray(x, np.float32)
 
 
-def _loss(out, y, mask, spec, weights):
+BALANCES = ("none", "uncertainty")
+CRITERIA = ("weighted", "relative")
+
+
+def _loss(out, y, mask, spec, weights, log_vars=None):
+    """Σ_t weight_t · L_t; with ``log_vars`` (learned task uncertainty, Kendall, Gal & Cipolla 2018)
+    Σ_t weight_t · (exp(−s_t) · L_t + s_t): a task whose loss is small or easy cannot take over the gradient."""
     total = 0.0
     m = mask.astype(jnp.float32)
     n = jnp.maximum(m.sum(), 1.0)
@@ -68,7 +75,10 @@ def _loss(out, y, mask, spec, weights):
             lt = optax.softmax_cross_entropy_with_integer_labels(out[task], y[task])
         else:
             lt = (out[task] - y[task]) ** 2
-        total = total + weights[task] * (lt * m).sum() / n
+        lt = (lt * m).sum() / n
+        if log_vars is not None:
+            lt = jnp.exp(-log_vars[task]) * lt + log_vars[task]
+        total = total + weights[task] * lt
     return total
 
 
@@ -86,6 +96,11 @@ class Loop:
             raise LoopError("--config.train.epochs and batch_size must be >= 1")
         if not 0 <= cfg.warmup < 1:
             raise LoopError(f"--config.train.warmup={cfg.warmup}: expected a fraction of the steps in [0, 1)")
+        if cfg.get("balance", "none") not in BALANCES or cfg.get("criterion", "weighted") not in CRITERIA:
+            raise LoopError(f"--config.train.balance={cfg.get('balance')!r} / criterion={cfg.get('criterion')!r}: "
+                            f"expected one of {BALANCES} / {CRITERIA}")
+        self.balance = cfg.get("balance", "none") == "uncertainty"
+        self.relative = cfg.get("criterion", "weighted") == "relative"
         self.learner, self.targets, self.cfg = learner, targets, cfg
         self.module = learner.module()
         self.mesh = mesh(learner.n_devices)
@@ -100,7 +115,9 @@ class Loop:
                                                       rngs={"dropout": k}))(batch, keys)
 
         def loss_fn(params, batch, y, mask, keys):
-            return _loss(apply(params, batch, True, keys), y, mask, spec, weights)
+            # Trained parameters: {"net": module parameters, "log_var": {task: s}} when tasks are balanced.
+            net, log_vars = (params["net"], params["log_var"]) if self.balance else (params, None)
+            return _loss(apply(net, batch, True, keys), y, mask, spec, weights, log_vars)
 
         def step(params, opt_state, batch, y, mask, keys):
             loss, g = jax.value_and_grad(loss_fn)(params, batch, y, mask, keys)
@@ -130,17 +147,26 @@ class Loop:
         steps = self.cfg.epochs * max(1, -(-len(train_idx) // self.cfg.batch_size))
         schedule = optax.warmup_cosine_decay_schedule(0.0, self.cfg.lr, int(self.cfg.warmup * steps), steps,
                                                       self.cfg.lr * 0.01)
+        # The task uncertainties are not decayed towards 0.
+        decay = (lambda p: {"net": jax.tree.map(lambda _: True, p["net"]),  # noqa: E731
+                            "log_var": jax.tree.map(lambda _: False, p["log_var"])}) if self.balance else None
         self.opt = optax.chain(optax.clip_by_global_norm(self.cfg.clip),
-                               optax.adamw(schedule, weight_decay=self.cfg.weight_decay))
+                               optax.adamw(schedule, weight_decay=self.cfg.weight_decay, mask=decay))
+        if self.balance:
+            params = {"net": params, "log_var": {t: jnp.zeros((), jnp.float32) for t in self.targets.spec}}
         params = jax.device_put(params, self.repl)
         return params, jax.jit(self.opt.init)(params)
+
+    def net(self, params):
+        """The module's parameters out of the trained ones."""
+        return params["net"] if self.balance else params
 
     def predict(self, params, feats, idx) -> dict:
         """Outputs for rows ``idx`` in that order: class probabilities, regression values (standardized),
         embeddings."""
         outs, rows_all = [], []
         for batch, rows in self.learner.batches(feats, np.asarray(idx), self.cfg.batch_size, None):
-            out = self._eval(params, jax.device_put(batch, self.data))
+            out = self._eval(self.net(params), jax.device_put(batch, self.data))
             outs.append(jax.device_get(out))
             rows_all.append(rows.reshape(-1))
         rows = np.concatenate(rows_all)
@@ -155,7 +181,10 @@ class Loop:
             res[k] = v
         return res
 
-    def _val_metrics(self, params, feats, val_idx) -> dict:
+    def _val_metrics(self, params, feats, val_idx, reference=None) -> dict:
+        """Per-task validation metrics and the stopping criterion: Σ weight · loss, or with ``criterion =
+        relative`` Σ weight · loss / (the task's loss at initialization, ``reference``), so that every task's
+        progress counts alike whatever its loss's scale."""
         pred = self.predict(params, feats, val_idx)
         out, total = {}, 0.0
         for task, s in self.targets.spec.items():
@@ -167,12 +196,14 @@ class Loop:
             else:
                 loss = float(((pred[task] - y) ** 2).mean())
                 out[task] = {"loss": loss, **metrics_lib.regression(y, pred[task])}
-            total += s["weight"] * loss
+            total += s["weight"] * loss / (max(reference[task]["loss"], 1e-8) if reference else 1.0)
         return {"loss": total, "tasks": out}
 
     def fit(self, feats, train_idx, val_idx, workdir: str | None = None, progress: bool = True) -> Fit:
         cfg = self.cfg
         params, opt_state = self.init(feats, train_idx)
+        # Recomputed on resume: the initial parameters are a function of the seed.
+        reference = self._val_metrics(params, feats, val_idx)["tasks"] if self.relative else None
         state = {"params": params, "opt_state": opt_state, "best_params": params,
                  "epoch": _i(0), "best_epoch": _i(0), "best_val": _f(np.inf), "bad_epochs": _i(0)}
         history, start = [], 0
@@ -202,7 +233,7 @@ class Loop:
                 params, opt_state, loss = self._step(params, opt_state, b, y, m, keys)
                 losses.append(loss)
             train_loss = float(np.mean(jax.device_get(losses)))
-            val = self._val_metrics(params, feats, val_idx)
+            val = self._val_metrics(params, feats, val_idx, reference)
             better = val["loss"] < float(state["best_val"])
             state = {"params": params, "opt_state": opt_state,
                      "best_params": params if better else state["best_params"],
@@ -221,5 +252,6 @@ class Loop:
             if cfg.halt_at and epoch + 1 >= cfg.halt_at:
                 logging.info("halting after epoch %d as asked (--config.train.halt_at)", epoch + 1)
                 break
+        log_vars = {t: float(v) for t, v in state["best_params"]["log_var"].items()} if self.balance else {}
         return Fit(state["best_params"], history, int(state["best_epoch"]), int(state["epoch"]),
-                   time.time() - t0, start)
+                   time.time() - t0, start, log_vars)

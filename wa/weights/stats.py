@@ -57,3 +57,10 @@ def features(params: dict, family: str, n_layers: int | None = None) -> tuple[np
             vec.append(v)
             names += [f"{tag}/{part}/{s}" for s in STATS]
     return np.concatenate(vec).astype(np.float32), names
+
+
+def matrix(params: list, families, n_layers: int | None = None) -> tuple[np.ndarray, int]:
+    """``features`` of many networks as one [networks, F] matrix, padded to ``n_layers`` (default: the deepest
+    network's); returns the matrix and the depth used, so that later networks can share the feature space."""
+    n = n_layers or max(len(tensors(p, f)) for p, f in zip(params, families, strict=True))
+    return np.stack([features(p, f, n)[0] for p, f in zip(params, families, strict=True)]), n
