@@ -176,6 +176,7 @@ class Blocks(Neural):
         if not self.dense:
             return super().setup(nets, train_idx, batch_size)
         self._check_batch(batch_size)
+        self._views = (None, {})
         self.norm = Normalizer.fit([nets[i] for i in train_idx], self.cfg.clip) if self.cfg.normalize else None
         if self.cfg.get("stats"):
             self.stats_scaler = RobustClip(self.cfg.clip).fit(np.stack([nets[i].stats for i in train_idx]))
@@ -212,8 +213,8 @@ class Blocks(Neural):
     def gather(self, nets, rows, rng=None):
         if not self.dense:
             return super().gather(nets, rows)
-        first = nets[int(rows[rows >= 0][0])]
-        views = [self.view(nets[int(i)] if i >= 0 else first) for i in rows.reshape(-1)]
+        first = int(rows[rows >= 0][0])
+        views = [self.viewed(nets, int(i) if i >= 0 else first) for i in rows.reshape(-1)]
         if rng is not None and self.cfg.get("permute_augment"):
             views = [permuted(v, rng) for v in views]
         nodes = {k: np.stack([v.nodes[k] for v in views]).reshape(*rows.shape, *views[0].nodes[k].shape)
@@ -221,7 +222,19 @@ class Blocks(Neural):
         weights = tuple(np.stack([v.weights[b] for v in views]).reshape(*rows.shape, *w.shape)
                         for b, w in enumerate(views[0].weights))
         stats = None if views[0].stats is None else np.stack([v.stats for v in views]).reshape(*rows.shape, -1)
-        return Bucket(first.layout, nodes, weights, stats)
+        return Bucket(views[0].layout, nodes, weights, stats)
+
+    _views = (None, {})
+
+    def viewed(self, nets, i: int):
+        """``view(nets[i])``, computed once per network of the list it was last asked about (every epoch reads
+        the same training networks)."""
+        if self._views[0] is not nets:
+            self._views = (nets, {})
+        cache = self._views[1]
+        if i not in cache:
+            cache[i] = self.view(nets[i])
+        return cache[i]
 
     def view(self, net):
         out = self.norm(net) if self.norm is not None else net
