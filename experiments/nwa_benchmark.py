@@ -186,7 +186,7 @@ def write_report(results, runs):
              f"Zoo `{FLAGS.zoo}`: {results['data']['networks']} networks ({which}), "
              f"split by family tree 70/15/15 (split seed 0): {results['data']['train_networks']} train / "
              f"{results['data']['val_networks']} val / {results['data']['test_networks']} test networks. "
-             f"Seeds {FLAGS.seeds} (model init, data order, dropout; WeightNet ablations: "
+             f"Seeds {FLAGS.seeds} (model init, data order, dropout; ablations and multi-resolution variants: "
              f"{FLAGS.ablation_seeds or FLAGS.seeds}); numbers are mean ± std over seeds on the test split. "
              "Regression metrics are in the target's own units.", ""]
     lines += ["## Targets", "",
