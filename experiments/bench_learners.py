@@ -34,6 +34,8 @@ flags.DEFINE_string("zoo", "runs/zoo_digits/zoo", "Zoo store.")
 flags.DEFINE_list("learners", ["nwpa", "weightnet", "nfn"], "configs/probe.py variants.")
 flags.DEFINE_bool("packed", True, "Also time the packed (pre-bucketing) path where the learner has one.")
 flags.DEFINE_integer("epochs", 2, "Timed epochs per path (the mean is reported).")
+flags.DEFINE_bool("wide", False, "Also time one bucketed step on 32 randomly initialized 784-32-32-10 MLPs (28x28 "
+                  "inputs: 858 graph nodes) instead of a zoo.")
 FLAGS = flags.FLAGS
 
 
@@ -77,6 +79,35 @@ def time_path(variant: str, dense: bool, ws, parts) -> dict:
             "steps": steps, "first_epoch_s": round(compile_s, 2), "prepare_s": round(prep, 2)}
 
 
+def wide_step_ms(variant: str) -> float:
+    """Milliseconds of one bucketed training step on 32 MLPs over 28x28 inputs (compile excluded)."""
+    import pandas as pd
+
+    from wa.zoo import archs
+    arch = archs.Arch("mlp", 2, 32, "relu")
+    params = [jax.tree.map(np.asarray, arch.module(10).init(jax.random.key(i), np.zeros((1, 28, 28, 1)))["params"])
+              for i in range(32)]
+    rows = pd.DataFrame([dict(model_id=i, family="mlp", activation="relu", arch_id=arch.id, test_acc=float(i))
+                         for i in range(32)])
+    ws, idx = data_lib.WeightSet(rows, params), np.arange(32)
+    cfg = probe_configs.get_config(variant)
+    targets = data_lib.targets(ws.rows, {"test_acc": 1.0}, idx)
+    learner = learners.get(cfg.learner, cfg.model, targets)
+    feats = learner.prepare(ws.params, ws.families, ws.activations)
+    learner.setup(feats, idx, 32)
+    loop = loop_lib.Loop(learner, targets, cfg.train)
+    params, opt = loop.init(feats, idx)
+    batch, r = next(learner.batches(feats, idx, 32, None))
+    b, y, m = loop._device(batch, r)
+    keys = jax.random.split(jax.random.key(0), 1)
+    jax.block_until_ready(loop._step(params, opt, b, y, m, keys)[2])
+    t0 = time.time()
+    for _ in range(3):
+        loss = loop._step(params, opt, b, y, m, keys)[2]
+    jax.block_until_ready(loss)
+    return round((time.time() - t0) / 3 * 1e3, 1)
+
+
 def main(argv):
     del argv
     common.start()
@@ -93,6 +124,8 @@ def main(argv):
         if FLAGS.packed and has_packed:
             line[v]["packed"] = time_path(v, False, ws, parts)
             line[v]["speedup"] = round(line[v]["packed"]["epoch_s"] / line[v]["bucketed"]["epoch_s"], 2)
+    if FLAGS.wide:
+        line["mlp_784_32_32_10_step_ms"] = {v: wide_step_ms(v) for v in FLAGS.learners}
     print(json.dumps(line))
 
 
