@@ -128,7 +128,9 @@ class Loop:
             # No dropout in evaluation; the keys only fill apply's signature.
             return apply(params, batch, False, jax.random.split(jax.random.key(0), learner.n_devices))
 
-        self._step = jax.jit(step)
+        # Outputs replicated like the inputs from init: otherwise the second call sees another sharding and compiles
+        # the step again.
+        self._step = jax.jit(step, out_shardings=self.repl)
         self._eval = jax.jit(evaluate)
 
     def _device(self, batch, rows):
@@ -155,7 +157,7 @@ class Loop:
         if self.balance:
             params = {"net": params, "log_var": {t: jnp.zeros((), jnp.float32) for t in self.targets.spec}}
         params = jax.device_put(params, self.repl)
-        return params, jax.jit(self.opt.init)(params)
+        return params, jax.device_put(jax.jit(self.opt.init)(params), self.repl)
 
     def net(self, params):
         """The module's parameters out of the trained ones."""
