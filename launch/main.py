@@ -104,7 +104,7 @@ def main(argv):
         if common.is_chief():
             v = esa_report.verdicts(s)
             met = [x for x in v if x["verdict"] == "met"]
-            print(f"critical weight analysis: {len(met)} of {len(v)} DESIGN.md criteria met; "
+            print(f"critical weight analysis: {len(met)} of {len(v)} ESA success criteria met; "
                   f"report in {esa_dir}/report.md")
 
 

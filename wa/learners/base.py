@@ -12,7 +12,7 @@ import dataclasses
 
 import jax
 import numpy as np
-from sklearn import preprocessing
+from sklearn import base as base_estimator
 
 from wa.learners.data import Targets
 from wa.weights import graph as graph_lib
@@ -153,15 +153,14 @@ class Blocks(Neural):
     the same layer type). The raw scale survives as two node features: log(1 + RMS of the node's incoming
     weights) and asinh(bias), both as stored. ``cfg.normalize=False`` feeds the weights as stored."""
 
-    norm = None
+    norm = stats_depth = stats_scaler = None
+    _views = (None, {})      # (the network list last read, {row: its scaled view})
 
     @property
     def dense(self) -> bool:
         """False: the learner's packed path (the next class in its MRO: padded edge lists), kept as the
         reference the bucketed path is tested and timed against."""
         return self.cfg.get("dense", True)
-
-    stats_depth = stats_scaler = None
 
     def prepare(self, params, families, activations):
         nets = [graph_lib.to_blocks(p, f, a) for p, f, a in zip(params, families, activations, strict=True)]
@@ -223,8 +222,6 @@ class Blocks(Neural):
                         for b, w in enumerate(views[0].weights))
         stats = None if views[0].stats is None else np.stack([v.stats for v in views]).reshape(*rows.shape, -1)
         return Bucket(views[0].layout, nodes, weights, stats)
-
-    _views = (None, {})
 
     def viewed(self, nets, i: int):
         """``view(nets[i])``, computed once per network of the list it was last asked about (every epoch reads
@@ -309,13 +306,12 @@ def robust(values: np.ndarray, axis=None):
     return (float(med), float(scale)) if axis is None else (med, scale)
 
 
-class RobustClip(preprocessing.FunctionTransformer):
+class RobustClip(base_estimator.BaseEstimator, base_estimator.TransformerMixin):
     """Per feature: (x − median) / (1.4826 × MAD) of the training rows, clipped to ±clip, so that a diverged
     network (weights ~1e4 in a zoo of ~1e-1) cannot dominate a scale or a loss."""
 
     def __init__(self, clip: float = 8.0):
         self.clip = clip
-        super().__init__()
 
     def fit(self, x, y=None):
         self.center_, self.scale_ = robust(np.asarray(x, np.float64), axis=0)
@@ -323,9 +319,6 @@ class RobustClip(preprocessing.FunctionTransformer):
 
     def transform(self, x):
         return np.clip((np.asarray(x, np.float64) - self.center_) / self.scale_, -self.clip, self.clip)
-
-    def fit_transform(self, x, y=None):
-        return self.fit(x).transform(x)
 
 
 class Normalizer:
