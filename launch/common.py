@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import sys
 
 import jax
-from absl import flags, logging
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from wa import parallel
+from wa import errors, parallel
 
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
 flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-host job.")
@@ -20,7 +23,42 @@ flags.DEFINE_integer("host_devices", None,
 
 flags.DEFINE_string("jax_cache", os.path.join("~", ".cache", "wa", "jax"),
                     "Persistent compilation cache folder ('' to disable): re-runs skip XLA compiles.")
+flags.DEFINE_boolean("verbose", False, "Show the traceback of expected errors (bad input) too.")
 FLAGS = flags.FLAGS
+
+
+def fail(message: str, code: int = 2):
+    """Ends the process with one line on stderr: what was wrong and what was expected."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+    sys.exit(code)
+
+
+def run(main) -> None:
+    """``app.run(main)``, printing wa's expected errors as one line (exit 2) unless ``--verbose``."""
+    def guarded(argv):
+        try:
+            return main(argv)
+        except errors.WaError as e:
+            if FLAGS.verbose:
+                raise
+            fail(e)
+    app.run(guarded)
+
+
+def config_flag(default: str, help_text: str):
+    """``--config`` (an ml_collections config file) whose overrides are checked when the flag is defined.
+
+    ml_collections applies ``--config.x=v`` while the flag is being defined (at import), so an unknown field
+    surfaces there as a bare ``AttributeError``; it becomes one line naming the flag.
+    """
+    try:
+        return config_flags.DEFINE_config_file("config", default, help_text)
+    except (AttributeError, KeyError) as e:
+        field = re.sub(r"[\"']", "", str(e))
+        given = [a for a in sys.argv[1:] if a.startswith("--config.") and field in a] or ["--config.*"]
+        config = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), default)
+        fail(f"{given[0]}: the config {config} has no field {field!r}; overrides must name an existing field "
+             "(look up the names in the config file)")
 
 
 def start() -> None:

@@ -4,8 +4,9 @@ r"""Convert a llama2.c checkpoint to an HF Flax Llama checkpoint.
       --tokenizer third_party/stories260k/llama2c/tok512.model --out third_party/stories260k/hf
 """
 
-from absl import app, flags
+from absl import flags
 
+from launch import common
 from wa.models import llama2c
 
 flags.DEFINE_string("bin", None, "llama2.c legacy checkpoint (.bin).")
@@ -21,4 +22,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

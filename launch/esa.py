@@ -7,15 +7,14 @@ The workdir receives config.json, summary.json, topk.csv, PNG plots and report.m
 """
 
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from launch import common
 from wa import report
 from wa.esa import pipeline
 from wa.esa import report as esa_report
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/esa.py:stories260k", "ESA config.")
+_CONFIG = common.config_flag("configs/esa.py:stories260k", "ESA config.")
 flags.DEFINE_string("workdir", None, "Run folder; default runs/esa-<UTC time>.")
 FLAGS = flags.FLAGS
 
@@ -38,4 +37,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -4,7 +4,7 @@ r"""Print every parameter of a checkpoint: path, shape, dtype, layer, component,
   python -m launch.inspect --checkpoint minilm --json /tmp/minilm.json
 """
 
-from absl import app, flags
+from absl import flags
 
 from launch import common
 from wa import models, report
@@ -32,4 +32,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

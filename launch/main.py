@@ -10,8 +10,7 @@ Writes config.json, params.json, summary.json and report.md to the workdir
 import os
 import time
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import flags, logging
 
 from launch import common
 from wa import models, report
@@ -20,7 +19,7 @@ from wa.esa import evaluate, pipeline
 from wa.esa import report as esa_report
 from wa.models import sampling, summary
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/main.py:default", "Job config.")
+_CONFIG = common.config_flag("configs/main.py:default", "Job config.")
 flags.DEFINE_string("workdir", None, "Run folder; default runs/main-<UTC time>.")
 FLAGS = flags.FLAGS
 
@@ -144,4 +143,4 @@ predicted tokens of `{r['corpus']}`.
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -8,15 +8,14 @@ one process per host with --coordinator_address/--num_processes/--process_id; th
 
 import os
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from launch import common
 from wa import report
 from wa.zoo import build
 from wa.zoo import report as zoo_report
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/zoo.py:digits", "Zoo config.")
+_CONFIG = common.config_flag("configs/zoo.py:digits", "Zoo config.")
 flags.DEFINE_string("workdir", None, "Run folder (resumes a zoo there); default runs/zoo-<time>.")
 FLAGS = flags.FLAGS
 
@@ -40,4 +39,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

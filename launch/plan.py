@@ -7,14 +7,13 @@ import json
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from launch import common
 from wa import parallel
 from wa.parallel import plan
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/plan.py:llama3_8b", "Plan config.")
+_CONFIG = common.config_flag("configs/plan.py:llama3_8b", "Plan config.")
 flags.DEFINE_string("workdir", None, "Also write plan.json here.")
 FLAGS = flags.FLAGS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -48,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

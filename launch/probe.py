@@ -6,14 +6,13 @@ Writes <workdir>/metrics.json (task → metric → value on held-out family tree
 timings), history.json, predictions.parquet, embeddings.npy and orbax checkpoints; re-running resumes.
 """
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from launch import common
 from wa import report
 from wa.learners import probe
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/probe.py:nwpa", "Probe config.")
+_CONFIG = common.config_flag("configs/probe.py:nwpa", "Probe config.")
 flags.DEFINE_string("workdir", None, "Run folder; default runs/probe-<time>.")
 FLAGS = flags.FLAGS
 
@@ -31,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -8,15 +8,14 @@ training_curve.png and report.md.
 
 import os
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
 from launch import common
 from wa import report
 from wa.report import plots
 from wa.train import lm
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/train_lm.py:shakespeare_char", "Training config.")
+_CONFIG = common.config_flag("configs/train_lm.py:shakespeare_char", "Training config.")
 flags.DEFINE_string("workdir", None, "Run folder (resumes if it holds checkpoints); default runs/train_lm-<time>.")
 FLAGS = flags.FLAGS
 
@@ -51,4 +50,4 @@ Checkpoint: `{r['hf_dir']}` (HF `save_pretrained`; load with `wa.models.load`).
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

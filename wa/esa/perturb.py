@@ -21,11 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wa import errors
+
 KINDS = ("sign_flip", "zero", "gauss_noise", "bit_flip")
 _UINT = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
 
-class PerturbError(ValueError):
+class PerturbError(errors.ConfigError):
     pass
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from wa import models, parallel
+from wa import errors, models, parallel
 from wa.data import paths, text, tokenizers
 from wa.esa import evaluate, perturb, scores, select, stats, superweights
 from wa.parallel import rules as rules_lib
@@ -24,7 +24,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CONTROLS = ("random_k", "bottom_k")
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.ConfigError):
     pass
 
 

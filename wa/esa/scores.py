@@ -34,10 +34,11 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
+from wa import errors
 from wa.parallel import rules as rules_lib
 
 
-class ScoreError(ValueError):
+class ScoreError(errors.ConfigError):
     pass
 
 

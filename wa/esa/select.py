@@ -17,10 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wa import errors
+
 DEFAULT_FILTER = r"kernel$"  # weight matrices: attention, MLP and head kernels; no embeddings, norms, biases
 
 
-class SelectionError(ValueError):
+class SelectionError(errors.ConfigError):
     pass
 
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from wa import errors
 
-class SplitError(ValueError):
+
+class SplitError(errors.ConfigError):
     pass
 
 

@@ -14,12 +14,13 @@ import jax
 import numpy as np
 from sklearn import base as base_estimator
 
+from wa import errors
 from wa.learners.data import Targets
 from wa.weights import graph as graph_lib
 from wa.weights import stats as weight_stats
 
 
-class LearnerError(ValueError):
+class LearnerError(errors.ConfigError):
     pass
 
 

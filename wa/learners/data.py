@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 from absl import logging
 
+from wa import errors
 from wa.zoo import store
 
 
-class DataError(ValueError):
+class DataError(errors.DataError):
     pass
 
 

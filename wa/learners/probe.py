@@ -14,14 +14,14 @@ import numpy as np
 import pandas as pd
 from absl import logging
 
-from wa import learners, report
+from wa import errors, learners, report
 from wa.eval import metrics as metrics_lib
 from wa.eval import permutation, splits
 from wa.learners import data as data_lib
 from wa.train import loop as loop_lib
 
 
-class ProbeError(ValueError):
+class ProbeError(errors.ConfigError):
     pass
 
 

@@ -28,6 +28,8 @@ from absl import logging
 from flax import serialization
 from jax.sharding import Mesh
 
+from wa import errors
+from wa.data import paths
 from wa.models import families as fam
 from wa.models.safetensors_io import SafetensorsError, SafetensorsFile
 from wa.models.torch_bin import TorchBin, TorchBinError
@@ -39,8 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # checkpoints are local; never rea
 WEIGHT_FILES = ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin")
 
 
-class CheckpointError(ValueError):
-    pass
+CheckpointError = errors.CheckpointError
 
 
 @dataclasses.dataclass(eq=False)
@@ -90,6 +91,7 @@ class _Tensor:
     key: str
     stored_shape: tuple
     fetch: Callable[[tuple], np.ndarray]
+    dtype: np.dtype
     transpose: bool = False
 
     @property
@@ -112,13 +114,11 @@ def read_config(path: str) -> transformers.PretrainedConfig:
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} is a file; give the directory that holds config.json")
     cfg_file = os.path.join(path, "config.json")
-    if not os.path.exists(cfg_file):
+    if not os.path.lexists(cfg_file):
         raise CheckpointError(f"{path}: no config.json; is this a HuggingFace checkpoint directory?")
-    try:
-        with open(cfg_file) as f:
-            raw = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
+    raw = _json(path, "config.json")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file}: holds a JSON {type(raw).__name__}, expected an object")
     model_type = raw.get("model_type")
     if fam.for_model_type(model_type) is None:
         raise CheckpointError(
@@ -141,23 +141,40 @@ def build_model(config, dtype=None, family: fam.Family | None = None):
 # --------------------------------------------------------------------------- weight sources
 
 
+MAX_JSON_BYTES = 64 << 20   # config.json and shard indexes are kilobytes
+
+
+def _json(root: str, name: str):
+    """A small JSON file of the checkpoint, read only if it is a regular file inside it."""
+    file = paths.file_inside(root, name)
+    if os.path.getsize(file) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{os.path.join(root, name)}: {os.path.getsize(file)} bytes; expected a small JSON "
+                              f"file (under {MAX_JSON_BYTES >> 20} MiB)")
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{os.path.join(root, name)}: not valid JSON ({e})") from e
+
+
 def find_weights(path: str) -> list[str]:
+    """The weight files of checkpoint ``path``: resolved regular files inside it, index shards included."""
     for name in WEIGHT_FILES:
         index = os.path.join(path, name + ".index.json")
-        if os.path.exists(index):
-            try:
-                with open(index) as f:
-                    shards = sorted(set(json.load(f)["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a valid shard index ({e})") from e
-            files = [os.path.join(path, s) for s in shards]
-            missing = [f for f in files if not os.path.exists(f)]
+        if os.path.lexists(index):
+            weight_map = _json(path, name + ".index.json")
+            weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: not a valid shard index (expected an object whose weight_map "
+                                      "maps tensor names to shard file names)")
+            shards = sorted(set(weight_map.values()))
+            files = [paths.file_inside(path, s, missing_ok=True) for s in shards]  # none may point outside
+            missing = [s for s, f in zip(shards, files, strict=True) if f is None]
             if missing:
-                raise CheckpointError(f"{index} lists shard files that are missing: {missing}")
+                raise CheckpointError(f"{index} lists shard files that are missing: {missing[:5]}")
             return files
-        single = os.path.join(path, name)
-        if os.path.exists(single):
-            return [single]
+        if os.path.lexists(os.path.join(path, name)):
+            return [paths.file_inside(path, name)]
     present = sorted(os.listdir(path))
     raise CheckpointError(
         f"{path}: no weights found; expected one of {', '.join(WEIGHT_FILES)} (or a sharded "
@@ -177,7 +194,7 @@ def _from_msgpack(file: str) -> dict[str, _Tensor]:
     out = {}
     for p, leaf in rules_lib.flatten(tree).items():
         leaf = np.asarray(leaf)
-        out[p] = _Tensor(file, p, leaf.shape, (lambda idx, a=leaf: a[idx]))
+        out[p] = _Tensor(file, p, leaf.shape, (lambda idx, a=leaf: a[idx]), leaf.dtype)
     return out
 
 
@@ -227,13 +244,15 @@ def _from_safetensors(files, shape_tree, family, prefix) -> tuple[dict[str, _Ten
     if fmt == "flax":
         for r in readers:
             for k in r.keys():
-                out[k.replace(".", "/")] = _Tensor(r.path, k, r.shape(k), (lambda idx, r=r, k=k: r.read(k, idx)))
+                out[k.replace(".", "/")] = _Tensor(r.path, k, r.shape(k), (lambda idx, r=r, k=k: r.read(k, idx)),
+                                                  r.dtype(k))
         return out, ignored
     where = {k: r for r in readers for k in r.keys()}
     mapping, ignored = _pt_key_map({k: r.shape(k) for k, r in where.items()}, shape_tree, family, prefix)
     for path, (key, transpose) in mapping.items():
         r = where[key]
-        out[path] = _Tensor(r.path, key, r.shape(key), (lambda idx, r=r, k=key: r.read(k, idx)), transpose)
+        out[path] = _Tensor(r.path, key, r.shape(key), (lambda idx, r=r, k=key: r.read(k, idx)), r.dtype(key),
+                            transpose)
     return out, ignored
 
 
@@ -264,7 +283,7 @@ def _from_torch_bin(files, shape_tree, family, prefix) -> tuple[dict[str, _Tenso
     out = {}
     for path, (key, transpose) in mapping.items():
         file, t = state[key]
-        out[path] = _Tensor(file, key, t.shape, (lambda idx, t=t: fetch(t, idx)), transpose)
+        out[path] = _Tensor(file, key, t.shape, (lambda idx, t=t: fetch(t, idx)), t.dtype, transpose)
     return out, ignored
 
 
@@ -341,6 +360,10 @@ def load(path: str, mesh: Mesh | str | None = None, rules=None, dtype=None,
             raise CheckpointError(
                 f"{sources[p].file}: parameter {p!r} (tensor {sources[p].key!r}) has shape "
                 f"{tuple(got)} but config.json implies {tuple(sd.shape)}")
+        if _is_float(sd.dtype) and not _is_float(sources[p].dtype):
+            raise CheckpointError(
+                f"{sources[p].file}: parameter {p!r} (tensor {sources[p].key!r}) is stored as "
+                f"{np.dtype(sources[p].dtype).name}; a weight must be a floating-point type (f32, f16, bf16, f64)")
 
     flat_shardings = rules_lib.flatten(shardings)
     placed = {}
@@ -353,6 +376,10 @@ def load(path: str, mesh: Mesh | str | None = None, rules=None, dtype=None,
                  path, config.model_type, len(placed),
                  sum(int(np.prod(a.shape)) for a in placed.values()), files, mesh_lib.describe(mesh))
     return Loaded(model, params, config, family, mesh, shardings, path, files)
+
+
+def _is_float(dtype) -> bool:
+    return np.issubdtype(np.dtype(dtype), np.floating) or np.dtype(dtype).name == "bfloat16"
 
 
 def _unflatten(flat: dict[str, object]) -> dict:

@@ -19,10 +19,12 @@ import shutil
 
 import numpy as np
 
+from wa import errors
+
 HEADER = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len")
 
 
-class Llama2cError(ValueError):
+class Llama2cError(errors.CheckpointError):
     pass
 
 

@@ -9,10 +9,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from wa import errors
+
 DATA_AXES = ("data", "fsdp")
 
 
-class BatchError(ValueError):
+class BatchError(errors.ConfigError):
     pass
 
 

@@ -7,8 +7,10 @@ import os
 import jax
 from absl import logging
 
+from wa import errors
 
-class DistributedError(ValueError):
+
+class DistributedError(errors.ConfigError):
     pass
 
 

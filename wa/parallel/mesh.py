@@ -8,8 +8,10 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
+from wa import errors
 
-class MeshError(ValueError):
+
+class MeshError(errors.ConfigError):
     pass
 
 

@@ -17,10 +17,12 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from wa import errors
+
 Rules = Sequence[tuple[str, P]]
 
 
-class PartitionError(ValueError):
+class PartitionError(errors.ConfigError):
     pass
 
 

@@ -20,7 +20,7 @@ import transformers
 from absl import logging
 from tqdm import tqdm
 
-from wa import parallel, report
+from wa import errors, parallel, report
 from wa.data import paths, text, tokenizers
 from wa.esa import evaluate
 from wa.models import checkpoint as ckpt_lib
@@ -28,7 +28,7 @@ from wa.parallel import mesh as mesh_lib
 from wa.parallel import rules as rules_lib
 
 
-class TrainError(ValueError):
+class TrainError(errors.ConfigError):
     pass
 
 

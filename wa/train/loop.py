@@ -26,11 +26,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from wa import report
+from wa import errors, report
 from wa.eval import metrics as metrics_lib
 
 
-class LoopError(ValueError):
+class LoopError(errors.ConfigError):
     pass
 
 

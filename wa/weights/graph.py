@@ -26,6 +26,7 @@ import jax
 import jraph
 import numpy as np
 
+from wa import errors
 from wa.zoo import archs as archs_lib
 
 EDGE_DIM = 9
@@ -35,7 +36,7 @@ EDGE_TYPES = ("dense", "conv", "residual", "norm", "position")
 ACTIVATIONS = ("none", *sorted(archs_lib.ACTIVATIONS))
 
 
-class GraphError(ValueError):
+class GraphError(errors.ConfigError):
     pass
 
 

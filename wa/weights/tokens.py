@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from wa import errors
 from wa.weights.graph import EDGE_DIM
 
 
-class TokenError(ValueError):
+class TokenError(errors.ConfigError):
     pass
 
 

@@ -19,8 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wa import errors
 
-class ArchError(ValueError):
+
+class ArchError(errors.ConfigError):
     pass
 
 

@@ -26,11 +26,12 @@ import math
 import numpy as np
 import pandas as pd
 
+from wa import errors
 from wa.zoo import archs as archs_lib
 from wa.zoo import population as pop_lib
 
 
-class PlanError(ValueError):
+class PlanError(errors.ConfigError):
     pass
 
 

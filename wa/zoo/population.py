@@ -27,6 +27,7 @@ from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from wa import errors
 from wa.zoo import archs as archs_lib
 
 OPTIMIZERS = {
@@ -41,7 +42,7 @@ HPARAMS = {"lr": np.float32, "weight_decay": np.float32, "dropout": np.float32, 
            "augment": np.int32}
 
 
-class PopulationError(ValueError):
+class PopulationError(errors.ConfigError):
     pass
 
 

@@ -24,10 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wa import errors
 from wa.zoo.population import Population, cross_entropy
 
 
-class PropertyError(ValueError):
+class PropertyError(errors.ConfigError):
     pass
 
 

@@ -30,12 +30,12 @@ import pandas as pd
 import tensorstore as ts
 from flax import traverse_util
 
-from wa import report
+from wa import errors, report
 
 FORMAT = "wa-zoo/1"
 
 
-class StoreError(ValueError):
+class StoreError(errors.DataError):
     pass
 
 
