@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from configs import probe as probe_configs  # noqa: E402
 from launch import common  # noqa: E402
-from wa import lineage, report  # noqa: E402
+from wa import lineage, report, runs  # noqa: E402
 from wa.learners import (
     baselines,  # noqa: E402
     probe,  # noqa: E402
@@ -83,10 +83,8 @@ def config(variant: str, seed: int, cross: str = ""):
 
 def run_one(variant, seed, ws, cross=""):
     out = os.path.join(FLAGS.workdir, f"cross_{cross}" if cross else "runs", variant, f"seed_{seed}")
-    done = os.path.join(out, "metrics.json")
-    if os.path.exists(done):
-        return json.load(open(done))
-    os.makedirs(out, exist_ok=True)
+    if runs.complete(out, "probe"):  # a killed run's folder has no marker: it resumes from its checkpoint
+        return json.load(open(os.path.join(out, "metrics.json")))
     t0 = time.time()
     r = probe.run(config(variant, seed, cross), out, progress=False, ws=ws)
     logging.info("%s seed %d%s: %.0f s", variant, seed, f" (cross {cross})" if cross else "", time.time() - t0)

@@ -23,6 +23,8 @@ flags.DEFINE_integer("host_devices", None,
 
 flags.DEFINE_string("jax_cache", os.path.join("~", ".cache", "wa", "jax"),
                     "Persistent compilation cache folder ('' to disable): re-runs skip XLA compiles.")
+flags.DEFINE_boolean("overwrite", False, "Delete what --workdir holds and start afresh, instead of resuming "
+                     "(a resume goes on only when the folder holds this very run).")
 flags.DEFINE_boolean("verbose", False, "Show the traceback of expected errors (bad input) too.")
 FLAGS = flags.FLAGS
 
@@ -42,7 +44,13 @@ def run(main) -> None:
             if FLAGS.verbose:
                 raise
             fail(e)
-    app.run(guarded)
+
+    def parse(argv):
+        try:
+            return app.parse_flags_with_usage(argv)
+        except (AttributeError, KeyError) as e:  # --config.x for a field the --config file lacks
+            _unknown_field(e, None)
+    app.run(guarded, flags_parser=parse)
 
 
 def config_flag(default: str, help_text: str):
@@ -54,11 +62,18 @@ def config_flag(default: str, help_text: str):
     try:
         return config_flags.DEFINE_config_file("config", default, help_text)
     except (AttributeError, KeyError) as e:
-        field = re.sub(r"[\"']", "", str(e))
-        given = [a for a in sys.argv[1:] if a.startswith("--config.") and field in a] or ["--config.*"]
-        config = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--config=")), default)
-        fail(f"{given[0]}: the config {config} has no field {field!r}; overrides must name an existing field "
-             "(look up the names in the config file)")
+        _unknown_field(e, default)
+
+
+def _unknown_field(e: Exception, default: str | None):
+    field = re.sub(r"[\"']", "", str(e))
+    args = sys.argv[1:]
+    given = [a for a in args if a.startswith("--config.") and field in a] or ["--config.*"]
+    config = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if config is None and "--config" in args[:-1]:
+        config = args[args.index("--config") + 1]
+    fail(f"{given[0]}: the config {config or default} has no field {field!r}; overrides must name an existing "
+         "field (look up the names in the config file)")
 
 
 def start() -> None:

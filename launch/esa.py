@@ -3,14 +3,15 @@ r"""Critical weight analysis: scores, top-k, stability, perturbation validation,
   python -m launch.esa --config configs/esa.py:stories260k --workdir runs/esa
   python -m launch.esa --config configs/esa.py:smoke --workdir /tmp/esa
 
-The workdir receives config.json, summary.json, topk.csv, PNG plots and report.md.
+The workdir receives config.json, summary.json, topk.csv, PNG plots, report.md and DONE.json (last). A workdir
+holding another analysis is refused before any compute; --overwrite empties it first.
 """
 
 
 from absl import flags
 
 from launch import common
-from wa import report
+from wa import runs
 from wa.esa import pipeline
 from wa.esa import report as esa_report
 
@@ -23,9 +24,9 @@ def main(argv):
     del argv
     cfg = _CONFIG.value
     pipeline.check(cfg)  # config errors before devices, files or compute
+    workdir = runs.writable(FLAGS.workdir, "esa")
     common.start()
-    workdir = report.workdir(FLAGS.workdir, "esa")
-    _, summary = esa_report.run(cfg, workdir)
+    _, summary = esa_report.run(cfg, workdir, FLAGS.overwrite)
     if common.is_chief():
         for m, e in summary["per_metric"].items():
             main = e["perturb_main"]

@@ -7,7 +7,7 @@ r"""Print every parameter of a checkpoint: path, shape, dtype, layer, component,
 from absl import flags
 
 from launch import common
-from wa import models, report
+from wa import models, parallel, report, runs
 from wa.data import paths
 from wa.models import summary
 
@@ -20,6 +20,9 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    if FLAGS.json:
+        runs.output_file(FLAGS.json, "json")
+    parallel.mesh.parse_axes(FLAGS.mesh)
     common.start()
     loaded = models.load(paths.checkpoint(FLAGS.checkpoint), mesh=FLAGS.mesh)
     rows = summary.param_rows(loaded)

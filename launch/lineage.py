@@ -9,10 +9,10 @@ directed / undirected edge recovery, root precision / recall, the recovered pare
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from launch import common
-from wa import lineage, report
+from wa import errors, lineage, report, runs
 from wa.learners import baselines
 from wa.learners import data as data_lib
 
@@ -27,14 +27,14 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     if FLAGS.direction_penalty < 0:
-        raise app.UsageError(f"--direction_penalty={FLAGS.direction_penalty}: expected >= 0")
+        raise errors.ConfigError(f"--direction_penalty={FLAGS.direction_penalty}: expected >= 0")
     if not os.path.exists(os.path.join(FLAGS.zoo, "zoo.json")):
-        raise app.UsageError(f"--zoo={FLAGS.zoo!r} is not a zoo (no zoo.json)")
+        raise errors.DataError(f"--zoo={FLAGS.zoo!r} is not a zoo (no zoo.json); build one with launch.make_zoo")
+    wd = runs.writable(FLAGS.workdir, "lineage")
     common.start()
     ws = data_lib.load(FLAGS.zoo, final_only=True, families=tuple(FLAGS.families))
     res = lineage.per_architecture(ws.rows, [baselines.flat(p) for p in ws.params],
                                    direction_penalty=FLAGS.direction_penalty)
-    wd = report.workdir(FLAGS.workdir, "lineage")
     report.write_json(os.path.join(wd, "lineage.json"), res)
     for arch, s in res.items():
         print(f"{arch:>28}: directed {s['directed_edges']:.3f}  undirected {s['undirected_edges']:.3f}  "

@@ -10,10 +10,11 @@ Writes config.json, params.json, summary.json and report.md to the workdir
 import os
 import time
 
+import jax
 from absl import flags, logging
 
 from launch import common
-from wa import models, report
+from wa import errors, models, report, runs
 from wa.data import paths, text, tokenizers
 from wa.esa import evaluate, pipeline
 from wa.esa import report as esa_report
@@ -29,12 +30,12 @@ DTYPES = pipeline.DTYPES
 def check(cfg):
     """Everything that can be wrong with the config, before any loading or compute."""
     if cfg.dtype not in DTYPES:
-        raise ValueError(f"--config.dtype={cfg.dtype!r}: expected one of {sorted(DTYPES)}")
+        raise errors.ConfigError(f"--config.dtype={cfg.dtype!r}: expected one of {sorted(DTYPES)}")
     for k in ("seq_len", "batch_size"):
         if cfg[k] < 1:
-            raise ValueError(f"--config.{k}={cfg[k]}: must be positive")
+            raise errors.ConfigError(f"--config.{k}={cfg[k]}: must be positive")
     if cfg.max_windows < 0 or cfg.sample_tokens < 0:
-        raise ValueError("--config.max_windows and --config.sample_tokens must be >= 0")
+        raise errors.ConfigError("--config.max_windows and --config.sample_tokens must be >= 0")
 
 
 def main(argv):
@@ -44,20 +45,23 @@ def main(argv):
     esa_cfg = common.load_config("esa", cfg.esa_variant) if cfg.esa_variant else None
     if esa_cfg is not None:
         pipeline.check(esa_cfg)
+    workdir = runs.writable(FLAGS.workdir, "main")
     common.start()
-    workdir = report.workdir(FLAGS.workdir, "main")
+    ckpt = paths.checkpoint(cfg.checkpoint)
+    folder = runs.Run.open(workdir, "main", {"config": cfg.to_dict(), "checkpoint": models.identity(ckpt)},
+                           FLAGS.overwrite, jax.process_index())
+    folder.started()
     report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
     t0 = time.time()
 
-    ckpt = paths.checkpoint(cfg.checkpoint)
     corpus = text.read(cfg.corpus)  # fails fast on a missing or empty corpus
     loaded = models.load(ckpt, mesh=cfg.mesh, dtype=DTYPES[cfg.dtype])
     if loaded.family.kind != "causal_lm":
-        raise ValueError(f"--config.checkpoint={cfg.checkpoint!r} is a {loaded.family.kind}; "
+        raise errors.ConfigError(f"--config.checkpoint={cfg.checkpoint!r} is a {loaded.family.kind}; "
                          "perplexity needs a causal LM")
     max_len = getattr(loaded.config, "max_position_embeddings", None)
     if max_len and cfg.seq_len > max_len:
-        raise ValueError(f"--config.seq_len={cfg.seq_len} exceeds the model's "
+        raise errors.ConfigError(f"--config.seq_len={cfg.seq_len} exceeds the model's "
                          f"max_position_embeddings={max_len}")
     rows = summary.param_rows(loaded)
     tot = summary.totals(rows)
@@ -99,12 +103,14 @@ def main(argv):
     if esa_cfg is not None:
         esa_dir = os.path.join(workdir, "esa")
         os.makedirs(esa_dir, exist_ok=True)
-        _, s = esa_report.run(esa_cfg, esa_dir)
+        _, s = esa_report.run(esa_cfg, esa_dir, FLAGS.overwrite)
         if common.is_chief():
             v = esa_report.verdicts(s)
             met = [x for x in v if x["verdict"] == "met"]
             print(f"critical weight analysis: {len(met)} of {len(v)} ESA success criteria met; "
                   f"report in {esa_dir}/report.md")
+    folder.finish(["config.json", "params.json", "summary.json", "report.md"]
+                  + ([os.path.join("esa", runs.DONE_FILE)] if esa_cfg is not None else []))
 
 
 def render(cfg, r, rows) -> str:

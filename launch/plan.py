@@ -4,13 +4,14 @@ r"""Dry-run memory plan for a loss-and-gradient step; prints one JSON line.
 """
 
 import json
+import os
 
 import jax
 import jax.numpy as jnp
 from absl import flags
 
 from launch import common
-from wa import parallel
+from wa import errors, parallel, report, runs
 from wa.parallel import plan
 
 _CONFIG = common.config_flag("configs/plan.py:llama3_8b", "Plan config.")
@@ -24,16 +25,17 @@ def main(argv):
     cfg = _CONFIG.value
     for k in ("param_dtype", "compute_dtype"):
         if cfg[k] not in DTYPES:
-            raise ValueError(f"--config.{k}={cfg[k]!r}: expected one of {sorted(DTYPES)}")
-    if cfg.num_devices < 1:
-        raise ValueError(f"--config.num_devices={cfg.num_devices}: must be positive")
+            raise errors.ConfigError(f"--config.{k}={cfg[k]!r}: expected one of {sorted(DTYPES)}")
+    errors.check_values(cfg, {"num_devices": errors.COUNT, "batch_size": errors.COUNT, "seq_len": errors.COUNT})
+    parallel.mesh.parse_axes(cfg.mesh)
+    workdir = runs.writable(FLAGS.workdir, "plan") if FLAGS.workdir else None
     # Without accelerators, stand in with as many CPU devices (must precede backend start-up).
     if not FLAGS.host_devices and jax.config.jax_platforms in (None, "", "cpu"):
         FLAGS.host_devices = cfg.num_devices
     common.start()
     devices = jax.devices()
     if len(devices) < cfg.num_devices:
-        raise ValueError(f"--config.num_devices={cfg.num_devices} but only {len(devices)} "
+        raise errors.ConfigError(f"--config.num_devices={cfg.num_devices} but only {len(devices)} "
                          f"{jax.default_backend()} devices exist")
     mesh = parallel.make_mesh(cfg.mesh, devices[:cfg.num_devices])
     result = plan.plan(plan.hf_config(cfg.hf_config.to_dict()), mesh, cfg.batch_size, cfg.seq_len,
@@ -41,9 +43,8 @@ def main(argv):
     if common.is_chief():
         line = json.dumps(result)
         print(line)
-        if FLAGS.workdir:
-            from wa import report
-            report.write_json(report.workdir(FLAGS.workdir, "plan") + "/plan.json", result)
+        if workdir:
+            report.write_json(os.path.join(workdir, "plan.json"), result)
 
 
 if __name__ == "__main__":

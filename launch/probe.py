@@ -3,13 +3,14 @@ r"""Learn from weights: train and evaluate one learner on a zoo (configs/probe.p
   python -m launch.probe --config configs/probe.py:nwpa --workdir runs/probe_nwpa
 
 Writes <workdir>/metrics.json (task → metric → value on held-out family trees, per family, permutation gaps,
-timings), history.json, predictions.parquet, embeddings.npy and orbax checkpoints; re-running resumes.
+timings), history.json, predictions.parquet, embeddings.npy and orbax checkpoints; re-running resumes the run
+the folder holds (a different config or zoo is refused; --overwrite starts afresh).
 """
 
 from absl import flags
 
 from launch import common
-from wa import report
+from wa import runs
 from wa.learners import probe
 
 _CONFIG = common.config_flag("configs/probe.py:nwpa", "Probe config.")
@@ -22,7 +23,7 @@ def main(argv):
     cfg = _CONFIG.value
     probe.check(cfg)
     common.start()
-    r = probe.run(cfg, report.workdir(FLAGS.workdir, "probe"))
+    r = probe.run(cfg, runs.writable(FLAGS.workdir, "probe"), overwrite=FLAGS.overwrite)
     for task, m in r["tasks"].items():
         keys = ("accuracy", "f1") if "accuracy" in m else ("r2", "kendall_tau", "mae")
         print(f"{task:>15}: " + "  ".join(f"{k} {m[k]:.4f}" for k in keys))

@@ -2,16 +2,18 @@ r"""Train a small causal LM and save it as an HF Flax checkpoint (workdir/hf).
 
   python -m launch.train_lm --config configs/train_lm.py:shakespeare_char --workdir runs/shakespeare_char
 
-Resumes from workdir/checkpoints (orbax) when re-run. Writes train.json, history.json,
+Resumes from workdir/checkpoints (orbax) when re-run with the same config and corpus (anything else is refused;
+--overwrite starts afresh). Writes train.json, history.json,
 training_curve.png and report.md.
 """
 
 import os
 
+import jax
 from absl import flags
 
 from launch import common
-from wa import report
+from wa import report, runs
 from wa.report import plots
 from wa.train import lm
 
@@ -23,8 +25,11 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     cfg = _CONFIG.value
+    lm.check(cfg)
+    workdir = runs.writable(FLAGS.workdir, "train_lm")
     common.start()
-    workdir = report.workdir(FLAGS.workdir, "train_lm")
+    folder = runs.Run.open(workdir, "train_lm", lm.fingerprint(cfg), FLAGS.overwrite, jax.process_index())
+    folder.started()
     report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
     r = lm.train(cfg, workdir)
     if common.is_chief():
@@ -45,6 +50,8 @@ on {r['tokens_seen']:,} tokens drawn from a {r['train_tokens']:,}-token training
 
 Checkpoint: `{r['hf_dir']}` (HF `save_pretrained`; load with `wa.models.load`).
 """)
+        folder.finish(["config.json", "train.json", "history.json", "training_curve.png", "report.md",
+                       os.path.join("hf", "config.json")])
         print(f"{r['n_params']:,} parameters; validation {r['val_nll']:.4f} nats/token, perplexity {r['val_ppl']:.3f}; "
               f"checkpoint {r['hf_dir']}")
 

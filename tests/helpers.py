@@ -152,3 +152,12 @@ def run_launch(module: str, *args: str, env_extra: dict | None = None, timeout: 
     if r.returncode != rc:
         raise AssertionError(f"{module} exited {r.returncode}, expected {rc}:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}")
     return r
+
+
+def one_line_error(r, message: str) -> str:
+    """The process ended on one ``error: ...`` line holding ``message`` (exit 2, no traceback)."""
+    assert r.returncode == 2, f"exit {r.returncode}:\n{r.stderr[-3000:]}"
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last, last
+    return last

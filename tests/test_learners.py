@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import pytest
 
 from configs import probe as probe_configs
 from tests import helpers
-from wa import learners
+from wa import learners, runs
 from wa.eval import permutation
 from wa.learners import data as data_lib
 from wa.train import loop as loop_lib
@@ -207,10 +208,17 @@ def test_loop_resume_is_exact_and_runs_are_deterministic(tmp_path):
     full = _fit("nwpa", str(tmp_path / "a"), epochs=2, patience=10)
     halted = _fit("nwpa", str(tmp_path / "b"), epochs=2, patience=10, halt_at=1)
     assert halted.epochs_run == 1
+    # A copy that lost history.json (deleted, or killed mid-write by an older wa) resumes from its checkpoint too:
+    # only the curves before it are lost.
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    os.remove(tmp_path / "c" / "history.json")
+    no_history = _fit("nwpa", str(tmp_path / "c"), epochs=2, patience=10)
+    assert no_history.resumed_from == 1 and [h["epoch"] for h in no_history.history] == [2]
     resumed = _fit("nwpa", str(tmp_path / "b"), epochs=2, patience=10)
     assert resumed.resumed_from == 1 and resumed.epochs_run == 2 and resumed.best_epoch == full.best_epoch
-    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params), strict=True):
+    for a, b, c in zip(*(jax.tree.leaves(f.params) for f in (full, resumed, no_history)), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
     hist = json.load(open(tmp_path / "b" / "history.json"))
     assert [h["epoch"] for h in hist] == [1, 2]
     assert [h["val_loss"] for h in hist] == [h["val_loss"] for h in full.history]
@@ -273,11 +281,14 @@ def test_probe_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path):
     helpers.run_launch("launch.make_zoo", "--config", "configs/zoo.py:smoke", "--workdir", str(zoo))
     store = str(zoo / "zoo")
     bad = helpers.run_launch("launch.probe", "--config", "configs/probe.py:nwpa,smoke", "--config.zoo=/nope",
-                             "--workdir", str(tmp_path / "x"), rc=1)
-    assert "'/nope' is not a zoo" in bad.stderr
+                             "--workdir", str(tmp_path / "x"), rc=2)
+    helpers.one_line_error(bad, "'/nope' is not a zoo")
     bad = helpers.run_launch("launch.probe", "--config", "configs/probe.py:nwpa,smoke", f"--config.zoo={store}",
-                             "--config.learner=resnet", "--workdir", str(tmp_path / "x"), rc=1)
-    assert "--config.learner='resnet'; known:" in bad.stderr and not (tmp_path / "x").exists()
+                             "--config.learner=resnet", "--workdir", str(tmp_path / "x"), rc=2)
+    helpers.one_line_error(bad, "--config.learner='resnet'; known:")
+    assert not (tmp_path / "x").exists()
+    bad = helpers.run_launch("launch.probe", "--config", "configs/probe.py:nwpa,smoke", "--config.nosuch=1", rc=2)
+    helpers.one_line_error(bad, "--config.nosuch=1: the config configs/probe.py:nwpa,smoke has no field 'nosuch'")
     wd = tmp_path / "probe"
     args = ("--config", "configs/probe.py:nwpa,smoke", f"--config.zoo={store}", "--workdir", str(wd))
     out = helpers.run_launch("launch.probe", *args).stdout
@@ -289,6 +300,19 @@ def test_probe_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path):
     assert np.load(wd / "embeddings.npy").shape == (m["data"]["test_networks"], 16)
     helpers.run_launch("launch.probe", *args)
     assert json.load(open(wd / "metrics.json"))["resumed_from"] == 2
+    assert runs.complete(str(wd), "probe")
+    # Another config, or another zoo, in the same folder: refused before anything is touched.
+    before = {f: (wd / f).read_bytes() for f in ("metrics.json", "run.json", "DONE.json")}
+    bad = helpers.run_launch("launch.probe", *args, "--config.train.lr=0.01", rc=2)
+    helpers.one_line_error(bad, "holds another run, so it cannot be resumed: config.train.lr: 0.001 in the folder, "
+                                "0.01 now")
+    assert {f: (wd / f).read_bytes() for f in before} == before
+    # The zoo's own resume refuses another batch size (its metadata would mix two settings).
+    zoo_json = (zoo / "zoo" / "zoo.json").read_bytes()
+    bad = helpers.run_launch("launch.make_zoo", "--config", "configs/zoo.py:smoke", "--workdir", str(zoo),
+                             "--config.batch_size=16", rc=2)
+    helpers.one_line_error(bad, "config.batch_size: 32 in the folder, 16 now")
+    assert (zoo / "zoo" / "zoo.json").read_bytes() == zoo_json
 
     r = helpers.run_launch("launch.lineage", f"--zoo={store}", "--workdir", str(tmp_path / "lin")).stdout
     lin = json.load(open(tmp_path / "lin" / "lineage.json"))

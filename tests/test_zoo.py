@@ -392,6 +392,6 @@ print("OK")
 ])
 def test_make_zoo_rejects_bad_config_before_training(tmp_path, args, env, message):
     r = helpers.run_launch("launch.make_zoo", "--config", "configs/zoo.py:smoke", "--workdir", str(tmp_path / "z"),
-                           *args, env_extra=env, rc=1)
-    assert message in r.stderr
+                           *args, env_extra=env, rc=2)
+    helpers.one_line_error(r, message)
     assert not (tmp_path / "z" / "zoo").exists()

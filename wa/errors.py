@@ -28,3 +28,26 @@ class DataError(WaError):
 
 class RunError(WaError):
     """A run folder that holds another run, is locked by another writer, or cannot be written."""
+
+
+def check_values(cfg, rules: dict, prefix: str = "--config.") -> None:
+    """Range checks before any work: ``rules`` maps a dotted field to (test, what is expected).
+
+    The first value that fails its test is one ``ConfigError`` naming the flag, the value and the expectation.
+    """
+    for field, (ok, expected) in rules.items():
+        value = cfg
+        for part in field.split("."):
+            value = value[part]
+        try:
+            good = bool(ok(value))
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise ConfigError(f"{prefix}{field}={value!r}: expected {expected}")
+
+
+POSITIVE = (lambda v: v > 0, "a positive number")
+NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+COUNT = (lambda v: int(v) == v and v >= 1, "an integer >= 1")
+FRACTION = (lambda v: 0 <= v < 1, "a fraction in [0, 1)")

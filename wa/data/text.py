@@ -23,14 +23,20 @@ def corpus_path(name_or_path: str) -> str:
         return third_party(*CORPORA[name_or_path])
     if os.path.isfile(name_or_path):
         return name_or_path
+    if os.path.isdir(name_or_path):
+        raise DataError(f"corpus {name_or_path!r} is a directory; expected a text file or one of "
+                        f"{', '.join(CORPORA)}")
     raise DataError(f"corpus {name_or_path!r} is neither a known corpus ({', '.join(CORPORA)}) "
                     "nor an existing text file")
 
 
 def read(name_or_path: str) -> str:
     path = corpus_path(name_or_path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"corpus {path} is not UTF-8 text (byte {e.start}: {e.reason}); expected a text file") from None
     if not text.strip():
         raise DataError(f"corpus {path} is empty")
     return text

@@ -186,6 +186,17 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan) -> dict:
     return out
 
 
+def check_topk(cfg, sizes: dict) -> None:
+    """A count that takes every weight makes top-k, random-k and bottom-k one set: the test would say nothing."""
+    if cfg.topk < 1:  # a fraction in (0, 1)
+        return
+    limit = max(sizes.values()) if cfg.mode == "per_layer" else sum(sizes.values())
+    if cfg.topk >= limit:
+        where = "the largest matrix" if cfg.mode == "per_layer" else "all the selected matrices together"
+        raise ConfigError(f"--config.topk={cfg.topk:g} selects every weight ({where} holds {limit}), so top-k, "
+                          "random-k and bottom-k would be the same set; use a smaller count or a fraction in (0, 1)")
+
+
 def run(cfg, progress: bool = True) -> dict:
     """Runs the whole analysis; returns everything the report needs."""
     plan = check(cfg)
@@ -195,6 +206,7 @@ def run(cfg, progress: bool = True) -> dict:
     parallel.check_batch_size(loaded.mesh, cfg.batch_size)
     flat = rules_lib.flatten(loaded.params)
     kept = select.filter_paths(list(flat), cfg.param_filter)  # regex matching nothing fails here
+    check_topk(cfg, {p: int(np.prod(flat[p].shape)) for p in kept})
     data = prepare_data(cfg, loaded, ckpt)
     t0 = time.time()
     base = evaluate.evaluate(loaded, loaded.params, data.eval_ids, data.eval_mask, cfg.batch_size,

@@ -8,7 +8,8 @@ import os
 import jax
 import numpy as np
 
-from wa import report
+from wa import models, report, runs
+from wa.data import paths
 from wa.esa import pipeline, select
 from wa.parallel import rules as rules_lib
 from wa.report import plots
@@ -30,7 +31,7 @@ def write_topk_csv(path, r):
     loaded = r["loaded"]
     flat = {p: np.asarray(v) for p, v in rules_lib.flatten(loaded.params).items()}
     seed = r["plan"].seeds[0]
-    with open(path + ".tmp", "w", newline="") as f:
+    with report.atomic(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["metric", "rank", "path", "flat_index", "coordinates", "layer", "component", "role", "value",
                     "score"])
@@ -44,7 +45,6 @@ def write_topk_csv(path, r):
                 w.writerow([m, rank, p, i, "(" + ",".join(map(str, select.coordinates(flat[p].shape, i))) + ")",
                             "" if info.layer is None else info.layer, info.component, info.role,
                             f"{float(flat[p].ravel()[i]):.8g}", f"{s:.8g}"])
-    os.replace(path + ".tmp", path)
 
 
 def _layer_role_tables(r):
@@ -242,16 +242,25 @@ every metric: path, flat index, coordinates, value, score), `config.json` (resol
 """
 
 
-def run(cfg, workdir: str) -> tuple[dict, dict]:
+def fingerprint(cfg) -> dict:
+    """What an analysis depends on: its config and the checkpoint's identity (path and weights' digests)."""
+    return {"config": cfg.to_dict(), "checkpoint": models.identity(paths.checkpoint(cfg.model))}
+
+
+def run(cfg, workdir: str, overwrite: bool = False) -> tuple[dict, dict]:
     """Runs the analysis ``cfg`` describes; process 0 writes config.json and everything ``write`` does to
-    ``workdir``. Returns (results, summary)."""
+    ``workdir``, then ``DONE.json``. A folder holding another analysis is refused before any compute (its
+    plots would otherwise sit beside the new ones); ``overwrite`` empties it first. Returns (results, summary)."""
     chief = jax.process_index() == 0
+    folder = runs.Run.open(workdir, "esa", fingerprint(cfg), overwrite, jax.process_index())
+    folder.started()
     if chief:
         report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
     r = pipeline.run(cfg)
     summary = pipeline.summarize(r)
     if chief:
-        write(workdir, r, summary, cfg.save_plots)
+        files = write(workdir, r, summary, cfg.save_plots)
+        folder.finish(["config.json", *files])
     return r, summary
 
 
@@ -260,3 +269,4 @@ def write(workdir, r, summary, save_plots=True):
     write_topk_csv(os.path.join(workdir, "topk.csv"), r)
     figures = write_plots(workdir, r, summary) if save_plots else []
     report.write_text(os.path.join(workdir, "report.md"), render(summary, r["cfg"], figures))
+    return ["summary.json", "topk.csv", "report.md", *figures]

@@ -2,7 +2,9 @@
 
 Writes to ``workdir``: ``metrics.json`` (task → metric → value on the test split, plus per family, the
 permutation gaps, timings and the run's facts), ``history.json`` and ``checkpoints/`` (neural learners),
-``predictions.parquet`` (test rows: truth and prediction per task) and ``embeddings.npy`` (test rows).
+``predictions.parquet`` (test rows: truth and prediction per task) and ``embeddings.npy`` (test rows);
+``run.json`` (config and zoo identity: a resume with another config or zoo is refused) and ``DONE.json``
+(written last, listing the finished files).
 """
 
 from __future__ import annotations
@@ -10,15 +12,17 @@ from __future__ import annotations
 import os
 import time
 
+import jax
 import numpy as np
 import pandas as pd
 from absl import logging
 
-from wa import errors, learners, report
+from wa import errors, learners, report, runs
 from wa.eval import metrics as metrics_lib
 from wa.eval import permutation, splits
 from wa.learners import data as data_lib
 from wa.train import loop as loop_lib
+from wa.zoo import store as store_lib
 
 
 class ProbeError(errors.ConfigError):
@@ -65,6 +69,16 @@ def check(cfg) -> None:
         raise ProbeError(f"--config.zoo={cfg.zoo!r} is not a zoo (no zoo.json); build one with launch.make_zoo")
     if cfg.split.kind == "cross_arch" and not cfg.split.held_out:
         raise ProbeError("--config.split.kind=cross_arch needs --config.split.held_out=<family>")
+    errors.check_values(cfg, {
+        "train.epochs": errors.COUNT, "train.batch_size": errors.COUNT, "train.lr": errors.POSITIVE,
+        "train.weight_decay": errors.NON_NEGATIVE, "train.warmup": errors.FRACTION, "train.clip": errors.POSITIVE,
+        "train.patience": errors.COUNT, "train.devices": errors.COUNT, "train.halt_at": errors.NON_NEGATIVE,
+        "permutation.networks": errors.NON_NEGATIVE, "data.min_epoch": errors.NON_NEGATIVE,
+        "data.max_models": errors.NON_NEGATIVE,
+        "split.fractions": (lambda f: len(f) == 3 and min(f) > 0 and abs(sum(f) - 1) < 1e-6,
+                            "three positive fractions (train, validation, test) summing to 1"),
+        "tasks": (lambda t: all(w >= 0 for w in t.values()), "task weights >= 0"),
+    })
 
 
 def scores(targets, pred: dict, idx: np.ndarray) -> dict:
@@ -78,8 +92,27 @@ def scores(targets, pred: dict, idx: np.ndarray) -> dict:
     return out
 
 
-def run(cfg, workdir: str, progress: bool = True, ws: data_lib.WeightSet | None = None) -> dict:
+def zoo_identity(path: str) -> dict:
+    """What a probe's results depend on besides its config: which zoo, which plan, how many units were done."""
+    zoo = store_lib.Zoo.open(path)
+    return {"path": os.path.abspath(path), "plan_hash": zoo.info["plan_hash"], "units_done": len(zoo.done_units())}
+
+
+def fingerprint(cfg) -> dict:
+    """The config (but ``train.halt_at``, a simulated preemption) and the zoo's identity."""
+    c = cfg.to_dict()
+    c["train"].pop("halt_at", None)
+    return {"config": c, "zoo": zoo_identity(cfg.zoo)}
+
+
+def run(cfg, workdir: str, progress: bool = True, ws: data_lib.WeightSet | None = None,
+        overwrite: bool = False) -> dict:
+    """Trains and evaluates ``cfg.learner``; with a ``workdir``, resumes only the run recorded there."""
     check(cfg)
+    folder = None
+    if workdir:
+        folder = runs.Run.open(workdir, "probe", fingerprint(cfg), overwrite, jax.process_index())
+        folder.started()
     ws = ws or data_lib.load(cfg.zoo, **cfg.data.to_dict())
     parts = split(ws.rows, cfg.split)
     for k, v in parts.items():
@@ -133,16 +166,25 @@ def run(cfg, workdir: str, progress: bool = True, ws: data_lib.WeightSet | None 
     result["targets"] = targets.spec
     result["skipped_tasks"] = targets.skipped
     result.update(facts)
-    if workdir:
-        report.write_json(os.path.join(workdir, "metrics.json"), result)
+    if folder is not None and jax.process_index() == 0:
+        # Every file atomically, metrics.json after the files it describes, and the completion marker last.
         cols = {"row": orig[test], "model_id": ws.rows["model_id"].to_numpy()[test], "family": fam}
         for t, s in targets.spec.items():
             cols[f"{t}/true"] = targets.truth(t, test)
             p = np.asarray(pred[t])
             cols[f"{t}/pred"] = p.argmax(-1) if s["kind"] == "class" else targets.unscale(t, p)
-        pd.DataFrame(cols).to_parquet(os.path.join(workdir, "predictions.parquet"))
+        with report.atomic(os.path.join(workdir, "predictions.parquet")) as tmp:
+            pd.DataFrame(cols).to_parquet(tmp)
+        written = ["predictions.parquet"]
         if pred.get("embedding") is not None:
-            np.save(os.path.join(workdir, "embeddings.npy"), np.asarray(pred["embedding"], np.float32))
+            with report.atomic(os.path.join(workdir, "embeddings.npy")) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.asarray(pred["embedding"], np.float32))
+            written.append("embeddings.npy")
+        report.write_json(os.path.join(workdir, "metrics.json"), result)
+        written.append("metrics.json")
+        if os.path.exists(os.path.join(workdir, "history.json")):
+            written.append("history.json")
+        folder.finish(written)
     logging.info("%s: %s", cfg.learner, {t: {k: round(v, 4) for k, v in m.items() if k in ("accuracy", "r2",
                                                                                        "kendall_tau")}
                                           for t, m in result["tasks"].items()})

@@ -28,7 +28,7 @@ from absl import logging
 from flax import serialization
 from jax.sharding import Mesh
 
-from wa import errors
+from wa import errors, runs
 from wa.data import paths
 from wa.models import families as fam
 from wa.models.safetensors_io import SafetensorsError, SafetensorsFile
@@ -108,6 +108,13 @@ class _Tensor:
 # --------------------------------------------------------------------------- config / model
 
 
+# Sizes a config.json states: a zero or negative one would build a model with no layers (or fewer tensors than
+# the weights hold) instead of failing.
+SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+               "vocab_size", "max_position_embeddings", "n_layer", "n_embd", "n_head", "n_positions", "n_inner",
+               "ffn_dim", "head_dim")
+
+
 def read_config(path: str) -> transformers.PretrainedConfig:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint directory {path!r} does not exist")
@@ -124,7 +131,14 @@ def read_config(path: str) -> transformers.PretrainedConfig:
         raise CheckpointError(
             f"{cfg_file}: model_type {model_type!r} is not a family wa knows; known model types: "
             f"{', '.join(sorted(fam.model_types()))}")
-    return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    for key in SIZE_FIELDS:
+        v = raw.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise CheckpointError(f"{cfg_file}: {key}={v!r}; expected an integer >= 1")
+    try:
+        return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{cfg_file}: transformers cannot read it ({type(e).__name__}: {e})") from e
 
 
 def build_model(config, dtype=None, family: fam.Family | None = None):
@@ -179,6 +193,11 @@ def find_weights(path: str) -> list[str]:
     raise CheckpointError(
         f"{path}: no weights found; expected one of {', '.join(WEIGHT_FILES)} (or a sharded "
         f"*.index.json), the directory holds {present}")
+
+
+def identity(path: str) -> dict:
+    """Which checkpoint a run read: its path and its weight files' digests (recorded in run folders)."""
+    return {"path": os.path.abspath(path), "weights": runs.files_digest(find_weights(path))}
 
 
 def _from_msgpack(file: str) -> dict[str, _Tensor]:

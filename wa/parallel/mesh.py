@@ -15,6 +15,9 @@ class MeshError(errors.ConfigError):
     pass
 
 
+AXES = ("data", "fsdp", "model")   # the axes wa's partition rules and batch shardings name
+
+
 def parse_axes(spec) -> dict[str, int]:
     """Turns ``"data:1,fsdp:-1"``, a mapping or a ConfigDict into an ordered {axis: size}."""
     if isinstance(spec, str):
@@ -33,6 +36,10 @@ def parse_axes(spec) -> dict[str, int]:
         raise MeshError(f"mesh must be a string like 'data:1,fsdp:-1' or a mapping, got {spec!r}")
     if not axes:
         raise MeshError(f"mesh {spec!r} names no axes")
+    unknown = [k for k in axes if k not in AXES]
+    if unknown:
+        # An axis no partition rule names would silently replicate everything over its devices.
+        raise MeshError(f"mesh {spec!r}: unknown axis {unknown[0]!r}; wa's partition rules use {', '.join(AXES)}")
     return axes
 
 

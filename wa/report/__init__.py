@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
+import tempfile
 
 import numpy as np
 
@@ -27,20 +29,31 @@ def _default(o):
     return str(o)
 
 
+@contextlib.contextmanager
+def atomic(path: str):
+    """Yields a temporary name beside ``path``, renamed onto it only when the block succeeds: readers see the
+    old file or the whole new one, never half of one. The name is unique per writer, so two processes never
+    write the same temporary file."""
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide results from the user's group
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_json(path: str, obj) -> None:
     """Writes atomically, so an interrupted run never leaves a half-written file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=_default)
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(obj, indent=2, default=_default) + "\n"  # serialise first: a bad value writes nothing
+    write_text(path, text)
 
 
 def write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:

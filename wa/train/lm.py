@@ -20,7 +20,7 @@ import transformers
 from absl import logging
 from tqdm import tqdm
 
-from wa import errors, parallel, report
+from wa import errors, parallel, report, runs
 from wa.data import paths, text, tokenizers
 from wa.esa import evaluate
 from wa.models import checkpoint as ckpt_lib
@@ -60,9 +60,33 @@ def save_tokenizer(tok, name: str, out_dir: str):
         report.write_json(os.path.join(out_dir, tokenizers.MARKER), {"type": name})
 
 
+def check(cfg) -> None:
+    """Every config value in range, before any data or device is touched."""
+    errors.check_values(cfg, {
+        "steps": errors.COUNT, "batch_size": errors.COUNT, "seq_len": (lambda v: int(v) == v and v >= 2,
+                                                                        "an integer >= 2"),
+        "lr": errors.POSITIVE, "warmup": errors.NON_NEGATIVE, "weight_decay": errors.NON_NEGATIVE,
+        "clip": errors.POSITIVE, "eval_every": errors.COUNT, "eval_windows": errors.COUNT,
+        "checkpoint_every": errors.COUNT, "halt_at": errors.NON_NEGATIVE, "hidden": errors.COUNT,
+        "layers": errors.COUNT, "heads": errors.COUNT, "kv_heads": errors.COUNT, "intermediate": errors.COUNT,
+        "val_fraction": (lambda v: 0 < v < 1, "a fraction in (0, 1): the share of documents held out"),
+    })
+    if cfg.arch not in ("gpt2", "llama"):
+        raise TrainError(f"--config.arch={cfg.arch!r}: expected gpt2 or llama")
+    if cfg.hidden % cfg.heads:
+        raise TrainError(f"--config.hidden={cfg.hidden} is not divisible by --config.heads={cfg.heads}")
+    text.corpus_path(cfg.corpus)
+
+
+def fingerprint(cfg) -> dict:
+    """What a trained LM depends on: the config (but ``halt_at``, a simulated preemption) and the corpus's bytes."""
+    c = cfg.to_dict()
+    c.pop("halt_at", None)
+    return {"config": c, "corpus": runs.file_digest(text.corpus_path(cfg.corpus))}
+
+
 def train(cfg, workdir: str, progress: bool = True) -> dict:
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.seq_len < 2:
-        raise TrainError("--config.steps, batch_size must be >= 1 and seq_len >= 2")
+    check(cfg)
     tok = tokenizers.get(paths.checkpoint(cfg.tokenizer))
     docs = text.documents(text.read(cfg.corpus), cfg.doc_split)
     n_val = max(1, int(round(len(docs) * cfg.val_fraction)))

@@ -34,6 +34,18 @@ class LoopError(errors.ConfigError):
     pass
 
 
+def _read_history(path: str, start: int) -> list[dict]:
+    """The per-epoch history up to the checkpoint's epoch. The weights, optimizer and early-stopping state
+    live in the checkpoint, so a missing or damaged history (killed mid-write by an older wa, deleted by
+    hand) costs only the curves before ``start``: resume goes on and says so."""
+    try:
+        with open(path) as f:
+            return [h for h in json.load(f) if h["epoch"] <= start]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logging.warning("%s: unreadable (%s); resuming after epoch %d without the curves before it", path, e, start)
+        return []
+
+
 @dataclasses.dataclass
 class Fit:
     params: dict
@@ -217,7 +229,7 @@ class Loop:
             if mngr.latest_step() is not None:
                 state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
                 start = int(state["epoch"])
-                history = [h for h in json.load(open(hist_file)) if h["epoch"] <= start]
+                history = _read_history(hist_file, start)
                 logging.info("%s: resumed after epoch %d", self.learner.name, start)
         t0 = time.time()
         bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, desc=self.learner.name,

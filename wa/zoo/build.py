@@ -46,6 +46,14 @@ def _devices(cfg) -> list:
     return local[:n]
 
 
+def fingerprint(cfg) -> dict:
+    """What a zoo's contents depend on: the whole config but where it runs (devices) and test hooks (debug)."""
+    c = cfg.to_dict()
+    c.pop("devices", None)
+    c.pop("debug", None)
+    return {"config": c}
+
+
 class Builder:
     """Everything checked and planned in the constructor, before any training starts."""
 

@@ -122,6 +122,22 @@ def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
                             f"{name} is empty")
     if cfg.population < 1:
         raise PlanError(f"population = {cfg.population}: must be >= 1")
+    errors.check_values(cfg, {
+        "batch_size": errors.COUNT, "epochs": errors.COUNT, "max_shift": errors.NON_NEGATIVE,
+        "store.chunk_models": errors.COUNT, "eval.pgd_steps": errors.NON_NEGATIVE, "eval.batch": errors.COUNT,
+        "eval.robust_examples": errors.COUNT, "eval.train_examples": errors.NON_NEGATIVE,
+        "eval.ece_bins": errors.COUNT, "data.max_train": errors.NON_NEGATIVE, "data.max_test": errors.NON_NEGATIVE,
+        "lineage.epochs": errors.NON_NEGATIVE,
+        "hparams.weight_decay_zero": (lambda p: 0 <= p <= 1, "a probability in [0, 1]"),
+        "hparams.dropout_zero": (lambda p: 0 <= p <= 1, "a probability in [0, 1]"),
+        "hparams.weight_decay": (lambda r: 0 < r[0] <= r[1], "a range (low, high) with 0 < low <= high"),
+        "hparams.dropout": (lambda r: 0 <= r[0] <= r[1] < 1, "a range (low, high) with 0 <= low <= high < 1"),
+        "hparams.init_scale": (lambda r: 0 < r[0] <= r[1], "a range (low, high) with 0 < low <= high"),
+    })
+    for name, (lo, hi) in cfg.hparams.lr.items():
+        if not 0 < lo <= hi:
+            raise PlanError(f"--config.hparams.lr.{name}=({lo}, {hi}): expected a range (low, high) with 0 < low <= "
+                            "high")
     if lin.generations > 1 and any(g.roots < lin.trees_per_group for g in groups):
         raise PlanError(f"lineage.trees_per_group = {lin.trees_per_group} exceeds the roots of some group")
     for name, ck, epochs in (("checkpoints", cfg.checkpoints, cfg.epochs), ("lineage.checkpoints", lin.checkpoints,

@@ -77,9 +77,8 @@ def plan_hash(plan: pd.DataFrame) -> str:
 
 
 def _write_parquet(df: pd.DataFrame, path: str) -> None:
-    tmp = path + ".tmp"
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with report.atomic(path) as tmp:
+        df.to_parquet(tmp, index=False)
 
 
 def _array_spec(path: str) -> dict:
