@@ -148,6 +148,8 @@ def lineage_scores(ws, runs) -> dict:
     learner's seed-0 test embeddings (needs --final_only: one embedding per model)."""
     import pandas as pd
     rows = ws.rows
+    if (rows["parent_id"].fillna(-1) < 0).all():
+        return {"skipped": "the zoo has no family trees (every model is a root): there is no lineage to recover"}
     final = rows.loc[rows.groupby("model_id")["epoch"].idxmax()]
     flat = {i: baselines.flat(ws.params[i]) for i in final.index}
     out = {"weights_all": lineage.per_architecture(final, [flat[i] for i in final.index]), "test_trees": {}}
@@ -268,7 +270,9 @@ def write_report(results, runs):
               "", "| learner | max gap over seeds | networks |", "|---|---|---|"]
     for v in variants:
         lines.append(f"| {v} | {h[v]['permutation_gap']['max']:.2e} | {runs[v][0]['permutation']['networks']} |")
-    if lin:
+    if lin.get("skipped"):
+        lines += ["", "## Lineage", "", f"Not measured: {lin['skipped']}."]
+    elif lin:
         lines += ["", "## Lineage", "",
                   "Every model's last checkpoint, per architecture (directed / undirected edges):", "",
                   "| architecture | directed | undirected | edges |", "|---|---|---|---|"]

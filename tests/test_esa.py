@@ -77,7 +77,7 @@ def test_esa_smoke_writes_every_output(tmp_path):
     other = esa_configs.get_config("smoke")
     other.topk = 0.01
     with pytest.raises(errors.RunError, match=r"holds another run, so it cannot be resumed: config.metric: .*; "
-                                              r"config.perturb: .*; config.save_plots: True in the folder, False now"):
+                                              r"config.perturb: .*; config.topk: 0.002 in the folder, 0.01 now\."):
         esa_report.run(other, str(tmp_path))
     report = open(tmp_path / "report.md").read()
     assert "## Verdict against the ESA success criteria" in report and "DESIGN" not in report
