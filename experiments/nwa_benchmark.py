@@ -87,8 +87,22 @@ def run_one(variant, seed, ws, cross=""):
         return json.load(open(os.path.join(out, "metrics.json")))
     t0 = time.time()
     r = probe.run(config(variant, seed, cross), out, progress=False, ws=ws)
-    logging.info("%s seed %d%s: %.0f s", variant, seed, f" (cross {cross})" if cross else "", time.time() - t0)
+    wall = time.time() - t0
+    report.write_json(os.path.join(out, WALL_FILE), {"seconds": round(wall, 1)})  # beside the run's own files
+    logging.info("%s seed %d%s: %.0f s", variant, seed, f" (cross {cross})" if cross else "", wall)
     return r
+
+
+WALL_FILE = "wall_seconds.json"
+
+
+def runs_seconds() -> float:
+    """Wall time of every run under --workdir, as measured when it ran (a re-run that reuses them is instant)."""
+    total = 0.0
+    for root, _, files in os.walk(FLAGS.workdir):
+        if WALL_FILE in files:
+            total += json.load(open(os.path.join(root, WALL_FILE)))["seconds"]
+    return round(total, 1)
 
 
 def headline(runs: dict) -> dict:
@@ -285,8 +299,10 @@ def write_report(results, runs):
             for v, res in lin["test_trees"].items():
                 lines.append(f"| {v} | {pooled(res['weights']):.3f} | {pooled(res['embedding']):.3f} |")
     lines += ["", "## Cost (2-core CPU, mean over seeds)", "", "Measured while other runs and tests shared the two "
-              "cores: read them as upper bounds.", "", "| learner | seeds | prepare views s | train s | epochs run | "
-              "predict one network ms |", "|---|---|---|---|---|---|"]
+              f"cores: read them as upper bounds. All runs together: {results['runs_seconds'] / 60:.0f} min of wall "
+              "time (each run's own, measured when it ran).", "",
+              "| learner | seeds | prepare views s | train s | epochs run | predict one network ms |",
+              "|---|---|---|---|---|---|"]
     for v in variants:
         t = h[v]["timing"]
         ep = np.mean([r.get("epochs_run", 0) for r in runs[v].values()])
@@ -355,11 +371,12 @@ def main(argv):
     first = runs[FLAGS.learners[0]][seeds[0]]
     results = {"data": first["data"], "seeds": seeds, "headline": headline(runs), "cross_arch": cross,
                "lineage": lineage_scores(ws, runs), "runs": runs, "seconds": round(time.time() - t0, 1)}
+    results["runs_seconds"] = runs_seconds()
     report.write_json(os.path.join(FLAGS.workdir, "results.json"), results)
     plots_for(runs)
     write_report(results, runs)
     h = results["headline"]
-    line = {"networks": len(ws), "seconds": results["seconds"]}
+    line = {"networks": len(ws), "seconds": results["seconds"], "runs_seconds": results["runs_seconds"]}
     for v in h:
         line[v] = {"arch_acc": round(h[v]["architecture"]["accuracy"]["mean"], 4) if "architecture" in h[v] else None,
                    "test_acc_tau": round(h[v]["test_acc"]["kendall_tau"]["mean"], 4),
