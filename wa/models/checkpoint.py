@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 from wa import errors, runs
 from wa.data import paths
 from wa.models import families as fam
+from wa.models import gguf_io
 from wa.models.safetensors_io import SafetensorsError, SafetensorsFile
 from wa.models.torch_bin import TorchBin, TorchBinError
 from wa.parallel import mesh as mesh_lib
@@ -55,6 +56,9 @@ class Loaded:
     shardings: dict
     path: str
     weights_files: list[str]
+    # Tensor type -> {tensors, weights} when the file stored quantized weights (GGUF), else None: magnitudes
+    # and bit patterns are then those of the dequantized values (e.g. Q4_1: 16 levels per block of 32).
+    quantization: dict | None = None
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def compiled(self, key, build):
@@ -116,6 +120,9 @@ SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_att
 
 
 def read_config(path: str) -> transformers.PretrainedConfig:
+    path = gguf_io.find(path)
+    if gguf_io.is_gguf(path):
+        return _gguf_file(path).config()
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint directory {path!r} does not exist")
     if not os.path.isdir(path):
@@ -173,6 +180,8 @@ def _json(root: str, name: str):
 
 def find_weights(path: str) -> list[str]:
     """The weight files of checkpoint ``path``: resolved regular files inside it, index shards included."""
+    if gguf_io.is_gguf(gguf_io.find(path)):
+        return [gguf_io.find(path)]
     for name in WEIGHT_FILES:
         index = os.path.join(path, name + ".index.json")
         if os.path.lexists(index):
@@ -193,6 +202,33 @@ def find_weights(path: str) -> list[str]:
     raise CheckpointError(
         f"{path}: no weights found; expected one of {', '.join(WEIGHT_FILES)} (or a sharded "
         f"*.index.json), the directory holds {present}")
+
+
+def _gguf_file(path: str) -> gguf_io.GGUFFile:
+    if not os.path.lexists(path):
+        raise CheckpointError(f"checkpoint file {path!r} does not exist")
+    paths.file_inside(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    return gguf_io.GGUFFile(path)
+
+
+@dataclasses.dataclass
+class _GGUFTensor:
+    file: gguf_io.GGUFFile
+    name: str
+
+    def numpy(self) -> np.ndarray:
+        return self.file.array(self.name)
+
+
+def _from_gguf(file: gguf_io.GGUFFile) -> tuple[dict[str, _Tensor], list]:
+    mapping, ignored = file.mapping()
+    fetch = _CurrentTensor()
+    out = {}
+    for path, (name, transpose) in mapping.items():
+        t = _GGUFTensor(file, name)
+        out[path] = _Tensor(file.path, name, file.stored_shape(name), (lambda idx, t=t: fetch(t, idx)),
+                            np.dtype(np.float32), transpose)
+    return out, ignored
 
 
 def identity(path: str) -> dict:
@@ -307,6 +343,9 @@ def _from_torch_bin(files, shape_tree, family, prefix) -> tuple[dict[str, _Tenso
 
 
 def tensor_sources(path: str, shape_tree, family, prefix) -> tuple[dict[str, _Tensor], list, list]:
+    path = gguf_io.find(path)
+    if gguf_io.is_gguf(path):
+        return (*_from_gguf(_gguf_file(path)), [path])
     files = find_weights(path)
     name = os.path.basename(files[0])
     if name.startswith("flax_model"):
@@ -344,17 +383,20 @@ def _place(path: str, src: _Tensor, shape, dtype, sharding) -> jax.Array:
 
 def load(path: str, mesh: Mesh | str | None = None, rules=None, dtype=None,
          compute_dtype=None) -> Loaded:
-    """Loads checkpoint directory ``path`` into sharded parameters.
+    """Loads checkpoint ``path`` into sharded parameters.
 
     Args:
-      path: local HF checkpoint directory (config.json plus weights).
+      path: local HF checkpoint directory (config.json plus weights), or a llama.cpp ``.gguf`` file (or a
+        directory holding one and no config.json): dequantized to float32, see ``wa.models.gguf_io``.
       mesh: a Mesh or an axes string such as ``"data:1,fsdp:-1"``; default all devices on fsdp.
       rules: ordered (regex, PartitionSpec) pairs; default the family's rules.
       dtype: parameter dtype on device (e.g. ``jnp.bfloat16``); default the file's float dtype
         as float32.
       compute_dtype: activation dtype passed to the HF module; default float32.
     """
-    config = read_config(path)
+    path = gguf_io.find(path)
+    gguf = _gguf_file(path) if gguf_io.is_gguf(path) else None
+    config = gguf.config() if gguf else read_config(path)
     model, family = build_model(config, compute_dtype)
     shape_tree = serialization.to_state_dict(model.params_shape_tree)
     if not isinstance(mesh, Mesh):
@@ -362,7 +404,11 @@ def load(path: str, mesh: Mesh | str | None = None, rules=None, dtype=None,
     rules = family.partition_rules if rules is None else rules
     shardings = rules_lib.shardings_for(shape_tree, rules, mesh)
 
-    sources, ignored, files = tensor_sources(path, shape_tree, family, model.base_model_prefix)
+    if gguf:
+        sources, ignored = _from_gguf(gguf)
+        files = [path]
+    else:
+        sources, ignored, files = tensor_sources(path, shape_tree, family, model.base_model_prefix)
     expected = rules_lib.flatten(shape_tree)
     missing = [p for p in expected if p not in sources]
     if missing:
@@ -394,7 +440,8 @@ def load(path: str, mesh: Mesh | str | None = None, rules=None, dtype=None,
     logging.info("loaded %s (%s, %d tensors, %d parameters) from %s onto mesh %s",
                  path, config.model_type, len(placed),
                  sum(int(np.prod(a.shape)) for a in placed.values()), files, mesh_lib.describe(mesh))
-    return Loaded(model, params, config, family, mesh, shardings, path, files)
+    return Loaded(model, params, config, family, mesh, shardings, path, files,
+                  gguf.quantization() if gguf else None)
 
 
 def _is_float(dtype) -> bool:
