@@ -25,7 +25,8 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.mode = "per_layer"              # per_layer (k per weight matrix) or global
     c.topk = 0.002                    # count (>= 1) or fraction in (0, 1) of each matrix / of all
     c.param_filter = r"kernel$"       # which tensors compete: weight matrices (not embeddings, norms)
-    c.max_samples = 32                # calibration sequences per seed
+    c.max_samples = 32                # calibration sequences per seed (seeds draw disjoint sets)
+    c.window_chunk = 8                # per-window gradients computed this many windows at a time
     c.seq_len = 256
     c.batch_size = 8
     c.eval_windows = 32               # held-out windows for perplexity
@@ -41,7 +42,8 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.controls = "random_k,bottom_k"
     c.random_draws = 8                # random-k draws per seed (the null distribution)
     c.dtype = "float32"               # float32 or bfloat16 parameters
-    c.prune_sparsity = "0.3,0.5"      # zero the lowest-scoring fraction per matrix ("" = skip)
+    c.prune_sparsity = "0.3,0.5,0.7"  # zero this fraction of lowest-saliency weights ("" = skip) ...
+    c.prune_modes = "per_layer,global"  # ... of every matrix and / or of the whole model
     c.super_weights = True            # Yu et al. 2024 activation-spike candidates, zeroed vs largest |w|
     c.save_plots = True
     c.mesh = "data:1,fsdp:-1"

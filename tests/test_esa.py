@@ -54,12 +54,13 @@ def test_esa_smoke_writes_every_output(tmp_path):
     assert counts["component"]["head"] == -(-2 * 64 * 512 // 1000)
     # Magnitude does not depend on the calibration data: identical top-k for every seed.
     assert s["per_metric"]["magnitude"]["jaccard_mean"] == 1.0
-    # Pruning half of every matrix hurts more than flipping 0.2% of it, and the gains are relative
-    # to magnitude pruning.
+    # Pruning half of the weights (of every matrix, or of all) hurts more than flipping 0.2% of them, and the
+    # gains are relative to magnitude pruning in the same mode.
     pr = s["pruning_ppl"]["0.5"]
-    assert set(pr) == {"magnitude", "grad_x_weight", "act_mag"} and min(pr.values()) > s["ppl_base"]
-    gain = s["pruning_gain_vs_magnitude"]["0.5"]["act_mag"]
-    assert gain == pytest.approx((pr["magnitude"] - pr["act_mag"]) / pr["magnitude"])
+    assert set(pr) == {"magnitude", "taylor", "wanda"} and all(set(v) == {"per_layer", "global"} for v in pr.values())
+    assert min(x for v in pr.values() for x in v.values()) > s["ppl_base"]
+    gain = s["pruning_gain_vs_magnitude"]["0.5"]["wanda"]["global"]
+    assert gain == pytest.approx((pr["magnitude"]["global"] - pr["wanda"]["global"]) / pr["magnitude"]["global"])
     sw = s["super_weights"]
     assert sw["n"] == 5 and [c["layer"] for c in sw["candidates"]] != [] and sw["candidates"][0]["max_out"] > 0
     rows = open(tmp_path / "topk.csv").read().splitlines()
@@ -82,8 +83,8 @@ def test_esa_smoke_writes_every_output(tmp_path):
     report = open(tmp_path / "report.md").read()
     assert "## Verdict against the ESA success criteria" in report and "DESIGN" not in report
     assert f"{s['ppl_base']:.4f}" in report
-    assert "| sensitivity-guided pruning vs magnitude pruning at equal sparsity | > 15% lower perplexity | " \
-           "grad_x_weight at 50% |" in report
+    assert "| saliency pruning vs magnitude pruning at equal sparsity | > 15% lower perplexity | " \
+           "taylor (per_layer) at 50% |" in report
 
 
 @pytest.mark.parametrize("override,message", [

@@ -29,7 +29,7 @@ def test_main_smoke_writes_report(tmp_path):
     assert abs(s["ppl"] - 2.718281828 ** s["nll_nats_per_token"]) < 1e-6 * s["ppl"]
     assert json.load(open(wd / "config.json"))["seq_len"] == 128
     report = open(wd / "report.md").read()
-    assert f"{s['nll_nats_per_token']:.4f} nats/token" in report and "Greedy sample" in report
+    assert f"{s['nll_nats_per_token']:.4f} nats/token" in report and "## Greedy continuation of BOS" in report
     assert len(json.load(open(wd / "params.json"))["rows"]) == 48
 
 

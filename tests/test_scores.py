@@ -47,16 +47,34 @@ def test_magnitude(micro):
         np.testing.assert_array_equal(np.asarray(s[p]), np.abs(np.asarray(w[p])))
 
 
-def test_grad_x_weight_is_gradient_of_pooled_loss_and_matches_finite_differences(micro):
+def _window_grads(loaded, ids, mask):
+    """A plain loop: the gradient of each window's own mean loss (windows with no loss term left out)."""
+    out = []
+    for i in range(len(ids)):
+        if (mask[i, 1:] * mask[i, :-1]).sum() == 0:
+            continue
+        out.append(helpers.flat(jax.grad(_pooled_loss(loaded, ids[i:i + 1], mask[i:i + 1]))(loaded.params)))
+    return out
+
+
+@pytest.mark.parametrize("window_chunk", [1, 4])
+def test_grad_x_weight_is_the_mean_over_windows_of_each_windows_taylor_term(micro, window_chunk):
     ids, mask = _data(12)
-    s = scores.compute("grad_x_weight", micro.params, _cal(micro, ids, mask, 2))  # 3 uneven batches
-    f = _pooled_loss(micro, ids, mask)
-    g = helpers.flat(jax.grad(f)(micro.params))
+    mask[5] = 0                                   # a window without loss terms counts for nothing
+    s = scores.compute("grad_x_weight", micro.params, _cal(micro, ids, mask, 4, window_chunk=window_chunk))
+    gs = _window_grads(micro, ids, mask)
+    assert len(gs) == 5
     w = helpers.flat(micro.params)
     for p in w:
-        np.testing.assert_allclose(np.asarray(s[p]), np.abs(np.asarray(w[p]) * np.asarray(g[p])),
-                                   rtol=1e-4, atol=1e-7, err_msg=p)
-    # Central differences on a few weights of one matrix.
+        want = np.mean([np.abs(np.asarray(w[p], np.float64) * np.asarray(g[p], np.float64)) for g in gs], axis=0)
+        np.testing.assert_allclose(np.asarray(s[p]), want, rtol=1e-4, atol=1e-8, err_msg=p)
+
+
+def test_one_windows_taylor_term_matches_finite_differences(micro):
+    ids, mask = (a[:1] for a in _data(12, n=2))
+    s = scores.compute("grad_x_weight", micro.params, _cal(micro, ids, mask, 1))
+    f = _pooled_loss(micro, ids, mask)
+    w = helpers.flat(micro.params)
     path = "model/layers/0/mlp/down_proj/kernel"
     eps = 1e-2
     for idx in [(0, 0), (3, 5), (7, 2)]:
@@ -66,23 +84,16 @@ def test_grad_x_weight_is_gradient_of_pooled_loss_and_matches_finite_differences
             p["model"]["layers"]["0"]["mlp"]["down_proj"]["kernel"] = k.at[idx].add(d)
             return float(f(p))
         fd = (shifted(eps) - shifted(-eps)) / (2 * eps)
-        want = abs(float(w[path][idx]) * fd)
-        np.testing.assert_allclose(float(s[path][idx]), want, rtol=2e-2, atol=1e-6)
+        np.testing.assert_allclose(float(s[path][idx]), abs(float(w[path][idx]) * fd), rtol=2e-2, atol=1e-6)
 
 
-def test_grad_squared_is_count_weighted_mean_of_batch_gradients(micro):
+def test_grad_squared_is_the_mean_over_windows_of_squared_window_gradients(micro):
     ids, mask = _data(12)
-    s = scores.compute("grad_squared", micro.params, _cal(micro, ids, mask, 2))
-    acc, total = None, 0.0
-    for lo in range(0, 6, 2):
-        b_ids, b_mask = ids[lo:lo + 2], mask[lo:lo + 2]
-        c = float((b_mask[:, 1:] * b_mask[:, :-1]).sum())
-        g = helpers.flat(jax.grad(_pooled_loss(micro, b_ids, b_mask))(micro.params))
-        sq = {p: c * np.asarray(v, np.float64) ** 2 for p, v in g.items()}
-        acc = sq if acc is None else {p: acc[p] + sq[p] for p in sq}
-        total += c
-    for p in acc:
-        np.testing.assert_allclose(np.asarray(s[p]), acc[p] / total, rtol=1e-4, atol=1e-10, err_msg=p)
+    s = scores.compute("grad_squared", micro.params, _cal(micro, ids, mask, 2))  # 3 batches of 2 windows
+    gs = _window_grads(micro, ids, mask)
+    for p in gs[0]:
+        want = np.mean([np.asarray(g[p], np.float64) ** 2 for g in gs], axis=0)
+        np.testing.assert_allclose(np.asarray(s[p]), want, rtol=1e-4, atol=1e-10, err_msg=p)
 
 
 def _exact_hessian_diag(f, params):
@@ -152,3 +163,15 @@ def test_unknown_metric_and_missing_data(micro):
         scores.compute("fisher", micro.params, None)
     with pytest.raises(scores.ScoreError, match="metric 'grad_squared' needs calibration batches"):
         scores.compute("grad_squared", micro.params, None)
+
+
+def test_seeds_draw_disjoint_calibration_windows():
+    from wa.esa import pipeline
+    w = pipeline.seed_windows(100, 30, [1337, 123, 999])
+    sets = [set(v.tolist()) for v in w.values()]
+    assert [len(x) for x in sets] == [30, 30, 30] and not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    again = pipeline.seed_windows(100, 30, [1337, 123, 999])   # the same draw every run
+    assert all(np.array_equal(w[k], again[k]) for k in w)
+    with pytest.raises(pipeline.ConfigError, match=r"max_samples=40 × 3 seeds = 120 disjoint calibration windows, "
+                                                   r"but the calibration part holds 100"):
+        pipeline.seed_windows(100, 40, [1, 2, 3])

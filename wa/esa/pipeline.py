@@ -17,7 +17,7 @@ from absl import logging
 
 from wa import errors, models, parallel
 from wa.data import paths, text, tokenizers
-from wa.esa import evaluate, perturb, scores, select, stats, superweights
+from wa.esa import evaluate, perturb, saliency, scores, select, stats, superweights
 from wa.parallel import rules as rules_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -51,6 +51,7 @@ class Plan:
     scales: list[float]
     controls: list[str]
     bits: tuple[int, ...]
+    prune_modes: tuple[str, ...] = ("per_layer",)
 
 
 def check(cfg) -> Plan:
@@ -81,7 +82,7 @@ def check(cfg) -> Plan:
         raise ConfigError(f"--config.topk={cfg.topk!r}: {e}") from e
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"--config.dtype={cfg.dtype!r}: expected one of {sorted(DTYPES)}")
-    for k in ("max_samples", "seq_len", "batch_size", "eval_windows", "probes", "probe_chunk"):
+    for k in ("max_samples", "seq_len", "batch_size", "eval_windows", "probes", "probe_chunk", "window_chunk"):
         if cfg[k] < 1:
             raise ConfigError(f"--config.{k}={cfg[k]}: must be positive")
     if "random_k" in controls and cfg.random_draws < 1:
@@ -98,7 +99,11 @@ def check(cfg) -> Plan:
                           cfg.noise_ref)
         except perturb.PerturbError as e:
             raise ConfigError(f"--config.perturb={k}: {e}") from e
-    return Plan(metrics, seeds, kinds, scales, controls, bits)
+    modes = tuple(as_list(cfg.get("prune_modes", "per_layer"), str, "prune_modes"))
+    bad = [m for m in modes if m not in saliency.MODES]
+    if bad or not modes:
+        raise ConfigError(f"--config.prune_modes: {bad or modes!r}; expected some of {', '.join(saliency.MODES)}")
+    return Plan(metrics, seeds, kinds, scales, controls, bits, modes)
 
 
 @dataclasses.dataclass
@@ -123,9 +128,6 @@ def prepare_data(cfg, loaded, ckpt) -> Data:
     tok = tokenizers.get(ckpt)
     cal_ids, cal_mask = text.lm_windows(text.token_stream(docs[:-n_eval], tok), cfg.seq_len)
     ev_ids, ev_mask = text.lm_windows(text.token_stream(docs[-n_eval:], tok), cfg.seq_len)
-    if len(cal_ids) < cfg.max_samples:
-        raise ConfigError(f"--config.max_samples={cfg.max_samples}: the calibration part of {cfg.corpus!r} "
-                          f"holds only {len(cal_ids)} windows of {cfg.seq_len} tokens")
     return Data(cal_ids, cal_mask, ev_ids[:cfg.eval_windows], ev_mask[:cfg.eval_windows], len(docs), n_eval)
 
 
@@ -137,9 +139,34 @@ def _delta(loaded, params_flat, data, cfg, base_ppl):
     return r["ppl"] - base_ppl if np.isfinite(r["ppl"]) else float("inf")
 
 
-def calibration_batches(loaded, data, cfg, seed) -> list[dict]:
-    """The seed's ``max_samples`` calibration windows (drawn without replacement), as global batches."""
-    pick = np.sort(np.random.default_rng(seed).choice(len(data.cal_ids), size=cfg.max_samples, replace=False))
+def stability_points(cfg) -> list[int]:
+    """Calibration windows per seed at which the stability curve is read: every doubling of the batch size up to
+    ``max_samples`` (batch ends), and ``max_samples`` itself; one point (no curve) without a stability check."""
+    if not cfg.stability_check:
+        return [cfg.max_samples]
+    pts, n = [], cfg.batch_size
+    while n < cfg.max_samples:
+        pts.append(n)
+        n *= 2
+    return pts + [cfg.max_samples]
+
+
+def seed_windows(n_windows: int, max_samples: int, seeds: list[int]) -> dict[int, np.ndarray]:
+    """Disjoint sets of ``max_samples`` calibration windows, one per seed, from one shuffle of all windows.
+
+    Disjoint, so agreement between seeds measures stability across data rather than shared windows.
+    """
+    need = max_samples * len(seeds)
+    if n_windows < need:
+        raise ConfigError(f"--config.max_samples={max_samples} × {len(seeds)} seeds = {need} disjoint calibration "
+                          f"windows, but the calibration part holds {n_windows}; lower max_samples or seq_len, or "
+                          "use fewer seeds")
+    order = np.random.default_rng(seeds[0]).permutation(n_windows)
+    return {s: np.sort(order[i * max_samples:(i + 1) * max_samples]) for i, s in enumerate(seeds)}
+
+
+def calibration_batches(loaded, data, cfg, pick: np.ndarray) -> list[dict]:
+    """Calibration windows ``pick`` as global batches."""
     return list(parallel.iter_batches(
         loaded.mesh, {"input_ids": data.cal_ids[pick], "attention_mask": data.cal_mask[pick]}, cfg.batch_size))
 
@@ -170,19 +197,24 @@ def super_weight_study(loaded, flat, kept, data, cfg, base_ppl, batches) -> dict
 
 
 def prune_study(loaded, flat, first, data, cfg, base_ppl, plan) -> dict:
-    """Zero the lowest-scoring fraction of every matrix, per metric: perplexity at equal sparsity.
+    """Zero the fraction of weights with the lowest saliency (``wa.esa.saliency``: the estimated cost of removing
+    each weight), per matrix and model-wide: perplexity at equal sparsity, {sparsity: {saliency: {mode: ppl}}}.
 
-    With ``magnitude`` this is magnitude pruning, with ``act_mag`` Wanda (per-matrix rather than
-    Wanda's per-output-row groups); the gradient and curvature metrics are sensitivity-guided.
+    Magnitude pruning is always included as the baseline; the other saliencies need their score among the
+    metrics. Scores are the first seed's.
     """
+    kept = list(first[plan.metrics[0]][0])
+    weights = {p: np.asarray(flat[p]) for p in kept}
+    sals = {"magnitude": saliency.compute("magnitude", weights, weights)}
+    for name in saliency.available(plan.metrics):
+        if name != "magnitude":
+            sals[name] = saliency.compute(name, first[saliency.SALIENCIES[name].metric][0], weights)
     out = {}
     for sparsity in as_list(cfg.prune_sparsity, float, "prune_sparsity"):
-        row = {}
-        for m in plan.metrics:
-            sc = {p: jnp.asarray(v) for p, v in first[m][0].items()}
-            low = select.top_k(sc, sparsity, "per_layer", cfg.param_filter, scores.SCORES[m].signed, largest=False)[0]
-            row[m] = _delta(loaded, perturb.apply(flat, low, "zero"), data, cfg, base_ppl) + base_ppl
-        out[str(sparsity)] = row
+        out[str(sparsity)] = {
+            name: {mode: _delta(loaded, perturb.apply(flat, saliency.lowest(sal, sparsity, mode), "zero"), data, cfg,
+                                base_ppl) + base_ppl for mode in plan.prune_modes}
+            for name, sal in sals.items()}
     return out
 
 
@@ -208,6 +240,7 @@ def run(cfg, progress: bool = True) -> dict:
     kept = select.filter_paths(list(flat), cfg.param_filter)  # regex matching nothing fails here
     check_topk(cfg, {p: int(np.prod(flat[p].shape)) for p in kept})
     data = prepare_data(cfg, loaded, ckpt)
+    windows = seed_windows(len(data.cal_ids), cfg.max_samples, plan.seeds)  # before any compute
     t0 = time.time()
     base = evaluate.evaluate(loaded, loaded.params, data.eval_ids, data.eval_mask, cfg.batch_size,
                              progress=progress, desc="base perplexity")
@@ -219,19 +252,28 @@ def run(cfg, progress: bool = True) -> dict:
     heavy: dict = {}
     timing: dict = {m: 0.0 for m in plan.metrics}
     first_batches = None
+    points = stability_points(cfg)
+    curve_sels: dict = {}   # (metric, seed) -> {windows: top-k selection of the score after that many windows}
     for seed in plan.seeds:
-        batches = calibration_batches(loaded, data, cfg, seed)
+        batches = calibration_batches(loaded, data, cfg, windows[seed])
         first_batches = first_batches or batches
-        cal = scores.Calibration(loaded, batches, jax.random.key(seed), cfg.probes, cfg.probe_chunk, progress)
+        cal = scores.Calibration(loaded, batches, jax.random.key(seed), cfg.probes, cfg.probe_chunk, progress,
+                                 cfg.window_chunk)
         for metric in plan.metrics:
             t = time.time()
-            sc = scores.compute(metric, loaded.params, cal)
+            signed = scores.SCORES[metric].signed
+            if metric in scores.PER_WINDOW and len(points) > 1:
+                prefixes = scores.prefix_means(metric, loaded.params, cal, points)
+                sc = prefixes[cfg.max_samples]
+                curve_sels[metric, seed] = {n: select.top_k({p: v[p] for p in kept}, cfg.topk, cfg.mode,
+                                                            cfg.param_filter, signed)[0] for n, v in prefixes.items()}
+            else:
+                sc = scores.compute(metric, loaded.params, cal)
             sc = jax.block_until_ready({p: sc[p] for p in kept if p in sc})
             timing[metric] += time.time() - t
             missing = [p for p in kept if p not in sc]
             if missing:
                 raise ConfigError(f"metric {metric!r} does not score {missing[:3]}; narrow --config.param_filter")
-            signed = scores.SCORES[metric].signed
             sel, vals = select.top_k(sc, cfg.topk, cfg.mode, cfg.param_filter, signed)
             sels[metric, seed] = sel
             if "bottom_k" in plan.controls:
@@ -249,6 +291,11 @@ def run(cfg, progress: bool = True) -> dict:
     for m in plan.metrics:
         pairs = [select.jaccard(sels[m, a], sels[m, b]) for a, b in itertools.combinations(plan.seeds, 2)]
         stability[m] = float(np.mean(pairs)) if pairs and cfg.stability_check else float("nan")
+    curves = {}
+    for m in {m for m, _ in curve_sels}:
+        curves[m] = {"windows": points, "tokens_per_seed": [n * (cfg.seq_len - 1) for n in points], "jaccard": [
+            float(np.mean([select.jaccard(curve_sels[m, a][n], curve_sels[m, b][n])
+                           for a, b in itertools.combinations(plan.seeds, 2)])) for n in points]}
     keys = [(m, s) for m in plan.metrics for s in (plan.seeds if cfg.stability_check else plan.seeds[:1])]
     jac_matrix = [[select.jaccard(sels[a], sels[b]) for b in keys] for a in keys]
     agreement = {}
@@ -288,7 +335,7 @@ def run(cfg, progress: bool = True) -> dict:
 
     pruning = prune_study(loaded, flat, first, data, cfg, base["ppl"], plan) if cfg.prune_sparsity else None
     return dict(cfg=cfg, plan=plan, loaded=loaded, data=data, base=base, sels=sels, first=first, heavy=heavy,
-                pruning=pruning,
+                pruning=pruning, stability_curves=curves,
                 stability=stability, jac_keys=keys, jac_matrix=jac_matrix, agreement=agreement, results=results,
                 k_total=k_total, super_weights=super_w, kept=kept,
                 n_kept=sum(int(np.prod(flat[p].shape)) for p in kept),
@@ -316,6 +363,7 @@ def summarize(r: dict) -> dict:
         ht = r["heavy"][m]
         entry = {
             "jaccard_mean": r["stability"][m],
+            "stability_curve": r["stability_curves"].get(m),
             "heavy_tail_ratio": float(np.mean([h["top1pct_mean_over_median"] for h in ht])),
             "gini": float(np.mean([h["gini"] for h in ht])),
             "top01pct_share": float(np.mean([h["top01pct_share"] for h in ht])),
@@ -350,8 +398,9 @@ def summarize(r: dict) -> dict:
         out["per_metric"][m] = entry
     if r["pruning"]:
         out["pruning_gain_vs_magnitude"] = {
-            sp: {m: (row["magnitude"] - v) / row["magnitude"] for m, v in row.items() if m != "magnitude"}
-            for sp, row in r["pruning"].items() if "magnitude" in row}
+            sp: {name: {mode: (row["magnitude"][mode] - ppl) / row["magnitude"][mode] for mode, ppl in by_mode.items()}
+                 for name, by_mode in row.items() if name != "magnitude"}
+            for sp, row in r["pruning"].items()}
     # Flat aliases the issue asks for at the top level, per metric.
     out["jaccard_mean"] = {m: e["jaccard_mean"] for m, e in out["per_metric"].items()}
     out["heavy_tail_ratio"] = {m: e["heavy_tail_ratio"] for m, e in out["per_metric"].items()}

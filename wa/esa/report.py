@@ -10,7 +10,7 @@ import numpy as np
 
 from wa import models, report, runs
 from wa.data import paths
-from wa.esa import pipeline, select
+from wa.esa import pipeline, saliency, select
 from wa.parallel import rules as rules_lib
 from wa.report import plots
 
@@ -22,7 +22,7 @@ CRITERIA = {
     "heavy_tail": ("top 1% scores vs the median", "> 10×"),
     "sign_flip": ("sign-flipping the top-k vs random-k", "ΔPPL ≥ 5× random-k, p < 0.01 across seeds"),
     "dose": ("dose-response", "monotone"),
-    "pruning": ("sensitivity-guided pruning vs magnitude pruning at equal sparsity", "> 15% lower perplexity"),
+    "pruning": ("saliency pruning vs magnitude pruning at equal sparsity", "> 15% lower perplexity"),
 }
 
 
@@ -91,6 +91,18 @@ def write_plots(workdir, r, summary):
     labels = [f"{m[:10]}/{s}" for m, s in r["jac_keys"]]
     files.append(plots.matrix(labels, r["jac_matrix"], os.path.join(workdir, "jaccard.png"),
                               "Jaccard of top-k sets (metric/seed)"))
+    curves = {m: e["stability_curve"] for m, e in summary["per_metric"].items() if e.get("stability_curve")}
+    if curves:
+        files.append(plots.curves({m: (c["tokens_per_seed"], c["jaccard"]) for m, c in curves.items()},
+                                  "calibration tokens per seed", "top-k Jaccard across seeds",
+                                  os.path.join(workdir, "stability.png")))
+    pr = summary.get("pruning_ppl")
+    if pr and len(pr) > 1:
+        sps = sorted(pr, key=float)
+        panels = {f"pruning: {mode}": ("log10 perplexity", {
+            n: ([100 * float(sp) for sp in sps], [float(np.log10(max(pr[sp][n][mode], 1e-9))) for sp in sps])
+            for n in pr[sps[0]]}) for mode in next(iter(pr[sps[0]].values()))}
+        files.append(plots.curve_panels(panels, "sparsity %", os.path.join(workdir, "pruning.png"), cols=2))
     return [os.path.basename(f) for f in files]
 
 
@@ -128,25 +140,48 @@ def verdicts(summary) -> list[dict]:
         for kind, d in e.get("dose_response", {}).items():
             add("dose", f"{m} ({kind})", "monotone" if d["monotone_increasing"] else "not monotone",
                 d["monotone_increasing"])
-    for sp, gains in (summary.get("pruning_gain_vs_magnitude") or {}).items():
-        for m, g in gains.items():
-            if m in ("grad_x_weight", "grad_squared", "hutchinson_diag"):
-                add("pruning", f"{m} at {float(sp):.0%}", f"{100 * g:+.1f}%", g > 0.15)
+    gains = summary.get("pruning_gain_vs_magnitude") or {}
+    # The criterion is read at 50% sparsity (the nearest measured sparsity if 50% was not run).
+    if gains:
+        sp = min(gains, key=lambda x: abs(float(x) - 0.5))
+        for name, by_mode in gains[sp].items():
+            for mode, g in by_mode.items():
+                add("pruning", f"{name} ({mode}) at {float(sp):.0%}", f"{100 * g:+.1f}%", g > 0.15)
     return rows
 
 
-def _prune_section(summary) -> str:
+def _prune_section(summary, figures=()) -> str:
     pr = summary.get("pruning_ppl")
     if not pr:
         return ""
-    rows = [{"sparsity": f"{float(sp):.0%}", **{m: _fmt(v) for m, v in row.items()}} for sp, row in pr.items()]
-    return f"""## Pruning at equal sparsity
-Perplexity after zeroing the lowest-scoring fraction of every weight matrix (magnitude = magnitude
-pruning; act_mag = Wanda's score, grouped per matrix; the rest are sensitivity-guided). Base perplexity
-{summary['ppl_base']:.4f}.
+    modes = list(next(iter(next(iter(pr.values())).values())))
+    rows = [{"sparsity": f"{float(sp):.0%}", "mode": mode, **{n: _fmt(by_mode[mode]) for n, by_mode in row.items()}}
+            for sp, row in pr.items() for mode in modes]
+    names = list(next(iter(pr.values())))
+    legend = "; ".join(f"{n} = {saliency.SALIENCIES[n].formula} ({saliency.SALIENCIES[n].source})" for n in names)
+    plot = "\n![pruning](pruning.png)\n" if "pruning.png" in figures else ""
+    return f"""## Pruning by saliency at equal sparsity
+Perplexity after zeroing the weights whose saliency — the estimated cost of removing them — is lowest:
+`per_layer` the same fraction of every matrix, `global` that fraction of all selected weights, wherever they
+are. {legend}. Base perplexity {summary['ppl_base']:.4f}.
 
 {report.markdown_table(rows)}
-"""
+{plot}"""
+
+
+def _stability_section(summary, figures=()) -> str:
+    curves = {m: e["stability_curve"] for m, e in summary["per_metric"].items() if e.get("stability_curve")}
+    if not curves:
+        return ""
+    first = next(iter(curves.values()))
+    rows = [{"calibration tokens per seed": f"{t:,}", **{m: _fmt(c["jaccard"][i]) for m, c in curves.items()}}
+            for i, t in enumerate(first["tokens_per_seed"])]
+    plot = "\n![stability](stability.png)\n" if "stability.png" in figures else ""
+    return f"""How much data a stable answer needs: top-k Jaccard across seeds (disjoint calibration windows) after
+the first n windows of each seed, for the scores accumulated per window:
+
+{report.markdown_table(rows)}
+{plot}"""
 
 
 def _super_section(summary) -> str:
@@ -202,8 +237,9 @@ def render(summary, cfg, figures) -> str:
   {summary['n_scored']:,} compete for selection (`param_filter = {summary['param_filter']}`).
 - Selection: top-k `{summary['mode']}` with topk = {summary['topk']} → {summary['k_selected']:,} weights
   per set; controls {', '.join(summary['controls'])} of exactly the same per-tensor sizes.
-- Calibration: {cfg.max_samples} windows of {cfg.seq_len} tokens per seed from the first
-  {100 * (1 - cfg.heldout_fraction):.0f}% of `{cfg.corpus}` documents; seeds {summary['seeds']} change the windows,
+- Calibration: {cfg.max_samples} windows of {cfg.seq_len} tokens per seed (disjoint between seeds) from the first
+  {100 * (1 - cfg.heldout_fraction):.0f}% of `{cfg.corpus}` documents; gradient scores are accumulated per window
+  (one gradient per window); seeds {summary['seeds']} change the windows,
   the Hutchinson probes ({cfg.probes} per batch, vmapped {cfg.probe_chunk} at a time) and the random-k draws
   ({summary['random_draws_per_seed']} per seed).
 - Held-out perplexity: {summary['heldout_tokens']:,} loss terms (tokens for a causal LM; sequences for an
@@ -222,6 +258,7 @@ matrix contributes its k, so these follow the matrix sizes; `global` mode lets t
 
 {report.markdown_table(count_rows)}
 
+{_stability_section(summary, figures)}
 Agreement between metrics (share of the smaller top-k set the other also picked, mean over seeds):
 
 {report.markdown_table(agree_rows)}
@@ -229,7 +266,7 @@ Agreement between metrics (share of the smaller top-k set the other also picked,
 ## Perturbation
 {report.markdown_table(pert_rows)}
 
-{_prune_section(summary)}
+{_prune_section(summary, figures)}
 {_super_section(summary)}
 ## Verdict against the ESA success criteria
 {report.markdown_table(v)}

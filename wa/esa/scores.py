@@ -6,11 +6,12 @@ like the parameter). How each one aggregates over the calibration batches b = 1.
 ``g_b = ∇ L_b`` the gradient of batch b's mean loss:
 
 - ``magnitude``      |w|. No data.
-- ``grad_x_weight``  |w ⊙ ḡ| with ḡ = Σ_b c_b g_b / Σ_b c_b, the gradient of the mean loss over
-                     all calibration tokens (first-order Taylor estimate of the loss change when
-                     the weight is removed, SNIP-style).
-- ``grad_squared``   Σ_b c_b g_b² / Σ_b c_b: the token-weighted mean of squared batch gradients
-                     (empirical Fisher diagonal at batch granularity).
+- ``grad_x_weight``  (1/W) Σ_w |g_w ⊙ w| over the W calibration windows (sequences), g_w the gradient of
+                     window w's mean loss: the first-order Taylor estimate of the loss change when the
+                     weight is removed, accumulated per sample (Molchanov et al. 2019). Averaging the
+                     gradient first (|w ⊙ ḡ|) would keep mostly sampling noise at a trained model, where
+                     the mean gradient is near zero; per window the magnitudes add up.
+- ``grad_squared``   (1/W) Σ_w g_w²: the empirical Fisher diagonal at window granularity.
 - ``hutchinson_diag`` Σ_b c_b (1/P) Σ_p v_bp ⊙ (H_b v_bp) / Σ_b c_b with P Rademacher probes v per
                      batch (fresh for each batch and seed) and H_b the Hessian of L_b; H v is
                      forward-over-reverse (``jax.jvp`` of ``jax.grad``), probes vmapped in chunks.
@@ -21,11 +22,17 @@ like the parameter). How each one aggregates over the calibration batches b = 1.
                      ``flax.linen.intercept_methods``, without editing model code. Only linear
                      kernels get this score.
 
+Per-window gradients are vmapped ``window_chunk`` windows at a time inside one compiled scan over the batch,
+so memory is ``window_chunk`` gradients, not one per window. Encoders (SimCSE loss, whose negatives are the
+other sequences of the batch) have no per-window loss: for them both scores use the batch gradient in place
+of g_w, weighted by loss terms.
+
 Adding a score is one function registered in ``SCORES``.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable
 
@@ -51,6 +58,7 @@ class Calibration:
     probes: int = 16
     probe_chunk: int = 4
     progress: bool = True
+    window_chunk: int = 8
 
     def rng(self, b: int):
         return jax.random.fold_in(self.key, b)
@@ -94,13 +102,86 @@ def _weighted_mean(pairs):
     return {p: v / total for p, v in acc.items()}
 
 
+def _window_sums(params, cal: Calibration, name: str, fn):
+    """Yields (windows so far, Σ_w fn(g_w, w) so far) after each calibration batch; windows without loss terms
+    do not count."""
+    loaded = cal.loaded
+    if getattr(loaded.family, "kind", "causal_lm") != "causal_lm":
+        w = _flat(params)
+        acc, total = None, 0.0
+        for c, g in _grads(params, cal):
+            part = {p: c * fn(v, w[p]) for p, v in g.items()}
+            acc = part if acc is None else {p: acc[p] + part[p] for p in part}
+            total += c
+            yield total, acc
+        return
+
+    def build():
+        def one(params, ids, mask, rng):
+            batch = {"input_ids": ids[None], "attention_mask": mask[None]}
+            g, count = jax.grad(lambda p: _mean_loss(loaded, p, batch, rng), has_aux=True)(params)
+            live = (count > 0).astype(jnp.float32)
+            return jax.tree.map(lambda gi, w: live * fn(gi.astype(jnp.float32), w.astype(jnp.float32)), g,
+                                params), live
+
+        def step(params, batch, rng):
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+            n = ids.shape[0]
+            chunk = max(c for c in range(1, min(cal.window_chunk, n) + 1) if n % c == 0)
+            xs = (ids.reshape(n // chunk, chunk, -1), mask.reshape(n // chunk, chunk, -1))
+
+            def body(acc, x):
+                vals, live = jax.vmap(one, in_axes=(None, 0, 0, None))(params, *x, rng)
+                return (jax.tree.map(lambda a, v: a + v.sum(0), acc[0], vals), acc[1] + live.sum()), None
+
+            zero = (jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params), jnp.zeros((), jnp.float32))
+            return jax.lax.scan(body, zero, xs)[0]
+
+        return jax.jit(step, out_shardings=(loaded.shardings, None))
+
+    step = loaded.compiled(("esa/window", name, cal.window_chunk), build)
+    acc, windows = None, 0.0
+    for i, batch in enumerate(_progress(cal, cal.batches, f"{name} per window")):
+        tot, n = step(params, batch, cal.rng(i))
+        tot = _flat(tot)
+        acc = tot if acc is None else {p: acc[p] + tot[p] for p in tot}
+        windows += float(n)
+        yield windows, acc
+
+
+def _window_mean(params, cal: Calibration, name: str, fn):
+    """(1/W) Σ_w fn(g_w, w) over every calibration window with at least one loss term."""
+    windows, acc = collections.deque(_window_sums(params, cal, name, fn), maxlen=1).pop() if cal.batches else (0, None)
+    if not windows:
+        raise ScoreError("the calibration batches hold no loss terms (all tokens masked?)")
+    return {p: v / windows for p, v in acc.items()}
+
+
+def prefix_means(metric: str, params, cal: Calibration, points) -> dict[int, dict]:
+    """A per-window score after the first n calibration windows, for each n in ``points`` (at batch ends):
+    one pass gives the stability curve's scores and, at the last point, the score itself."""
+    if metric not in PER_WINDOW:
+        raise ScoreError(f"{metric!r} is not accumulated per window; per-window metrics: {', '.join(PER_WINDOW)}")
+    out, want = {}, sorted(set(points))
+    for windows, acc in _window_sums(params, cal, metric, PER_WINDOW[metric]):
+        # Windows with loss terms so far: padding rows of the last batch have none, so they do not count.
+        if int(windows) in want:
+            out[int(windows)] = {p: v / windows for p, v in acc.items()}
+    missing = [n for n in want if n not in out]
+    if missing:
+        raise ScoreError(f"stability points {missing} do not fall at the end of a calibration batch")
+    return out
+
+
+PER_WINDOW = {"grad_x_weight": lambda g, w: jnp.abs(g * w), "grad_squared": lambda g, w: jnp.square(g)}
+
+
 def grad_x_weight(params, cal: Calibration):
-    g = _weighted_mean(_grads(params, cal))
-    return {p: jnp.abs(w * g[p]).astype(jnp.float32) for p, w in _flat(params).items()}
+    return _window_mean(params, cal, "grad_x_weight", PER_WINDOW["grad_x_weight"])
 
 
 def grad_squared(params, cal: Calibration):
-    return _weighted_mean((c, {p: jnp.square(v) for p, v in g.items()}) for c, g in _grads(params, cal))
+    return _window_mean(params, cal, "grad_squared", PER_WINDOW["grad_squared"])
 
 
 def _rademacher_like(key, params, n):

@@ -1,0 +1,53 @@
+"""Pruning saliencies against hand computation, and exact lowest-fraction selection."""
+
+import numpy as np
+import pytest
+
+from wa.esa import saliency
+
+W = {"a": np.array([[0.5, -2.0], [1.0, 0.1]], np.float32), "b": np.array([3.0, -0.2, 0.05], np.float32)}
+
+
+@pytest.mark.parametrize("name,score,want", [
+    ("magnitude", None, {"a": [[0.5, 2.0], [1.0, 0.1]], "b": [3.0, 0.2, 0.05]}),
+    # |g·w| is grad_x_weight itself.
+    ("taylor", {"a": [[0.1, 0.4], [0.0, 2.0]], "b": [0.3, 0.0, 1.0]},
+     {"a": [[0.1, 0.4], [0.0, 2.0]], "b": [0.3, 0.0, 1.0]}),
+    # ½ F w²: F = 0.2 at w = -2 gives 0.5 · 0.2 · 4 = 0.4.
+    ("obd_fisher", {"a": [[1.0, 0.2], [0.5, 4.0]], "b": [0.1, 1.0, 2.0]},
+     {"a": [[0.125, 0.4], [0.25, 0.02]], "b": [0.45, 0.02, 0.0025]}),
+    # ½ |H| w²: a negative Hutchinson estimate counts by its size.
+    ("obd_hessian", {"a": [[-1.0, 0.2], [0.5, -4.0]], "b": [0.1, -1.0, 2.0]},
+     {"a": [[0.125, 0.4], [0.25, 0.02]], "b": [0.45, 0.02, 0.0025]}),
+    ("wanda", {"a": [[0.5, 4.0], [3.0, 0.2]], "b": [3.0, 0.4, 0.1]},
+     {"a": [[0.5, 4.0], [3.0, 0.2]], "b": [3.0, 0.4, 0.1]}),
+])
+def test_saliency_formulas(name, score, want):
+    sc = W if score is None else {p: np.asarray(v, np.float32) for p, v in score.items()}
+    got = saliency.compute(name, sc, W)
+    for p in want:
+        np.testing.assert_allclose(got[p], np.asarray(want[p], np.float32), rtol=1e-6, err_msg=p)
+
+
+def test_sensitivity_is_not_saliency():
+    # Flat curvature on a large weight: grad² ranks it least important, OBD (cost of zeroing it) does not.
+    fisher = {"x": np.array([1e-4, 1.0], np.float32)}
+    w = {"x": np.array([10.0, 0.01], np.float32)}
+    assert saliency.lowest(fisher, 0.5, "per_layer")["x"].tolist() == [0]
+    assert saliency.lowest(saliency.compute("obd_fisher", fisher, w), 0.5, "per_layer")["x"].tolist() == [1]
+
+
+def test_lowest_per_layer_and_global_take_exact_counts():
+    sal = {"a": np.array([[4.0, 1.0], [3.0, 2.0]]), "b": np.array([0.5, 5.0, 1.0])}
+    # round(0.5 · 3) = 2 weights of b, 2 of a.
+    assert {p: v.tolist() for p, v in saliency.lowest(sal, 0.5, "per_layer").items()} == {"a": [1, 3], "b": [0, 2]}
+    # 7 weights, 3 lowest overall: 0.5 (b0), 1.0 (a1) and 1.0 (b2) tie — both taken, exactly 3.
+    assert {p: v.tolist() for p, v in saliency.lowest(sal, 3 / 7, "global").items()} == {"a": [1], "b": [0, 2]}
+    # A tie at the threshold goes to the earlier path: 2 lowest of (0.5, 1.0, 1.0) → a's 1.0, not b's.
+    assert {p: v.tolist() for p, v in saliency.lowest(sal, 2 / 7, "global").items()} == {"a": [1], "b": [0]}
+    with pytest.raises(ValueError, match="mode must be one of"):
+        saliency.lowest(sal, 0.5, "row")
+
+
+def test_available_follows_the_computed_metrics():
+    assert saliency.available(["magnitude", "grad_squared", "act_mag"]) == ["magnitude", "obd_fisher", "wanda"]

@@ -1,0 +1,94 @@
+"""Pruning saliencies: the estimated cost of removing (zeroing) a weight, built from ESA's scores.
+
+A sensitivity (g², the Hessian diagonal) says how sharply the loss curves along a weight; the cost of zeroing
+the weight also depends on how far zeroing moves it. With δw_i = -w_i, the Taylor expansion of the loss gives
+the saliencies below; pruning removes the weights whose saliency is lowest.
+
+- ``magnitude``    |w_i|: the baseline (magnitude pruning).
+- ``taylor``       |g_i w_i|, first order (Molchanov et al. 2019), from ``grad_x_weight``.
+- ``obd_fisher``   ½ F_ii w_i², second order with the Fisher diagonal standing in for the Hessian (Optimal Brain
+                   Damage, LeCun et al. 1990), from ``grad_squared``.
+- ``obd_hessian``  ½ |H_ii| w_i², Optimal Brain Damage with the Hutchinson estimate of the Hessian diagonal
+                   (its absolute value: the estimate can be negative), from ``hutchinson_diag``.
+- ``wanda``        |W_ij| ‖X_j‖₂ (Sun et al. 2023), from ``act_mag``; Wanda compares weights within each output
+                   row, here within the matrix (``per_layer``) or across the model (``global``).
+
+Adding a saliency is one ``Saliency`` record in ``SALIENCIES``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+MODES = ("per_layer", "global")
+
+
+@dataclasses.dataclass(frozen=True)
+class Saliency:
+    name: str
+    metric: str                                          # the ESA score it is computed from
+    formula: str
+    source: str
+    fn: Callable[[np.ndarray, np.ndarray], np.ndarray]   # (score, weight) -> saliency, same shape
+
+
+SALIENCIES = {s.name: s for s in (
+    Saliency("magnitude", "magnitude", "|w|", "magnitude pruning", lambda s, w: np.abs(w)),
+    Saliency("taylor", "grad_x_weight", "|g·w|", "Molchanov et al. 2019", lambda s, w: np.abs(s)),
+    Saliency("obd_fisher", "grad_squared", "½·F·w²", "LeCun et al. 1990 (Fisher diagonal)",
+             lambda s, w: 0.5 * np.abs(s) * np.square(w)),
+    Saliency("obd_hessian", "hutchinson_diag", "½·|H|·w²", "LeCun et al. 1990 (Hutchinson diagonal)",
+             lambda s, w: 0.5 * np.abs(s) * np.square(w)),
+    Saliency("wanda", "act_mag", "|w|·‖x‖₂", "Sun et al. 2023", lambda s, w: np.abs(s)),
+)}
+
+
+def available(metrics) -> list[str]:
+    """The saliencies whose score is among ``metrics``, in registry order."""
+    return [n for n, s in SALIENCIES.items() if s.metric in metrics]
+
+
+def compute(name: str, scores: dict, weights: dict) -> dict:
+    """{path: saliency as float32 numpy} over the paths ``scores`` covers."""
+    s = SALIENCIES[name]
+    return {p: np.asarray(s.fn(np.asarray(v, np.float32), np.asarray(weights[p], np.float32)), np.float32)
+            for p, v in scores.items()}
+
+
+def lowest(saliency: dict, fraction: float, mode: str) -> dict:
+    """{path: flat indices} of the ``fraction`` of weights with the lowest saliency, per matrix or model-wide.
+
+    Exactly round(fraction · n) weights per matrix (``per_layer``) or in all (``global``); ties at the threshold
+    go to the earlier path and index, so the choice is deterministic.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    if mode == "per_layer":
+        out = {}
+        for p, v in saliency.items():
+            flat = v.ravel()
+            k = int(round(fraction * flat.size))
+            out[p] = np.sort(np.argsort(flat, kind="stable")[:k]).astype(np.int64)
+        return out
+    paths = list(saliency)
+    flat = np.concatenate([saliency[p].ravel() for p in paths])
+    k = int(round(fraction * flat.size))
+    if k == 0:
+        return {p: np.zeros(0, np.int64) for p in paths}
+    cut = np.partition(flat, k - 1)[k - 1]
+    below = int((flat < cut).sum())
+    ties_left = k - below           # how many weights equal to the threshold are still to take
+    out = {}
+    for p in paths:
+        v = saliency[p].ravel()
+        idx = np.flatnonzero(v < cut)
+        tied = np.flatnonzero(v == cut)
+        take = tied[:ties_left]
+        ties_left -= len(take)
+        out[p] = np.sort(np.concatenate([idx, take])).astype(np.int64)
+    return out
