@@ -25,7 +25,9 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.mode = "per_layer"              # per_layer (k per weight matrix) or global
     c.topk = 0.002                    # count (>= 1) or fraction in (0, 1) of each matrix / of all
     c.param_filter = r"kernel$"       # which tensors compete: weight matrices (not embeddings, norms)
-    c.max_samples = 32                # calibration sequences per seed (seeds draw disjoint sets)
+    # Calibration sequences per seed (seeds draw disjoint sets): 64 × 255 ≈ 16k tokens, where per-window
+    # grad×weight's top-0.2% sets first agree across seeds at Jaccard > 0.4 on stories260K.
+    c.max_samples = 64
     c.window_chunk = 8                # per-window gradients computed this many windows at a time
     c.seq_len = 256
     c.batch_size = 8
