@@ -12,7 +12,7 @@ Lists (metric, seeds, perturb, perturb_scale, controls) are comma-separated stri
 
 import ml_collections
 
-METRICS = "magnitude,grad_x_weight,grad_squared,hutchinson_diag,act_mag"
+METRICS = "magnitude,grad_x_weight,grad_squared,taylor_squared,hutchinson_diag,act_mag"
 
 
 def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:

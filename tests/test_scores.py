@@ -87,12 +87,16 @@ def test_one_windows_taylor_term_matches_finite_differences(micro):
         np.testing.assert_allclose(float(s[path][idx]), abs(float(w[path][idx]) * fd), rtol=2e-2, atol=1e-6)
 
 
-def test_grad_squared_is_the_mean_over_windows_of_squared_window_gradients(micro):
+@pytest.mark.parametrize("metric", ["grad_squared", "taylor_squared"])
+def test_squared_scores_are_means_over_windows(micro, metric):
     ids, mask = _data(12)
-    s = scores.compute("grad_squared", micro.params, _cal(micro, ids, mask, 2))  # 3 batches of 2 windows
+    s = scores.compute(metric, micro.params, _cal(micro, ids, mask, 2))  # 3 batches of 2 windows
     gs = _window_grads(micro, ids, mask)
+    w = helpers.flat(micro.params)
     for p in gs[0]:
-        want = np.mean([np.asarray(g[p], np.float64) ** 2 for g in gs], axis=0)
+        # grad_squared: g_w² (Fisher); taylor_squared: (g_w · w)² (the squared Taylor term).
+        scale = 1.0 if metric == "grad_squared" else np.asarray(w[p], np.float64)
+        want = np.mean([(np.asarray(g[p], np.float64) * scale) ** 2 for g in gs], axis=0)
         np.testing.assert_allclose(np.asarray(s[p]), want, rtol=1e-4, atol=1e-10, err_msg=p)
 
 

@@ -18,7 +18,8 @@ from wa.report import plots
 # Llama-3.1-8B), stated in reports by what they are.
 CRITERIA = {
     "stability": ("top-k stable across seeds", "Jaccard > 0.4"),
-    "agreement": ("grad×weight vs grad² top-k overlap", "> 0.6"),
+    # Two readings of "grad²": the Fisher diagonal g² (a sensitivity) and the squared Taylor term (g·w)².
+    "agreement": ("grad×weight vs grad² top-k overlap (Fisher g², and squared Taylor (g·w)²)", "> 0.6"),
     "heavy_tail": ("top 1% scores vs the median", "> 10×"),
     "sign_flip": ("sign-flipping the top-k vs random-k", "ΔPPL ≥ 5× random-k, p < 0.01 across seeds"),
     "dose": ("dose-response", "monotone"),
@@ -127,7 +128,7 @@ def verdicts(summary) -> list[dict]:
         if not np.isnan(e["jaccard_mean"]):
             add("stability", m, f"{e['jaccard_mean']:.3f}", e["jaccard_mean"] > 0.4)
     for pair, v in summary["agreement_overlap"].items():
-        if set(pair.split("|")) == {"grad_x_weight", "grad_squared"}:
+        if set(pair.split("|")) in ({"grad_x_weight", "grad_squared"}, {"grad_x_weight", "taylor_squared"}):
             add("agreement", pair.replace("|", " vs "), f"{v:.3f}", v > 0.6)
     for m, e in pm.items():
         add("heavy_tail", m, f"{e['heavy_tail_ratio']:.1f}×", e["heavy_tail_ratio"] > 10)

@@ -12,6 +12,8 @@ like the parameter). How each one aggregates over the calibration batches b = 1.
                      gradient first (|w ⊙ ḡ|) would keep mostly sampling noise at a trained model, where
                      the mean gradient is near zero; per window the magnitudes add up.
 - ``grad_squared``   (1/W) Σ_w g_w²: the empirical Fisher diagonal at window granularity.
+- ``taylor_squared`` (1/W) Σ_w (g_w ⊙ w)²: the squared Taylor term, the second reading of "grad²" (the
+                     estimated loss change squared, where ``grad_squared`` is a sensitivity).
 - ``hutchinson_diag`` Σ_b c_b (1/P) Σ_p v_bp ⊙ (H_b v_bp) / Σ_b c_b with P Rademacher probes v per
                      batch (fresh for each batch and seed) and H_b the Hessian of L_b; H v is
                      forward-over-reverse (``jax.jvp`` of ``jax.grad``), probes vmapped in chunks.
@@ -173,7 +175,8 @@ def prefix_means(metric: str, params, cal: Calibration, points) -> dict[int, dic
     return out
 
 
-PER_WINDOW = {"grad_x_weight": lambda g, w: jnp.abs(g * w), "grad_squared": lambda g, w: jnp.square(g)}
+PER_WINDOW = {"grad_x_weight": lambda g, w: jnp.abs(g * w), "grad_squared": lambda g, w: jnp.square(g),
+              "taylor_squared": lambda g, w: jnp.square(g * w)}
 
 
 def grad_x_weight(params, cal: Calibration):
@@ -182,6 +185,10 @@ def grad_x_weight(params, cal: Calibration):
 
 def grad_squared(params, cal: Calibration):
     return _window_mean(params, cal, "grad_squared", PER_WINDOW["grad_squared"])
+
+
+def taylor_squared(params, cal: Calibration):
+    return _window_mean(params, cal, "taylor_squared", PER_WINDOW["taylor_squared"])
 
 
 def _rademacher_like(key, params, n):
@@ -311,6 +318,7 @@ SCORES: dict[str, Score] = {
     "magnitude": Score(magnitude, needs_data=False),
     "grad_x_weight": Score(grad_x_weight, needs_data=True),
     "grad_squared": Score(grad_squared, needs_data=True),
+    "taylor_squared": Score(taylor_squared, needs_data=True),
     "hutchinson_diag": Score(hutchinson_diag, needs_data=True, signed=True),
     "act_mag": Score(act_mag, needs_data=True),
 }
