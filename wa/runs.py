@@ -20,6 +20,8 @@ import json
 import os
 import shutil
 
+from flax import traverse_util
+
 from wa import errors, report
 
 RUN_FILE = "run.json"
@@ -27,23 +29,12 @@ DONE_FILE = "DONE.json"
 _HELD: dict[str, int] = {}   # lock path -> fd: kept open (locked) for the life of the process
 
 
-def _flat(d, prefix=""):
-    out = {}
-    for k, v in (d or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def _jsonable(x):
     return json.loads(json.dumps(x, default=report._default))
 
 
 def differences(old: dict, new: dict, limit: int = 6) -> list[str]:
-    a, b = _flat(_jsonable(old)), _flat(_jsonable(new))
+    a, b = (traverse_util.flatten_dict(_jsonable(d), sep=".") for d in (old, new))
     keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
     out = [f"{k}: {a.get(k, '<absent>')!r} in the folder, {b.get(k, '<absent>')!r} now" for k in keys[:limit]]
     if len(keys) > limit:
@@ -106,20 +97,24 @@ class Run:
                 raise errors.RunError(
                     f"--workdir={workdir} holds another run, so it cannot be resumed: " + "; ".join(diff)
                     + ". Use another --workdir, or --overwrite to delete that run and start afresh")
-        elif _has_results(workdir) and not overwrite:
+        elif _entries(workdir) and not overwrite:
             raise errors.RunError(
                 f"--workdir={workdir} already holds files ({', '.join(sorted(_entries(workdir))[:5])}) but no "
                 f"{RUN_FILE}, so wa cannot tell which run wrote them. Use another --workdir, or --overwrite to "
                 "delete them and start afresh")
-        if overwrite and process == 0 and (os.path.exists(path) or _has_results(workdir)):
+        if overwrite and process == 0:
             for name in _entries(workdir):
                 p = os.path.join(workdir, name)
                 shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
         if process == 0:
             report.write_json(path, record)
 
+    @property
+    def _lock_path(self) -> str:
+        return os.path.join(self.workdir, f".lock-{self.process}")
+
     def _lock(self):
-        path = os.path.join(self.workdir, f".lock-{self.process}")
+        path = self._lock_path
         if path in _HELD:
             return
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -153,7 +148,7 @@ class Run:
         report.write_json(os.path.join(self.workdir, DONE_FILE), {"job": self.job, "files": listed})
 
     def release(self) -> None:
-        fd = _HELD.pop(os.path.join(self.workdir, f".lock-{self.process}"), None)
+        fd = _HELD.pop(self._lock_path, None)
         if fd is not None:
             os.close(fd)
 
@@ -173,10 +168,6 @@ def complete(workdir: str, job: str | None = None) -> bool:
 
 def _entries(workdir: str) -> list[str]:
     return [n for n in os.listdir(workdir) if not n.startswith(".lock-")]
-
-
-def _has_results(workdir: str) -> bool:
-    return bool(_entries(workdir))
 
 
 def writable(path: str | None, job: str) -> str:

@@ -92,7 +92,7 @@ def write_plots(workdir, r, summary):
     labels = [f"{m[:10]}/{s}" for m, s in r["jac_keys"]]
     files.append(plots.matrix(labels, r["jac_matrix"], os.path.join(workdir, "jaccard.png"),
                               "Jaccard of top-k sets (metric/seed)"))
-    curves = {m: e["stability_curve"] for m, e in summary["per_metric"].items() if e.get("stability_curve")}
+    curves = _stability_curves(summary)
     if curves:
         files.append(plots.curves({m: (c["tokens_per_seed"], c["jaccard"]) for m, c in curves.items()},
                                   "calibration tokens per seed", "top-k Jaccard across seeds",
@@ -170,8 +170,13 @@ are. {legend}. Base perplexity {summary['ppl_base']:.4f}.
 {plot}"""
 
 
+def _stability_curves(summary) -> dict:
+    """metric -> its stability curve, for the metrics accumulated per window."""
+    return {m: e["stability_curve"] for m, e in summary["per_metric"].items() if e.get("stability_curve")}
+
+
 def _stability_section(summary, figures=()) -> str:
-    curves = {m: e["stability_curve"] for m, e in summary["per_metric"].items() if e.get("stability_curve")}
+    curves = _stability_curves(summary)
     if not curves:
         return ""
     first = next(iter(curves.values()))

@@ -34,7 +34,6 @@ Adding a score is one function registered in ``SCORES``.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Callable
 
@@ -153,7 +152,9 @@ def _window_sums(params, cal: Calibration, name: str, fn):
 
 def _window_mean(params, cal: Calibration, name: str, fn):
     """(1/W) Σ_w fn(g_w, w) over every calibration window with at least one loss term."""
-    windows, acc = collections.deque(_window_sums(params, cal, name, fn), maxlen=1).pop() if cal.batches else (0, None)
+    windows, acc = 0.0, None
+    for windows, acc in _window_sums(params, cal, name, fn):  # noqa: B007 - the last sums are the totals
+        pass
     if not windows:
         raise ScoreError("the calibration batches hold no loss terms (all tokens masked?)")
     return {p: v / windows for p, v in acc.items()}

@@ -180,8 +180,9 @@ def _json(root: str, name: str):
 
 def find_weights(path: str) -> list[str]:
     """The weight files of checkpoint ``path``: resolved regular files inside it, index shards included."""
-    if gguf_io.is_gguf(gguf_io.find(path)):
-        return [gguf_io.find(path)]
+    gguf = gguf_io.find(path)
+    if gguf_io.is_gguf(gguf):
+        return [gguf]
     for name in WEIGHT_FILES:
         index = os.path.join(path, name + ".index.json")
         if os.path.lexists(index):
@@ -343,9 +344,7 @@ def _from_torch_bin(files, shape_tree, family, prefix) -> tuple[dict[str, _Tenso
 
 
 def tensor_sources(path: str, shape_tree, family, prefix) -> tuple[dict[str, _Tensor], list, list]:
-    path = gguf_io.find(path)
-    if gguf_io.is_gguf(path):
-        return (*_from_gguf(_gguf_file(path)), [path])
+    """The tensors of a checkpoint directory (GGUF files are read by ``load`` through ``_from_gguf``)."""
     files = find_weights(path)
     name = os.path.basename(files[0])
     if name.startswith("flax_model"):
@@ -368,7 +367,7 @@ def _place(path: str, src: _Tensor, shape, dtype, sharding) -> jax.Array:
         key = tuple((s.start, s.stop, s.step) for s in index)
         if key not in cache:
             part = np.asarray(src.read(index))
-            if np.issubdtype(part.dtype, np.floating) or part.dtype.name == "bfloat16":
+            if _is_float(part.dtype):
                 bad = ~np.isfinite(part.astype(np.float32))
                 if bad.any():
                     raise CheckpointError(
