@@ -65,8 +65,6 @@ def check(cfg) -> None:
     if unknown or not cfg.tasks:
         raise ProbeError(f"--config.tasks has unknown tasks {sorted(unknown)} (or none); "
                          f"known: {sorted(data_lib.TASKS)}")
-    if not os.path.exists(os.path.join(cfg.zoo, "zoo.json")):
-        raise ProbeError(f"--config.zoo={cfg.zoo!r} is not a zoo (no zoo.json); build one with launch.make_zoo")
     if cfg.split.kind == "cross_arch" and not cfg.split.held_out:
         raise ProbeError("--config.split.kind=cross_arch needs --config.split.held_out=<family>")
     errors.check_values(cfg, {
@@ -79,6 +77,9 @@ def check(cfg) -> None:
                             "three positive fractions (train, validation, test) summing to 1"),
         "tasks": (lambda t: all(w >= 0 for w in t.values()), "task weights >= 0"),
     })
+    # The filesystem last, so a bad value is reported the same with or without a zoo on this machine.
+    if not os.path.exists(os.path.join(cfg.zoo, "zoo.json")):
+        raise ProbeError(f"--config.zoo={cfg.zoo!r} is not a zoo (no zoo.json); build one with launch.make_zoo")
 
 
 def scores(targets, pred: dict, idx: np.ndarray) -> dict:
