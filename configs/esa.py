@@ -43,10 +43,22 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.noise_ref = "layer_std"         # gauss_noise scale relative to the layer's std, or "weight" (|w|)
     c.controls = "random_k,bottom_k"
     c.random_draws = 8                # random-k draws per seed (the null distribution)
+    c.perturb_group = 8               # perturbed parameter sets evaluated per compiled call, ...
+    # ... one after another inside it ("map") or vmapped ("vmap"). On 2 CPU cores the forward pass is already
+    # compute-bound: vmap measured 2.7x slower than map, map as fast as one call per set
+    # (experiments/bench_perturb.py); vmap is for accelerators, where one small model leaves the device idle.
+    c.perturb_batching = "map"
     c.dtype = "float32"               # float32 or bfloat16 parameters
     c.prune_sparsity = "0.3,0.5,0.7"  # zero this fraction of lowest-saliency weights ("" = skip) ...
     c.prune_modes = "per_layer,global"  # ... of every matrix and / or of the whole model
     c.super_weights = True            # Yu et al. 2024 activation-spike candidates, zeroed vs largest |w|
+    # Fault tolerance: flip one bit (by position) of every top-k weight of these metrics (first seed) and of
+    # random-k draws, in the weights' float32 and bfloat16 encodings ("" = skip).
+    c.fault_metrics = "magnitude,grad_x_weight"
+    c.fault_bits_float32 = "31,30,29,27,23,22,16"   # sign, exponent MSB..LSB, mantissa MSB, a low mantissa bit
+    c.fault_bits_bfloat16 = "15,14,13,11,7,6,0"
+    c.fault_random_draws = 4
+    c.architecture = True             # where the global top-k land by layer, component and role
     c.save_plots = True
     c.mesh = "data:1,fsdp:-1"
     if arg == "stories260k":
@@ -67,6 +79,11 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
         c.random_draws = 2
         c.perturb_scale = "0.5,1.0"
         c.prune_sparsity = "0.5"
+        c.fault_metrics = "magnitude"
+        c.fault_bits_float32 = "31,30"
+        c.fault_bits_bfloat16 = "14"
+        c.fault_random_draws = 2
+        c.perturb_group = 4
     elif arg == "shakespeare_char":
         # wa's own 1.25M-parameter character-level GPT-2 (launch.train_lm); its validation split is
         # the last 10% of the Tiny Shakespeare paragraphs, so that is the held-out part here too.

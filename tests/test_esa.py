@@ -63,13 +63,26 @@ def test_esa_smoke_writes_every_output(tmp_path):
     assert gain == pytest.approx((pr["magnitude"]["global"] - pr["wanda"]["global"]) / pr["magnitude"]["global"])
     sw = s["super_weights"]
     assert sw["n"] == 5 and [c["layer"] for c in sw["candidates"]] != [] and sw["candidates"][0]["max_out"] > 0
+    # smoke: bits 31 and 30 of float32, 14 of bfloat16, in the magnitude top-k and 2 random-k draws.
+    f32, bf16 = s["faults"]["float32"], s["faults"]["bfloat16"]
+    assert set(f32) == {"31", "30"} and set(bf16) == {"14"} and f32["31"]["field"] == "sign"
+    assert len(f32["31"]["random_k"]) == 2 and set(f32["31"]["topk"]) == {"magnitude"}
+    # Every weight of stories260K is below 2 in magnitude: an exponent-MSB flip overflows, in either encoding.
+    assert f32["30"]["topk"]["magnitude"] == float("inf") == bf16["14"]["topk"]["magnitude"]
+    assert 0 < f32["31"]["topk"]["magnitude"] < float("inf")
+    arch = s["architecture"]["grad_x_weight"]
+    assert sum(g["selected"] for g in arch["component"].values()) == arch["k"] == -(-2 * arch["n_scored"] // 1000)
+    assert arch["n_scored"] == sum(sizes) and set(arch["progression"]["layers"]) == {0, 1, 2, 3, 4}
+    assert arch["attention_vs_mlp"]["mean_score_ratio"] == pytest.approx(
+        arch["component"]["attention"]["mean_score"] / arch["component"]["mlp"]["mean_score"])
     rows = open(tmp_path / "topk.csv").read().splitlines()
     assert rows[0] == "metric,rank,path,flat_index,coordinates,layer,component,role,value,score"
     assert len(rows) == 1 + 3 * s["k_selected"]
     metric, rank, path, idx, *_ = rows[1].split(",")
     assert metric == "magnitude" and rank == "0" and path.endswith("kernel")
     for f in ("report.md", "config.json", "score_histograms.png", "layer_role_heatmap.png", "dppl_sign_flip.png",
-              "dppl_bit_flip.png", "dose_response_sign_flip.png", "jaccard.png"):
+              "dppl_bit_flip.png", "dose_response_sign_flip.png", "jaccard.png", "architecture.png",
+              "bit_flips.png"):
         assert (tmp_path / f).stat().st_size > 0, f
     assert runs.complete(str(tmp_path), "esa")
     done = json.load(open(tmp_path / "DONE.json"))["files"]
@@ -85,6 +98,9 @@ def test_esa_smoke_writes_every_output(tmp_path):
     assert f"{s['ppl_base']:.4f}" in report
     assert "| saliency pruning vs magnitude pruning at equal sparsity | > 15% lower perplexity | " \
            "taylor (per_layer) at 50% |" in report
+    assert "## Architecture: where the top-k land model-wide" in report and "## Fault tolerance" in report
+    assert "| zeroing the super-weight candidates vs the same number of largest-magnitude weights | ΔPPL larger |" \
+        in report
 
 
 @pytest.mark.parametrize("override,message", [

@@ -100,6 +100,18 @@ def test_squared_scores_are_means_over_windows(micro, metric):
         np.testing.assert_allclose(np.asarray(s[p]), want, rtol=1e-4, atol=1e-10, err_msg=p)
 
 
+def test_one_gradient_pass_serves_every_per_window_score(micro):
+    ids, mask = _data(12, n=12)
+    cal = _cal(micro, ids, mask, 4)
+    both = scores.prefix_means(("grad_x_weight", "taylor_squared"), micro.params, cal, [4, 12])
+    alone = scores.compute("taylor_squared", micro.params, cal)
+    for p, v in alone.items():
+        np.testing.assert_allclose(np.asarray(both["taylor_squared"][12][p]), np.asarray(v), rtol=1e-6, err_msg=p)
+    first4 = scores.compute("grad_x_weight", micro.params, _cal(micro, ids[:4], mask[:4], 4))
+    for p, v in first4.items():
+        np.testing.assert_allclose(np.asarray(both["grad_x_weight"][4][p]), np.asarray(v), rtol=1e-6, err_msg=p)
+
+
 def _exact_hessian_diag(f, params):
     """diag(H) column by column: e_i -> (H e_i)_i, vmapped over one-hot tangents."""
     flat, unravel = jax.flatten_util.ravel_pytree(params)

@@ -126,6 +126,27 @@ def test_bit_flip_on_chosen_bits(dtype, bit, expect):
     assert float(back["w/kernel"][1]) == 3.0
 
 
+def test_bit_flip_in_the_bfloat16_encoding_of_float32_weights():
+    # 1 + 2^-10 rounds to 1.0 in bfloat16 (7 mantissa bits): the flip acts on the rounded weight.
+    p = {"w": jnp.asarray([1.0 + 2.0 ** -10, -0.75, 2.0], jnp.float32)}
+    sel = {"w": np.array([0, 1, 2])}
+    sign = perturb.apply(p, sel, "bit_flip", bits=(15,), encoding="bfloat16")
+    assert sign["w"].dtype == jnp.float32 and np.asarray(sign["w"]).tolist() == [-1.0, 0.75, -2.0]
+    mant = perturb.apply(p, sel, "bit_flip", bits=(6,), encoding="bfloat16")  # mantissa MSB: ± half the binade
+    assert np.asarray(mant["w"]).tolist() == [1.5, -0.5, 3.0]
+    expo = perturb.apply(p, sel, "bit_flip", bits=(14,), encoding="bfloat16")  # exponent MSB
+    # 1 -> inf (exponent field 255); 2 = 2^(128-127) -> exponent field 0 -> 0.
+    assert np.asarray(expo["w"]).tolist()[0] == float("inf") and np.asarray(expo["w"])[2] == 0.0
+    with pytest.raises(perturb.PerturbError, match=r"bits \[16\] do not exist in bfloat16"):
+        perturb.apply(p, sel, "bit_flip", bits=(16,), encoding="bfloat16")
+    with pytest.raises(perturb.PerturbError, match="bit_flip encoding 'fp8'"):
+        perturb.apply(p, sel, "bit_flip", bits=(1,), encoding="fp8")
+    assert [perturb.bit_field(b, "bfloat16") for b in (15, 14, 9, 7, 6, 0)] == [
+        "sign", "exponent MSB", "exponent 2", "exponent LSB", "mantissa MSB", "mantissa 0"]
+    assert [perturb.bit_field(b, "float32") for b in (31, 30, 23, 22)] == [
+        "sign", "exponent MSB", "exponent LSB", "mantissa MSB"]
+
+
 @pytest.mark.parametrize("dtype,nbits", [(jnp.float32, 32), (jnp.bfloat16, 16)])
 def test_random_bit_flips_hit_about_p_of_the_bits(dtype, nbits):
     x = jnp.asarray(np.random.default_rng(0).normal(size=4000), dtype)

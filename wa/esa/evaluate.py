@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from wa import parallel
+from wa.parallel import rules as rules_lib
 
 
 def nll_step(loaded):
@@ -34,3 +38,61 @@ def evaluate(loaded, params, ids: np.ndarray, mask: np.ndarray, batch_size: int,
     nll = total / max(count, 1.0)
     ppl = math.exp(nll) if nll < 700 else float("inf")  # exp overflows past ~709; NaN stays NaN
     return {"nll": nll, "ppl": ppl, "tokens": int(count), "windows": len(ids)}
+
+
+BATCHING = ("map", "vmap")
+
+
+def _many_step(loaded, paths: tuple[str, ...], group: int, how: str):
+    """A jitted ``(stacked, params, batch) -> (nll sums [group], counts [group])``: ``group`` parameter sets that
+    differ from ``params`` only in ``paths`` (stacked on a leading axis), evaluated in one call: vmapped
+    (``how="vmap"``) or one after another inside it (``"map"``, ``jax.lax.map``)."""
+    def build():
+        order = list(rules_lib.flatten(loaded.params))
+        treedef = jax.tree_util.tree_structure(loaded.params)
+
+        def one(changed, params, batch):
+            flat = rules_lib.flatten(params)
+            flat.update(changed)
+            return loaded.token_nll(jax.tree_util.tree_unflatten(treedef, [flat[p] for p in order]), batch)
+
+        if how == "vmap":
+            return jax.jit(jax.vmap(one, in_axes=(0, None, None)))
+        return jax.jit(lambda stacked, params, batch: jax.lax.map(lambda ch: one(ch, params, batch), stacked))
+    return loaded.compiled(("esa/nll_many", paths, group, how), build)
+
+
+_stack = jax.jit(lambda sets: jax.tree.map(lambda *xs: jnp.stack(xs), *sets))
+
+
+def evaluate_many(loaded, param_sets: Iterable[dict], paths, ids: np.ndarray, mask: np.ndarray, batch_size: int,
+                  group: int = 8, progress=None, how: str = "map") -> Iterator[dict]:
+    """``evaluate`` for many perturbed parameter sets, ``group`` of them per compiled call (vmapped).
+
+    ``param_sets`` yields flat parameter dicts (``wa.parallel.rules.flatten`` of ``loaded.params``, perturbed
+    in ``paths`` only; ``wa.esa.perturb.apply`` makes them). They are consumed lazily, ``group`` at a time, so
+    only ``group`` perturbed copies of ``paths`` exist at once; the last group is padded with copies of its
+    first set. Yields one result per set, in order, each exactly what ``evaluate`` returns for it (up to float
+    summation order). ``progress`` is called with the number of sets finished in each group.
+    """
+    paths = tuple(sorted(paths))
+    step = _many_step(loaded, paths, group, how)
+    params_it = iter(param_sets)
+    while True:
+        sets = list(itertools.islice(params_it, group))
+        if not sets:
+            return
+        n = len(sets)
+        stacked = _stack(tuple({p: s[p] for p in paths} for s in sets + [sets[0]] * (group - n)))
+        total, count = np.zeros(group), np.zeros(group)
+        for batch in parallel.iter_batches(loaded.mesh, {"input_ids": ids, "attention_mask": mask}, batch_size):
+            s, c = step(stacked, loaded.params, batch)
+            total += np.asarray(s, np.float64)
+            count += np.asarray(c, np.float64)
+        del stacked
+        for i in range(n):
+            nll = total[i] / max(count[i], 1.0)
+            yield {"nll": nll, "ppl": math.exp(nll) if nll < 700 else float("inf"), "tokens": int(count[i]),
+                   "windows": len(ids)}
+        if progress:
+            progress(n)

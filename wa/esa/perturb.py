@@ -9,7 +9,9 @@ Every kind takes a ``scale`` (the dose, for dose-response curves):
 - ``bit_flip``    flips bits of the stored number: the listed ``bits`` (0 = least significant;
                   for float32 30 is the exponent's top bit, for bfloat16 14), or, with
                   ``bits=()``, every bit independently with probability ``prob``. ``scale`` is
-                  not used.
+                  not used. ``encoding="bfloat16"`` flips the bit of the weight's bfloat16 encoding
+                  (the weight rounded to bfloat16, flipped, and stored back in the parameters' dtype):
+                  how a fault hits a model stored in bfloat16.
 
 Indices are flat indices into each tensor (``wa.esa.select``); the result keeps the
 parameters' shardings.
@@ -47,7 +49,21 @@ def _flip_bits(x, key, bits, prob):
     return jax.lax.bitcast_convert_type(raw ^ flip, x.dtype)
 
 
-def _one(w, idx, key, kind, scale, prob, bits, noise_ref):
+ENCODINGS = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def bit_field(bit: int, encoding: str) -> str:
+    """Which part of an IEEE-754 number bit ``bit`` is (0 = least significant)."""
+    mantissa = {"float32": 23, "bfloat16": 7}[encoding]
+    top = jnp.dtype(ENCODINGS[encoding]).itemsize * 8 - 1
+    if bit == top:
+        return "sign"
+    if bit >= mantissa:
+        return f"exponent {'MSB' if bit == top - 1 else 'LSB' if bit == mantissa else bit - mantissa}"
+    return f"mantissa {'MSB' if bit == mantissa - 1 else bit}"
+
+
+def _one(w, idx, key, kind, scale, prob, bits, noise_ref, encoding=None):
     flat = w.reshape(-1)
     sel = flat[idx]
     if kind == "sign_flip":
@@ -58,13 +74,15 @@ def _one(w, idx, key, kind, scale, prob, bits, noise_ref):
         ref = jnp.std(flat.astype(jnp.float32)) if noise_ref == "layer_std" else jnp.abs(sel.astype(jnp.float32))
         new = sel + (scale * ref * jax.random.normal(key, sel.shape)).astype(w.dtype)
     elif kind == "bit_flip":
-        new = _flip_bits(sel, key, bits, prob)
+        enc = ENCODINGS[encoding] if encoding else w.dtype
+        new = _flip_bits(sel.astype(enc), key, bits, prob)
     else:
         raise PerturbError(f"unknown perturbation {kind!r}; known: {', '.join(KINDS)}")
     return flat.at[idx].set(new.astype(w.dtype)).reshape(w.shape)
 
 
-def check(kind: str, scale: float = 1.0, prob: float = 0.0, bits=(), dtype=jnp.float32, noise_ref="layer_std"):
+def check(kind: str, scale: float = 1.0, prob: float = 0.0, bits=(), dtype=jnp.float32, noise_ref="layer_std",
+          encoding: str | None = None):
     if kind not in KINDS:
         raise PerturbError(f"unknown perturbation {kind!r}; known: {', '.join(KINDS)}")
     if scale < 0:
@@ -73,6 +91,10 @@ def check(kind: str, scale: float = 1.0, prob: float = 0.0, bits=(), dtype=jnp.f
         raise PerturbError(f"perturb_prob must lie in [0, 1], got {prob}")
     if noise_ref not in ("layer_std", "weight"):
         raise PerturbError(f"noise_ref must be 'layer_std' or 'weight', got {noise_ref!r}")
+    if encoding is not None:
+        if encoding not in ENCODINGS:
+            raise PerturbError(f"bit_flip encoding {encoding!r}; known: {', '.join(ENCODINGS)}")
+        dtype = ENCODINGS[encoding]
     nbits = jnp.dtype(dtype).itemsize * 8
     bad = [b for b in bits if not 0 <= int(b) < nbits]
     if bad:
@@ -82,18 +104,18 @@ def check(kind: str, scale: float = 1.0, prob: float = 0.0, bits=(), dtype=jnp.f
 
 
 def apply(params_flat: dict, selection: dict, kind: str, scale: float = 1.0, key=None, prob: float = 0.0,
-          bits=(), noise_ref: str = "layer_std") -> dict:
+          bits=(), noise_ref: str = "layer_std", encoding: str | None = None) -> dict:
     """A new flat parameter dict with ``selection`` perturbed; other tensors are shared."""
     some = next(iter(params_flat.values()))
-    check(kind, scale, prob, bits, some.dtype, noise_ref)
+    check(kind, scale, prob, bits, some.dtype, noise_ref, encoding)
     key = jax.random.key(0) if key is None else key
     out = dict(params_flat)
     for n, (p, idx) in enumerate(sorted(selection.items())):
         if len(idx):
             new = _jitted(params_flat[p], jnp.asarray(idx), jax.random.fold_in(key, n), kind,
-                          float(scale), float(prob), tuple(int(b) for b in bits), noise_ref)
+                          float(scale), float(prob), tuple(int(b) for b in bits), noise_ref, encoding)
             out[p] = jax.device_put(new, params_flat[p].sharding)
     return out
 
 
-_jitted = jax.jit(_one, static_argnums=(3, 5, 6, 7))
+_jitted = jax.jit(_one, static_argnums=(3, 5, 6, 7, 8))

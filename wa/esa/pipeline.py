@@ -17,7 +17,7 @@ from absl import logging
 
 from wa import errors, models, parallel
 from wa.data import paths, text, tokenizers
-from wa.esa import evaluate, perturb, saliency, scores, select, stats, superweights
+from wa.esa import architecture, evaluate, perturb, saliency, scores, select, stats, superweights
 from wa.parallel import rules as rules_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -52,6 +52,8 @@ class Plan:
     controls: list[str]
     bits: tuple[int, ...]
     prune_modes: tuple[str, ...] = ("per_layer",)
+    fault_metrics: tuple[str, ...] = ()
+    fault_bits: dict = dataclasses.field(default_factory=dict)   # encoding -> bits
 
 
 def check(cfg) -> Plan:
@@ -80,9 +82,13 @@ def check(cfg) -> Plan:
         select.resolve_k(cfg.topk, 10**12)
     except select.SelectionError as e:
         raise ConfigError(f"--config.topk={cfg.topk!r}: {e}") from e
+    if cfg.perturb_batching not in evaluate.BATCHING:
+        raise ConfigError(f"--config.perturb_batching={cfg.perturb_batching!r}: expected one of "
+                          f"{', '.join(evaluate.BATCHING)}")
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"--config.dtype={cfg.dtype!r}: expected one of {sorted(DTYPES)}")
-    for k in ("max_samples", "seq_len", "batch_size", "eval_windows", "probes", "probe_chunk", "window_chunk"):
+    for k in ("max_samples", "seq_len", "batch_size", "eval_windows", "probes", "probe_chunk", "window_chunk",
+              "perturb_group"):
         if cfg[k] < 1:
             raise ConfigError(f"--config.{k}={cfg[k]}: must be positive")
     if "random_k" in controls and cfg.random_draws < 1:
@@ -103,7 +109,21 @@ def check(cfg) -> Plan:
     bad = [m for m in modes if m not in saliency.MODES]
     if bad or not modes:
         raise ConfigError(f"--config.prune_modes: {bad or modes!r}; expected some of {', '.join(saliency.MODES)}")
-    return Plan(metrics, seeds, kinds, scales, controls, bits, modes)
+    fault_metrics = tuple(as_list(cfg.get("fault_metrics", ""), str, "fault_metrics"))
+    bad = [m for m in fault_metrics if m not in metrics]
+    if bad:
+        raise ConfigError(f"--config.fault_metrics: {bad} are not among --config.metric={cfg.metric!r}")
+    fault_bits = {}
+    for enc in perturb.ENCODINGS:
+        fault_bits[enc] = tuple(as_list(cfg.get(f"fault_bits_{enc}", ""), int, f"fault_bits_{enc}"))
+        try:
+            perturb.check("bit_flip", bits=fault_bits[enc], encoding=enc, prob=0.0 if fault_bits[enc] else 1.0)
+        except perturb.PerturbError as e:
+            raise ConfigError(f"--config.fault_bits_{enc}: {e}") from e
+    if fault_metrics and cfg.fault_random_draws < 0:
+        raise ConfigError(f"--config.fault_random_draws={cfg.fault_random_draws}: must be >= 0")
+    return Plan(metrics, seeds, kinds, scales, controls, bits, modes, fault_metrics,
+                {e: b for e, b in fault_bits.items() if b})
 
 
 @dataclasses.dataclass
@@ -131,12 +151,18 @@ def prepare_data(cfg, loaded, ckpt) -> Data:
     return Data(cal_ids, cal_mask, ev_ids[:cfg.eval_windows], ev_mask[:cfg.eval_windows], len(docs), n_eval)
 
 
-def _delta(loaded, params_flat, data, cfg, base_ppl):
-    params = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(loaded.params), list(params_flat.values()))
-    r = evaluate.evaluate(loaded, params, data.eval_ids, data.eval_mask, cfg.batch_size, progress=False)
-    # A perturbation that overflows the forward pass (a flipped exponent bit) leaves a NaN or
-    # infinite loss: the model is destroyed, the worst possible outcome, so ΔPPL = +inf.
-    return r["ppl"] - base_ppl if np.isfinite(r["ppl"]) else float("inf")
+def _deltas(loaded, flat, kept, data, cfg, base_ppl, jobs, bar=None) -> list[float]:
+    """ΔPPL for each job ``(selection, perturbation keywords)``, ``cfg.perturb_group`` perturbed parameter sets
+    per compiled call; the sets are built lazily, a group at a time."""
+    sets = (perturb.apply(flat, sel, **kw) for sel, kw in jobs)
+    out = []
+    for r in evaluate.evaluate_many(loaded, sets, kept, data.eval_ids, data.eval_mask, cfg.batch_size,
+                                    cfg.perturb_group, progress=bar.update if bar is not None else None,
+                                    how=cfg.perturb_batching):
+        # A perturbation that overflows the forward pass (a flipped exponent bit) leaves a NaN or
+        # infinite loss: the model is destroyed, the worst possible outcome, so ΔPPL = +inf.
+        out.append(r["ppl"] - base_ppl if np.isfinite(r["ppl"]) else float("inf"))
+    return out
 
 
 def stability_points(cfg) -> list[int]:
@@ -177,23 +203,53 @@ def super_weight_study(loaded, flat, kept, data, cfg, base_ppl, batches) -> dict
     if not downs:
         return None
     cands = superweights.candidates(loaded, flat, superweights.spikes(loaded, loaded.params, batches, downs))
-    for c in cands:
-        c["dppl_zero"] = _delta(loaded, perturb.apply(flat, {c["path"]: np.array([c["flat_index"]])}, "zero"),
-                                data, cfg, base_ppl)
-        big = superweights.largest_magnitude(flat, [c["path"]], 1)
-        c["dppl_zero_largest_in_matrix"] = _delta(loaded, perturb.apply(flat, big, "zero"), data, cfg, base_ppl)
-    every = {}
+    every: dict = {}
     for c in cands:
         every.setdefault(c["path"], []).append(c["flat_index"])
-    every = {p: np.asarray(v) for p, v in every.items()}
     n = len(cands)
-    return {
-        "candidates": cands,
-        "dppl_zero_all_candidates": _delta(loaded, perturb.apply(flat, every, "zero"), data, cfg, base_ppl),
-        "dppl_zero_largest_magnitude": _delta(
-            loaded, perturb.apply(flat, superweights.largest_magnitude(flat, kept, n), "zero"), data, cfg, base_ppl),
-        "n": n,
-    }
+    zero = {"kind": "zero"}
+    jobs = [job for c in cands for job in (({c["path"]: np.array([c["flat_index"]])}, zero),
+                                           (superweights.largest_magnitude(flat, [c["path"]], 1), zero))]
+    jobs += [({p: np.asarray(v) for p, v in every.items()}, zero),
+             (superweights.largest_magnitude(flat, kept, n), zero)]
+    d = _deltas(loaded, flat, kept, data, cfg, base_ppl, jobs)
+    for i, c in enumerate(cands):
+        c["dppl_zero"], c["dppl_zero_largest_in_matrix"] = d[2 * i], d[2 * i + 1]
+    return {"candidates": cands, "dppl_zero_all_candidates": d[-2], "dppl_zero_largest_magnitude": d[-1], "n": n,
+            "ppl_base": base_ppl}
+
+
+def fault_study(loaded, flat, kept, sels, data, cfg, base_ppl, plan, progress=True) -> dict | None:
+    """Fault tolerance: flip one bit, by position, of every weight of the first seed's top-k (per fault metric)
+    and of same-size random-k draws, in each encoding; ΔPPL per (encoding, bit, set)."""
+    if not plan.fault_metrics or not plan.fault_bits:
+        return None
+    seed = plan.seeds[0]
+    rand = [select.random_k(flat, cfg.topk, cfg.mode, cfg.param_filter, seed * 1000 + 500 + r)
+            for r in range(cfg.fault_random_draws)]
+    cells, jobs = [], []
+    for enc, bits in plan.fault_bits.items():
+        for b in bits:
+            kw = {"kind": "bit_flip", "bits": (b,), "encoding": enc}
+            for m in plan.fault_metrics:
+                cells.append((enc, b, m))
+                jobs.append((sels[m, seed], kw))
+            for r, sel in enumerate(rand):
+                cells.append((enc, b, f"random_k/{r}"))
+                jobs.append((sel, kw))
+    from tqdm import tqdm
+    bar = tqdm(total=len(jobs), desc="bit flips", disable=not progress or jax.process_index() > 0)
+    deltas = _deltas(loaded, flat, kept, data, cfg, base_ppl, jobs, bar)
+    bar.close()
+    out: dict = {}
+    for (enc, b, who), d in zip(cells, deltas, strict=True):
+        row = out.setdefault(enc, {}).setdefault(str(b), {"field": perturb.bit_field(b, enc), "topk": {},
+                                                            "random_k": []})
+        if who.startswith("random_k/"):
+            row["random_k"].append(d)
+        else:
+            row["topk"][who] = d
+    return out
 
 
 def prune_study(loaded, flat, first, data, cfg, base_ppl, plan) -> dict:
@@ -209,12 +265,12 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan) -> dict:
     for name in saliency.available(plan.metrics):
         if name != "magnitude":
             sals[name] = saliency.compute(name, first[saliency.SALIENCIES[name].metric][0], weights)
-    out = {}
-    for sparsity in as_list(cfg.prune_sparsity, float, "prune_sparsity"):
-        out[str(sparsity)] = {
-            name: {mode: _delta(loaded, perturb.apply(flat, saliency.lowest(sal, sparsity, mode), "zero"), data, cfg,
-                                base_ppl) + base_ppl for mode in plan.prune_modes}
-            for name, sal in sals.items()}
+    cells = [(str(sp), name, mode) for sp in as_list(cfg.prune_sparsity, float, "prune_sparsity")
+             for name in sals for mode in plan.prune_modes]
+    jobs = ((saliency.lowest(sals[name], float(sp), mode), {"kind": "zero"}) for sp, name, mode in cells)
+    out: dict = {}
+    for (sp, name, mode), d in zip(cells, _deltas(loaded, flat, kept, data, cfg, base_ppl, jobs), strict=True):
+        out.setdefault(sp, {}).setdefault(name, {})[mode] = d + base_ppl
     return out
 
 
@@ -259,18 +315,34 @@ def run(cfg, progress: bool = True) -> dict:
         first_batches = first_batches or batches
         cal = scores.Calibration(loaded, batches, jax.random.key(seed), cfg.probes, cfg.probe_chunk, progress,
                                  cfg.window_chunk)
+        # The per-window metrics share one gradient pass; its time is split evenly between them.
+        shared = [m for m in plan.metrics if m in scores.PER_WINDOW]
+        pass_scores: dict = {}
+        if shared:
+            t = time.time()
+            if len(points) > 1:
+                prefixes = scores.prefix_means(shared, loaded.params, cal, points)
+            else:
+                prefixes = {m: {cfg.max_samples: v} for m, v in scores.window_means(shared, loaded.params, cal).items()}
+            for metric in shared:
+                last = prefixes[metric][cfg.max_samples]
+                pass_scores[metric] = jax.block_until_ready({p: last[p] for p in kept if p in last})
+                if len(points) > 1:
+                    curve_sels[metric, seed] = {n: select.top_k({p: v[p] for p in kept}, cfg.topk, cfg.mode,
+                                                                cfg.param_filter)[0]
+                                                for n, v in prefixes[metric].items()}
+            for metric in shared:
+                timing[metric] += (time.time() - t) / len(shared)
+            del prefixes
         for metric in plan.metrics:
             t = time.time()
             signed = scores.SCORES[metric].signed
-            if metric in scores.PER_WINDOW and len(points) > 1:
-                prefixes = scores.prefix_means(metric, loaded.params, cal, points)
-                sc = prefixes[cfg.max_samples]
-                curve_sels[metric, seed] = {n: select.top_k({p: v[p] for p in kept}, cfg.topk, cfg.mode,
-                                                            cfg.param_filter, signed)[0] for n, v in prefixes.items()}
+            if metric in pass_scores:
+                sc = pass_scores.pop(metric)
             else:
                 sc = scores.compute(metric, loaded.params, cal)
-            sc = jax.block_until_ready({p: sc[p] for p in kept if p in sc})
-            timing[metric] += time.time() - t
+                sc = jax.block_until_ready({p: sc[p] for p in kept if p in sc})
+                timing[metric] += time.time() - t
             missing = [p for p in kept if p not in sc]
             if missing:
                 raise ConfigError(f"metric {metric!r} does not score {missing[:3]}; narrow --config.param_filter")
@@ -302,40 +374,55 @@ def run(cfg, progress: bool = True) -> dict:
     for a, b in itertools.combinations(plan.metrics, 2):
         agreement[f"{a}|{b}"] = float(np.mean([select.overlap(sels[a, s], sels[b, s]) for s in plan.seeds]))
 
-    # Perturbation: the random-k null depends only on sizes, so it is shared by all metrics.
-    n_evals = len(plan.kinds) * len(plan.scales) * len(plan.seeds) * (
-        len(plan.metrics) * (1 + ("bottom_k" in plan.controls)) + cfg.random_draws * ("random_k" in plan.controls))
-    from tqdm import tqdm
-    bar = tqdm(total=n_evals, desc="perturb", disable=not progress or jax.process_index() > 0)
-    results: dict = {}
-    any_sel = next(iter(sels.values()))
+    # Perturbation: the random-k null depends only on sizes, so it is shared by all metrics. Every evaluation is
+    # listed first, then run cfg.perturb_group parameter sets per compiled call.
+    cells, jobs = [], []
     for kind, scale in itertools.product(plan.kinds, plan.scales):
         kw = dict(kind=kind, scale=scale, prob=cfg.perturb_prob, bits=plan.bits if kind == "bit_flip" else (),
                   noise_ref=cfg.noise_ref)
-        rand = []
         for seed in plan.seeds:
             for r in range(cfg.random_draws if "random_k" in plan.controls else 0):
-                rsel = select.random_k(flat, cfg.topk, cfg.mode, cfg.param_filter, seed * 1000 + r)
-                assert select.size(rsel) == select.size(any_sel)
-                key = jax.random.key(seed * 1000 + r)
-                rand.append(_delta(loaded, perturb.apply(flat, rsel, key=key, **kw), data, cfg, base["ppl"]))
-                bar.update()
+                cells.append((kind, scale, "random_k", None))
+                jobs.append((("random", seed * 1000 + r), dict(kw, key=jax.random.key(seed * 1000 + r))))
         for m in plan.metrics:
-            top, bottom = [], []
             for seed in plan.seeds:
-                key = jax.random.key(seed)
-                top.append(_delta(loaded, perturb.apply(flat, sels[m, seed], key=key, **kw), data, cfg, base["ppl"]))
-                bar.update()
+                kw_seed = dict(kw, key=jax.random.key(seed))
+                cells.append((kind, scale, "topk", m))
+                jobs.append((sels[m, seed], kw_seed))
                 if "bottom_k" in plan.controls:
-                    bottom.append(_delta(loaded, perturb.apply(flat, bottoms[m, seed], key=key, **kw), data, cfg,
-                                         base["ppl"]))
-                    bar.update()
-            results[m, kind, scale] = {"topk": top, "random_k": rand, "bottom_k": bottom}
+                    cells.append((kind, scale, "bottom_k", m))
+                    jobs.append((bottoms[m, seed], kw_seed))
+    k_any = select.size(next(iter(sels.values())))
+
+    def materialize(jobs):
+        for sel, kw in jobs:
+            if isinstance(sel, tuple):  # a random-k draw, drawn when its group is evaluated
+                sel = select.random_k(flat, cfg.topk, cfg.mode, cfg.param_filter, sel[1])
+                assert select.size(sel) == k_any
+            yield sel, kw
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(jobs), desc="perturb", disable=not progress or jax.process_index() > 0)
+    deltas = _deltas(loaded, flat, kept, data, cfg, base["ppl"], materialize(jobs), bar)
     bar.close()
+    results: dict = {}
+    for (kind, scale, group, m), d in zip(cells, deltas, strict=True):
+        if group == "random_k":
+            results.setdefault(("random", kind, scale), []).append(d)
+        else:
+            for metric in ([m] if m else plan.metrics):
+                results.setdefault((metric, kind, scale), {"topk": [], "random_k": [], "bottom_k": []})[group].append(d)
+    for m, kind, scale in itertools.product(plan.metrics, plan.kinds, plan.scales):
+        results[m, kind, scale]["random_k"] = list(results.get(("random", kind, scale), []))
+    for kind, scale in itertools.product(plan.kinds, plan.scales):
+        results.pop(("random", kind, scale), None)
 
     pruning = prune_study(loaded, flat, first, data, cfg, base["ppl"], plan) if cfg.prune_sparsity else None
+    faults = fault_study(loaded, flat, kept, sels, data, cfg, base["ppl"], plan, progress)
+    arch = {m: architecture.analyze(first[m][0], loaded.describe, cfg.topk, scores.SCORES[m].signed)
+            for m in plan.metrics} if cfg.get("architecture", True) else None
     return dict(cfg=cfg, plan=plan, loaded=loaded, data=data, base=base, sels=sels, first=first, heavy=heavy,
-                pruning=pruning, stability_curves=curves,
+                pruning=pruning, stability_curves=curves, faults=faults, architecture=arch,
                 stability=stability, jac_keys=keys, jac_matrix=jac_matrix, agreement=agreement, results=results,
                 k_total=k_total, super_weights=super_w, kept=kept,
                 n_kept=sum(int(np.prod(flat[p].shape)) for p in kept),
@@ -356,6 +443,8 @@ def summarize(r: dict) -> dict:
         "agreement_overlap": r["agreement"], "seconds_total": round(r["seconds_total"], 1),
         "super_weights": r["super_weights"],
         "pruning_ppl": r["pruning"],
+        "faults": r["faults"],
+        "architecture": r["architecture"],
         "per_metric": {},
     }
     main_kind, main_scale = plan.kinds[0], max(plan.scales)

@@ -103,16 +103,33 @@ def _weighted_mean(pairs):
     return {p: v / total for p, v in acc.items()}
 
 
-def _window_sums(params, cal: Calibration, name: str, fn):
-    """Yields (windows so far, Σ_w fn(g_w, w) so far) after each calibration batch; windows without loss terms
-    do not count."""
+PER_WINDOW = {"grad_x_weight": lambda g, w: jnp.abs(g * w), "grad_squared": lambda g, w: jnp.square(g),
+              "taylor_squared": lambda g, w: jnp.square(g * w)}
+
+
+def _per_window_names(names) -> tuple[str, ...]:
+    names = tuple(names)
+    bad = [n for n in names if n not in PER_WINDOW]
+    if bad or not names:
+        raise ScoreError(f"{bad or names!r} not accumulated per window; per-window metrics: {', '.join(PER_WINDOW)}")
+    return names
+
+
+def _window_sums(params, cal: Calibration, names: tuple[str, ...]):
+    """Yields (windows so far, {name: Σ_w PER_WINDOW[name](g_w, w) so far}) after each calibration batch.
+
+    Every named score comes from the same per-window gradient, so one pass serves them all. Windows without
+    loss terms do not count.
+    """
+    names = _per_window_names(names)
     loaded = cal.loaded
+
     if getattr(loaded.family, "kind", "causal_lm") != "causal_lm":
         w = _flat(params)
         acc, total = None, 0.0
         for c, g in _grads(params, cal):
-            part = {p: c * fn(v, w[p]) for p, v in g.items()}
-            acc = part if acc is None else {p: acc[p] + part[p] for p in part}
+            part = {n: {p: c * PER_WINDOW[n](v, w[p]) for p, v in g.items()} for n in names}
+            acc = part if acc is None else {n: {p: acc[n][p] + part[n][p] for p in part[n]} for n in names}
             total += c
             yield total, acc
         return
@@ -122,8 +139,10 @@ def _window_sums(params, cal: Calibration, name: str, fn):
             batch = {"input_ids": ids[None], "attention_mask": mask[None]}
             g, count = jax.grad(lambda p: _mean_loss(loaded, p, batch, rng), has_aux=True)(params)
             live = (count > 0).astype(jnp.float32)
-            return jax.tree.map(lambda gi, w: live * fn(gi.astype(jnp.float32), w.astype(jnp.float32)), g,
-                                params), live
+            vals = {n: jax.tree.map(lambda gi, w, n=n: live * PER_WINDOW[n](gi.astype(jnp.float32),
+                                                                            w.astype(jnp.float32)), g, params)
+                    for n in names}
+            return vals, live
 
         def step(params, batch, rng):
             ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -135,61 +154,59 @@ def _window_sums(params, cal: Calibration, name: str, fn):
                 vals, live = jax.vmap(one, in_axes=(None, 0, 0, None))(params, *x, rng)
                 return (jax.tree.map(lambda a, v: a + v.sum(0), acc[0], vals), acc[1] + live.sum()), None
 
-            zero = (jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params), jnp.zeros((), jnp.float32))
-            return jax.lax.scan(body, zero, xs)[0]
+            zeros = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params)
+            return jax.lax.scan(body, ({n: zeros for n in names}, jnp.zeros((), jnp.float32)), xs)[0]
 
-        return jax.jit(step, out_shardings=(loaded.shardings, None))
+        return jax.jit(step, out_shardings=({n: loaded.shardings for n in names}, None))
 
-    step = loaded.compiled(("esa/window", name, cal.window_chunk), build)
+    step = loaded.compiled(("esa/window", names, cal.window_chunk), build)
     acc, windows = None, 0.0
-    for i, batch in enumerate(_progress(cal, cal.batches, f"{name} per window")):
+    for i, batch in enumerate(_progress(cal, cal.batches, f"{'+'.join(names)} per window")):
         tot, n = step(params, batch, cal.rng(i))
-        tot = _flat(tot)
-        acc = tot if acc is None else {p: acc[p] + tot[p] for p in tot}
+        tot = {k: _flat(v) for k, v in tot.items()}
+        acc = tot if acc is None else {k: {p: acc[k][p] + v for p, v in tot[k].items()} for k in names}
         windows += float(n)
         yield windows, acc
 
 
-def _window_mean(params, cal: Calibration, name: str, fn):
-    """(1/W) Σ_w fn(g_w, w) over every calibration window with at least one loss term."""
-    windows, acc = 0.0, None
-    for windows, acc in _window_sums(params, cal, name, fn):  # noqa: B007 - the last sums are the totals
-        pass
-    if not windows:
-        raise ScoreError("the calibration batches hold no loss terms (all tokens masked?)")
-    return {p: v / windows for p, v in acc.items()}
-
-
-def prefix_means(metric: str, params, cal: Calibration, points) -> dict[int, dict]:
-    """A per-window score after the first n calibration windows, for each n in ``points`` (at batch ends):
-    one pass gives the stability curve's scores and, at the last point, the score itself."""
-    if metric not in PER_WINDOW:
-        raise ScoreError(f"{metric!r} is not accumulated per window; per-window metrics: {', '.join(PER_WINDOW)}")
-    out, want = {}, sorted(set(points))
-    for windows, acc in _window_sums(params, cal, metric, PER_WINDOW[metric]):
+def prefix_means(names, params, cal: Calibration, points) -> dict[str, dict[int, dict]]:
+    """Per-window scores ``names`` after the first n calibration windows, for each n in ``points`` (at batch
+    ends): one gradient pass gives every name's stability-curve scores and, at the last point, the score."""
+    names = _per_window_names([names] if isinstance(names, str) else names)
+    out, want = {n: {} for n in names}, sorted(set(points))
+    for windows, acc in _window_sums(params, cal, names):
         # Windows with loss terms so far: padding rows of the last batch have none, so they do not count.
         if int(windows) in want:
-            out[int(windows)] = {p: v / windows for p, v in acc.items()}
-    missing = [n for n in want if n not in out]
+            for n in names:
+                out[n][int(windows)] = {p: v / windows for p, v in acc[n].items()}
+    missing = [w for w in want if w not in out[names[0]]]
     if missing:
         raise ScoreError(f"stability points {missing} do not fall at the end of a calibration batch")
     return out
 
 
-PER_WINDOW = {"grad_x_weight": lambda g, w: jnp.abs(g * w), "grad_squared": lambda g, w: jnp.square(g),
-              "taylor_squared": lambda g, w: jnp.square(g * w)}
+def window_means(names, params, cal: Calibration) -> dict[str, dict]:
+    """(1/W) Σ_w PER_WINDOW[name](g_w, w) over every calibration window with at least one loss term, for every
+    name, from one gradient pass."""
+    names = _per_window_names([names] if isinstance(names, str) else names)
+    windows, acc = 0.0, None
+    for windows, acc in _window_sums(params, cal, names):  # noqa: B007 - the last sums are the totals
+        pass
+    if not windows:
+        raise ScoreError("the calibration batches hold no loss terms (all tokens masked?)")
+    return {n: {p: v / windows for p, v in acc[n].items()} for n in names}
 
 
 def grad_x_weight(params, cal: Calibration):
-    return _window_mean(params, cal, "grad_x_weight", PER_WINDOW["grad_x_weight"])
+    return window_means("grad_x_weight", params, cal)["grad_x_weight"]
 
 
 def grad_squared(params, cal: Calibration):
-    return _window_mean(params, cal, "grad_squared", PER_WINDOW["grad_squared"])
+    return window_means("grad_squared", params, cal)["grad_squared"]
 
 
 def taylor_squared(params, cal: Calibration):
-    return _window_mean(params, cal, "taylor_squared", PER_WINDOW["taylor_squared"])
+    return window_means("taylor_squared", params, cal)["taylor_squared"]
 
 
 def _rademacher_like(key, params, n):

@@ -161,14 +161,15 @@ def curves(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, path:
     return _save(fig, path)
 
 
-def curve_panels(panels: dict[str, tuple[str, dict[str, tuple[list, list]]]], xlabel: str, path: str, cols: int = 3):
-    """One small plot per panel: title → (y label, {series: (x, y)})."""
+def curve_panels(panels: dict[str, tuple[str, dict[str, tuple[list, list]]]], xlabel: str, path: str, cols: int = 3,
+                 marker: str | None = None):
+    """One small plot per panel: title → (y label, {series: (x, y)}); ``marker`` also marks each point."""
     n = len(panels)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
     for ax, (title, (ylabel, series)) in zip(axes.ravel(), panels.items(), strict=False):
         for name, (x, y) in series.items():
-            ax.plot(x, y, label=name, lw=1)
+            ax.plot(x, y, label=name, lw=1, marker=marker, ms=3)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)

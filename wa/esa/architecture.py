@@ -1,0 +1,87 @@
+"""Where the important weights sit: top-k chosen model-wide, read by layer, component and role.
+
+In ``per_layer`` mode every matrix contributes its k, so counts follow the matrix sizes and say nothing about
+the architecture. Here the top-k is chosen over all scored weights at once (``global`` mode), and each group
+(a layer, a component such as attention or MLP, a role such as q or down) is read three ways:
+
+- ``share``: its fraction of the top-k;
+- ``enrichment``: that share over its share of the scored weights (1 = as many as its size predicts);
+- ``mean_score``: its mean score per weight relative to the mean over all scored weights.
+
+The attention-vs-MLP sensitivity ratio is the attention mean score per weight over the MLP's (and the same ratio
+of enrichments). This is the architecture analyzer of the seed ESA workflow.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from wa.esa import select
+
+GROUPS = ("layer", "component", "role")
+
+
+def _label(info, key: str) -> str:
+    if key == "layer":
+        return "-" if info.layer is None else str(info.layer)
+    return getattr(info, key)
+
+
+def _order(labels):
+    return sorted(labels, key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0, x))
+
+
+def analyze(scores: dict, describe, topk, signed: bool = False) -> dict:
+    """Global top-k of ``scores`` ({path: array}, the scored matrices) grouped by layer, component and role.
+
+    ``describe(path)`` gives each path's layer, component and role (``Loaded.describe``).
+    """
+    sel, _ = select.top_k(scores, topk, "global", r".", signed)
+    k = select.size(sel)
+    sizes, sums = {}, {}
+    for p, v in scores.items():
+        a = np.abs(np.asarray(v, np.float64)) if signed else np.asarray(v, np.float64)
+        sizes[p], sums[p] = a.size, float(a.sum())
+    n_all, s_all = sum(sizes.values()), sum(sums.values())
+    mean_all = s_all / n_all if n_all else 0.0
+    out: dict = {"k": k, "n_scored": n_all}
+    for key in GROUPS:
+        rows: dict = {}
+        for p in scores:
+            g = _label(describe(p), key)
+            r = rows.setdefault(g, {"selected": 0, "weights": 0, "score_sum": 0.0})
+            r["selected"] += len(sel.get(p, ()))
+            r["weights"] += sizes[p]
+            r["score_sum"] += sums[p]
+        table = {}
+        for g in _order(rows):
+            r = rows[g]
+            share, size_share = r["selected"] / k, r["weights"] / n_all
+            table[g] = {"selected": r["selected"], "weights": r["weights"], "share": share,
+                        "enrichment": share / size_share,
+                        "mean_score": (r["score_sum"] / r["weights"]) / mean_all if mean_all > 0 else float("nan")}
+        out[key] = table
+    comp = out["component"]
+    if "attention" in comp and "mlp" in comp:
+        out["attention_vs_mlp"] = {
+            "mean_score_ratio": comp["attention"]["mean_score"] / comp["mlp"]["mean_score"],
+            "enrichment_ratio": (comp["attention"]["enrichment"] / comp["mlp"]["enrichment"]
+                                 if comp["mlp"]["enrichment"] > 0 else float("inf"))}
+    # Layer by layer, attention and MLP apart: the progression plot's lines.
+    by_lc: dict = {}
+    for p in scores:
+        info = describe(p)
+        if info.layer is None:
+            continue
+        r = by_lc.setdefault((info.layer, info.component), [0, 0, 0.0])
+        r[0] += len(sel.get(p, ()))
+        r[1] += sizes[p]
+        r[2] += sums[p]
+    layers = sorted({lc[0] for lc in by_lc})
+    out["progression"] = {"layers": layers, **{
+        comp_name: {"enrichment": [(by_lc[L, comp_name][0] / k) / (by_lc[L, comp_name][1] / n_all)
+                                   if (L, comp_name) in by_lc else float("nan") for L in layers],
+                    "mean_score": [(by_lc[L, comp_name][2] / by_lc[L, comp_name][1]) / mean_all
+                                   if (L, comp_name) in by_lc and mean_all > 0 else float("nan") for L in layers]}
+        for comp_name in sorted({lc[1] for lc in by_lc})}}
+    return out
