@@ -51,7 +51,9 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.dtype = "float32"               # float32 or bfloat16 parameters
     c.prune_sparsity = "0.3,0.5,0.7"  # zero this fraction of lowest-saliency weights ("" = skip) ...
     c.prune_modes = "per_layer,global"  # ... of every matrix and / or of the whole model
-    c.super_weights = True            # Yu et al. 2024 activation-spike candidates, zeroed vs largest |w|
+    c.super_weights = True            # Yu et al. 2024 activation-spike candidates, zeroed vs largest |w| ...
+    c.super_weights_each = 0          # ... this many (strongest spikes first) also one at a time; 0 = all
+    c.bos = True                      # each document starts with BOS (False for models trained without one)
     # Fault tolerance: flip one bit (by position) of every top-k weight of these metrics (first seed) and of
     # random-k draws, in the weights' float32 and bfloat16 encodings ("" = skip).
     c.fault_metrics = "magnitude,grad_x_weight"
@@ -98,7 +100,26 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
         c.seq_len = 128
         c.max_samples = 16
         c.eval_windows = 32
+    elif arg == "smollm2":
+        # SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) on WikiText-2 validation text, sized to run
+        # in about half an hour on 2 CPU cores: ~106M weight-matrix entries, one gradient per window at
+        # ~80 tokens/s, one held-out evaluation of 2k tokens in ~8 s. Hutchinson (two extra passes per probe)
+        # is left out; so OBD with the Hessian diagonal is too.
+        c.model = "smollm2"
+        c.corpus = "wikitext2_valid"
+        c.doc_split = "blank_lines"
+        c.bos = False                 # the tokenizer adds none (add_bos_token false in the file)
+        c.metric = "magnitude,grad_x_weight,grad_squared,taylor_squared,act_mag"
+        c.max_samples = 24            # 3 seeds × 24 windows × 255 tokens: 18k calibration tokens
+        c.window_chunk = 2            # 2 per-window gradients of 135M parameters at a time
+        c.eval_windows = 8
+        c.random_draws = 3
+        c.perturb_group = 4
+        c.super_weights_each = 6
+        c.fault_bits_float32 = "31,30,26,22"
+        c.fault_bits_bfloat16 = "15,14,10,6"
+        c.fault_random_draws = 2
     else:
-        raise ValueError(f"configs/esa.py: unknown variant {arg!r}; use stories260k, dose, smoke, minilm or "
-                         "shakespeare_char")
+        raise ValueError(f"configs/esa.py: unknown variant {arg!r}; use stories260k, dose, smoke, minilm, "
+                         "shakespeare_char or smollm2")
     return c

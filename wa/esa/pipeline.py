@@ -91,6 +91,8 @@ def check(cfg) -> Plan:
               "perturb_group"):
         if cfg[k] < 1:
             raise ConfigError(f"--config.{k}={cfg[k]}: must be positive")
+    if cfg.get("super_weights_each", 0) < 0:
+        raise ConfigError(f"--config.super_weights_each={cfg.super_weights_each}: must be >= 0 (0: every candidate)")
     if "random_k" in controls and cfg.random_draws < 1:
         raise ConfigError(f"--config.random_draws={cfg.random_draws}: the random_k control needs >= 1")
     for sp in as_list(cfg.prune_sparsity, float, "prune_sparsity"):
@@ -146,8 +148,9 @@ def prepare_data(cfg, loaded, ckpt) -> Data:
         raise ConfigError(f"--config.corpus={cfg.corpus!r}: {len(docs)} documents cannot be split into "
                           "calibration and held-out parts")
     tok = tokenizers.get(ckpt)
-    cal_ids, cal_mask = text.lm_windows(text.token_stream(docs[:-n_eval], tok), cfg.seq_len)
-    ev_ids, ev_mask = text.lm_windows(text.token_stream(docs[-n_eval:], tok), cfg.seq_len)
+    bos = cfg.get("bos", True)
+    cal_ids, cal_mask = text.lm_windows(text.token_stream(docs[:-n_eval], tok, bos=bos), cfg.seq_len)
+    ev_ids, ev_mask = text.lm_windows(text.token_stream(docs[-n_eval:], tok, bos=bos), cfg.seq_len)
     return Data(cal_ids, cal_mask, ev_ids[:cfg.eval_windows], ev_mask[:cfg.eval_windows], len(docs), n_eval)
 
 
@@ -208,13 +211,15 @@ def super_weight_study(loaded, flat, kept, data, cfg, base_ppl, batches) -> dict
         every.setdefault(c["path"], []).append(c["flat_index"])
     n = len(cands)
     zero = {"kind": "zero"}
-    jobs = [job for c in cands for job in (({c["path"]: np.array([c["flat_index"]])}, zero),
-                                           (superweights.largest_magnitude(flat, [c["path"]], 1), zero))]
+    # One at a time: the strongest spikes first, as many as cfg.super_weights_each allows (0: every candidate).
+    each = cands[:cfg.super_weights_each or n]
+    jobs = [job for c in each for job in (({c["path"]: np.array([c["flat_index"]])}, zero),
+                                          (superweights.largest_magnitude(flat, [c["path"]], 1), zero))]
     jobs += [({p: np.asarray(v) for p, v in every.items()}, zero),
              (superweights.largest_magnitude(flat, kept, n), zero)]
     d = _deltas(loaded, flat, kept, data, cfg, base_ppl, jobs)
     for i, c in enumerate(cands):
-        c["dppl_zero"], c["dppl_zero_largest_in_matrix"] = d[2 * i], d[2 * i + 1]
+        c["dppl_zero"], c["dppl_zero_largest_in_matrix"] = (d[2 * i], d[2 * i + 1]) if i < len(each) else (None, None)
     return {"candidates": cands, "dppl_zero_all_candidates": d[-2], "dppl_zero_largest_magnitude": d[-1], "n": n,
             "ppl_base": base_ppl}
 

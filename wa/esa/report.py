@@ -308,7 +308,8 @@ def _fault_section(summary, figures=()) -> str:
 Each row flips one bit position in every weight of a set (the first seed's top-k of a metric, or a same-size random-k
 draw), in the weights' float32 encoding or their bfloat16 encoding (the weight rounded to bfloat16, the bit
 flipped, the result stored back); `inf` means the forward pass overflowed. Exponent bits decide: a flipped
-exponent MSB turns any weight below 2 in magnitude into ~1e38 or infinity.
+exponent MSB turns any weight below 2 in magnitude into ~1e38 or infinity, and clearing a set exponent bit j
+divides the weight by 2^(2^j), so for j ≥ 4 the weight is in effect zeroed (equal rows for such bits are expected).
 
 {report.markdown_table(rows)}
 {plot}"""

@@ -80,17 +80,19 @@ def top_k(scores: dict, topk, mode: str = "per_layer", param_filter: str = DEFAU
     if mode == "per_layer":
         return {p: i for p, (i, _) in per.items()}, {p: v for p, (_, v) in per.items()}
     k = resolve_k(topk, sum(sizes.values()))
-    order = {p: n for n, p in enumerate(paths)}
-    cand = [(v if largest else -v, order[p], i, p) for p, (idx, vals) in per.items() for i, v in zip(idx, vals,
-                                                                                                      strict=True)]
-    cand.sort(key=lambda c: (-c[0], c[1], c[2]))
-    sel: dict[str, list] = {}
-    val: dict[str, list] = {}
-    for v, _, i, p in cand[:k]:
-        sel.setdefault(p, []).append(i)
-        val.setdefault(p, []).append(v if largest else -v)
-    return ({p: np.asarray(sel[p], np.int64) for p in paths if p in sel},
-            {p: np.asarray(val[p], np.float64) for p in paths if p in val})
+    # Model-wide: every tensor's own top-k are the candidates, ranked by value, then path order, then index.
+    # Vectorized, since a large model has millions of candidates.
+    vals = np.concatenate([per[p][1] for p in paths])
+    ords = np.concatenate([np.full(len(per[p][0]), n) for n, p in enumerate(paths)])
+    idxs = np.concatenate([per[p][0] for p in paths])
+    best = np.lexsort((idxs, ords, -vals if largest else vals))[:k]
+    sel_ord, sel_idx, sel_val = ords[best], idxs[best], vals[best]
+    sel, val = {}, {}
+    for n, p in enumerate(paths):
+        mine = sel_ord == n
+        if mine.any():
+            sel[p], val[p] = sel_idx[mine].astype(np.int64), sel_val[mine].astype(np.float64)
+    return sel, val
 
 
 def random_k(scores: dict, topk, mode: str, param_filter: str, seed: int) -> dict:
