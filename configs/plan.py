@@ -15,6 +15,8 @@ LLAMA3_8B = dict(  # Llama-3.1-8B
     model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
     num_key_value_heads=8, intermediate_size=14336, vocab_size=128256,
     max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192},
     tie_word_embeddings=False)
 
 TINY = dict(
@@ -31,9 +33,14 @@ def get_config(arg: str = "llama3_8b") -> ml_collections.ConfigDict:
     c.seq_len = 2048
     c.param_dtype = "bfloat16"
     c.compute_dtype = "bfloat16"
-    # Gradient checkpointing of each block, where the HF Flax class offers it (GPT-2, GPT-Neo,
-    # OPT, BERT do; Llama does not, so llama3_8b plans without it).
-    c.remat = False
+    # Llama / Mistral run on wa's own module: decoder layers scanned, each rematerialized ("none", "full":
+    # keep only layer inputs, "dots": also keep matmul outputs), the loss in chunks of this many positions.
+    # Other families: remat "full" turns on the HF class's gradient checkpointing where it has one.
+    c.scan = True
+    c.remat = "full"
+    c.loss_chunk = 512
+    c.hvp_probes = 1                  # also plan ESA's Hutchinson step with this many probes vmapped (0 = skip)
+    c.capture = True                  # also plan ESA's activation-capture pass (Wanda norms)
     if arg == "llama3_8b":
         c.hf_config = LLAMA3_8B
     elif arg == "tiny":
@@ -42,7 +49,7 @@ def get_config(arg: str = "llama3_8b") -> ml_collections.ConfigDict:
         c.seq_len = 32
         c.param_dtype = "float32"
         c.compute_dtype = "float32"
-        c.remat = False
+        c.loss_chunk = 16
     else:
         raise ValueError(f"configs/plan.py: unknown variant {arg!r}; use llama3_8b or tiny")
     return c

@@ -1,4 +1,5 @@
-r"""Dry-run memory plan for a loss-and-gradient step; prints one JSON line.
+r"""Dry-run memory plan for a loss-and-gradient step, ESA's Hutchinson step and its activation capture;
+prints one JSON line.
 
   python -m launch.plan --config configs/plan.py:llama3_8b [--config.mesh=data:2,fsdp:4]
 """
@@ -38,8 +39,12 @@ def main(argv):
         raise errors.ConfigError(f"--config.num_devices={cfg.num_devices} but only {len(devices)} "
                          f"{jax.default_backend()} devices exist")
     mesh = parallel.make_mesh(cfg.mesh, devices[:cfg.num_devices])
+    if cfg.remat not in ("none", "full", "dots"):
+        raise errors.ConfigError(f"--config.remat={cfg.remat!r}: expected none, full or dots")
+    errors.check_values(cfg, {"loss_chunk": errors.COUNT, "hvp_probes": errors.NON_NEGATIVE})
     result = plan.plan(plan.hf_config(cfg.hf_config.to_dict()), mesh, cfg.batch_size, cfg.seq_len,
-                       DTYPES[cfg.param_dtype], DTYPES[cfg.compute_dtype], cfg.remat)
+                       DTYPES[cfg.param_dtype], DTYPES[cfg.compute_dtype], cfg.remat, scan=cfg.scan,
+                       loss_chunk=cfg.loss_chunk, hvp_probes=cfg.hvp_probes, capture=cfg.capture)
     if common.is_chief():
         line = json.dumps(result)
         print(line)

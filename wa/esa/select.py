@@ -112,15 +112,22 @@ def as_set(sel: dict) -> set:
     return {(p, int(i)) for p, idx in sel.items() for i in idx}
 
 
+def _common(a: dict, b: dict) -> int:
+    """|A ∩ B|, tensor by tensor on the index arrays (a 135M-parameter model's top-0.2% is 212k weights: sets
+    of Python tuples would take minutes per pair)."""
+    return sum(len(np.intersect1d(a[p], b[p], assume_unique=True)) for p in a.keys() & b.keys())
+
+
 def jaccard(a: dict, b: dict) -> float:
-    sa, sb = as_set(a), as_set(b)
-    return len(sa & sb) / len(sa | sb) if sa | sb else 1.0
+    inter = _common(a, b)
+    union = size(a) + size(b) - inter
+    return inter / union if union else 1.0
 
 
 def overlap(a: dict, b: dict) -> float:
     """|A ∩ B| / min(|A|, |B|): the share of the smaller set the other one also picked."""
-    sa, sb = as_set(a), as_set(b)
-    return len(sa & sb) / min(len(sa), len(sb)) if sa and sb else 1.0
+    na, nb = size(a), size(b)
+    return _common(a, b) / min(na, nb) if na and nb else 1.0
 
 
 def heavy_tail(scores: dict, param_filter: str = DEFAULT_FILTER, signed: bool = False) -> dict:

@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import msgpack
 import numpy as np
 import transformers
@@ -31,7 +32,7 @@ from jax.sharding import Mesh
 from wa import errors, runs
 from wa.data import paths
 from wa.models import families as fam
-from wa.models import gguf_io
+from wa.models import gguf_io, llama
 from wa.models.safetensors_io import SafetensorsError, SafetensorsFile
 from wa.models.torch_bin import TorchBin, TorchBinError
 from wa.parallel import mesh as mesh_lib
@@ -148,12 +149,16 @@ def read_config(path: str) -> transformers.PretrainedConfig:
         raise CheckpointError(f"{cfg_file}: transformers cannot read it ({type(e).__name__}: {e})") from e
 
 
-def build_model(config, dtype=None, family: fam.Family | None = None):
-    """The HF Flax model for ``config`` with no parameters materialised."""
+def build_model(config, dtype=None, family: fam.Family | None = None, scan: bool = False, remat: str = "none",
+                loss_chunk: int = 512):
+    """The Flax model for ``config`` with no parameters materialised: wa's own for Llama and Mistral
+    (``wa.models.llama``: ``scan``, ``remat`` and ``loss_chunk`` apply there), transformers' for the rest."""
     family = family or fam.for_model_type(config.model_type)
     if family is None:
         raise CheckpointError(f"model_type {config.model_type!r} is not a family wa knows; known: "
                               f"{', '.join(sorted(fam.model_types()))}")
+    if config.model_type in llama.MODEL_TYPES:
+        return llama.Model(config, jnp.float32 if dtype is None else dtype, scan, remat, loss_chunk), family
     cls = getattr(transformers, family.classes[config.model_type])
     kwargs = {} if dtype is None else {"dtype": dtype}
     return cls(config, _do_init=False, **kwargs), family

@@ -81,6 +81,8 @@ class Family:
 
 def causal_lm_nll(family, model, params, batch, rng=None):
     """Next-token cross entropy over positions where both token and target are real."""
+    if hasattr(model, "token_nll"):  # wa's own models: the loss in chunks of the sequence
+        return model.token_nll(params, batch)
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     mask = jnp.ones_like(ids) if mask is None else mask

@@ -103,8 +103,10 @@ class GGUFFile:
             v = self.fields.get(f"tokenizer.ggml.{k}")
             if v is not None:
                 kw[k] = int(v)
-        tied = "output.weight" not in self.tensors
-        return transformers.LlamaConfig(**kw, tie_word_embeddings=tied)
+        # A file without output.weight shares the embedding as classifier; wa writes that out as its own
+        # lm_head/kernel (the embedding transposed) with tie_word_embeddings=False, as for stories260K, so every
+        # weight in the tree is one the forward pass uses.
+        return transformers.LlamaConfig(**kw, tie_word_embeddings=False)
 
     def tokenizer(self) -> transformers.PreTrainedTokenizerFast:
         """The vocabulary in the file as a ``transformers`` fast tokenizer (transformers' GGUF converter)."""

@@ -40,17 +40,41 @@ def trim_positions(config, seq_len: int):
     return (trimmed, True) if all(jax.tree_util.tree_leaves(same)) else (config, False)
 
 
+def _memory(compiled) -> dict:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return {}
+    out = {"compiled_argument_bytes_per_device": int(mem.argument_size_in_bytes),
+           "compiled_output_bytes_per_device": int(mem.output_size_in_bytes),
+           "temp_bytes_per_device": int(mem.temp_size_in_bytes),
+           "alias_bytes_per_device": int(mem.alias_size_in_bytes),
+           "generated_code_bytes": int(mem.generated_code_size_in_bytes)}
+    out["peak_estimate_bytes_per_device"] = (out["compiled_argument_bytes_per_device"]
+                                             + out["compiled_output_bytes_per_device"]
+                                             + out["temp_bytes_per_device"] - out["alias_bytes_per_device"])
+    return out
+
+
 def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
-         compute_dtype=jnp.bfloat16, remat: bool = False, rules=None) -> dict:
-    """Per-device bytes for parameters, gradients and temporaries of one training step."""
+         compute_dtype=jnp.bfloat16, remat: str = "none", rules=None, scan: bool = False, loss_chunk: int = 512,
+         hvp_probes: int = 0, capture: bool = False) -> dict:
+    """Per-device bytes for parameters, gradients and temporaries of one loss-and-gradient step; with
+    ``hvp_probes`` also of ESA's Hutchinson step (that many Hessian-vector products vmapped), with ``capture`` of
+    its activation-capture pass (the per-input-channel sums of squares Wanda scores need).
+
+    ``scan``, ``remat`` ("none", "full", "dots") and ``loss_chunk`` configure wa's own Llama / Mistral; for other
+    families ``remat="full"`` turns on the HF class's gradient checkpointing where it has one.
+    """
+    from wa.esa import scores  # the HVP and capture steps ESA runs, planned as they are
+
     config, trimmed = trim_positions(config, seq_len)
-    model, family = build_model(config, compute_dtype)
-    if remat:
+    model, family = build_model(config, compute_dtype, scan=scan, remat=remat, loss_chunk=loss_chunk)
+    if remat != "none" and not hasattr(model, "token_nll"):
         try:
             model.enable_gradient_checkpointing()
         except NotImplementedError:
             raise ValueError(f"remat: {type(model).__name__} has no gradient checkpointing in "
-                             "transformers; plan with remat=False") from None
+                             "transformers; plan with remat='none'") from None
     shapes = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype),
                                     model.params_shape_tree)
     rules = family.partition_rules if rules is None else rules
@@ -61,18 +85,27 @@ def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, p_shard)
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=b_shard)
     abstract_batch = {"input_ids": tokens, "attention_mask": tokens}
+    in_shardings = (p_shard, {"input_ids": b_shard, "attention_mask": b_shard})
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-    def step(params, batch):
+    def grad_step(params, batch):
         return jax.value_and_grad(lambda p: family.loss(model, p, batch))(params)
 
-    t0 = time.time()
-    fn = jax.jit(step, in_shardings=(p_shard, {"input_ids": b_shard, "attention_mask": b_shard}),
-                 out_shardings=(NamedSharding(mesh, jax.sharding.PartitionSpec()), p_shard))
-    lowered = fn.lower(abstract_params, abstract_batch)
-    t_lower = time.time() - t0
-    compiled = lowered.compile()
-    t_compile = time.time() - t0 - t_lower
-    mem = compiled.memory_analysis()
+    steps = {"gradient": (grad_step, (replicated, p_shard))}
+    if hvp_probes:
+        def hvp_step(params, batch):
+            return scores.hvp_diag_chunk(lambda p: family.loss(model, p, batch), params, jax.random.key(0),
+                                         hvp_probes, jnp.ones((hvp_probes,), jnp.float32))
+        steps["hvp"] = (hvp_step, p_shard)
+    if capture:
+        # Capture needs every layer as its own module call: the same parameters through the unscanned model.
+        unrolled, _ = build_model(config, compute_dtype, loss_chunk=loss_chunk)
+        stand_in = type("Forward", (), {"forward": staticmethod(
+            lambda params, ids, mask: family.forward(unrolled, params, ids, mask))})
+
+        def capture_step(params, batch):
+            return {p: v[1] for p, v in scores.input_sq_norms(stand_in, params, batch).items()}
+        steps["capture"] = (capture_step, None)
 
     flat = rules_lib.flatten(shapes)
     specs = rules_lib.flatten(p_shard)
@@ -81,6 +114,7 @@ def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
     n_params = sum(int(np.prod(s.shape)) for s in flat.values())
     out = {
         "model_type": config.model_type,
+        "model_code": "wa" if hasattr(model, "token_nll") else "transformers",
         "n_params": n_params,
         "mesh": dict(mesh.shape),
         "devices": mesh.size,
@@ -89,24 +123,22 @@ def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
         "seq_len": seq_len,
         "param_dtype": jnp.dtype(param_dtype).name,
         "compute_dtype": jnp.dtype(compute_dtype).name,
-        "remat": remat,
+        "scan": scan, "remat": remat, "loss_chunk": loss_chunk,
         "max_position_embeddings_trimmed_to_seq_len": trimmed,
         "params_bytes_per_device": param_bytes,
         "grads_bytes_per_device": param_bytes,  # gradients take the parameters' shardings
         "total_params_bytes": sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in flat.values()),
-        "seconds_lower": round(t_lower, 1),
-        "seconds_compile": round(t_compile, 1),
     }
-    if mem is not None:
-        out.update({
-            "compiled_argument_bytes_per_device": int(mem.argument_size_in_bytes),
-            "compiled_output_bytes_per_device": int(mem.output_size_in_bytes),
-            "temp_bytes_per_device": int(mem.temp_size_in_bytes),
-            "alias_bytes_per_device": int(mem.alias_size_in_bytes),
-            "generated_code_bytes": int(mem.generated_code_size_in_bytes),
-        })
-        out["peak_estimate_bytes_per_device"] = (out["compiled_argument_bytes_per_device"]
-                                                 + out["compiled_output_bytes_per_device"]
-                                                 + out["temp_bytes_per_device"]
-                                                 - out["alias_bytes_per_device"])
+    for name, (fn, out_shardings) in steps.items():
+        t0 = time.time()
+        kw = {} if out_shardings is None else {"out_shardings": out_shardings}
+        lowered = jax.jit(fn, in_shardings=in_shardings, **kw).lower(abstract_params, abstract_batch)
+        t_lower = time.time() - t0
+        compiled = lowered.compile()
+        fig = {"seconds_lower": round(t_lower, 1), "seconds_compile": round(time.time() - t0 - t_lower, 1),
+               **_memory(compiled)}
+        if name == "gradient":
+            out.update(fig)        # the step every plan has, at the top level
+        else:
+            out[name] = {"probes": hvp_probes, **fig} if name == "hvp" else fig
     return out

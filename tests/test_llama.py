@@ -1,0 +1,108 @@
+"""wa's own Flax Llama / Mistral against transformers' Flax classes, and its scanned, rematerialized and chunked
+paths against its plain one."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+
+from wa import models
+from wa.data import paths
+from wa.models import llama
+from wa.models.families import for_model_type
+
+
+def _tiny_mistral(**kw):
+    # GQA (4 query heads over 2 K/V heads); the sliding window is wider than the test sequences (transformers'
+    # Flax Mistral and the reference differ by one position in how they count a window).
+    return transformers.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      sliding_window=64, rms_norm_eps=1e-6, tie_word_embeddings=False, **kw)
+
+
+def _batch(vocab, b=3, t=24, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, vocab, size=(b, t)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 17:] = 0                    # a right-padded row
+    return jnp.asarray(ids), jnp.asarray(mask)
+
+
+def _hf_logits(config, params, ids, mask):
+    cls = getattr(transformers, for_model_type(config.model_type).classes[config.model_type])
+    return cls(config, _do_init=False)(ids, attention_mask=mask, params=params)[0]
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return models.load(paths.checkpoint("stories260k"))
+
+
+def test_logits_equal_transformers_on_stories260k(stories):
+    assert isinstance(stories.model, llama.Model)
+    ids, mask = _batch(stories.config.vocab_size, t=48)
+    ours = stories.model(ids, attention_mask=mask, params=stories.params)[0]
+    theirs = _hf_logits(stories.config, stories.params, ids, mask)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(ours)[real], np.asarray(theirs)[real], atol=1e-5, rtol=1e-5)
+
+
+def test_logits_loss_and_gradient_equal_transformers_on_a_tiny_mistral():
+    config = _tiny_mistral()
+    model = llama.Model(config)
+    params = model.init_weights(jax.random.key(0), (1, 8))
+    ids, mask = _batch(config.vocab_size)
+    ours = model(ids, attention_mask=mask, params=params)[0]
+    theirs = _hf_logits(config, params, ids, mask)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(ours)[real], np.asarray(theirs)[real], atol=1e-5, rtol=1e-5)
+    family = for_model_type("mistral")
+    hf = transformers.FlaxMistralForCausalLM(config, _do_init=False)
+
+    def loss(m):
+        return lambda p: family.loss(m, p, {"input_ids": ids, "attention_mask": mask})
+    (l1, g1), (l2, g2) = jax.value_and_grad(loss(model))(params), jax.value_and_grad(loss(hf))(params)
+    assert float(l1) == pytest.approx(float(l2), rel=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("remat", llama.REMAT)
+def test_scanned_rematerialized_chunked_equals_plain(remat):
+    config = _tiny_mistral()
+    plain = llama.Model(config, loss_chunk=1000)
+    scanned = llama.Model(config, scan=True, remat=remat, loss_chunk=5)   # 23 targets: chunks of 5, one padded
+    params = plain.init_weights(jax.random.key(1), (1, 8))
+    ids, mask = _batch(config.vocab_size)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    np.testing.assert_allclose(np.asarray(scanned(ids, attention_mask=mask, params=params)[0]),
+                               np.asarray(plain(ids, attention_mask=mask, params=params)[0]), atol=1e-5)
+    (s1, c1), (s2, c2) = plain.token_nll(params, batch), scanned.token_nll(params, batch)
+    assert float(c1) == float(c2) == 3 * 23 - 7
+    assert float(s1) == pytest.approx(float(s2), rel=1e-6)
+    g1 = jax.grad(lambda p: plain.token_nll(p, batch)[0])(params)
+    g2 = jax.grad(lambda p: scanned.token_nll(p, batch)[0])(params)
+    assert jax.tree.structure(g1) == jax.tree.structure(g2)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+
+
+def test_rotary_base_comes_from_the_config():
+    # transformers' Flax classes use base 10000 whatever rope_theta says; the frequencies must follow it.
+    spec = llama.Spec.from_hf(_tiny_mistral(rope_theta=100000.0))
+    d = spec.head_dim
+    np.testing.assert_allclose(llama.inverse_frequencies(spec), 100000.0 ** (-np.arange(0, d, 2) / d))
+    # Llama-3.1's scaling: long wavelengths (beyond 8192 / 1 positions) divided by 8, short ones (below
+    # 8192 / 4) kept.
+    cfg = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192})
+    s = llama.Spec.from_hf(cfg)
+    base = 500000.0 ** (-np.arange(0, 128, 2) / 128)
+    got = llama.inverse_frequencies(s)
+    wavelen = 2 * np.pi / base
+    np.testing.assert_allclose(got[wavelen < 8192 / 4], base[wavelen < 8192 / 4])
+    np.testing.assert_allclose(got[wavelen > 8192], base[wavelen > 8192] / 8)
+    mid = (wavelen >= 8192 / 4) & (wavelen <= 8192)
+    assert mid.any() and np.all((got[mid] <= base[mid]) & (got[mid] >= base[mid] / 8))
