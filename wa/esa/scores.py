@@ -213,7 +213,8 @@ def _rademacher_like(key, params, n):
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(key, len(leaves))
     return jax.tree_util.tree_unflatten(
-        treedef, [jax.random.rademacher(k, (n,) + w.shape, jnp.float32) for k, w in zip(keys, leaves, strict=True)])
+        # ±1 is exact in every float dtype, and jax.jvp wants tangents in the parameters' own dtype.
+        treedef, [jax.random.rademacher(k, (n,) + w.shape, w.dtype) for k, w in zip(keys, leaves, strict=True)])
 
 
 def hvp_diag_chunk(loss_fn, params, key, chunk: int, weights):
