@@ -150,7 +150,7 @@ def read_config(path: str) -> transformers.PretrainedConfig:
 
 
 def build_model(config, dtype=None, family: fam.Family | None = None, scan: bool = False, remat: str = "none",
-                loss_chunk: int = 512):
+                loss_chunk: int = 512, mesh=None):
     """The Flax model for ``config`` with no parameters materialised: wa's own for Llama and Mistral
     (``wa.models.llama``: ``scan``, ``remat`` and ``loss_chunk`` apply there), transformers' for the rest."""
     family = family or fam.for_model_type(config.model_type)
@@ -158,7 +158,7 @@ def build_model(config, dtype=None, family: fam.Family | None = None, scan: bool
         raise CheckpointError(f"model_type {config.model_type!r} is not a family wa knows; known: "
                               f"{', '.join(sorted(fam.model_types()))}")
     if config.model_type in llama.MODEL_TYPES:
-        return llama.Model(config, jnp.float32 if dtype is None else dtype, scan, remat, loss_chunk), family
+        return llama.Model(config, jnp.float32 if dtype is None else dtype, scan, remat, loss_chunk, mesh), family
     cls = getattr(transformers, family.classes[config.model_type])
     kwargs = {} if dtype is None else {"dtype": dtype}
     return cls(config, _do_init=False, **kwargs), family

@@ -28,6 +28,7 @@ COMPONENTS = ("embedding", "attention", "mlp", "norm", "head")
 FAN_OUT = P("fsdp", "model")   # [in, out] matrices that widen: q, k, v, up, gate
 FAN_IN = P("model", "fsdp")    # [in, out] matrices that narrow: o, down
 EMBED = P(None, ("fsdp", "model"))
+VOCAB_COLUMNS = P(None, ("fsdp", "model"))   # [hidden, vocab] heads split along the vocabulary
 REPLICATED = P()
 
 
@@ -256,7 +257,9 @@ register(Family(
         (r"embed_tokens/embedding$", EMBED),
         (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", FAN_OUT),
         (r"(o_proj|down_proj)/kernel$", FAN_IN),
-        (r"lm_head/kernel$", FAN_OUT),
+        # Split by vocabulary column: the chunked loss then gathers and reduces per chunk what a hidden-dimension
+        # split made it hold whole (Llama-3.1-8B plan: 11.1 -> 8.9 GiB of temporaries per device).
+        (r"lm_head/kernel$", VOCAB_COLUMNS),
         _NORM,
     ),
     pt_buffers=(r"rotary_emb\.inv_freq$",),

@@ -168,12 +168,19 @@ def _policy(remat: str):
     return {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}[remat]
 
 
+def _constrain(x, sharding):
+    """Hidden states stay split by batch rows: left to itself, the partitioner may follow the embedding's
+    hidden-dimension sharding and hold every row's activations on every device."""
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 class Layers(nn.Module):
     """The decoder layers, named "0".."L-1" as in HF; run one by one or scanned over their stacked parameters."""
     spec: Spec
     dtype: jnp.dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
+    act_sharding: object = None
 
     def setup(self):
         self.blocks = [DecoderLayer(self.spec, self.dtype, name=str(i)) for i in range(self.spec.num_layers)]
@@ -181,14 +188,14 @@ class Layers(nn.Module):
     def __call__(self, h, bias, sin, cos):
         if not self.scan or self.is_initializing():
             for block in self.blocks:
-                h = block(h, bias, sin, cos)
+                h = _constrain(block(h, bias, sin, cos), self.act_sharding)
             return h
         params = self.variables["params"]
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[str(i)] for i in range(self.spec.num_layers)])
         layer = DecoderLayer(self.spec, self.dtype, parent=None)
 
         def body(h, p):
-            return layer.apply({"params": p}, h, bias, sin, cos), None
+            return _constrain(layer.apply({"params": p}, h, bias, sin, cos), self.act_sharding), None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_policy(self.remat), prevent_cse=False)
@@ -200,12 +207,13 @@ class Backbone(nn.Module):
     dtype: jnp.dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
+    act_sharding: object = None
 
     @nn.compact
     def __call__(self, ids, mask):
         s = self.spec
         embed = nn.Embed(s.vocab_size, s.hidden_size, dtype=self.dtype, name="embed_tokens")
-        h = embed(ids)
+        h = _constrain(embed(ids), self.act_sharding)
         t = ids.shape[1]
         # Positions 0..t-1 whatever the mask, as HF's Flax classes do: wa's windows are padded on the right.
         sin, cos = rotary(jnp.broadcast_to(jnp.arange(t)[None], ids.shape), s)
@@ -214,7 +222,7 @@ class Backbone(nn.Module):
         if s.sliding_window:
             allowed &= (qi - ki < s.sliding_window)[None]
         bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)  # [batch, q, k]
-        h = Layers(s, self.dtype, self.scan, self.remat, name="layers")(h, bias, sin, cos)
+        h = Layers(s, self.dtype, self.scan, self.remat, self.act_sharding, name="layers")(h, bias, sin, cos)
         return RMSNorm(s, self.dtype, name="norm")(h), embed
 
 
@@ -224,9 +232,10 @@ class CausalLM(nn.Module):
     dtype: jnp.dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
+    act_sharding: object = None
 
     def setup(self):
-        self.model = Backbone(self.spec, self.dtype, self.scan, self.remat)
+        self.model = Backbone(self.spec, self.dtype, self.scan, self.remat, self.act_sharding)
         if not self.spec.tie_word_embeddings:
             self.lm_head = nn.Dense(self.spec.vocab_size, use_bias=False, dtype=self.dtype)
 
@@ -267,7 +276,8 @@ class Model:
 
     base_model_prefix = "model"
 
-    def __init__(self, config, dtype=jnp.float32, scan: bool = False, remat: str = "none", loss_chunk: int = 512):
+    def __init__(self, config, dtype=jnp.float32, scan: bool = False, remat: str = "none", loss_chunk: int = 512,
+                 mesh=None):
         if remat not in REMAT:
             raise errors.ConfigError(f"remat={remat!r}: expected one of {', '.join(REMAT)}")
         if loss_chunk < 1:
@@ -276,7 +286,12 @@ class Model:
         self.spec = Spec.from_hf(config)
         self.dtype = dtype
         self.scan, self.remat, self.loss_chunk = scan, remat, loss_chunk
-        self.module = CausalLM(self.spec, dtype, scan, remat)
+        # On a mesh, hidden states are kept split by batch rows over the data axes (wa.parallel.batch).
+        act = None
+        if mesh is not None:
+            from wa.parallel import batch as batch_lib
+            act = batch_lib.batch_sharding(mesh, 3)
+        self.module = CausalLM(self.spec, dtype, scan, remat, act)
 
     def _init(self, key, shape=(1, 1)):
         ids = jnp.zeros(shape, jnp.int32)

@@ -68,7 +68,7 @@ def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
     from wa.esa import scores  # the HVP and capture steps ESA runs, planned as they are
 
     config, trimmed = trim_positions(config, seq_len)
-    model, family = build_model(config, compute_dtype, scan=scan, remat=remat, loss_chunk=loss_chunk)
+    model, family = build_model(config, compute_dtype, scan=scan, remat=remat, loss_chunk=loss_chunk, mesh=mesh)
     if remat != "none" and not hasattr(model, "token_nll"):
         try:
             model.enable_gradient_checkpointing()
@@ -99,7 +99,7 @@ def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
         steps["hvp"] = (hvp_step, p_shard)
     if capture:
         # Capture needs every layer as its own module call: the same parameters through the unscanned model.
-        unrolled, _ = build_model(config, compute_dtype, loss_chunk=loss_chunk)
+        unrolled, _ = build_model(config, compute_dtype, loss_chunk=loss_chunk, mesh=mesh)
         stand_in = type("Forward", (), {"forward": staticmethod(
             lambda params, ids, mask: family.forward(unrolled, params, ids, mask))})
 
