@@ -401,10 +401,10 @@ def load(path: str, mesh: Mesh | str | None = None, rules=None, dtype=None,
     path = gguf_io.find(path)
     gguf = _gguf_file(path) if gguf_io.is_gguf(path) else None
     config = gguf.config() if gguf else read_config(path)
-    model, family = build_model(config, compute_dtype)
-    shape_tree = serialization.to_state_dict(model.params_shape_tree)
     if not isinstance(mesh, Mesh):
         mesh = mesh_lib.make_mesh(mesh or "data:1,fsdp:-1")
+    model, family = build_model(config, compute_dtype, mesh=mesh)
+    shape_tree = serialization.to_state_dict(model.params_shape_tree)
     rules = family.partition_rules if rules is None else rules
     shardings = rules_lib.shardings_for(shape_tree, rules, mesh)
 

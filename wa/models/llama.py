@@ -170,8 +170,13 @@ def _policy(remat: str):
 
 def _constrain(x, sharding):
     """Hidden states stay split by batch rows: left to itself, the partitioner may follow the embedding's
-    hidden-dimension sharding and hold every row's activations on every device."""
-    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+    hidden-dimension sharding and hold every row's activations on every device. A batch that does not divide
+    over the data axes (one prompt when sampling) is left to the partitioner."""
+    if sharding is None:
+        return x
+    axes = sharding.spec[0] or ()
+    rows = int(np.prod([sharding.mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+    return jax.lax.with_sharding_constraint(x, sharding) if x.shape[0] % rows == 0 else x
 
 
 class Layers(nn.Module):

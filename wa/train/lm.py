@@ -97,8 +97,8 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
         raise TrainError(f"{cfg.corpus}: the training part has {len(train_stream)} tokens, fewer than seq_len")
 
     config = hf_config(cfg, tok.vocab_size, tok.bos_id, tok.eos_id)
-    model, family = ckpt_lib.build_model(config)
     mesh = mesh_lib.make_mesh(cfg.mesh)
+    model, family = ckpt_lib.build_model(config, mesh=mesh)
     shapes = model.params_shape_tree
     shardings = rules_lib.shardings_for(shapes, family.partition_rules, mesh)
     init = jax.jit(lambda key: model.init_weights(key, (1, cfg.seq_len)), out_shardings=shardings)
