@@ -14,8 +14,8 @@ from wa.models.families import for_model_type
 
 
 def _tiny_mistral(**kw):
-    # GQA (4 query heads over 2 K/V heads); the sliding window is wider than the test sequences (transformers'
-    # Flax Mistral and the reference differ by one position in how they count a window).
+    # GQA (4 query heads over 2 K/V heads); the sliding window is wider than the test sequences (windows that
+    # bite: test_sliding_window_attends_to_the_last_w_positions).
     return transformers.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                       sliding_window=64, rms_norm_eps=1e-6, tie_word_embeddings=False, **kw)
@@ -66,6 +66,26 @@ def test_logits_loss_and_gradient_equal_transformers_on_a_tiny_mistral():
     assert float(l1) == pytest.approx(float(l2), rel=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-4)
+
+
+def test_sliding_window_attends_to_the_last_w_positions():
+    # A query attends to itself and the w - 1 positions before it (Mistral's reference and transformers'
+    # PyTorch class); transformers' Flax class keeps one more, so its window w - 1 is this window w.
+    config = _tiny_mistral()
+    params = llama.Model(config).init_weights(jax.random.key(2), (1, 8))
+    ids, mask = _batch(config.vocab_size)
+    ours = llama.Model(_tiny_mistral_window(5))(ids, attention_mask=mask, params=params)[0]
+    theirs = _hf_logits(_tiny_mistral_window(4), params, ids, mask)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(np.asarray(ours)[real], np.asarray(theirs)[real], atol=1e-5, rtol=1e-5)
+    wide = llama.Model(config)(ids, attention_mask=mask, params=params)[0]
+    assert np.abs(np.asarray(wide)[:, 5:] - np.asarray(ours)[:, 5:]).max() > 1e-3   # the window bites
+
+
+def _tiny_mistral_window(w):
+    c = _tiny_mistral()
+    c.sliding_window = w
+    return c
 
 
 @pytest.mark.parametrize("remat", llama.REMAT)
