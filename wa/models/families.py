@@ -229,7 +229,7 @@ register(Family(
         (r"(q_proj|k_proj|v_proj|fc1)/kernel$", FAN_OUT),
         (r"(out_proj|fc2)/kernel$", FAN_IN),
         (r"project_(in|out)/kernel$", REPLICATED),
-        (r"lm_head/kernel$", FAN_OUT),
+        (r"lm_head/kernel$", VOCAB_COLUMNS),
         _NORM, _BIAS,
     ),
     deterministic_flag=True,
