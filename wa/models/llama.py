@@ -27,6 +27,7 @@ import optax
 from flax import serialization, traverse_util
 
 from wa import errors
+from wa.parallel import batch as batch_lib
 
 REMAT = ("none", "full", "dots")
 MODEL_TYPES = ("llama", "mistral")
@@ -297,7 +298,6 @@ class Model:
         # GiB), so there the partitioner keeps its own choice.
         act = None
         if mesh is not None and scan:
-            from wa.parallel import batch as batch_lib
             act = batch_lib.batch_sharding(mesh, 3)
         self.module = CausalLM(self.spec, dtype, scan, remat, act)
 
