@@ -69,12 +69,13 @@ def lowest(saliency: dict, fraction: float, mode: str) -> dict:
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
     if mode == "per_layer":
-        out = {}
-        for p, v in saliency.items():
-            flat = v.ravel()
-            k = int(round(fraction * flat.size))
-            out[p] = np.sort(np.argsort(flat, kind="stable")[:k]).astype(np.int64)
-        return out
+        return {p: _lowest_of({p: v}, fraction)[p] for p, v in saliency.items()}
+    return _lowest_of(saliency, fraction)
+
+
+def _lowest_of(saliency: dict, fraction: float) -> dict:
+    """The round(fraction · n) lowest of all of ``saliency``'s values together, by a partition at the threshold
+    (a full sort of a 135M-parameter model's saliencies took minutes), ties to the earlier path and index."""
     paths = list(saliency)
     flat = np.concatenate([saliency[p].ravel() for p in paths])
     k = int(round(fraction * flat.size))
