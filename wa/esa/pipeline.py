@@ -410,17 +410,16 @@ def run(cfg, progress: bool = True) -> dict:
     bar = tqdm(total=len(jobs), desc="perturb", disable=not progress or jax.process_index() > 0)
     deltas = _deltas(loaded, flat, kept, data, cfg, base["ppl"], materialize(jobs), bar)
     bar.close()
-    results: dict = {}
+    results = {key: {"topk": [], "random_k": [], "bottom_k": []}
+               for key in itertools.product(plan.metrics, plan.kinds, plan.scales)}
+    rand: dict = {}   # (kind, dose) -> the random-k null every metric is compared with
     for (kind, scale, group, m), d in zip(cells, deltas, strict=True):
         if group == "random_k":
-            results.setdefault(("random", kind, scale), []).append(d)
+            rand.setdefault((kind, scale), []).append(d)
         else:
-            for metric in ([m] if m else plan.metrics):
-                results.setdefault((metric, kind, scale), {"topk": [], "random_k": [], "bottom_k": []})[group].append(d)
-    for m, kind, scale in itertools.product(plan.metrics, plan.kinds, plan.scales):
-        results[m, kind, scale]["random_k"] = list(results.get(("random", kind, scale), []))
-    for kind, scale in itertools.product(plan.kinds, plan.scales):
-        results.pop(("random", kind, scale), None)
+            results[m, kind, scale][group].append(d)
+    for (_, kind, scale), r in results.items():
+        r["random_k"] = list(rand.get((kind, scale), []))
 
     pruning = prune_study(loaded, flat, first, data, cfg, base["ppl"], plan) if cfg.prune_sparsity else None
     faults = fault_study(loaded, flat, kept, sels, data, cfg, base["ppl"], plan, progress)

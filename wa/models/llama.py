@@ -180,13 +180,17 @@ def _constrain(x, sharding):
     return jax.lax.with_sharding_constraint(x, sharding) if x.shape[0] % rows == 0 else x
 
 
-class Layers(nn.Module):
-    """The decoder layers, named "0".."L-1" as in HF; run one by one or scanned over their stacked parameters."""
+class _Stacked(nn.Module):
+    """The settings every module above a decoder layer passes down."""
     spec: Spec
     dtype: jnp.dtype = jnp.float32
     scan: bool = False
     remat: str = "none"
     act_sharding: object = None
+
+
+class Layers(_Stacked):
+    """The decoder layers, named "0".."L-1" as in HF; run one by one or scanned over their stacked parameters."""
 
     def setup(self):
         self.blocks = [DecoderLayer(self.spec, self.dtype, name=str(i)) for i in range(self.spec.num_layers)]
@@ -208,12 +212,7 @@ class Layers(nn.Module):
         return jax.lax.scan(body, h, stacked)[0]
 
 
-class Backbone(nn.Module):
-    spec: Spec
-    dtype: jnp.dtype = jnp.float32
-    scan: bool = False
-    remat: str = "none"
-    act_sharding: object = None
+class Backbone(_Stacked):
 
     @nn.compact
     def __call__(self, ids, mask):
@@ -232,13 +231,8 @@ class Backbone(nn.Module):
         return RMSNorm(s, self.dtype, name="norm")(h), embed
 
 
-class CausalLM(nn.Module):
+class CausalLM(_Stacked):
     """``__call__`` gives logits; ``hidden`` the final normed states, for the chunked loss."""
-    spec: Spec
-    dtype: jnp.dtype = jnp.float32
-    scan: bool = False
-    remat: str = "none"
-    act_sharding: object = None
 
     def setup(self):
         self.model = Backbone(self.spec, self.dtype, self.scan, self.remat, self.act_sharding)
