@@ -44,9 +44,11 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.controls = "random_k,bottom_k"
     c.random_draws = 8                # random-k draws per seed (the null distribution)
     c.perturb_group = 8               # perturbed parameter sets evaluated per compiled call, ...
-    # ... one after another inside it ("map") or vmapped ("vmap"). On 2 CPU cores the forward pass is already
-    # compute-bound: vmap measured 2.7x slower than map, map as fast as one call per set
-    # (experiments/bench_perturb.py); vmap is for accelerators, where one small model leaves the device idle.
+    # ... one after another inside it ("map") or vmapped ("vmap"); "serial" evaluates one set per call, so one
+    # perturbed copy of the scored weights exists at a time instead of 2 × perturb_group (the sets and their
+    # stack). On 2 CPU cores the forward pass is already compute-bound: vmap measured 2.7x slower than map, map
+    # as fast as one call per set (experiments/bench_perturb.py); vmap is for accelerators, where one small
+    # model leaves the device idle.
     c.perturb_batching = "map"
     c.dtype = "float32"               # float32 or bfloat16 parameters
     c.prune_sparsity = "0.3,0.5,0.7"  # zero this fraction of lowest-saliency weights ("" = skip) ...
@@ -114,7 +116,7 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
         c.window_chunk = 2            # 2 per-window gradients of 135M parameters at a time
         c.eval_windows = 8
         c.random_draws = 3
-        c.perturb_group = 4
+        c.perturb_batching = "serial"  # one perturbed copy of the 106M scored weights at a time (host memory)
         c.super_weights_each = 6
         c.fault_bits_float32 = "31,30,26,22"
         c.fault_bits_bfloat16 = "15,14,10,6"

@@ -4,9 +4,10 @@ r"""Perturbation evaluations, one at a time vs several per compiled call: prints
 
 Builds ``--sets`` random-k sign flips (top 0.2% per matrix, as ESA's null) and measures held-out perplexity
 for each, (a) one set at a time (``wa.esa.evaluate.evaluate`` on each perturbed tree: what ESA did) and
-(b) ``--group`` sets per compiled call (``evaluate_many``), one after another inside the call (``map``, the
-default) and vmapped (``vmap``), all after compilation, in one process. Reports seconds per set for each, the
-speedups over (a), and the largest difference in loss from (a).
+(b) ``evaluate_many``: one set per compiled call with only the perturbed tensors as arguments (``serial``), and
+``--group`` sets per call, one after another inside it (``map``) or vmapped (``vmap``); all after compilation,
+in one process. Reports seconds per set for each, the speedups over (a), and the largest difference in loss
+from (a).
 """
 
 import argparse
@@ -65,17 +66,17 @@ def main():
         return [r["nll"] for r in evaluate.evaluate_many(m, gen, kept, ids, mask, a.batch_size, a.group, how=how)]
 
     serial(1)
-    for how in ("map", "vmap"):
+    for how in evaluate.BATCHING:
         batched(a.group, how)  # compile
     t = time.perf_counter()
     one = serial(a.sets)
     out = {"checkpoint": a.checkpoint, "sets": a.sets, "group": a.group, "eval_tokens": int(mask[:, 1:].sum()),
-           "seconds_per_set_serial": round((time.perf_counter() - t) / a.sets, 4)}
-    for how in ("map", "vmap"):
+           "seconds_per_set_evaluate": round((time.perf_counter() - t) / a.sets, 4)}
+    for how in evaluate.BATCHING:
         t = time.perf_counter()
         many = batched(a.sets, how)
         out[f"seconds_per_set_{how}"] = round((time.perf_counter() - t) / a.sets, 4)
-        out[f"speedup_{how}"] = round(out["seconds_per_set_serial"] / out[f"seconds_per_set_{how}"], 2)
+        out[f"speedup_{how}"] = round(out["seconds_per_set_evaluate"] / out[f"seconds_per_set_{how}"], 2)
         out[f"max_abs_nll_difference_{how}"] = float(np.max(np.abs(np.asarray(one) - np.asarray(many))))
     print(json.dumps(out))
 

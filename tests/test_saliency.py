@@ -49,5 +49,17 @@ def test_lowest_per_layer_and_global_take_exact_counts():
         saliency.lowest(sal, 0.5, "row")
 
 
+def test_prune_zeroes_exactly_the_lowest():
+    sal = {"a": np.array([[4.0, 1.0], [3.0, 2.0]]), "b": np.array([0.5, 5.0, 1.0])}
+    w = {"a": np.array([[1.0, -2.0], [3.0, -4.0]], np.float32), "b": np.array([5.0, 6.0, -7.0], np.float32)}
+    got = dict(saliency.prune(w, sal, 3 / 7, "global"))
+    np.testing.assert_array_equal(got["a"], [[1.0, 0.0], [3.0, -4.0]])
+    np.testing.assert_array_equal(got["b"], [0.0, 6.0, 0.0])
+    assert got["a"].dtype == np.float32 and got["a"].shape == (2, 2)
+    got = dict(saliency.prune(w, sal, 0.5, "per_layer"))
+    np.testing.assert_array_equal(got["a"], [[1.0, 0.0], [3.0, 0.0]])
+    np.testing.assert_array_equal(w["a"], [[1.0, -2.0], [3.0, -4.0]])   # the weights themselves are untouched
+
+
 def test_available_follows_the_computed_metrics():
     assert saliency.available(["magnitude", "grad_squared", "act_mag"]) == ["magnitude", "obd_fisher", "wanda"]

@@ -110,6 +110,12 @@ def test_one_gradient_pass_serves_every_per_window_score(micro):
     first4 = scores.compute("grad_x_weight", micro.params, _cal(micro, ids[:4], mask[:4], 4))
     for p, v in first4.items():
         np.testing.assert_allclose(np.asarray(both["grad_x_weight"][4][p]), np.asarray(v), rtol=1e-6, err_msg=p)
+    # reduce stores what it returns in place of each point's scores.
+    seen = []
+    sizes = scores.prefix_means("grad_x_weight", micro.params, cal, [4, 12],
+                                reduce=lambda n, w, means: seen.append((n, w)) or len(means))
+    assert sizes == {"grad_x_weight": {4: len(first4), 12: len(first4)}}
+    assert seen == [("grad_x_weight", 4), ("grad_x_weight", 12)]
 
 
 def test_hutchinson_runs_on_bfloat16_parameters(micro, tmp_path):

@@ -40,26 +40,37 @@ def evaluate(loaded, params, ids: np.ndarray, mask: np.ndarray, batch_size: int,
     return {"nll": nll, "ppl": ppl, "tokens": int(count), "windows": len(ids)}
 
 
-BATCHING = ("map", "vmap")
+BATCHING = ("serial", "map", "vmap")
+
+
+def _with_changed(loaded):
+    """``(changed, params) -> params`` with the flat entries ``changed`` swapped in."""
+    order = list(rules_lib.flatten(loaded.params))
+    treedef = jax.tree_util.tree_structure(loaded.params)
+
+    def swap(changed, params):
+        flat = rules_lib.flatten(params)
+        flat.update(changed)
+        return jax.tree_util.tree_unflatten(treedef, [flat[p] for p in order])
+    return swap
 
 
 def _many_step(loaded, paths: tuple[str, ...], group: int, how: str):
-    """A jitted ``(stacked, params, batch) -> (nll sums [group], counts [group])``: ``group`` parameter sets that
-    differ from ``params`` only in ``paths`` (stacked on a leading axis), evaluated in one call: vmapped
-    (``how="vmap"``) or one after another inside it (``"map"``, ``jax.lax.map``)."""
+    """A jitted ``(changed, params, batch) -> (nll sums, counts)`` for parameter sets that differ from ``params``
+    only in ``paths``: one set per call (``how="serial"``), or ``group`` sets stacked on a leading axis, vmapped
+    (``"vmap"``) or one after another inside the call (``"map"``, ``jax.lax.map``)."""
     def build():
-        order = list(rules_lib.flatten(loaded.params))
-        treedef = jax.tree_util.tree_structure(loaded.params)
+        swap = _with_changed(loaded)
 
         def one(changed, params, batch):
-            flat = rules_lib.flatten(params)
-            flat.update(changed)
-            return loaded.token_nll(jax.tree_util.tree_unflatten(treedef, [flat[p] for p in order]), batch)
+            return loaded.token_nll(swap(changed, params), batch)
 
+        if how == "serial":
+            return jax.jit(one)
         if how == "vmap":
             return jax.jit(jax.vmap(one, in_axes=(0, None, None)))
         return jax.jit(lambda stacked, params, batch: jax.lax.map(lambda ch: one(ch, params, batch), stacked))
-    return loaded.compiled(("esa/nll_many", paths, group, how), build)
+    return loaded.compiled(("esa/nll_many", paths, 1 if how == "serial" else group, how), build)
 
 
 _stack = jax.jit(lambda sets: jax.tree.map(lambda *xs: jnp.stack(xs), *sets))
@@ -67,29 +78,38 @@ _stack = jax.jit(lambda sets: jax.tree.map(lambda *xs: jnp.stack(xs), *sets))
 
 def evaluate_many(loaded, param_sets: Iterable[dict], paths, ids: np.ndarray, mask: np.ndarray, batch_size: int,
                   group: int = 8, progress=None, how: str = "map") -> Iterator[dict]:
-    """``evaluate`` for many perturbed parameter sets, ``group`` of them per compiled call (vmapped).
+    """``evaluate`` for many perturbed parameter sets.
 
     ``param_sets`` yields flat parameter dicts (``wa.parallel.rules.flatten`` of ``loaded.params``, perturbed
-    in ``paths`` only; ``wa.esa.perturb.apply`` makes them). They are consumed lazily, ``group`` at a time, so
-    only ``group`` perturbed copies of ``paths`` exist at once; the last group is padded with copies of its
-    first set. Yields one result per set, in order, each exactly what ``evaluate`` returns for it (up to float
-    summation order). ``progress`` is called with the number of sets finished in each group.
+    in ``paths`` only; ``wa.esa.perturb.apply`` makes them). ``how="serial"`` evaluates one set per compiled
+    call and holds one perturbed copy of ``paths`` at a time; ``"map"`` / ``"vmap"`` evaluate ``group`` sets
+    per call, stacked, so ``2 × group`` copies exist at once (the sets and their stack; the last group is
+    padded with copies of its first set). Sets are consumed lazily either way. Yields one result per set, in
+    order, each exactly what ``evaluate`` returns for it (up to float summation order). ``progress`` is called
+    with the number of sets finished after each call.
     """
+    if how not in BATCHING:
+        raise ValueError(f"how must be one of {BATCHING}, got {how!r}")
     paths = tuple(sorted(paths))
     step = _many_step(loaded, paths, group, how)
+    size = 1 if how == "serial" else group
     params_it = iter(param_sets)
     while True:
-        sets = list(itertools.islice(params_it, group))
+        sets = list(itertools.islice(params_it, size))
         if not sets:
             return
         n = len(sets)
-        stacked = _stack(tuple({p: s[p] for p in paths} for s in sets + [sets[0]] * (group - n)))
-        total, count = np.zeros(group), np.zeros(group)
+        if how == "serial":
+            args = {p: sets[0][p] for p in paths}
+        else:
+            args = _stack(tuple({p: s[p] for p in paths} for s in sets + [sets[0]] * (group - n)))
+        del sets
+        total, count = np.zeros(size), np.zeros(size)
         for batch in parallel.iter_batches(loaded.mesh, {"input_ids": ids, "attention_mask": mask}, batch_size):
-            s, c = step(stacked, loaded.params, batch)
+            s, c = step(args, loaded.params, batch)
             total += np.asarray(s, np.float64)
             count += np.asarray(c, np.float64)
-        del stacked
+        del args
         for i in range(n):
             nll = total[i] / max(count[i], 1.0)
             yield {"nll": nll, "ppl": math.exp(nll) if nll < 700 else float("inf"), "tokens": int(count[i]),

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from wa import errors, models, parallel
+from wa import errors, hostmem, models, parallel
 from wa.data import paths, text, tokenizers
 from wa.esa import architecture, evaluate, perturb, saliency, scores, select, stats, superweights
 from wa.parallel import rules as rules_lib
@@ -154,10 +154,9 @@ def prepare_data(cfg, loaded, ckpt) -> Data:
     return Data(cal_ids, cal_mask, ev_ids[:cfg.eval_windows], ev_mask[:cfg.eval_windows], len(docs), n_eval)
 
 
-def _deltas(loaded, flat, kept, data, cfg, base_ppl, jobs, bar=None) -> list[float]:
-    """ΔPPL for each job ``(selection, perturbation keywords)``, ``cfg.perturb_group`` perturbed parameter sets
-    per compiled call; the sets are built lazily, a group at a time."""
-    sets = (perturb.apply(flat, sel, **kw) for sel, kw in jobs)
+def _deltas(loaded, kept, data, cfg, base_ppl, sets, bar=None) -> list[float]:
+    """ΔPPL for each perturbed flat parameter set ``sets`` yields (consumed lazily, as ``cfg.perturb_batching``
+    evaluates them)."""
     out = []
     for r in evaluate.evaluate_many(loaded, sets, kept, data.eval_ids, data.eval_mask, cfg.batch_size,
                                     cfg.perturb_group, progress=bar.update if bar is not None else None,
@@ -166,6 +165,11 @@ def _deltas(loaded, flat, kept, data, cfg, base_ppl, jobs, bar=None) -> list[flo
         # infinite loss: the model is destroyed, the worst possible outcome, so ΔPPL = +inf.
         out.append(r["ppl"] - base_ppl if np.isfinite(r["ppl"]) else float("inf"))
     return out
+
+
+def _applied(flat, jobs):
+    """The perturbed parameter sets of ``jobs`` ``(selection, perturb.apply keywords)``, built one at a time."""
+    return (perturb.apply(flat, sel, **kw) for sel, kw in jobs)
 
 
 def stability_points(cfg) -> list[int]:
@@ -217,7 +221,7 @@ def super_weight_study(loaded, flat, kept, data, cfg, base_ppl, batches) -> dict
                                           (superweights.largest_magnitude(flat, [c["path"]], 1), zero))]
     jobs += [({p: np.asarray(v) for p, v in every.items()}, zero),
              (superweights.largest_magnitude(flat, kept, n), zero)]
-    d = _deltas(loaded, flat, kept, data, cfg, base_ppl, jobs)
+    d = _deltas(loaded, kept, data, cfg, base_ppl, _applied(flat, jobs))
     for i, c in enumerate(cands):
         c["dppl_zero"], c["dppl_zero_largest_in_matrix"] = (d[2 * i], d[2 * i + 1]) if i < len(each) else (None, None)
     return {"candidates": cands, "dppl_zero_all_candidates": d[-2], "dppl_zero_largest_magnitude": d[-1], "n": n,
@@ -244,7 +248,7 @@ def fault_study(loaded, flat, kept, sels, data, cfg, base_ppl, plan, progress=Tr
                 jobs.append((sel, kw))
     from tqdm import tqdm
     bar = tqdm(total=len(jobs), desc="bit flips", disable=not progress or jax.process_index() > 0)
-    deltas = _deltas(loaded, flat, kept, data, cfg, base_ppl, jobs, bar)
+    deltas = _deltas(loaded, kept, data, cfg, base_ppl, _applied(flat, jobs), bar)
     bar.close()
     out: dict = {}
     for (enc, b, who), d in zip(cells, deltas, strict=True):
@@ -257,26 +261,47 @@ def fault_study(loaded, flat, kept, sels, data, cfg, base_ppl, plan, progress=Tr
     return out
 
 
-def prune_study(loaded, flat, first, data, cfg, base_ppl, plan) -> dict:
+def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True) -> dict:
     """Zero the fraction of weights with the lowest saliency (``wa.esa.saliency``: the estimated cost of removing
     each weight), per matrix and model-wide: perplexity at equal sparsity, {sparsity: {saliency: {mode: ppl}}}.
 
     Magnitude pruning is always included as the baseline; the other saliencies need their score among the
-    metrics. Scores are the first seed's.
+    metrics. Scores are the first seed's. One saliency and one pruned model exist at a time.
     """
     kept = list(first[plan.metrics[0]][0])
-    weights = {p: np.asarray(flat[p]) for p in kept}
-    sals = {"magnitude": saliency.compute("magnitude", weights, weights)}
-    for name in saliency.available(plan.metrics):
-        if name != "magnitude":
-            sals[name] = saliency.compute(name, first[saliency.SALIENCIES[name].metric][0], weights)
-    cells = [(str(sp), name, mode) for sp in as_list(cfg.prune_sparsity, float, "prune_sparsity")
-             for name in sals for mode in plan.prune_modes]
-    jobs = ((saliency.lowest(sals[name], float(sp), mode), {"kind": "zero"}) for sp, name, mode in cells)
+    weights = {p: flat[p] for p in kept}
+    names = ["magnitude"] + [n for n in saliency.available(plan.metrics) if n != "magnitude"]
+    sparsities = as_list(cfg.prune_sparsity, float, "prune_sparsity")
+    cells = [(name, sp, mode) for name in names for sp in sparsities for mode in plan.prune_modes]
+
+    def pruned():
+        for name in names:
+            src = weights if name == "magnitude" else first[saliency.SALIENCIES[name].metric][0]
+            sal = saliency.compute(name, src, weights)
+            for sp in sparsities:
+                for mode in plan.prune_modes:
+                    out = dict(flat)
+                    for p, w in saliency.prune(weights, sal, sp, mode):
+                        out[p] = jax.device_put(w, flat[p].sharding)
+                    yield out
+                    del out
+            del sal
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(cells), desc="pruning", disable=not progress or jax.process_index() > 0)
+    deltas = _deltas(loaded, kept, data, cfg, base_ppl, pruned(), bar)
+    bar.close()
     out: dict = {}
-    for (sp, name, mode), d in zip(cells, _deltas(loaded, flat, kept, data, cfg, base_ppl, jobs), strict=True):
-        out.setdefault(sp, {}).setdefault(name, {})[mode] = d + base_ppl
+    for (name, sp, mode), d in zip(cells, deltas, strict=True):
+        out.setdefault(str(sp), {}).setdefault(name, {})[mode] = d + base_ppl
     return out
+
+
+def _stage_done(what: str, t0: float) -> None:
+    """Hands the stage's freed host memory back before the next stage allocates (see ``wa.hostmem``)."""
+    hostmem.release()
+    rss = hostmem.rss_gib()
+    logging.info("%s done at %.0f s%s", what, time.time() - t0, "" if rss is None else f"; host memory {rss:.2f} GiB")
 
 
 def check_topk(cfg, sizes: dict) -> None:
@@ -325,17 +350,23 @@ def run(cfg, progress: bool = True) -> dict:
         pass_scores: dict = {}
         if shared:
             t = time.time()
+
+            def reduce(metric, n, means):
+                # Earlier points keep only their top-k (the stability curve's input); the last, the scores.
+                means = {p: means[p] for p in kept if p in means}
+                if n == cfg.max_samples:
+                    return jax.block_until_ready(means)
+                return select.top_k(means, cfg.topk, cfg.mode, cfg.param_filter, scores.SCORES[metric].signed)[0]
+
             if len(points) > 1:
-                prefixes = scores.prefix_means(shared, loaded.params, cal, points)
+                prefixes = scores.prefix_means(shared, loaded.params, cal, points, reduce)
             else:
-                prefixes = {m: {cfg.max_samples: v} for m, v in scores.window_means(shared, loaded.params, cal).items()}
+                prefixes = {m: {cfg.max_samples: reduce(m, cfg.max_samples, v)}
+                            for m, v in scores.window_means(shared, loaded.params, cal).items()}
             for metric in shared:
-                last = prefixes[metric][cfg.max_samples]
-                pass_scores[metric] = jax.block_until_ready({p: last[p] for p in kept if p in last})
+                pass_scores[metric] = prefixes[metric].pop(cfg.max_samples)
                 if len(points) > 1:
-                    curve_sels[metric, seed] = {n: select.top_k({p: v[p] for p in kept}, cfg.topk, cfg.mode,
-                                                                cfg.param_filter)[0]
-                                                for n, v in prefixes[metric].items()}
+                    curve_sels[metric, seed] = prefixes[metric]   # the last point's top-k is added below
             for metric in shared:
                 timing[metric] += (time.time() - t) / len(shared)
             del prefixes
@@ -353,15 +384,21 @@ def run(cfg, progress: bool = True) -> dict:
                 raise ConfigError(f"metric {metric!r} does not score {missing[:3]}; narrow --config.param_filter")
             sel, vals = select.top_k(sc, cfg.topk, cfg.mode, cfg.param_filter, signed)
             sels[metric, seed] = sel
+            if (metric, seed) in curve_sels:
+                curve_sels[metric, seed][cfg.max_samples] = sel
             if "bottom_k" in plan.controls:
                 bottoms[metric, seed] = select.top_k(sc, cfg.topk, cfg.mode, cfg.param_filter, signed,
                                                      largest=False)[0]
             heavy.setdefault(metric, []).append(select.heavy_tail(sc, cfg.param_filter, signed))
             if metric not in first:
                 first[metric] = ({p: np.asarray(v) for p, v in sc.items()}, vals)
+            del sc
+        _stage_done(f"scores of seed {seed}", t0)
     k_total = select.size(next(iter(sels.values())))
-    super_w = super_weight_study(loaded, flat, kept, data, cfg, base["ppl"], first_batches) if cfg.super_weights \
-        else None
+    super_w = None
+    if cfg.super_weights:
+        super_w = super_weight_study(loaded, flat, kept, data, cfg, base["ppl"], first_batches)
+        _stage_done("super weights", t0)
 
     # Stability across seeds, agreement across metrics.
     stability = {}
@@ -408,7 +445,7 @@ def run(cfg, progress: bool = True) -> dict:
 
     from tqdm import tqdm
     bar = tqdm(total=len(jobs), desc="perturb", disable=not progress or jax.process_index() > 0)
-    deltas = _deltas(loaded, flat, kept, data, cfg, base["ppl"], materialize(jobs), bar)
+    deltas = _deltas(loaded, kept, data, cfg, base["ppl"], _applied(flat, materialize(jobs)), bar)
     bar.close()
     results = {key: {"topk": [], "random_k": [], "bottom_k": []}
                for key in itertools.product(plan.metrics, plan.kinds, plan.scales)}
@@ -421,7 +458,11 @@ def run(cfg, progress: bool = True) -> dict:
     for (_, kind, scale), r in results.items():
         r["random_k"] = list(rand.get((kind, scale), []))
 
-    pruning = prune_study(loaded, flat, first, data, cfg, base["ppl"], plan) if cfg.prune_sparsity else None
+    _stage_done("perturbations", t0)
+    pruning = None
+    if cfg.prune_sparsity:
+        pruning = prune_study(loaded, flat, first, data, cfg, base["ppl"], plan, progress)
+        _stage_done("pruning", t0)
     faults = fault_study(loaded, flat, kept, sels, data, cfg, base["ppl"], plan, progress)
     arch = {m: architecture.analyze(first[m][0], loaded.describe, cfg.topk, scores.SCORES[m].signed)
             for m in plan.metrics} if cfg.get("architecture", True) else None

@@ -169,16 +169,21 @@ def _window_sums(params, cal: Calibration, names: tuple[str, ...]):
         yield windows, acc
 
 
-def prefix_means(names, params, cal: Calibration, points) -> dict[str, dict[int, dict]]:
+def prefix_means(names, params, cal: Calibration, points, reduce=None) -> dict[str, dict[int, object]]:
     """Per-window scores ``names`` after the first n calibration windows, for each n in ``points`` (at batch
-    ends): one gradient pass gives every name's stability-curve scores and, at the last point, the score."""
+    ends): one gradient pass gives every name's stability-curve scores and, at the last point, the score.
+
+    ``reduce(name, n, scores)``, when given, is stored instead of the scores (e.g. their top-k), so that one
+    copy of the model's scores per point need not be kept.
+    """
     names = _per_window_names([names] if isinstance(names, str) else names)
     out, want = {n: {} for n in names}, sorted(set(points))
     for windows, acc in _window_sums(params, cal, names):
         # Windows with loss terms so far: padding rows of the last batch have none, so they do not count.
         if int(windows) in want:
             for n in names:
-                out[n][int(windows)] = {p: v / windows for p, v in acc[n].items()}
+                means = {p: v / windows for p, v in acc[n].items()}
+                out[n][int(windows)] = reduce(n, int(windows), means) if reduce else means
     missing = [w for w in want if w not in out[names[0]]]
     if missing:
         raise ScoreError(f"stability points {missing} do not fall at the end of a calibration batch")

@@ -143,26 +143,30 @@ def overlap(a: dict, b: dict) -> float:
 
 def heavy_tail(scores: dict, param_filter: str = DEFAULT_FILTER, signed: bool = False) -> dict:
     """How concentrated the scores are, over every filtered weight (|score| for signed scores)."""
-    x = np.concatenate([np.abs(np.asarray(scores[p], np.float64)).ravel() if signed
-                        else np.asarray(scores[p], np.float64).ravel()
+    # One float32 copy sorted in place (the scores are float32 or narrower); sums in float64, in chunks, so a
+    # 135M-parameter model needs no float64 copy of its scores.
+    x = np.concatenate([np.asarray(_rank_key(scores[p], signed)).ravel()
                         for p in filter_paths(list(scores), param_filter)])
-    x = np.sort(x)[::-1]
+    x.sort()                                   # ascending
     n = len(x)
-    top1 = x[: max(1, n // 100)]
-    top01 = x[: max(1, n // 1000)]
-    median = float(np.median(x))
-    total = float(x.sum())
-    # Gini of a non-negative sample: 1 - 2 * area under the Lorenz curve.
-    asc = x[::-1]
-    lorenz = np.cumsum(asc) / total if total > 0 else np.zeros(n)
-    gini = float(1 - 2 * lorenz.sum() / n + 1 / n) if total > 0 else 0.0
+    total = weighted = 0.0
+    for i in range(0, n, 1 << 23):
+        part = x[i:i + (1 << 23)].astype(np.float64)
+        total += float(part.sum())
+        # Σ_i (i + 1) x_(i) over the ascending order, for the Gini coefficient.
+        weighted += float(part @ np.arange(i + 1, i + 1 + len(part), dtype=np.float64))
+    top1 = x[n - max(1, n // 100):].astype(np.float64)
+    top01 = x[n - max(1, n // 1000):].astype(np.float64)
+    median = float(x[n // 2]) if n % 2 else float((np.float64(x[n // 2 - 1]) + x[n // 2]) / 2)
+    # Gini of a non-negative sample from its ascending order: 2 Σ i x_(i) / (n Σ x) - (n + 1) / n.
+    gini = float(2 * weighted / (n * total) - (n + 1) / n) if total > 0 else 0.0
     return {
         "n": n,
         "top1pct_mean_over_median": float(top1.mean() / median) if median > 0 else float("inf"),
         "gini": gini,
         "top01pct_share": float(top01.sum() / total) if total > 0 else 0.0,
         "median": median,
-        "max": float(x[0]),
+        "max": float(x[-1]),
     }
 
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wa.esa import select
 from wa.esa.scores import linear_input_axis
 
 
@@ -83,14 +84,6 @@ def candidates(loaded, params_flat, spk: dict) -> list[dict]:
 
 
 def largest_magnitude(params_flat: dict, paths: list[str], n: int) -> dict:
-    """The ``n`` largest-|w| weights among ``paths`` (ties to the earlier tensor, then lower index)."""
-    cand = []
-    for order, p in enumerate(paths):
-        w = np.abs(np.asarray(params_flat[p], np.float64)).ravel()
-        idx = np.argsort(-w, kind="stable")[:n]
-        cand += [(-w[i], order, int(i), p) for i in idx]
-    cand.sort()
-    sel: dict = {}
-    for _, _, i, p in cand[:n]:
-        sel.setdefault(p, []).append(i)
-    return {p: np.asarray(v, np.int64) for p, v in sel.items()}
+    """The control: the ``n`` largest-|w| weights among ``paths``, model-wide (``select.top_k`` global: ties to
+    the earlier tensor, then the lower index)."""
+    return select.top_k({p: params_flat[p] for p in paths}, n, "global", "", signed=True)[0]
