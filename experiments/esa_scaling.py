@@ -115,7 +115,8 @@ and are read dequantized.
 {report.markdown_table(rows)}
 
 Power-law fits against the parameter count (log-log least squares; the CI resamples each model's top-k and
-random-k ΔPPL values and refits; the criterion "a scaling fit with R² > 0.8" is from the seed ESA workflow):
+random-k ΔPPL values and refits; "a scaling fit with R² > 0.8" is one of the ESA success criteria set for
+Llama-3.1-8B):
 
 {report.markdown_table(fits)}
 

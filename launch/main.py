@@ -18,7 +18,7 @@ from wa import errors, models, report, runs
 from wa.data import paths, text, tokenizers
 from wa.esa import evaluate, pipeline
 from wa.esa import report as esa_report
-from wa.models import sampling, summary
+from wa.models import gguf_io, sampling, summary
 
 _CONFIG = common.config_flag("configs/main.py:default", "Job config.")
 flags.DEFINE_string("workdir", None, "Run folder; default runs/main-<UTC time>.")
@@ -126,13 +126,8 @@ def render(cfg, r, rows) -> str:
     joined = ("each document's tokens are preceded by BOS and all are joined into one stream"
               if r["bos"] else "the documents' tokens are joined into one stream without BOS (the model's "
               "tokenizer adds none)")
-    quant = ""
-    if r.get("quantization"):
-        q = r["quantization"]
-        quant = ("\n- **the weights were stored quantized** and are read dequantized to float32: "
-                 + ", ".join(f"{k}: {v['tensors']} tensors, {v['weights']:,} weights" for k, v in q.items())
-                 + " (Q4_1: 16 levels per block of 32 weights, with a per-block scale and minimum; Q8_0: 256 "
-                   "levels per block of 32). Magnitudes and bit patterns are those of the dequantized values.")
+    quant = gguf_io.quantization_note(r.get("quantization"))
+    quant = f"\n- {quant}" if quant else ""
     sample_from = f"`{r['sample_prompt']}`" if r["sample_prompt"] else "BOS"
     return f"""# {cfg.checkpoint}: inspection and held-out perplexity
 

@@ -480,6 +480,7 @@ def summarize(r: dict) -> dict:
     n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(loaded.params)))
     out = {
         "model": cfg.model, "checkpoint": loaded.path, "model_type": loaded.config.model_type,
+        "quantization": loaded.quantization,
         "n_params": n_params, "n_scored": r["n_kept"], "metrics": plan.metrics, "mode": cfg.mode,
         "topk": cfg.topk, "k_selected": r["k_total"], "seeds": plan.seeds, "param_filter": cfg.param_filter,
         "perturb": plan.kinds, "perturb_scale": plan.scales, "controls": plan.controls,

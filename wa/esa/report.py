@@ -11,6 +11,7 @@ import numpy as np
 from wa import models, report, runs
 from wa.data import paths
 from wa.esa import pipeline, saliency, select
+from wa.models import gguf_io
 from wa.parallel import rules as rules_lib
 from wa.report import plots
 
@@ -29,6 +30,12 @@ CRITERIA = {
     "super_weights": ("zeroing the super-weight candidates vs the same number of largest-magnitude weights",
                       "ΔPPL larger"),
 }
+
+
+def _shown_path(path: str) -> str:
+    """The checkpoint as a user would name it: relative to the working directory when it lies inside it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def write_topk_csv(path, r):
@@ -338,6 +345,10 @@ def render(summary, cfg, figures) -> str:
                   for k, v in summary["agreement_overlap"].items()]
     v = verdicts(summary)
     met = sum(r["verdict"] == "met" for r in v)
+    quant = gguf_io.quantization_note(summary.get("quantization"))
+    quant = f"\n- {quant}" if quant else ""
+    probes = (f", the Hutchinson probes ({cfg.probes} per batch, vmapped {cfg.probe_chunk} at a time)"
+              if "hutchinson_diag" in summary["metrics"] else "")
     figs = "\n".join(f"![{f}]({f})" for f in figures)
     return f"""# Critical weight analysis of {summary['model']}
 
@@ -345,14 +356,13 @@ def render(summary, cfg, figures) -> str:
 **Answer in one line.** {met} of {len(v)} ESA success criteria (set for Llama-3.1-8B) are met (table at the end).
 
 ## Setup
-- Model: `{summary['checkpoint']}` ({summary['model_type']}), {summary['n_params']:,} parameters;
-  {summary['n_scored']:,} compete for selection (`param_filter = {summary['param_filter']}`).
+- Model: `{_shown_path(summary['checkpoint'])}` ({summary['model_type']}), {summary['n_params']:,} parameters;
+  {summary['n_scored']:,} compete for selection (`param_filter = {summary['param_filter']}`).{quant}
 - Selection: top-k `{summary['mode']}` with topk = {summary['topk']} → {summary['k_selected']:,} weights
   per set; controls {', '.join(summary['controls'])} of exactly the same per-tensor sizes.
 - Calibration: {cfg.max_samples} windows of {cfg.seq_len} tokens per seed (disjoint between seeds) from the first
   {100 * (1 - cfg.heldout_fraction):.0f}% of `{cfg.corpus}` documents; gradient scores are accumulated per window
-  (one gradient per window); seeds {summary['seeds']} change the windows,
-  the Hutchinson probes ({cfg.probes} per batch, vmapped {cfg.probe_chunk} at a time) and the random-k draws
+  (one gradient per window); seeds {summary['seeds']} change the windows{probes} and the random-k draws
   ({summary['random_draws_per_seed']} per seed).
 - Held-out perplexity: {summary['heldout_tokens']:,} loss terms (tokens for a causal LM; sequences for an
   encoder, whose "perplexity" is exp of its contrastive loss) from the last {100 * cfg.heldout_fraction:.0f}% of

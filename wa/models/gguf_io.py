@@ -198,3 +198,26 @@ def find(path: str) -> str:
         if len(found) == 1:
             return os.path.join(path, found[0])
     return path
+
+
+# What each storage type keeps of a weight (ggml's block formats), for reports.
+_LEVELS = {
+    "Q4_0": "16 levels per block of 32 weights, one scale per block",
+    "Q4_1": "16 levels per block of 32 weights, with a per-block scale and minimum",
+    "Q5_0": "32 levels per block of 32 weights, one scale per block",
+    "Q5_1": "32 levels per block of 32 weights, with a per-block scale and minimum",
+    "Q8_0": "256 levels per block of 32 weights, one scale per block",
+    "F16": "float16", "BF16": "bfloat16", "F32": "float32",
+}
+
+
+def quantization_note(quantization: dict | None) -> str:
+    """One sentence for reports: which storage types held the weights, what each keeps, and what it means for
+    magnitude and bit-level results ("" when nothing was quantized)."""
+    if not quantization or set(quantization) <= {"F32"}:
+        return ""
+    kinds = "; ".join(f"{k} ({_LEVELS.get(k, 'a ggml block format')}): {v['tensors']} tensor{'s' * (v['tensors'] != 1)}"
+                      f", {v['weights']:,} weights" for k, v in quantization.items())
+    return ("The weights were stored quantized and are read dequantized to float32 — " + kinds + ". Magnitudes "
+            "and bit patterns are those of the dequantized values (a Q4_1 block of 32 weights holds at most 16 "
+            "distinct values), so magnitude rankings and bit-flip results describe the dequantized model.")
