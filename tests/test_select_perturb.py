@@ -168,6 +168,24 @@ def test_perturb_errors():
         perturb.apply(_params(jnp.bfloat16), sel, "bit_flip", bits=(16,))
 
 
+def test_a_perturbation_is_one_record(monkeypatch):
+    # A new kind registered in PERTURBATIONS is checked, applied and described with no other change.
+    halve = perturb.Perturbation("halve", lambda sel, flat, key, a: sel * (1 - a.scale / 2), "w(1-s/2)",
+                                 "s = 1 halves")
+    monkeypatch.setitem(perturb.PERTURBATIONS, "halve", halve)
+    p = _params()
+    out = perturb.apply(p, {"w/kernel": np.array([1, 3])}, "halve", scale=1.0)
+    want = np.asarray(p["w/kernel"]).ravel().copy()
+    want[[1, 3]] /= 2
+    np.testing.assert_array_equal(np.asarray(out["w/kernel"]).ravel(), want)
+    assert perturb.formulas((30,)).endswith("bit_flip: the chosen bits flipped (bits 30); halve: w(1-s/2)")
+    from configs import esa as esa_configs
+    from wa.esa import pipeline
+    cfg = esa_configs.get_config("smoke")
+    cfg.perturb = "halve,sign_flip"
+    assert pipeline.check(cfg).kinds == ["halve", "sign_flip"]
+
+
 def test_stats():
     ci = stats.mean_ci([1.0, 2.0, 3.0, 4.0])
     assert ci["mean"] == 2.5 and ci["ci95"][0] < 2.5 < ci["ci95"][1]

@@ -1,6 +1,8 @@
 """Perturbations applied to exactly the selected weights.
 
-Every kind takes a ``scale`` (the dose, for dose-response curves):
+Every kind takes a ``scale`` s (the dose, for dose-response curves); each is one ``Perturbation`` record in
+``PERTURBATIONS`` (its function, formula and what the dose means), which the checks, the pipeline and the
+reports read:
 
 - ``sign_flip``   w -> w (1 - 2s): s = 1 flips the sign, s = 0.5 zeroes, s = 0 leaves w.
 - ``zero``        w -> w (1 - s): s = 1 sets to zero.
@@ -14,10 +16,13 @@ Every kind takes a ``scale`` (the dose, for dose-response curves):
                   how a fault hits a model stored in bfloat16.
 
 Indices are flat indices into each tensor (``wa.esa.select``); the result keeps the
-parameters' shardings.
+parameters' shardings. Adding a perturbation is one ``Perturbation`` record here.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +30,6 @@ import numpy as np
 
 from wa import errors
 
-KINDS = ("sign_flip", "zero", "gauss_noise", "bit_flip")
 _UINT = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
 
 
@@ -63,28 +67,62 @@ def bit_field(bit: int, encoding: str) -> str:
     return f"mantissa {'MSB' if bit == mantissa - 1 else bit}"
 
 
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """What a perturbation function may read besides the selected values."""
+    scale: float
+    prob: float
+    bits: tuple[int, ...]
+    noise_ref: str
+    encoding: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Perturbation:
+    name: str
+    # (selected values, the whole flat tensor, key, Args) -> new values, traced inside jit.
+    fn: Callable
+    formula: str        # for reports, in the dose s
+    dose: str           # what s means
+    uses_bits: bool = False   # reads ``bits`` / ``prob`` (and takes ``encoding``) instead of the dose
+
+
+def _gauss(sel, flat, key, a: Args):
+    ref = jnp.std(flat.astype(jnp.float32)) if a.noise_ref == "layer_std" else jnp.abs(sel.astype(jnp.float32))
+    return sel + (a.scale * ref * jax.random.normal(key, sel.shape)).astype(sel.dtype)
+
+
+def _bits(sel, flat, key, a: Args):
+    enc = ENCODINGS[a.encoding] if a.encoding else sel.dtype
+    return _flip_bits(sel.astype(enc), key, a.bits, a.prob)
+
+
+PERTURBATIONS = {p.name: p for p in (
+    Perturbation("sign_flip", lambda sel, flat, key, a: sel * (1 - 2 * a.scale), "w(1-2s)",
+                 "s = 1 flips the sign, 0.5 zeroes, 0 leaves w"),
+    Perturbation("zero", lambda sel, flat, key, a: sel * (1 - a.scale), "w(1-s)", "s = 1 sets to zero"),
+    Perturbation("gauss_noise", _gauss, "w + s·σ_layer·ε", "noise of s standard deviations of the layer (or of |w|)"),
+    Perturbation("bit_flip", _bits, "the chosen bits flipped", "not used: the bits (or a per-bit probability) decide",
+                 uses_bits=True),
+)}
+
+
 def _one(w, idx, key, kind, scale, prob, bits, noise_ref, encoding=None):
     flat = w.reshape(-1)
-    sel = flat[idx]
-    if kind == "sign_flip":
-        new = sel * (1 - 2 * scale)
-    elif kind == "zero":
-        new = sel * (1 - scale)
-    elif kind == "gauss_noise":
-        ref = jnp.std(flat.astype(jnp.float32)) if noise_ref == "layer_std" else jnp.abs(sel.astype(jnp.float32))
-        new = sel + (scale * ref * jax.random.normal(key, sel.shape)).astype(w.dtype)
-    elif kind == "bit_flip":
-        enc = ENCODINGS[encoding] if encoding else w.dtype
-        new = _flip_bits(sel.astype(enc), key, bits, prob)
-    else:
-        raise PerturbError(f"unknown perturbation {kind!r}; known: {', '.join(KINDS)}")
+    new = PERTURBATIONS[kind].fn(flat[idx], flat, key, Args(scale, prob, bits, noise_ref, encoding))
     return flat.at[idx].set(new.astype(w.dtype)).reshape(w.shape)
+
+
+def formulas(bits=()) -> str:
+    """Every perturbation's formula, for reports (``bits``: the bit_flip bits in use)."""
+    return "; ".join(f"{p.name}: {p.formula}" + (f" (bits {', '.join(map(str, bits))})" if p.uses_bits and bits
+                                                 else "") for p in PERTURBATIONS.values())
 
 
 def check(kind: str, scale: float = 1.0, prob: float = 0.0, bits=(), dtype=jnp.float32, noise_ref="layer_std",
           encoding: str | None = None):
-    if kind not in KINDS:
-        raise PerturbError(f"unknown perturbation {kind!r}; known: {', '.join(KINDS)}")
+    if kind not in PERTURBATIONS:
+        raise PerturbError(f"unknown perturbation {kind!r}; known: {', '.join(PERTURBATIONS)}")
     if scale < 0:
         raise PerturbError(f"perturb_scale must be >= 0, got {scale}")
     if not 0 <= prob <= 1:
@@ -99,8 +137,8 @@ def check(kind: str, scale: float = 1.0, prob: float = 0.0, bits=(), dtype=jnp.f
     bad = [b for b in bits if not 0 <= int(b) < nbits]
     if bad:
         raise PerturbError(f"bit_flip bits {bad} do not exist in {jnp.dtype(dtype).name} ({nbits} bits)")
-    if kind == "bit_flip" and not bits and prob == 0:
-        raise PerturbError("bit_flip needs bits to flip or perturb_prob > 0")
+    if PERTURBATIONS[kind].uses_bits and not bits and prob == 0:
+        raise PerturbError(f"{kind} needs bits to flip or perturb_prob > 0")
 
 
 def apply(params_flat: dict, selection: dict, kind: str, scale: float = 1.0, key=None, prob: float = 0.0,

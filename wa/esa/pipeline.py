@@ -67,8 +67,9 @@ def check(cfg) -> Plan:
         raise ConfigError("--config.seeds is empty; give at least one seed")
     kinds = as_list(cfg.perturb, str, "perturb")
     for k in kinds:
-        if k not in perturb.KINDS:
-            raise ConfigError(f"--config.perturb: unknown perturbation {k!r}; known: {', '.join(perturb.KINDS)}")
+        if k not in perturb.PERTURBATIONS:
+            raise ConfigError(f"--config.perturb: unknown perturbation {k!r}; known: "
+                              f"{', '.join(perturb.PERTURBATIONS)}")
     scales = as_list(cfg.perturb_scale, float, "perturb_scale")
     if not scales or any(s < 0 for s in scales):
         raise ConfigError(f"--config.perturb_scale={cfg.perturb_scale!r}: scales must be >= 0")
@@ -103,7 +104,8 @@ def check(cfg) -> Plan:
     bits = tuple(as_list(cfg.bit_flip_bits, int, "bit_flip_bits"))
     for k in kinds:
         try:
-            perturb.check(k, max(scales), cfg.perturb_prob, bits if k == "bit_flip" else (), DTYPES[cfg.dtype],
+            perturb.check(k, max(scales), cfg.perturb_prob, bits if perturb.PERTURBATIONS[k].uses_bits else (),
+                          DTYPES[cfg.dtype],
                           cfg.noise_ref)
         except perturb.PerturbError as e:
             raise ConfigError(f"--config.perturb={k}: {e}") from e
@@ -420,7 +422,8 @@ def run(cfg, progress: bool = True) -> dict:
     # listed first, then run cfg.perturb_group parameter sets per compiled call.
     cells, jobs = [], []
     for kind, scale in itertools.product(plan.kinds, plan.scales):
-        kw = dict(kind=kind, scale=scale, prob=cfg.perturb_prob, bits=plan.bits if kind == "bit_flip" else (),
+        kw = dict(kind=kind, scale=scale, prob=cfg.perturb_prob,
+                  bits=plan.bits if perturb.PERTURBATIONS[kind].uses_bits else (),
                   noise_ref=cfg.noise_ref)
         for seed in plan.seeds:
             for r in range(cfg.random_draws if "random_k" in plan.controls else 0):

@@ -10,7 +10,7 @@ import numpy as np
 
 from wa import models, report, runs
 from wa.data import paths
-from wa.esa import pipeline, saliency, select
+from wa.esa import perturb, pipeline, saliency, select
 from wa.models import gguf_io
 from wa.parallel import rules as rules_lib
 from wa.report import plots
@@ -367,8 +367,8 @@ def render(summary, cfg, figures) -> str:
 - Held-out perplexity: {summary['heldout_tokens']:,} loss terms (tokens for a causal LM; sequences for an
   encoder, whose "perplexity" is exp of its contrastive loss) from the last {100 * cfg.heldout_fraction:.0f}% of
   documents, base perplexity **{summary['ppl_base']:.4f}** ({summary['nll_base']:.4f} nats/token).
-- Perturbations: {', '.join(summary['perturb'])} at doses {summary['perturb_scale']} (sign_flip: w(1-2s);
-  zero: w(1-s); gauss_noise: w + s·σ_layer·ε; bit_flip: bits {cfg.bit_flip_bits}).
+- Perturbations: {', '.join(summary['perturb'])} at doses {summary['perturb_scale']} ({perturb.formulas(
+    pipeline.as_list(cfg.bit_flip_bits, int, "bit_flip_bits"))}).
 - Statistics: ΔPPL = perplexity after − before; mean over seeds (random-k: over seeds × draws) with a
   percentile-bootstrap 95% CI; one-sided Mann–Whitney U test of top-k ΔPPL > random-k ΔPPL.
 

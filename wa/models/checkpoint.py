@@ -26,7 +26,7 @@ import msgpack
 import numpy as np
 import transformers
 from absl import logging
-from flax import serialization
+from flax import serialization, traverse_util
 from jax.sharding import Mesh
 
 from wa import errors, runs
@@ -440,7 +440,7 @@ def load(path: str, mesh: Mesh | str | None = None, rules=None, dtype=None,
         want = np.dtype(dtype) if dtype is not None else (
             np.float32 if np.issubdtype(sd.dtype, np.floating) else sd.dtype)
         placed[p] = _place(p, sources.pop(p), sd.shape, want, flat_shardings[p])
-    params = _unflatten(placed)
+    params = traverse_util.unflatten_dict(placed, sep="/")
     logging.info("loaded %s (%s, %d tensors, %d parameters) from %s onto mesh %s",
                  path, config.model_type, len(placed),
                  sum(int(np.prod(a.shape)) for a in placed.values()), files, mesh_lib.describe(mesh))
@@ -450,14 +450,3 @@ def load(path: str, mesh: Mesh | str | None = None, rules=None, dtype=None,
 
 def _is_float(dtype) -> bool:
     return np.issubdtype(np.dtype(dtype), np.floating) or np.dtype(dtype).name == "bfloat16"
-
-
-def _unflatten(flat: dict[str, object]) -> dict:
-    tree: dict = {}
-    for p, v in flat.items():
-        node = tree
-        *parents, leaf = p.split("/")
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = v
-    return tree

@@ -27,15 +27,8 @@ class PartitionError(errors.ConfigError):
 
 
 def path_str(keypath) -> str:
-    parts = []
-    for k in keypath:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    """'a/b/kernel' for a jax key path."""
+    return jax.tree_util.keystr(tuple(keypath), simple=True, separator="/")
 
 
 def flatten(tree) -> dict[str, object]:
