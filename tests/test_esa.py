@@ -11,6 +11,7 @@ import pytest
 from configs import esa as esa_configs
 from tests import helpers
 from wa import errors, runs
+from wa.esa import pipeline
 from wa.esa import report as esa_report
 
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
@@ -103,20 +104,33 @@ def test_esa_smoke_writes_every_output(tmp_path):
         in report
 
 
+@pytest.mark.parametrize("fields,message", [
+    ({"topk": 0}, "--config.topk=0.0: topk must be positive, got 0.0"),
+    ({"topk": -5}, "topk must be positive, got -5.0"),
+    ({"perturb_scale": "0.5,-1"}, "--config.perturb_scale='0.5,-1': scales must be >= 0"),
+    ({"perturb": "melt"}, "unknown perturbation 'melt'"),
+    ({"perturb": "bit_flip", "bit_flip_bits": "40"}, "bits [40] do not exist in float32"),
+    ({"prune_sparsity": "1.5"}, "--config.prune_sparsity: 1.5 is not a fraction in (0, 1)"),
+])
+def test_bad_config_is_refused_by_check(fields, message):
+    # launch.esa calls pipeline.check before devices, files or compute: checked in-process here, and the
+    # one-line form of such an error once below, through the launcher.
+    cfg = esa_configs.get_config("smoke")
+    for k, v in fields.items():
+        cfg[k] = v
+    with pytest.raises(errors.ConfigError) as e:
+        pipeline.check(cfg)
+    assert message in str(e.value)
+
+
 @pytest.mark.parametrize("override,message", [
     ("--config.metric=fisher", "unknown metric ['fisher']"),
-    ("--config.topk=0", "--config.topk=0.0: topk must be positive, got 0.0"),
-    ("--config.topk=-5", "topk must be positive, got -5.0"),
-    ("--config.perturb_scale=0.5,-1", "--config.perturb_scale='0.5,-1': scales must be >= 0"),
-    ("--config.perturb=melt", "unknown perturbation 'melt'"),
     ("--config.seq_len=4096", "--config.seq_len=4096 exceeds the model's max_position_embeddings=512"),
     ("--config.param_filter=attn_out$", "param_filter 'attn_out$' matches no parameter"),
     ("--config.corpus=/nonexistent.txt", "corpus '/nonexistent.txt' is neither a known corpus"),
-    (("--config.perturb=bit_flip", "--config.bit_flip_bits=40"), "bits [40] do not exist in float32"),
-    ("--config.prune_sparsity=1.5", "--config.prune_sparsity: 1.5 is not a fraction in (0, 1)"),
 ])
 def test_bad_config_fails_before_compute(tmp_path, override, message):
-    r = _esa(tmp_path / "w", *((override,) if isinstance(override, str) else override))
+    r = _esa(tmp_path / "w", override)
     helpers.one_line_error(r, message)
     assert "gradients" not in r.stderr and "base perplexity" not in r.stderr
 

@@ -38,8 +38,6 @@ from wa.models.torch_bin import TorchBin, TorchBinError
 from wa.parallel import mesh as mesh_lib
 from wa.parallel import rules as rules_lib
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # checkpoints are local; never reach for a hub
-
 WEIGHT_FILES = ("flax_model.msgpack", "model.safetensors", "pytorch_model.bin")
 
 
