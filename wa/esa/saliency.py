@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from wa.esa import select
+
 MODES = ("per_layer", "global")
 
 
@@ -83,31 +85,6 @@ def masks(saliency: dict, fraction: float, mode: str):
         raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
     if mode == "per_layer":
         for p, v in saliency.items():
-            yield from _masks_of({p: v}, fraction)
+            yield from select.lowest_masks({p: v}, int(round(fraction * np.size(v))))
     else:
-        yield from _masks_of(saliency, fraction)
-
-
-def _masks_of(saliency: dict, fraction: float):
-    """The round(fraction · n) lowest of all of ``saliency``'s values together, by a partition at the threshold
-    (a full sort of a 135M-parameter model's saliencies took minutes), ties to the earlier path and index."""
-    paths = list(saliency)
-    flat = np.concatenate([np.ravel(saliency[p]) for p in paths])
-    k = int(round(fraction * flat.size))
-    if k == 0:
-        for p in paths:
-            yield p, np.zeros(np.size(saliency[p]), bool)
-        return
-    flat.partition(k - 1)          # in place: the concatenation is already a copy
-    cut = flat[k - 1]
-    below = int((flat[:k] < cut).sum())   # after the partition every value below the cut lies in flat[:k]
-    del flat
-    ties_left = k - below           # how many weights equal to the threshold are still to take
-    for p in paths:
-        v = np.ravel(saliency[p])
-        m = v < cut
-        if ties_left > 0:
-            tied = np.flatnonzero(v == cut)[:ties_left]
-            m[tied] = True
-            ties_left -= len(tied)
-        yield p, m
+        yield from select.lowest_masks(saliency, int(round(fraction * sum(np.size(v) for v in saliency.values()))))

@@ -83,27 +83,45 @@ def top_k(scores: dict, topk, mode: str = "per_layer", param_filter: str = DEFAU
 
 
 def _global_top_k(scores: dict, paths: list, k: int, signed: bool, largest: bool) -> tuple[dict, dict]:
-    """Model-wide: the k best of all values at once, by a partition at the threshold on the host (per-tensor
-    ``top_k`` with k in the hundreds of thousands took minutes per metric on a 135M model); ties at the
-    threshold go to the earlier path, then the lower index; each tensor's picks best first."""
+    """Model-wide: the k best of all values at once (``lowest_masks`` of the keys, negated for the largest; a
+    per-tensor ``top_k`` with k in the hundreds of thousands took minutes per metric on a 135M model); ties at
+    the threshold go to the earlier path, then the lower index; each tensor's picks best first."""
     keys = {p: np.asarray(_rank_key(scores[p], signed)).ravel() for p in paths}
-    if not largest:
+    if largest:
         keys = {p: -v for p, v in keys.items()}
-    flat = np.concatenate([keys[p] for p in paths])
-    cut = np.partition(flat, flat.size - k)[flat.size - k]       # the k-th largest key
-    ties_left = k - int((flat > cut).sum())
     sel, val = {}, {}
-    for p in paths:
-        v = keys[p]
-        tied = np.flatnonzero(v == cut)[:max(ties_left, 0)]
-        ties_left -= len(tied)
-        idx = np.concatenate([np.flatnonzero(v > cut), tied])
+    for p, m in lowest_masks(keys, k):
+        idx = np.flatnonzero(m)
         if len(idx):
-            order = np.lexsort((idx, -v[idx]))                   # best first, ties to the lower index
-            idx = idx[order].astype(np.int64)
+            v = keys[p]
+            idx = idx[np.lexsort((idx, v[idx]))].astype(np.int64)   # best first, ties to the lower index
             sel[p] = idx
-            val[p] = (v[idx] if largest else -v[idx]).astype(np.float64)
+            val[p] = (-v[idx] if largest else v[idx]).astype(np.float64)
     return sel, val
+
+
+def lowest_masks(values: dict, k: int):
+    """Yields (path, flat boolean mask) of the ``k`` lowest of all of ``values`` together, path by path, by a
+    partition at the threshold (no full sort); ties at the threshold go to the earlier path, then the lower
+    index, so exactly k are taken."""
+    paths = list(values)
+    if k == 0:
+        for p in paths:
+            yield p, np.zeros(np.size(values[p]), bool)
+        return
+    flat = np.concatenate([np.ravel(values[p]) for p in paths])
+    flat.partition(k - 1)          # in place: the concatenation is already a copy
+    cut = flat[k - 1]
+    ties_left = k - int((flat[:k] < cut).sum())   # after the partition every value below the cut is in flat[:k]
+    del flat
+    for p in paths:
+        v = np.ravel(values[p])
+        m = v < cut
+        if ties_left > 0:
+            tied = np.flatnonzero(v == cut)[:ties_left]
+            m[tied] = True
+            ties_left -= len(tied)
+        yield p, m
 
 
 def random_k(scores: dict, topk, mode: str, param_filter: str, seed: int) -> dict:
