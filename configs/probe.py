@@ -16,41 +16,21 @@ Re-running with the same workdir resumes training from the last finished epoch. 
 
 import ml_collections
 
-MULTI_RESOLUTION = ("nwpa_stats", "weightnet_stats", "nfn_stats")
-LEARNERS = ("nwpa", "weightnet", "nfn", *MULTI_RESOLUTION, "weightnet_flat", "weightnet_canonical",
-            "weightnet_no_layer_types", "stats_gbt", "stats_mlp", "pca_linear", "flat_mlp")
+from wa import learners
+
+# Each learner's settings, smoke settings and ablations are its record (``wa.learners``, beside its class).
+VARIANTS = learners.variants()
+LEARNERS = tuple(VARIANTS)
+MULTI_RESOLUTION = tuple(v for v, (_, role, _) in VARIANTS.items() if role == "multi_resolution")
 
 
 def model(variant: str) -> tuple[str, ml_collections.ConfigDict]:
-    if variant in MULTI_RESOLUTION:
-        # The structure learner with the per-layer statistics fused into its pooled embedding.
-        name, m = model(variant.removesuffix("_stats"))
-        m.stats = True
-        return name, m
-    m = ml_collections.ConfigDict()
-    if variant == "nwpa":
-        # max_input_tokens: a larger input layer (28x28 pixels) is read as per-neuron rows, not as nodes.
-        m.update(dim=32, layers=2, heads=2, node_dropout=0.05, edge_dropout=0.1, dense=True, normalize=True, clip=8.0,
-                 stats=False, max_input_tokens=256)
-        return "nwpa", m
-    if variant == "nfn":
-        m.update(channels=16, layers=2, layer="auto", dim=64, normalize=True, clip=8.0, stats=False)
-        return "nfn", m
-    if variant.startswith("weightnet"):
-        m.update(dim=32, layers=2, heads=2, edge_dim=8, dropout=0.0, mode="equivariant", layer_types=True, dense=True,
-                 normalize=True, clip=8.0, stats=False, permute_augment=False, max_input_tokens=256)
-        m.mode = {"weightnet_flat": "flat", "weightnet_canonical": "canonical"}.get(variant, "equivariant")
-        m.layer_types = variant != "weightnet_no_layer_types"
-        return "weightnet", m
-    if variant == "stats_gbt":
-        m.update(iters=300, lr=0.05, min_leaf=20)
-    elif variant == "pca_linear":
-        m.update(components=64, alpha=1.0, c=1.0, clip=8.0)
-    elif variant in ("stats_mlp", "flat_mlp"):
-        m.update(dim=256, layers=2, dropout=0.1, clip=8.0, permute_augment=False)
-    else:
-        raise ValueError(f"configs/probe.py: unknown variant {variant!r}; use one of {LEARNERS} (optionally ',smoke')")
-    return variant, m
+    known = learners.variants()
+    if variant not in known:
+        raise ValueError(f"configs/probe.py: unknown variant {variant!r}; use one of {tuple(known)} (optionally "
+                         "',smoke')")
+    name, _, overrides = known[variant]
+    return name, ml_collections.ConfigDict({**learners.LEARNERS[name].config, **overrides})
 
 
 def get_config(arg: str = "nwpa") -> ml_collections.ConfigDict:
@@ -78,16 +58,5 @@ def get_config(arg: str = "nwpa") -> ml_collections.ConfigDict:
         c.split.fractions = (0.5, 0.25, 0.25)
         c.train.update(epochs=2, batch_size=8)
         c.permutation.networks = 4
-        if c.learner in ("nwpa", "weightnet"):
-            c.model.update(dim=16, layers=1, heads=2)
-            if c.learner == "weightnet":
-                c.model.edge_dim = 4
-        elif c.learner == "nfn":
-            c.model.update(channels=4, layers=1, dim=16)
-        elif c.learner == "stats_gbt":
-            c.model.update(iters=10, min_leaf=2)
-        elif c.learner == "pca_linear":
-            c.model.components = 4
-        else:
-            c.model.update(dim=16, layers=1)
+        c.model.update(learners.LEARNERS[c.learner].smoke)
     return c

@@ -43,7 +43,7 @@ def time_path(variant: str, dense: bool, ws, parts) -> dict:
     cfg = probe_configs.get_config(variant)
     if "dense" in cfg.model:
         cfg.model.dense = dense
-    ws, parts, _ = probe.readable(ws, parts, learners.LEARNERS[cfg.learner].families, variant)
+    ws, parts, _ = probe.readable(ws, parts, learners.LEARNERS[cfg.learner].cls.families, variant)
     targets = data_lib.targets(ws.rows, dict(cfg.tasks), parts["train"])
     learner = learners.get(cfg.learner, cfg.model, targets)
     t0 = time.time()

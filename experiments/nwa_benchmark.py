@@ -55,8 +55,8 @@ flags.DEFINE_bool("smoke", False, "Tiny models and 2 epochs (tests).")
 FLAGS = flags.FLAGS
 
 HEADLINE = {"class": ("accuracy", "f1"), "regression": ("r2", "kendall_tau", "mae")}
-STRUCTURE = ("nwpa", "weightnet", "nfn", *probe_configs.MULTI_RESOLUTION)
-ABLATIONS = ("weightnet_flat", "weightnet_canonical", "weightnet_no_layer_types")
+STRUCTURE = tuple(v for v, (_, role, _) in probe_configs.VARIANTS.items() if role in ("structure", "multi_resolution"))
+ABLATIONS = tuple(v for v, (_, role, _) in probe_configs.VARIANTS.items() if role == "ablation")
 GRAPH = (*STRUCTURE, *ABLATIONS)
 MARGIN = 0.03   # a structure learner's test-accuracy τ must exceed the statistics baseline's by this much
 # The NWA proposal's expected outcomes: (task, metric, threshold or None for "above the statistics baseline").

@@ -12,8 +12,7 @@ from absl import flags
 
 from launch import common
 from wa import runs
-from wa.esa import pipeline
-from wa.esa import report as esa_report
+from wa.esa import job, pipeline
 
 _CONFIG = common.config_flag("configs/esa.py:stories260k", "ESA config.")
 flags.DEFINE_string("workdir", None, "Run folder; default runs/esa-<UTC time>.")
@@ -26,7 +25,7 @@ def main(argv):
     pipeline.check(cfg)  # config errors before devices, files or compute
     workdir = runs.writable(FLAGS.workdir, "esa")
     common.start()
-    _, summary = esa_report.run(cfg, workdir, FLAGS.overwrite)
+    _, summary = job.run(cfg, workdir, FLAGS.overwrite)
     if common.is_chief():
         for m, e in summary["per_metric"].items():
             main = e["perturb_main"]

@@ -16,8 +16,7 @@ from absl import flags, logging
 from launch import common
 from wa import errors, models, report, runs
 from wa.data import paths, text, tokenizers
-from wa.esa import evaluate, pipeline
-from wa.esa import report as esa_report
+from wa.esa import evaluate, job, pipeline, verdicts
 from wa.models import gguf_io, sampling, summary
 
 _CONFIG = common.config_flag("configs/main.py:default", "Job config.")
@@ -59,10 +58,7 @@ def main(argv):
     if loaded.family.kind != "causal_lm":
         raise errors.ConfigError(f"--config.checkpoint={cfg.checkpoint!r} is a {loaded.family.kind}; "
                          "perplexity needs a causal LM")
-    max_len = getattr(loaded.config, "max_position_embeddings", None)
-    if max_len and cfg.seq_len > max_len:
-        raise errors.ConfigError(f"--config.seq_len={cfg.seq_len} exceeds the model's "
-                         f"max_position_embeddings={max_len}")
+    pipeline.check_seq_len(loaded, cfg.seq_len)
     rows = summary.param_rows(loaded)
     tot = summary.totals(rows)
     t_load = time.time() - t0
@@ -105,10 +101,10 @@ def main(argv):
     if esa_cfg is not None:
         esa_dir = os.path.join(workdir, "esa")
         os.makedirs(esa_dir, exist_ok=True)
-        _, s = esa_report.run(esa_cfg, esa_dir, FLAGS.overwrite)
+        _, s = job.run(esa_cfg, esa_dir, FLAGS.overwrite)
         if common.is_chief():
-            v = esa_report.verdicts(s)
-            met = [x for x in v if x["verdict"] == "met"]
+            v = verdicts.verdicts(s)
+            met = [x for x in v if x.met]
             print(f"critical weight analysis: {len(met)} of {len(v)} ESA success criteria met; "
                   f"report in {esa_dir}/report.md")
     folder.finish(["config.json", "params.json", "summary.json", "report.md"]

@@ -11,8 +11,7 @@ import pytest
 from configs import esa as esa_configs
 from tests import helpers
 from wa import errors, runs
-from wa.esa import pipeline
-from wa.esa import report as esa_report
+from wa.esa import job, pipeline
 
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
@@ -93,7 +92,7 @@ def test_esa_smoke_writes_every_output(tmp_path):
     other.topk = 0.01
     with pytest.raises(errors.RunError, match=r"holds another run, so it cannot be resumed: config.metric: .*; "
                                               r"config.perturb: .*; config.topk: 0.002 in the folder, 0.01 now\."):
-        esa_report.run(other, str(tmp_path))
+        job.run(other, str(tmp_path))
     report = open(tmp_path / "report.md").read()
     assert "## Verdict against the ESA success criteria" in report and "DESIGN" not in report
     assert f"{s['ppl_base']:.4f}" in report

@@ -276,6 +276,32 @@ def test_baselines_learn_architecture_from_statistics():
             assert p["embedding"].shape == (9, 8)
 
 
+def test_a_learner_is_one_record(monkeypatch):
+    """One registered Entry is all configs/probe.py, the probe's checks and learners.get need; a structure learner
+    with a ``stats`` setting also gets its multi-resolution variant, and its ablations are variants."""
+    from wa.learners import base, baselines, nwpa, probe
+    monkeypatch.setitem(learners.LEARNERS, "pca_small", learners.Entry(
+        "pca_small", baselines.PCALinear, config=dict(components=3, alpha=1.0, c=1.0, clip=8.0),
+        smoke=dict(components=2)))
+    monkeypatch.setitem(learners.LEARNERS, "nwpa_wide", learners.Entry(
+        "nwpa_wide", nwpa.Learner, structure=True, config={**learners.LEARNERS["nwpa"].config, "dim": 64},
+        smoke=dict(dim=8, layers=1, heads=2), ablations={"nwpa_wide_no_dropout": dict(node_dropout=0.0)}))
+    v = learners.variants()
+    assert v["pca_small"] == ("pca_small", "baseline", {})
+    assert v["nwpa_wide_stats"] == ("nwpa_wide", "multi_resolution", {"stats": True})
+    assert v["nwpa_wide_no_dropout"] == ("nwpa_wide", "ablation", {"node_dropout": 0.0})
+    roles = [role for _, role, _ in v.values()]
+    assert roles == sorted(roles, key=base.ROLES.index)
+    c = probe_configs.get_config("pca_small,smoke")
+    assert c.learner == "pca_small" and c.model.components == 2 and c.model.alpha == 1.0
+    probe.check(c)
+    assert isinstance(learners.get(c.learner, c.model, None), baselines.PCALinear)
+    c = probe_configs.get_config("nwpa_wide_no_dropout")
+    assert (c.learner, c.model.dim, c.model.node_dropout, c.model.edge_dropout) == ("nwpa_wide", 64, 0.0, 0.1)
+    assert probe_configs.get_config("nwpa_wide_stats,smoke").model.to_dict() == {
+        **learners.LEARNERS["nwpa"].config, "stats": True, "dim": 8, "layers": 1, "heads": 2}
+
+
 def test_probe_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path):
     zoo = tmp_path / "zoo"
     helpers.run_launch("launch.make_zoo", "--config", "configs/zoo.py:smoke", "--workdir", str(zoo))

@@ -1,5 +1,6 @@
 """Weight views: networks as jraph graphs."""
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -117,3 +118,43 @@ def test_tokens_are_the_graph_densely_and_permute_with_hidden_units():
     np.testing.assert_array_equal(q["x"], t["x"][order])
     with pytest.raises(tokens.TokenError, match="more than max_tokens=50"):
         tokens.to_tokens(graph.to_graph(p, "mlp", "relu"), max_tokens=50)
+
+
+class _Gated(archs.Net):
+    """A family wa does not know: ``depth`` dense layers named ``gate_i``, then a head."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, rate=0.0):
+        x = x.reshape(x.shape[0], -1)
+        for i in range(self.depth):
+            x = archs.ACTIVATIONS[self.activation](
+                nn.Dense(self.width, kernel_init=self.kernel_init, name=f"gate_{i}")(x))
+        return nn.Dense(self.n_classes, kernel_init=self.kernel_init, name="head")(x)
+
+
+def test_a_zoo_family_is_one_record(monkeypatch):
+    """Registering one ZooFamily is all the architecture, graph, statistics, permutation and NFN views need."""
+    from wa.learners import nfn
+    from wa.weights import canonical, stats
+    monkeypatch.setitem(archs.FAMILIES, "gated", archs.ZooFamily(
+        "gated", _Gated, layers=archs.chain_layers("gate", "dense"), permutable=("dense",), min_depth=2))
+    arch = archs.Arch("gated", 2, 5, "tanh")
+    arch.check((8, 8, 1))
+    with pytest.raises(archs.ArchError, match="depth must be >= 2"):
+        archs.Arch("gated", 1, 5, "tanh").check()
+    assert arch.layout_id == "gated-d2-w5" and arch.describe()["family"] == "gated"
+    p = _params(arch)
+    g = graph.to_graph(p, "gated", "tanh")
+    assert g.n_node.tolist() == [64 + 5 + 5 + 10] and g.n_edge.tolist() == [64 * 5 + 5 * 5 + 5 * 10]
+    assert [n for n, *_ in stats.tensors(p, "gated")] == ["gate_0", "gate_1", "head"]
+    assert stats.features(p, "gated")[0].shape == (3 * 2 * len(stats.STATS),)
+    assert canonical.pairs(p, "gated") == [(("gate_0",), ("gate_1",)), (("gate_1",), ("head",))]
+    q = canonical.permute(p, "gated", canonical.random_perms(p, "gated", np.random.default_rng(0)))
+    x = np.random.default_rng(1).uniform(size=(4, 8, 8, 1)).astype(np.float32)
+    m = arch.module(10)
+    np.testing.assert_allclose(m.apply({"params": q}, x), m.apply({"params": p}, x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(canonical.canonicalize(q, "gated")["gate_0"]["kernel"],
+                               canonical.canonicalize(p, "gated")["gate_0"]["kernel"], rtol=1e-6)
+    assert "gated" in nfn.chain_families()
+    with pytest.raises(archs.ArchError, match="family 'gated' has no knob 'patch'"):
+        archs.Arch("gated", 2, 5, "tanh", (("patch", 4),))

@@ -102,7 +102,7 @@ def test_patch_conv_equals_flax_conv(size, stride):
 
 def test_every_architecture_runs(digits):
     for arch in (archs.Arch("mlp", 2, 8, "gelu"), archs.Arch("cnn", 3, 4, "relu"),
-                 archs.Arch("transformer", 1, 8, "silu", patch=4)):
+                 archs.Arch("transformer", 1, 8, "silu", (("patch", 4),))):
         m = arch.module(10)
         params = jax.jit(m.init)(jax.random.key(0), digits.x_test[:2])["params"]
         out = jax.jit(m.apply)({"params": params}, digits.x_test[:5])
@@ -110,7 +110,7 @@ def test_every_architecture_runs(digits):
     with pytest.raises(archs.ArchError, match="unknown activation 'swishy'"):
         archs.Arch("mlp", 1, 8, "swishy").check()
     with pytest.raises(archs.ArchError, match="patch 3 does not tile 8x8"):
-        archs.Arch("transformer", 1, 8, "relu", patch=3).check((8, 8, 1))
+        archs.Arch("transformer", 1, 8, "relu", (("patch", 3),)).check((8, 8, 1))
 
 
 # ---- properties against independent computations on a linear model --------------------------------------
@@ -296,7 +296,7 @@ def test_make_zoo_smoke_store_and_queries(tmp_path):
     np.testing.assert_array_equal(z.load_flat(int(child["model_id"]), 0), z.load_flat(int(child["parent_id"])))
     params = z.load(int(child["model_id"]))
     arch = archs.Arch(child["family"], int(child["arch_depth"]), int(child["arch_width"]), child["activation"],
-                      int(child["patch"]) or 4)
+                      (("patch", int(child["patch"])),) if child["family"] == "transformer" else ())
     x = images.load("digits").x_test
     logits = arch.module(10).apply({"params": params}, x)
     acc = float((np.asarray(logits).argmax(-1) == images.load("digits").y_test).mean())

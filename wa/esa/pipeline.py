@@ -1,7 +1,12 @@
-"""The ESA experiment: score -> select -> stability -> perturb -> evaluate -> statistics.
+"""The ESA experiment as stages, each returning a frozen record:
 
-``run(cfg, workdir)`` is everything ``launch.esa`` does; every config error is raised by
-``check`` / ``prepare`` before the first gradient is taken.
+  setup -> Setup  ->  score -> (Scores, Selections)  ->  compare -> Agreement  ->  perturb_sets, prune_study,
+  fault_study, super_weight_study -> Perturbations  ->  summarize (the statistics: summary.json's figures)
+  ->  wa.esa.verdicts (the criteria)
+
+``run(cfg)`` calls them in order and returns the ``Analysis``; ``wa.esa.job.run`` adds the run folder and
+``wa.esa.report`` renders. Every config error is raised by ``check`` (no model needed) or ``setup`` before the
+first gradient is taken.
 """
 
 from __future__ import annotations
@@ -140,10 +145,14 @@ class Data:
     heldout_documents: int
 
 
-def prepare_data(cfg, loaded, ckpt) -> Data:
+def check_seq_len(loaded, seq_len: int) -> None:
     max_len = getattr(loaded.config, "max_position_embeddings", None)
-    if max_len and cfg.seq_len > max_len:
-        raise ConfigError(f"--config.seq_len={cfg.seq_len} exceeds the model's max_position_embeddings={max_len}")
+    if max_len and seq_len > max_len:
+        raise ConfigError(f"--config.seq_len={seq_len} exceeds the model's max_position_embeddings={max_len}")
+
+
+def prepare_data(cfg, loaded, ckpt) -> Data:
+    check_seq_len(loaded, cfg.seq_len)
     docs = text.documents(text.read(cfg.corpus), cfg.doc_split)
     n_eval = max(1, int(round(len(docs) * cfg.heldout_fraction)))
     if len(docs) - n_eval < 1:
@@ -270,7 +279,7 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True) -
     Magnitude pruning is always included as the baseline; the other saliencies need their score among the
     metrics. Scores are the first seed's. One saliency and one pruned model exist at a time.
     """
-    kept = list(first[plan.metrics[0]][0])
+    kept = list(first[plan.metrics[0]])
     weights = {p: flat[p] for p in kept}
     names = ["magnitude"] + [n for n in saliency.available(plan.metrics) if n != "magnitude"]
     sparsities = as_list(cfg.prune_sparsity, float, "prune_sparsity")
@@ -278,7 +287,7 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True) -
 
     def pruned():
         for name in names:
-            src = weights if name == "magnitude" else first[saliency.SALIENCIES[name].metric][0]
+            src = weights if name == "magnitude" else first[saliency.SALIENCIES[name].metric]
             sal = saliency.compute(name, src, weights)
             for sp in sparsities:
                 for mode in plan.prune_modes:
@@ -317,8 +326,75 @@ def check_topk(cfg, sizes: dict) -> None:
                           "random-k and bottom-k would be the same set; use a smaller count or a fraction in (0, 1)")
 
 
-def run(cfg, progress: bool = True) -> dict:
-    """Runs the whole analysis; returns everything the report needs."""
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The checked config, the sharded model and its data, and the base perplexity: what every stage reads."""
+    cfg: object
+    plan: Plan
+    loaded: models.Loaded
+    flat: dict            # path -> sharded parameter
+    kept: list            # the paths that compete for selection (``param_filter``)
+    data: Data
+    windows: dict         # seed -> its calibration windows (disjoint between seeds)
+    base: dict            # ``evaluate.evaluate`` of the unperturbed model on the held-out windows
+    t0: float             # when compute started (stage logs are relative to it)
+
+    @property
+    def n_kept(self) -> int:
+        return sum(int(np.prod(self.flat[p].shape)) for p in self.kept)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scores:
+    """What is kept of the scores: the first seed's (plots, topk.csv, pruning and the architecture analysis read
+    them) and per-seed figures; later seeds' scores are dropped once their top-k is taken."""
+    first: dict       # metric -> {path: score array} of the first seed, on the kept paths
+    heavy: dict       # metric -> [``select.heavy_tail`` figures, one per seed]
+    seconds: dict     # metric -> seconds spent scoring it (a shared gradient pass split evenly)
+    batches: list     # the first seed's calibration batches (the super-weight study reads their activations)
+
+
+@dataclasses.dataclass(frozen=True)
+class Selections:
+    top: dict         # (metric, seed) -> top-k
+    bottom: dict      # (metric, seed) -> bottom-k (with the bottom_k control)
+    curve: dict       # (metric, seed) -> {windows: top-k after that many windows} (per-window metrics)
+    points: list      # the stability curve's window counts
+    k: int            # weights per set
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    stability: dict   # metric -> mean top-k Jaccard over seed pairs (NaN without the stability check)
+    curves: dict      # metric -> {"windows", "tokens_per_seed", "jaccard"}
+    keys: list        # (metric, seed) rows and columns of ``jaccard``
+    jaccard: list     # Jaccard of every pair of top-k sets in ``keys``
+    overlap: dict     # "a|b" -> top-k overlap of metrics a and b, mean over seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class Perturbations:
+    results: dict             # (metric, kind, dose) -> {"topk", "random_k", "bottom_k": [ΔPPL, ...]}
+    pruning: dict | None      # sparsity -> saliency -> mode -> perplexity
+    faults: dict | None       # encoding -> bit -> {"field", "topk": {metric: ΔPPL}, "random_k": [ΔPPL]}
+    super_weights: dict | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Analysis:
+    """Every stage's result; ``summarize`` turns it into the figures, ``wa.esa.report`` renders both."""
+    setup: Setup
+    scores: Scores
+    selections: Selections
+    agreement: Agreement
+    perturbations: Perturbations
+    architecture: dict | None
+    seconds_total: float
+
+
+def setup(cfg, progress: bool = True) -> Setup:
+    """Checks the config, loads the model, prepares the data and measures the base perplexity; every error that
+    needs the model or data is raised here, before the first gradient."""
     plan = check(cfg)
     ckpt = paths.checkpoint(cfg.model)
     models.read_config(ckpt)  # a missing or unknown checkpoint fails here, before loading weights
@@ -333,17 +409,22 @@ def run(cfg, progress: bool = True) -> dict:
     base = evaluate.evaluate(loaded, loaded.params, data.eval_ids, data.eval_mask, cfg.batch_size,
                              progress=progress, desc="base perplexity")
     logging.info("base perplexity %.4f on %d held-out tokens", base["ppl"], base["tokens"])
+    return Setup(cfg, plan, loaded, flat, kept, data, windows, base, t0)
 
-    sels: dict = {}     # (metric, seed) -> top-k selection
-    bottoms: dict = {}  # (metric, seed) -> bottom-k selection
-    first: dict = {}    # metric -> (scores on kept paths, top-k values) of the first seed
+
+def score(s: Setup, progress: bool = True) -> tuple[Scores, Selections]:
+    """Every metric on every seed's calibration windows, and its top-k (bottom-k, stability-curve points)."""
+    cfg, plan, loaded, kept = s.cfg, s.plan, s.loaded, s.kept
+    sels: dict = {}
+    bottoms: dict = {}
+    first: dict = {}
     heavy: dict = {}
     timing: dict = {m: 0.0 for m in plan.metrics}
     first_batches = None
     points = stability_points(cfg)
-    curve_sels: dict = {}   # (metric, seed) -> {windows: top-k selection of the score after that many windows}
+    curve_sels: dict = {}
     for seed in plan.seeds:
-        batches = calibration_batches(loaded, data, cfg, windows[seed])
+        batches = calibration_batches(loaded, s.data, cfg, s.windows[seed])
         first_batches = first_batches or batches
         cal = scores.Calibration(loaded, batches, jax.random.key(seed), cfg.probes, cfg.probe_chunk, progress,
                                  cfg.window_chunk)
@@ -384,7 +465,7 @@ def run(cfg, progress: bool = True) -> dict:
             missing = [p for p in kept if p not in sc]
             if missing:
                 raise ConfigError(f"metric {metric!r} does not score {missing[:3]}; narrow --config.param_filter")
-            sel, vals = select.top_k(sc, cfg.topk, cfg.mode, cfg.param_filter, signed)
+            sel = select.top_k(sc, cfg.topk, cfg.mode, cfg.param_filter, signed)[0]
             sels[metric, seed] = sel
             if (metric, seed) in curve_sels:
                 curve_sels[metric, seed][cfg.max_samples] = sel
@@ -393,33 +474,39 @@ def run(cfg, progress: bool = True) -> dict:
                                                      largest=False)[0]
             heavy.setdefault(metric, []).append(select.heavy_tail(sc, cfg.param_filter, signed))
             if metric not in first:
-                first[metric] = ({p: np.asarray(v) for p, v in sc.items()}, vals)
+                first[metric] = {p: np.asarray(v) for p, v in sc.items()}
             del sc
-        _stage_done(f"scores of seed {seed}", t0)
-    k_total = select.size(next(iter(sels.values())))
-    super_w = None
-    if cfg.super_weights:
-        super_w = super_weight_study(loaded, flat, kept, data, cfg, base["ppl"], first_batches)
-        _stage_done("super weights", t0)
+        _stage_done(f"scores of seed {seed}", s.t0)
+    return (Scores(first, heavy, timing, first_batches),
+            Selections(sels, bottoms, curve_sels, points, select.size(next(iter(sels.values())))))
 
-    # Stability across seeds, agreement across metrics.
+
+def compare(s: Setup, sel: Selections) -> Agreement:
+    """Stability across seeds (disjoint windows), its curve over calibration size, agreement across metrics."""
+    cfg, plan = s.cfg, s.plan
     stability = {}
     for m in plan.metrics:
-        pairs = [select.jaccard(sels[m, a], sels[m, b]) for a, b in itertools.combinations(plan.seeds, 2)]
+        pairs = [select.jaccard(sel.top[m, a], sel.top[m, b]) for a, b in itertools.combinations(plan.seeds, 2)]
         stability[m] = float(np.mean(pairs)) if pairs and cfg.stability_check else float("nan")
     curves = {}
-    for m in {m for m, _ in curve_sels}:
-        curves[m] = {"windows": points, "tokens_per_seed": [n * (cfg.seq_len - 1) for n in points], "jaccard": [
-            float(np.mean([select.jaccard(curve_sels[m, a][n], curve_sels[m, b][n])
-                           for a, b in itertools.combinations(plan.seeds, 2)])) for n in points]}
-    keys = [(m, s) for m in plan.metrics for s in (plan.seeds if cfg.stability_check else plan.seeds[:1])]
-    jac_matrix = [[select.jaccard(sels[a], sels[b]) for b in keys] for a in keys]
-    agreement = {}
-    for a, b in itertools.combinations(plan.metrics, 2):
-        agreement[f"{a}|{b}"] = float(np.mean([select.overlap(sels[a, s], sels[b, s]) for s in plan.seeds]))
+    for m in {m for m, _ in sel.curve}:
+        curves[m] = {"windows": sel.points, "tokens_per_seed": [n * (cfg.seq_len - 1) for n in sel.points],
+                     "jaccard": [float(np.mean([select.jaccard(sel.curve[m, a][n], sel.curve[m, b][n])
+                                                for a, b in itertools.combinations(plan.seeds, 2)]))
+                                 for n in sel.points]}
+    keys = [(m, seed) for m in plan.metrics for seed in (plan.seeds if cfg.stability_check else plan.seeds[:1])]
+    matrix = [[select.jaccard(sel.top[a], sel.top[b]) for b in keys] for a in keys]
+    overlap = {f"{a}|{b}": float(np.mean([select.overlap(sel.top[a, seed], sel.top[b, seed])
+                                          for seed in plan.seeds]))
+               for a, b in itertools.combinations(plan.metrics, 2)}
+    return Agreement(stability, curves, keys, matrix, overlap)
 
-    # Perturbation: the random-k null depends only on sizes, so it is shared by all metrics. Every evaluation is
-    # listed first, then run cfg.perturb_group parameter sets per compiled call.
+
+def perturb_sets(s: Setup, sel: Selections, progress: bool = True) -> dict:
+    """ΔPPL of every perturbation × dose × metric × seed on the top-k and the controls. The random-k null
+    depends only on sizes, so all metrics share it. Every evaluation is listed first, then run
+    ``cfg.perturb_group`` parameter sets per compiled call."""
+    cfg, plan, flat = s.cfg, s.plan, s.flat
     cells, jobs = [], []
     for kind, scale in itertools.product(plan.kinds, plan.scales):
         kw = dict(kind=kind, scale=scale, prob=cfg.perturb_prob,
@@ -433,22 +520,21 @@ def run(cfg, progress: bool = True) -> dict:
             for seed in plan.seeds:
                 kw_seed = dict(kw, key=jax.random.key(seed))
                 cells.append((kind, scale, "topk", m))
-                jobs.append((sels[m, seed], kw_seed))
+                jobs.append((sel.top[m, seed], kw_seed))
                 if "bottom_k" in plan.controls:
                     cells.append((kind, scale, "bottom_k", m))
-                    jobs.append((bottoms[m, seed], kw_seed))
-    k_any = select.size(next(iter(sels.values())))
+                    jobs.append((sel.bottom[m, seed], kw_seed))
 
     def materialize(jobs):
-        for sel, kw in jobs:
-            if isinstance(sel, tuple):  # a random-k draw, drawn when its group is evaluated
-                sel = select.random_k(flat, cfg.topk, cfg.mode, cfg.param_filter, sel[1])
-                assert select.size(sel) == k_any
-            yield sel, kw
+        for one, kw in jobs:
+            if isinstance(one, tuple):  # a random-k draw, drawn when its group is evaluated
+                one = select.random_k(flat, cfg.topk, cfg.mode, cfg.param_filter, one[1])
+                assert select.size(one) == sel.k
+            yield one, kw
 
     from tqdm import tqdm
     bar = tqdm(total=len(jobs), desc="perturb", disable=not progress or jax.process_index() > 0)
-    deltas = _deltas(loaded, kept, data, cfg, base["ppl"], _applied(flat, materialize(jobs)), bar)
+    deltas = _deltas(s.loaded, s.kept, s.data, cfg, s.base["ppl"], _applied(flat, materialize(jobs)), bar)
     bar.close()
     results = {key: {"topk": [], "random_k": [], "bottom_k": []}
                for key in itertools.product(plan.metrics, plan.kinds, plan.scales)}
@@ -460,57 +546,66 @@ def run(cfg, progress: bool = True) -> dict:
             results[m, kind, scale][group].append(d)
     for (_, kind, scale), r in results.items():
         r["random_k"] = list(rand.get((kind, scale), []))
+    return results
 
-    _stage_done("perturbations", t0)
+
+def run(cfg, progress: bool = True) -> Analysis:
+    """Every stage, in order; host memory is handed back between them."""
+    s = setup(cfg, progress)
+    sc, sel = score(s, progress)
+    super_w = None
+    if cfg.super_weights:
+        super_w = super_weight_study(s.loaded, s.flat, s.kept, s.data, cfg, s.base["ppl"], sc.batches)
+        _stage_done("super weights", s.t0)
+    agreement = compare(s, sel)
+    results = perturb_sets(s, sel, progress)
+    _stage_done("perturbations", s.t0)
     pruning = None
     if cfg.prune_sparsity:
-        pruning = prune_study(loaded, flat, first, data, cfg, base["ppl"], plan, progress)
-        _stage_done("pruning", t0)
-    faults = fault_study(loaded, flat, kept, sels, data, cfg, base["ppl"], plan, progress)
-    arch = {m: architecture.analyze(first[m][0], loaded.describe, cfg.topk, scores.SCORES[m].signed)
-            for m in plan.metrics} if cfg.get("architecture", True) else None
-    return dict(cfg=cfg, plan=plan, loaded=loaded, data=data, base=base, sels=sels, first=first, heavy=heavy,
-                pruning=pruning, stability_curves=curves, faults=faults, architecture=arch,
-                stability=stability, jac_keys=keys, jac_matrix=jac_matrix, agreement=agreement, results=results,
-                k_total=k_total, super_weights=super_w, kept=kept,
-                n_kept=sum(int(np.prod(flat[p].shape)) for p in kept),
-                seconds_scores=timing, seconds_total=time.time() - t0)
+        pruning = prune_study(s.loaded, s.flat, sc.first, s.data, cfg, s.base["ppl"], s.plan, progress)
+        _stage_done("pruning", s.t0)
+    faults = fault_study(s.loaded, s.flat, s.kept, sel.top, s.data, cfg, s.base["ppl"], s.plan, progress)
+    arch = {m: architecture.analyze(sc.first[m], s.loaded.describe, cfg.topk, scores.SCORES[m].signed)
+            for m in s.plan.metrics} if cfg.get("architecture", True) else None
+    return Analysis(s, sc, sel, agreement, Perturbations(results, pruning, faults, super_w), arch,
+                    time.time() - s.t0)
 
 
-def summarize(r: dict) -> dict:
-    """summary.json: the figures, per metric, with CIs and tests."""
-    cfg, plan, loaded = r["cfg"], r["plan"], r["loaded"]
+def summarize(a: Analysis) -> dict:
+    """The statistics stage: summary.json's figures, per metric, with CIs and tests."""
+    st, pt = a.setup, a.perturbations
+    cfg, plan, loaded = st.cfg, st.plan, st.loaded
     n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(loaded.params)))
     out = {
         "model": cfg.model, "checkpoint": loaded.path, "model_type": loaded.config.model_type,
         "quantization": loaded.quantization,
-        "n_params": n_params, "n_scored": r["n_kept"], "metrics": plan.metrics, "mode": cfg.mode,
-        "topk": cfg.topk, "k_selected": r["k_total"], "seeds": plan.seeds, "param_filter": cfg.param_filter,
+        "n_params": n_params, "n_scored": st.n_kept, "metrics": plan.metrics, "mode": cfg.mode,
+        "topk": cfg.topk, "k_selected": a.selections.k, "seeds": plan.seeds, "param_filter": cfg.param_filter,
         "perturb": plan.kinds, "perturb_scale": plan.scales, "controls": plan.controls,
-        "random_draws_per_seed": cfg.random_draws, "ppl_base": r["base"]["ppl"], "nll_base": r["base"]["nll"],
-        "heldout_tokens": r["base"]["tokens"], "calibration_tokens_per_seed": int(cfg.max_samples * (cfg.seq_len - 1)),
-        "agreement_overlap": r["agreement"], "seconds_total": round(r["seconds_total"], 1),
-        "super_weights": r["super_weights"],
-        "pruning_ppl": r["pruning"],
-        "faults": r["faults"],
-        "architecture": r["architecture"],
+        "random_draws_per_seed": cfg.random_draws, "ppl_base": st.base["ppl"], "nll_base": st.base["nll"],
+        "heldout_tokens": st.base["tokens"], "calibration_tokens_per_seed": int(cfg.max_samples * (cfg.seq_len - 1)),
+        "agreement_overlap": a.agreement.overlap, "seconds_total": round(a.seconds_total, 1),
+        "super_weights": pt.super_weights,
+        "pruning_ppl": pt.pruning,
+        "faults": pt.faults,
+        "architecture": a.architecture,
         "per_metric": {},
     }
     main_kind, main_scale = plan.kinds[0], max(plan.scales)
     for m in plan.metrics:
-        ht = r["heavy"][m]
+        ht = a.scores.heavy[m]
         entry = {
-            "jaccard_mean": r["stability"][m],
-            "stability_curve": r["stability_curves"].get(m),
+            "jaccard_mean": a.agreement.stability[m],
+            "stability_curve": a.agreement.curves.get(m),
             "heavy_tail_ratio": float(np.mean([h["top1pct_mean_over_median"] for h in ht])),
             "gini": float(np.mean([h["gini"] for h in ht])),
             "top01pct_share": float(np.mean([h["top01pct_share"] for h in ht])),
-            "seconds": round(r["seconds_scores"][m], 2),
-            "topk_counts": select.counts(r["sels"][m, plan.seeds[0]], loaded.describe),
+            "seconds": round(a.scores.seconds[m], 2),
+            "topk_counts": select.counts(a.selections.top[m, plan.seeds[0]], loaded.describe),
             "perturb": {},
         }
         for kind, scale in itertools.product(plan.kinds, plan.scales):
-            res = r["results"][m, kind, scale]
+            res = pt.results[m, kind, scale]
             groups = {g: {"dppl_mean": (c := stats.mean_ci(v))["mean"], "ci95": c["ci95"], "n": c["n"], "values": v}
                       for g, v in res.items() if v}
             test = stats.greater(res["topk"], res["random_k"]) if res["random_k"] else None
@@ -534,11 +629,11 @@ def summarize(r: dict) -> dict:
                 entry["dose_response"][kind] = {"scales": plan.scales, "topk_dppl": ys,
                                                 **stats.monotone(plan.scales, ys)}
         out["per_metric"][m] = entry
-    if r["pruning"]:
+    if pt.pruning:
         out["pruning_gain_vs_magnitude"] = {
             sp: {name: {mode: (row["magnitude"][mode] - ppl) / row["magnitude"][mode] for mode, ppl in by_mode.items()}
                  for name, by_mode in row.items() if name != "magnitude"}
-            for sp, row in r["pruning"].items()}
+            for sp, row in pt.pruning.items()}
     # Flat aliases the issue asks for at the top level, per metric.
     out["jaccard_mean"] = {m: e["jaccard_mean"] for m, e in out["per_metric"].items()}
     out["heavy_tail_ratio"] = {m: e["heavy_tail_ratio"] for m, e in out["per_metric"].items()}

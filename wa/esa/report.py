@@ -1,35 +1,16 @@
-"""Writes an ESA run folder: summary.json, topk.csv, PNG plots and report.md."""
+"""Renders an ESA analysis: summary.json, topk.csv, PNG plots and report.md (``wa.esa.job`` runs it)."""
 
 from __future__ import annotations
 
 import csv
 import os
 
-import jax
 import numpy as np
 
-from wa import models, report, runs
-from wa.data import paths
-from wa.esa import perturb, pipeline, saliency, select
+from wa import report
+from wa.esa import perturb, pipeline, saliency, select, verdicts
 from wa.models import gguf_io
-from wa.parallel import rules as rules_lib
 from wa.report import plots
-
-# Success criteria for critical weight analysis on a real pretrained model: the seed ESA workflow's (written for
-# Llama-3.1-8B), stated in reports by what they are.
-CRITERIA = {
-    "stability": ("top-k stable across seeds", "Jaccard > 0.4"),
-    # Two readings of "grad²": the Fisher diagonal g² (a sensitivity) and the squared Taylor term (g·w)².
-    "agreement": ("grad×weight vs grad² top-k overlap (Fisher g², and squared Taylor (g·w)²)", "> 0.6"),
-    "heavy_tail": ("top 1% scores vs the median", "> 10×"),
-    "sign_flip": ("sign-flipping the top-k vs random-k", "ΔPPL ≥ 5× random-k, p < 0.01 across seeds"),
-    "dose": ("dose-response", "monotone"),
-    "pruning": ("saliency pruning vs magnitude pruning at equal sparsity", "> 15% lower perplexity"),
-    # Yu et al. 2024 (The Super Weight in LLMs): zeroing one weight of Llama-7B takes WikiText-2 perplexity
-    # from about 5.7 to about 1200, far beyond zeroing the largest-magnitude weights.
-    "super_weights": ("zeroing the super-weight candidates vs the same number of largest-magnitude weights",
-                      "ΔPPL larger"),
-}
 
 
 def _shown_path(path: str) -> str:
@@ -38,18 +19,18 @@ def _shown_path(path: str) -> str:
     return path if rel.startswith("..") else rel
 
 
-def write_topk_csv(path, r):
+def write_topk_csv(path, a: pipeline.Analysis):
     """The first seed's top-k of every metric: where each weight is, its value and its score."""
-    loaded = r["loaded"]
-    flat = {p: np.asarray(v) for p, v in rules_lib.flatten(loaded.params).items()}
-    seed = r["plan"].seeds[0]
+    loaded = a.setup.loaded
+    flat = {p: np.asarray(v) for p, v in a.setup.flat.items()}
+    seed = a.setup.plan.seeds[0]
     with report.atomic(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["metric", "rank", "path", "flat_index", "coordinates", "layer", "component", "role", "value",
                     "score"])
-        for m in r["plan"].metrics:
-            sel = r["sels"][m, seed]
-            sc = r["first"][m][0]
+        for m in a.setup.plan.metrics:
+            sel = a.selections.top[m, seed]
+            sc = a.scores.first[m]
             rows = [(float(sc[p].ravel()[i]), p, int(i)) for p, idx in sel.items() for i in idx]
             rows.sort(key=lambda t: (-abs(t[0]), t[1], t[2]))
             for rank, (s, p, i) in enumerate(rows):
@@ -59,10 +40,10 @@ def write_topk_csv(path, r):
                             f"{float(flat[p].ravel()[i]):.8g}", f"{s:.8g}"])
 
 
-def _layer_role_tables(r):
-    loaded = r["loaded"]
+def _layer_role_tables(a: pipeline.Analysis):
+    loaded = a.setup.loaded
     out = {}
-    for m, (sc, _) in r["first"].items():
+    for m, sc in a.scores.first.items():
         cells: dict = {}
         for p, v in sc.items():
             info = loaded.describe(p)
@@ -77,13 +58,13 @@ def _layer_role_tables(r):
     return out
 
 
-def write_plots(workdir, r, summary):
-    plan = r["plan"]
+def write_plots(workdir, a: pipeline.Analysis, summary):
+    plan = a.setup.plan
     files = []
     files.append(plots.score_histograms(
-        {m: np.concatenate([np.ravel(v) for v in sc.values()]) for m, (sc, _) in r["first"].items()},
+        {m: np.concatenate([np.ravel(v) for v in sc.values()]) for m, sc in a.scores.first.items()},
         os.path.join(workdir, "score_histograms.png")))
-    files.append(plots.heatmaps(_layer_role_tables(r), os.path.join(workdir, "layer_role_heatmap.png"),
+    files.append(plots.heatmaps(_layer_role_tables(a), os.path.join(workdir, "layer_role_heatmap.png"),
                                 "mean |score| per layer and role (relative to the model mean; log10)"))
     for kind in plan.kinds:
         scale = max(plan.scales)
@@ -100,8 +81,8 @@ def write_plots(workdir, r, summary):
                              for g in ("topk", "random_k", "bottom_k") if g in pm[str(plan.scales[0])]}
             files.append(plots.dose_response(curves, os.path.join(workdir, f"dose_response_{kind}.png"),
                                              f"{kind}: ΔPPL vs dose"))
-    labels = [f"{m[:10]}/{s}" for m, s in r["jac_keys"]]
-    files.append(plots.matrix(labels, r["jac_matrix"], os.path.join(workdir, "jaccard.png"),
+    labels = [f"{m[:10]}/{s}" for m, s in a.agreement.keys]
+    files.append(plots.matrix(labels, a.agreement.jaccard, os.path.join(workdir, "jaccard.png"),
                               "Jaccard of top-k sets (metric/seed)"))
     curves = _stability_curves(summary)
     if curves:
@@ -153,52 +134,7 @@ def _median(xs):
     return float(np.median(xs)) if xs else None
 
 
-def _fmt(x, nd=3):
-    if x is None:
-        return "–"
-    if isinstance(x, float) and (abs(x) >= 1e4 or (abs(x) < 1e-3 and x != 0)):
-        return f"{x:.2e}"
-    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
-
-
-def verdicts(summary) -> list[dict]:
-    pm = summary["per_metric"]
-    rows = []
-
-    def add(key, metric, value, ok):
-        what, target = CRITERIA[key]
-        rows.append({"criterion": what, "target": target, "metric": metric, "measured": value,
-                     "verdict": "met" if ok else "not met"})
-
-    for m, e in pm.items():
-        if not np.isnan(e["jaccard_mean"]):
-            add("stability", m, f"{e['jaccard_mean']:.3f}", e["jaccard_mean"] > 0.4)
-    for pair, v in summary["agreement_overlap"].items():
-        if set(pair.split("|")) in ({"grad_x_weight", "grad_squared"}, {"grad_x_weight", "taylor_squared"}):
-            add("agreement", pair.replace("|", " vs "), f"{v:.3f}", v > 0.6)
-    for m, e in pm.items():
-        add("heavy_tail", m, f"{e['heavy_tail_ratio']:.1f}×", e["heavy_tail_ratio"] > 10)
-    for m, e in pm.items():
-        main = e["perturb_main"]
-        if main["kind"] == "sign_flip" and e.get("p_value_topk_vs_random") is not None:
-            ratio, p = e["ratio_topk_vs_random"], e["p_value_topk_vs_random"]
-            add("sign_flip", m, f"{_fmt(ratio, 1)}×, p = {_fmt(p)}", ratio >= 5 and p < 0.01)
-    for m, e in pm.items():
-        for kind, d in e.get("dose_response", {}).items():
-            add("dose", f"{m} ({kind})", "monotone" if d["monotone_increasing"] else "not monotone",
-                d["monotone_increasing"])
-    gains = summary.get("pruning_gain_vs_magnitude") or {}
-    # The criterion is read at 50% sparsity (the nearest measured sparsity if 50% was not run).
-    if gains:
-        sp = min(gains, key=lambda x: abs(float(x) - 0.5))
-        for name, by_mode in gains[sp].items():
-            for mode, g in by_mode.items():
-                add("pruning", f"{name} ({mode}) at {float(sp):.0%}", f"{100 * g:+.1f}%", g > 0.15)
-    sw = summary.get("super_weights")
-    if sw:
-        a, b = sw["dppl_zero_all_candidates"], sw["dppl_zero_largest_magnitude"]
-        add("super_weights", f"{sw['n']} candidates", f"ΔPPL {_fmt(a)} vs {_fmt(b)}", a > b)
-    return rows
+_fmt = report.number
 
 
 def _prune_section(summary, figures=()) -> str:
@@ -343,8 +279,8 @@ def render(summary, cfg, figures) -> str:
                                    for k in ("component", "role")}} for m, e in pm.items()]
     agree_rows = [{"metrics": k.replace("|", " vs "), "top-k overlap": _fmt(v)}
                   for k, v in summary["agreement_overlap"].items()]
-    v = verdicts(summary)
-    met = sum(r["verdict"] == "met" for r in v)
+    v = verdicts.verdicts(summary)
+    met = sum(x.met for x in v)
     quant = gguf_io.quantization_note(summary.get("quantization"))
     quant = f"\n- {quant}" if quant else ""
     probes = (f", the Hutchinson probes ({cfg.probes} per batch, vmapped {cfg.probe_chunk} at a time)"
@@ -393,7 +329,7 @@ Agreement between metrics (share of the smaller top-k set the other also picked,
 {_architecture_section(summary, figures)}
 {_fault_section(summary, figures)}
 ## Verdict against the ESA success criteria
-{report.markdown_table(v)}
+{report.markdown_table([x.row() for x in v])}
 
 ## Figures
 {figs}
@@ -403,31 +339,10 @@ every metric: path, flat index, coordinates, value, score), `config.json` (resol
 """
 
 
-def fingerprint(cfg) -> dict:
-    """What an analysis depends on: its config and the checkpoint's identity (path and weights' digests)."""
-    return {"config": cfg.to_dict(), "checkpoint": models.identity(paths.checkpoint(cfg.model))}
-
-
-def run(cfg, workdir: str, overwrite: bool = False) -> tuple[dict, dict]:
-    """Runs the analysis ``cfg`` describes; process 0 writes config.json and everything ``write`` does to
-    ``workdir``, then ``DONE.json``. A folder holding another analysis is refused before any compute (its
-    plots would otherwise sit beside the new ones); ``overwrite`` empties it first. Returns (results, summary)."""
-    chief = jax.process_index() == 0
-    folder = runs.Run.open(workdir, "esa", fingerprint(cfg), overwrite, jax.process_index())
-    folder.started()
-    if chief:
-        report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
-    r = pipeline.run(cfg)
-    summary = pipeline.summarize(r)
-    if chief:
-        files = write(workdir, r, summary, cfg.save_plots)
-        folder.finish(["config.json", *files])
-    return r, summary
-
-
-def write(workdir, r, summary, save_plots=True):
+def write(workdir, a: pipeline.Analysis, summary, save_plots=True):
+    """Renders an analysis and its figures into ``workdir``; returns the files written."""
     report.write_json(os.path.join(workdir, "summary.json"), summary)
-    write_topk_csv(os.path.join(workdir, "topk.csv"), r)
-    figures = write_plots(workdir, r, summary) if save_plots else []
-    report.write_text(os.path.join(workdir, "report.md"), render(summary, r["cfg"], figures))
+    write_topk_csv(os.path.join(workdir, "topk.csv"), a)
+    figures = write_plots(workdir, a, summary) if save_plots else []
+    report.write_text(os.path.join(workdir, "report.md"), render(summary, a.setup.cfg, figures))
     return ["summary.json", "topk.csv", "report.md", *figures]

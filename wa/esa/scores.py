@@ -270,30 +270,24 @@ def hutchinson_diag(params, cal: Calibration):
     return _weighted_mean(per_batch())
 
 
-def linear_input_axis(module) -> int | None:
-    """Which kernel axis multiplies the input features, for the linear layers wa knows."""
-    if isinstance(module, nn.Dense):
-        return 0
-    if type(module).__name__ == "FlaxConv1D":  # GPT-2: kernel [out, in]
-        return 1
-    return None
+def _linear_kernel(module) -> bool:
+    """A module call with its own 2-D kernel: a linear layer (Flax Dense, GPT-2's Conv1D, wa's own)."""
+    return module.has_variable("params", "kernel") and module.get_variable("params", "kernel").ndim == 2
 
 
 def input_sq_norms(loaded, params, batch):
-    """{kernel path: (input axis, Σ over real tokens of x_i²)} for every linear layer call."""
+    """{kernel path: Σ over real tokens of x_i²} for every linear layer call (input features x)."""
     mask = batch.get("attention_mask")
     out = {}
 
     def interceptor(next_fun, args, kwargs, context):
-        axis = linear_input_axis(context.module) if context.method_name == "__call__" else None
-        if axis is not None and args:
+        if context.method_name == "__call__" and args and _linear_kernel(context.module):
             x = args[0].astype(jnp.float32)
             if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
                 x = x * mask[..., None].astype(jnp.float32)
             path = "/".join(context.module.path) + "/kernel"
             sq = jnp.sum(jnp.square(x.reshape(-1, x.shape[-1])), axis=0)
-            prev = out.get(path)
-            out[path] = (axis, sq if prev is None else prev[1] + sq)
+            out[path] = sq if path not in out else out[path] + sq
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):
@@ -304,14 +298,12 @@ def input_sq_norms(loaded, params, batch):
 def act_mag(params, cal: Calibration):
     loaded = cal.loaded
     flat = _flat(params)
-    axes: dict[str, int] = loaded.compiled("esa/act_mag_axes", dict)
+    axis = loaded.family.kernel_input_axis
 
     def build():
         @jax.jit
         def step(params, batch):
-            res = input_sq_norms(loaded, params, batch)
-            axes.update({p: a for p, (a, _) in res.items()})
-            return {p: sq for p, (_, sq) in res.items() if p in flat}
+            return {p: sq for p, sq in input_sq_norms(loaded, params, batch).items() if p in flat}
         return step
 
     step = loaded.compiled("esa/act_mag", build)
@@ -326,7 +318,7 @@ def act_mag(params, cal: Calibration):
         w = flat[p]
         norm = jnp.sqrt(sq)
         shape = [1] * w.ndim
-        shape[axes[p]] = w.shape[axes[p]]
+        shape[axis] = w.shape[axis]
         out[p] = (jnp.abs(w).astype(jnp.float32) * norm.reshape(shape))
     return out
 

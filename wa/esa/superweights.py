@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from wa.esa import select
-from wa.esa.scores import linear_input_axis
 
 
 def down_paths(loaded, kernels) -> list[str]:
@@ -28,7 +27,6 @@ def down_paths(loaded, kernels) -> list[str]:
 def spikes(loaded, params, batches, paths) -> dict:
     """Per down-projection: largest |output| (token, channel) and the largest |input| on that token."""
     wanted = {p[: -len("/kernel")] for p in paths}
-    axes = loaded.compiled("esa/superweights_axes", dict)  # filled at trace time: kernel input axis
 
     def build():
         @jax.jit
@@ -48,7 +46,6 @@ def spikes(loaded, params, batches, paths) -> dict:
                     xa = jnp.abs(x.reshape(-1, x.shape[-1])[t])
                     i = jnp.argmax(xa)
                     out[name + "/kernel"] = (flat_y[t, o], o, xa[i], i, jnp.median(flat_y), jnp.median(xa))
-                    axes[name + "/kernel"] = linear_input_axis(context.module)
                 return y
 
             with nn.intercept_methods(interceptor):
@@ -62,8 +59,9 @@ def spikes(loaded, params, batches, paths) -> dict:
         for p, v in step(params, batch).items():
             y, o, x, i, ymed, xmed = (float(v[0]), int(v[1]), float(v[2]), int(v[3]), float(v[4]), float(v[5]))
             if p not in best or y > best[p]["max_out"]:
-                best[p] = {"max_out": y, "out_channel": o, "max_in": x, "in_channel": i, "input_axis": axes[p],
-                           "out_over_median": y / max(ymed, 1e-30), "in_over_median": x / max(xmed, 1e-30)}
+                best[p] = {"max_out": y, "out_channel": o, "max_in": x, "in_channel": i,
+                           "input_axis": loaded.family.kernel_input_axis, "out_over_median": y / max(ymed, 1e-30),
+                           "in_over_median": x / max(xmed, 1e-30)}
     return best
 
 

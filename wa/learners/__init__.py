@@ -1,23 +1,22 @@
-"""Learners that read weights: NWPA (graph network), WeightNet (transformer over neuron tokens), baselines.
+"""Learners that read weights: NWPA (graph network), WeightNet (transformer over neuron tokens), NFN, baselines.
 
-A config names its learner by string; adding one is adding a class here.
+A config names its learner by string. Adding one is one module here holding its class and its
+``base.register(base.Entry(...))`` (its default and smoke settings, whether it reads structure, its ablations):
+every module of this package is imported below, so the record is all configs, the launcher and the benchmark need.
 """
 
-from wa.learners import baselines, nfn, nwpa, weightnet
-from wa.learners.base import LearnerError
+import importlib
+import pkgutil
 
-LEARNERS = {
-    "nwpa": nwpa.Learner,
-    "weightnet": weightnet.Learner,
-    "nfn": nfn.Learner,
-    "stats_gbt": baselines.StatsGBT,
-    "stats_mlp": baselines.StatsMLP,
-    "pca_linear": baselines.PCALinear,
-    "flat_mlp": baselines.FlatMLP,
-}
+from wa.learners.base import LEARNERS, Entry, LearnerError, register, variants
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["LEARNERS", "Entry", "LearnerError", "get", "register", "variants"]
 
 
 def get(name: str, cfg, targets, n_devices: int = 1):
     if name not in LEARNERS:
         raise LearnerError(f"unknown learner {name!r}; known: {sorted(LEARNERS)}")
-    return LEARNERS[name](cfg, targets, n_devices)
+    return LEARNERS[name].cls(cfg, targets, n_devices)

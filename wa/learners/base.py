@@ -18,10 +18,55 @@ from wa import errors
 from wa.learners.data import Targets
 from wa.weights import graph as graph_lib
 from wa.weights import stats as weight_stats
+from wa.zoo import archs
 
 
 class LearnerError(errors.ConfigError):
     pass
+
+
+ROLES = ("structure", "multi_resolution", "ablation", "baseline")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """A learner as configs, the launcher and the benchmark see it; ``register`` it beside its class.
+
+    ``config``: its model settings (``--config.model.*``); ``smoke``: overrides for a seconds-long run;
+    ``structure``: it reads the weights' structure (graph, tokens or layers) rather than summary features;
+    ``ablations``: variant name -> overrides of ``config`` (e.g. ``weightnet_flat``); a structure learner with
+    a ``stats`` setting is also offered as ``<name>_stats``, the per-layer statistics fused into its embedding.
+    """
+    name: str
+    cls: type
+    config: dict
+    smoke: dict
+    structure: bool = False
+    ablations: dict = dataclasses.field(default_factory=dict)
+
+    def variants(self) -> dict[str, tuple[str, dict]]:
+        """Variant name -> (role, overrides of ``config``)."""
+        out = {self.name: ("structure" if self.structure else "baseline", {})}
+        if self.structure and "stats" in self.config:
+            out[f"{self.name}_stats"] = ("multi_resolution", {"stats": True})
+        out.update({n: ("ablation", o) for n, o in self.ablations.items()})
+        return out
+
+
+LEARNERS: dict[str, Entry] = {}
+
+
+def register(entry: Entry) -> Entry:
+    LEARNERS[entry.name] = entry
+    return entry
+
+
+def variants() -> dict[str, tuple[str, str, dict]]:
+    """Every variant configs can name -> (learner, role, overrides), structure learners first, then their
+    multi-resolution forms, the ablations and the baselines."""
+    rows = [(v, e.name, role, o) for e in LEARNERS.values() for v, (role, o) in e.variants().items()]
+    rows.sort(key=lambda r: ROLES.index(r[2]))
+    return {v: (name, role, o) for v, name, role, o in rows}
 
 
 class Learner:
@@ -270,7 +315,8 @@ def drop_wide_inputs(batch: Bucket, max_input_tokens: int) -> tuple[Bucket, tupl
     return Bucket(graph_lib.Layout(tuple(groups), tuple(blocks)), nodes, tuple(weights), batch.stats), tuple(rows)
 
 
-PERMUTABLE = tuple(graph_lib.LAYER_TYPES.index(t) for t in ("dense", "conv", "mlp_in"))
+# Node kinds whose units a hidden-neuron permutation relabels, as each zoo family declares them.
+PERMUTABLE = tuple(sorted({graph_lib.LAYER_TYPES.index(t) for f in archs.FAMILIES.values() for t in f.permutable}))
 
 
 def permuted(net: graph_lib.Blocked, rng: np.random.Generator) -> graph_lib.Blocked:

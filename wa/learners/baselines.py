@@ -148,3 +148,13 @@ class PCALinear(_Fitted):
         c = self.cfg
         return (linear_model.LogisticRegression(C=c.c, max_iter=2000) if kind == "class"
                 else linear_model.Ridge(alpha=c.alpha))
+
+
+base.register(base.Entry("stats_gbt", StatsGBT, config=dict(iters=300, lr=0.05, min_leaf=20),
+                         smoke=dict(iters=10, min_leaf=2)))
+base.register(base.Entry("stats_mlp", StatsMLP, config=dict(dim=256, layers=2, dropout=0.1, clip=8.0,
+                                                            permute_augment=False), smoke=dict(dim=16, layers=1)))
+base.register(base.Entry("pca_linear", PCALinear, config=dict(components=64, alpha=1.0, c=1.0, clip=8.0),
+                         smoke=dict(components=4)))
+base.register(base.Entry("flat_mlp", FlatMLP, config=dict(dim=256, layers=2, dropout=0.1, clip=8.0,
+                                                          permute_augment=False), smoke=dict(dim=16, layers=1)))

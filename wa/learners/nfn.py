@@ -26,8 +26,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from wa.learners import base, heads
+from wa.zoo import archs
 
-FAMILIES = ("mlp", "cnn")
+
+def chain_families() -> tuple[str, ...]:
+    """The zoo families NFN can read: chains of dense / convolutional layers."""
+    return tuple(n for n, f in archs.FAMILIES.items() if f.chain)
+
 LAYERS = ("auto", "hnp", "np")
 
 
@@ -198,13 +203,14 @@ class _Stack(nn.Module):
 
 class Learner(base.Blocks):
     name = "nfn"
-    families = FAMILIES
+    families = chain_families()
 
     def prepare(self, params, families, activations):
-        bad = sorted(set(families) - set(FAMILIES))
+        chains = chain_families()
+        bad = sorted(set(families) - set(chains))
         if bad:
-            raise base.LearnerError(f"nfn reads the {'/'.join(FAMILIES)} families (chains of layers); it was given "
-                                    f"{bad}. Its layers are not defined for the patch transformer's graph.")
+            raise base.LearnerError(f"nfn reads the {'/'.join(chains)} families (chains of layers); it was given "
+                                    f"{bad}, whose graphs are not chains, so its layers are not defined for them.")
         if self.cfg.layer not in LAYERS:
             raise base.LearnerError(f"--config.model.layer={self.cfg.layer!r}; expected one of {LAYERS}")
         return super().prepare(params, families, activations)
@@ -213,3 +219,9 @@ class Learner(base.Blocks):
         c = self.cfg
         return NFN(tuple(self.targets.out_dims().items()), channels=c.channels, n_layers=c.layers, layer=c.layer,
                    dim=c.dim)
+
+
+base.register(base.Entry(
+    "nfn", Learner, structure=True,
+    config=dict(channels=16, layers=2, layer="auto", dim=64, normalize=True, clip=8.0, stats=False),
+    smoke=dict(channels=4, layers=1, dim=16)))

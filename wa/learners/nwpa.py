@@ -224,3 +224,11 @@ class Learner(base.Blocks, base.Graphs):
         c = self.cfg
         return NWPA(tuple(self.targets.out_dims().items()), dim=c.dim, n_layers=c.layers, n_heads=c.heads,
                     node_dropout=c.node_dropout, edge_dropout=c.edge_dropout, max_input_tokens=c.max_input_tokens)
+
+
+# max_input_tokens: a larger input layer (28x28 pixels) is read as per-neuron rows, not as nodes.
+base.register(base.Entry(
+    "nwpa", Learner, structure=True,
+    config=dict(dim=32, layers=2, heads=2, node_dropout=0.05, edge_dropout=0.1, dense=True, normalize=True, clip=8.0,
+                stats=False, max_input_tokens=256),
+    smoke=dict(dim=16, layers=1, heads=2)))

@@ -119,7 +119,7 @@ def run(cfg, workdir: str, progress: bool = True, ws: data_lib.WeightSet | None 
     for k, v in parts.items():
         if not len(v):
             raise ProbeError(f"the {k} split is empty ({len(ws)} networks, split {cfg.split.to_dict()})")
-    ws, parts, orig = readable(ws, parts, learners.LEARNERS[cfg.learner].families, cfg.learner)
+    ws, parts, orig = readable(ws, parts, learners.LEARNERS[cfg.learner].cls.families, cfg.learner)
     targets = data_lib.targets(ws.rows, dict(cfg.tasks), parts["train"])
     learner = learners.get(cfg.learner, cfg.model, targets, cfg.train.devices)
     t0 = time.time()

@@ -201,3 +201,13 @@ class Learner(base.Blocks, base.Dense):
                          edge_dim=c.edge_dim, max_input_tokens=c.max_input_tokens,
                          mode="equivariant" if c.mode == "equivariant" else "flat",
                          layer_types=c.layer_types, dropout=c.dropout)
+
+
+base.register(base.Entry(
+    "weightnet", Learner, structure=True,
+    config=dict(dim=32, layers=2, heads=2, edge_dim=8, dropout=0.0, mode="equivariant", layer_types=True, dense=True,
+                normalize=True, clip=8.0, stats=False, permute_augment=False, max_input_tokens=256),
+    smoke=dict(dim=16, layers=1, heads=2, edge_dim=4),
+    # Without permutation handling (flat), canonicalized instead of equivariant, without layer-type embeddings.
+    ablations={"weightnet_flat": dict(mode="flat"), "weightnet_canonical": dict(mode="canonical"),
+               "weightnet_no_layer_types": dict(layer_types=False)}))

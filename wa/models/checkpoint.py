@@ -22,7 +22,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import msgpack
 import numpy as np
 import transformers
 from absl import logging
@@ -243,13 +242,10 @@ def identity(path: str) -> dict:
 def _from_msgpack(file: str) -> dict[str, _Tensor]:
     try:
         with open(file, "rb") as f:
-            unpacker = msgpack.Unpacker(f, ext_hook=serialization._msgpack_ext_unpack,
-                                        raw=False, max_buffer_size=0)
-            tree = unpacker.unpack()
+            tree = serialization.msgpack_restore(f.read())
     except Exception as e:  # msgpack raises several unrelated types on damaged input
         raise CheckpointError(f"{file}: cannot be read as a flax msgpack checkpoint "
                               f"(truncated or damaged: {type(e).__name__}: {e})") from e
-    tree = serialization._unchunk_array_leaves_in_place(tree)
     out = {}
     for p, leaf in rules_lib.flatten(tree).items():
         leaf = np.asarray(leaf)

@@ -51,6 +51,9 @@ class Family:
     loss_doc: str = ""
     # HF wrappers disagree on how to ask for dropout: most take ``train``, OPT ``deterministic``.
     deterministic_flag: bool = False
+    # Which axis of a linear layer's 2-D kernel multiplies its input: 0 for Flax Dense ([in, out]), 1 for
+    # GPT-2's Conv1D ([out, in]).
+    kernel_input_axis: int = 0
 
     def forward(self, model, params, input_ids, attention_mask=None, train=False, rng=None):
         """The HF model's output (logits or hidden states first) with uniform arguments."""
@@ -176,6 +179,7 @@ register(Family(
         _NORM, _BIAS,
     ),
     pt_buffers=(r"(^|\.)attn\.(masked_)?bias$",),
+    kernel_input_axis=1,
 ))
 
 register(Family(

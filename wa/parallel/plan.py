@@ -104,7 +104,7 @@ def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
             lambda params, ids, mask: family.forward(unrolled, params, ids, mask))})
 
         def capture_step(params, batch):
-            return {p: v[1] for p, v in scores.input_sq_norms(stand_in, params, batch).items()}
+            return scores.input_sq_norms(stand_in, params, batch)
         steps["capture"] = (capture_step, None)
 
     flat = rules_lib.flatten(shapes)

@@ -64,3 +64,12 @@ def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
     for r in rows:
         out.append("| " + " | ".join(str(r.get(c, "")) for c in columns) + " |")
     return "\n".join(out)
+
+
+def number(x, nd=3) -> str:
+    """A figure for a table: – for None, scientific notation when very large or small, else nd decimals."""
+    if x is None:
+        return "–"
+    if isinstance(x, float) and (abs(x) >= 1e4 or (abs(x) < 1e-3 and x != 0)):
+        return f"{x:.2e}"
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)

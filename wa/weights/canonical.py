@@ -2,10 +2,9 @@
 
 Permuting the units of a hidden layer (its kernel's output axis and bias) together with the next layer's
 input axis leaves the network's function unchanged; these are the symmetries a weight-space learner must
-respect. A family's permutable layers are (producer, consumer) pairs of parameter paths: for the MLP and CNN
-each hidden layer and the layer after it; for the patch transformer the hidden units of every block's MLP
-(``mlp_in`` → ``mlp_out``). The transformer has more symmetries (residual-stream dimensions, dimensions inside
-an attention head) that these functions leave alone.
+respect. A family's permutable layers are (producer, consumer) pairs of parameter paths (``ZooFamily.pairs`` in
+``wa.zoo.archs``): for the MLP and CNN each hidden layer and the layer after it; for the patch transformer the
+hidden units of every block's MLP (``mlp_in`` → ``mlp_out``).
 """
 
 from __future__ import annotations
@@ -13,15 +12,12 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from wa.weights import graph
+from wa.zoo import archs
 
 
 def pairs(params: dict, family: str) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
     """(producer path, consumer path) for every permutable hidden layer, in forward order."""
-    if family == "transformer":
-        return [((b, "mlp_in"), (b, "mlp_out")) for b in graph._numbered(params, "block")]
-    names = [(n,) for n, *_ in graph.layers(params, family)]
-    return list(zip(names[:-1], names[1:], strict=True))
+    return archs.family(family).permutable_pairs(params)
 
 
 def _get(params: dict, path: tuple[str, ...]) -> dict:

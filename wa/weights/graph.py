@@ -8,7 +8,8 @@ features: ``w`` = the weight, or for a convolution the flattened k×k kernel bet
 ``EDGE_DIM``; integer ``edge_type`` (dense, conv, residual, norm, position). Senders are the layer's input
 units, receivers its output units.
 
-The MLP and CNN are chains of layers; the patch transformer's graph is described in ``_transformer``.
+A chain family (MLP, CNN) gets one node group per layer; any other family adds its own nodes and edges through
+this module's builder (its ``ZooFamily.graph`` in ``wa.zoo.archs``; the patch transformer's is described there).
 
 The same graph comes in two forms. ``to_graph``: a ``jraph.GraphsTuple`` (edge lists, for irregular batches and
 segment ops). ``to_blocks``: ``Blocked``, the graph as node groups (one per layer, contiguous) and edge blocks
@@ -30,8 +31,10 @@ from wa import errors
 from wa.zoo import archs as archs_lib
 
 EDGE_DIM = 9
-LAYER_TYPES = ("input", "dense", "conv", "output", "position", "embed", "norm", "query", "key", "value", "attn_out",
-               "mlp_in", "mlp_out")
+# Node kinds: those of a chain, then every registered family's own, in registration order (learned embeddings
+# index this tuple, so a new family appends).
+LAYER_TYPES = tuple(dict.fromkeys(("input", "dense", "conv", "output",
+                                   *(k for f in archs_lib.FAMILIES.values() for k in f.node_kinds))))
 EDGE_TYPES = ("dense", "conv", "residual", "norm", "position")
 ACTIVATIONS = ("none", *sorted(archs_lib.ACTIVATIONS))
 
@@ -40,23 +43,17 @@ class GraphError(errors.ConfigError):
     pass
 
 
-def _numbered(params: dict, prefix: str) -> list[str]:
-    """``prefix_0``, ``prefix_1``, ... in numeric order (``hidden_10`` after ``hidden_9``)."""
-    return sorted((k for k in params if k.startswith(prefix + "_")), key=lambda k: int(k.rsplit("_", 1)[1]))
-
-
 def layers(params: dict, family: str) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
-    """(name, kind, kernel, bias) in forward order for the MLP and CNN families; kernels [fan_in, fan_out] or
+    """(name, kind, kernel, bias) in forward order for a chain family (MLP, CNN); kernels [fan_in, fan_out] or
     [k, k, fan_in, fan_out]."""
-    prefix, kind = {"mlp": ("hidden", "dense"), "cnn": ("conv", "conv")}.get(family, (None, None))
-    if prefix is None:
-        raise GraphError(f"no layer sequence for family {family!r}; implemented: mlp, cnn")
-    out = [(n, kind, np.asarray(params[n]["kernel"]), np.asarray(params[n]["bias"]))
-           for n in _numbered(params, prefix)]
-    return out + [("head", "dense", np.asarray(params["head"]["kernel"]), np.asarray(params["head"]["bias"]))]
+    fam = archs_lib.family(family)
+    if not fam.chain:
+        raise GraphError(f"family {family!r} is not a chain of layers; chains: "
+                         f"{sorted(n for n, f in archs_lib.FAMILIES.items() if f.chain)}")
+    return [(n, kind, np.asarray(k), np.asarray(b)) for n, kind, k, b in fam.layers(params)]
 
 
-class _Graph:
+class Builder:
     """Accumulates nodes (with their features) and edges, in the order they are added."""
 
     def __init__(self):
@@ -150,9 +147,9 @@ class Blocked:
     stats: np.ndarray | None = None    # per-network features a learner may add (multi-resolution input)
 
 
-def _sequential(params, family, act) -> _Graph:
+def _sequential(params, family, act) -> Builder:
     ls = layers(params, family)
-    g, depth = _Graph(), len(ls)
+    g, depth = Builder(), len(ls)
     prev = g.nodes(ls[0][2].shape[-2], "input", 0.0, inp=True)
     for li, (_, kind, kernel, bias) in enumerate(ls):
         last = li == depth - 1
@@ -163,61 +160,19 @@ def _sequential(params, family, act) -> _Graph:
     return g
 
 
-def _transformer(params, act) -> _Graph:
-    """Patch inputs and token positions feed the embedding; per block the residual stream passes through
-    LayerNorm (scale as a diagonal edge, shift as bias), query/key/value, the attention output projection and
-    the MLP, with identity residual edges around both; then the final LayerNorm and the head. Query and key
-    units have no outgoing weights (their product only weighs the values)."""
-    blocks = _numbered(params, "block")
-    depth = 3 + 4 * len(blocks)
-    g = _Graph()
-    emb = params["embed"]
-    d = emb["kernel"].shape[1]
-    inp = g.nodes(emb["kernel"].shape[0], "input", 0.0, inp=True)
-    pos = np.asarray(params["pos"])[0]
-    tokens = g.nodes(pos.shape[0], "position", 0.0, inp=True)
-    stream = g.nodes(d, "embed", 1 / depth, emb["bias"])
-    g.dense(inp, stream, emb["kernel"])
-    g.dense(tokens, stream, pos, "position")
-    level = 1
-    for name in blocks:
-        b = params[name]
-
-        def norm(src, ln, lvl):
-            n = g.nodes(d, "norm", lvl / depth, ln["bias"])
-            g.diagonal(src, n, ln["scale"], "norm")
-            return n
-
-        h = norm(stream, b["ln_1"], level + 1)
-        q, k, v = (g.nodes(d, t, (level + 2) / depth, b[t]["bias"]) for t in ("query", "key", "value"))
-        for t, nodes in (("query", q), ("key", k), ("value", v)):
-            g.dense(h, nodes, b[t]["kernel"])
-        att = g.nodes(d, "attn_out", (level + 3) / depth, b["out"]["bias"])
-        g.dense(v, att, b["out"]["kernel"])
-        g.diagonal(stream, att, np.ones(d), "residual")
-        h = norm(att, b["ln_2"], level + 3.5)
-        hid = g.nodes(b["mlp_in"]["kernel"].shape[1], "mlp_in", (level + 3.75) / depth, b["mlp_in"]["bias"], act)
-        g.dense(h, hid, b["mlp_in"]["kernel"])
-        stream_new = g.nodes(d, "mlp_out", (level + 4) / depth, b["mlp_out"]["bias"])
-        g.dense(hid, stream_new, b["mlp_out"]["kernel"])
-        g.diagonal(att, stream_new, np.ones(d), "residual")
-        stream, level = stream_new, level + 4
-    ln = g.nodes(d, "norm", (depth - 1) / depth, params["ln_f"]["bias"])
-    g.diagonal(stream, ln, params["ln_f"]["scale"], "norm")
-    head = g.nodes(params["head"]["kernel"].shape[1], "output", 1.0, params["head"]["bias"], out=True)
-    g.dense(ln, head, params["head"]["kernel"])
-    return g
-
-
-def _build(params: dict, family: str, activation: str) -> _Graph:
+def _build(params: dict, family: str, activation: str) -> Builder:
     if activation not in ACTIVATIONS:
         raise GraphError(f"unknown activation {activation!r}; known: {ACTIVATIONS}")
     act = ACTIVATIONS.index(activation)
-    if family in ("mlp", "cnn"):
+    try:
+        fam = archs_lib.family(family)
+    except archs_lib.ArchError as e:
+        raise GraphError(f"no graph view for family {family!r}: {e}") from None
+    if fam.chain:
         return _sequential(params, family, act)
-    if family == "transformer":
-        return _transformer(params, act)
-    raise GraphError(f"no graph view for family {family!r}; implemented: mlp, cnn, transformer")
+    g = Builder()
+    fam.graph(g, params, act)
+    return g
 
 
 def to_graph(params: dict, family: str, activation: str) -> jraph.GraphsTuple:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from wa.weights import graph
+from wa.zoo import archs
 
 STATS = ("mean", "var", "q0", "q25", "q50", "q75", "q100")
 
@@ -24,17 +24,7 @@ def _stats(a: np.ndarray) -> np.ndarray:
 
 def tensors(params: dict, family: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, kernel, bias) per layer in forward order; the head last."""
-    if family != "transformer":
-        return [(n, k, b) for n, _, k, b in graph.layers(params, family)]
-    out = [("embed", params["embed"]["kernel"], params["embed"]["bias"]),
-           ("pos", params["pos"], np.zeros(0))]
-    for blk in graph._numbered(params, "block"):
-        b = params[blk]
-        for name in ("ln_1", "query", "key", "value", "out", "ln_2", "mlp_in", "mlp_out"):
-            kernel = b[name]["scale"] if name.startswith("ln") else b[name]["kernel"]
-            out.append((f"{blk}/{name}", kernel, b[name]["bias"]))
-    out.append(("ln_f", params["ln_f"]["scale"], params["ln_f"]["bias"]))
-    return out + [("head", params["head"]["kernel"], params["head"]["bias"])]
+    return archs.family(family).weight_tensors(params)
 
 
 def n_layers(params: dict, family: str) -> int:

@@ -1,23 +1,27 @@
 """Zoo architectures (Flax linen): MLPs, the Small CNN Zoo CNN and variants, a tiny patch transformer.
 
-An architecture is a frozen ``Arch``: family plus the shape knobs (depth, width, activation, patch). Models
-that share an ``Arch`` share one compiled, vmapped training step. Parameter names are stable and readable
-(``hidden_0/kernel``, ``conv_2/kernel``, ``block_0/attn/query/kernel``, ``head/kernel``) because the
-weight-space learners read the structure back from them.
+An architecture is a frozen ``Arch``: family plus the shape knobs (depth, width, activation, and the family's
+own knobs such as the transformer's patch). Models that share an ``Arch`` share one compiled, vmapped training
+step. Parameter names are stable and readable (``hidden_0/kernel``, ``conv_2/kernel``, ``block_0/query/kernel``,
+``head/kernel``) because the weight-space learners read the structure back from them.
 
 Dropout takes its rate as a call argument rather than a module attribute: the rate is a per-model
 hyperparameter that varies across a vmapped population, so it must be a traced value.
 
-Adding a family is one ``Module`` plus one entry in ``FAMILIES``.
+A family is one ``register(ZooFamily(...))`` in this file: its ``Module`` and everything the rest of wa asks of
+it — its knobs and their checks, its layers in forward order, its permutable hidden layers, and its graph view
+(``wa.weights.graph``, ``wa.weights.stats`` and ``wa.weights.canonical`` read these and know no family).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from wa import errors
 
@@ -153,22 +157,196 @@ class PatchTransformer(Net):
         return nn.Dense(self.n_classes, kernel_init=self.kernel_init, name="head")(x)
 
 
-FAMILIES = {"mlp": MLP, "cnn": CNN, "transformer": PatchTransformer}
+def numbered(params: dict, prefix: str) -> list[str]:
+    """``prefix_0``, ``prefix_1``, ... in numeric order (``hidden_10`` after ``hidden_9``)."""
+    return sorted((k for k in params if k.startswith(prefix + "_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """A shape knob of one family beyond depth, width and activation."""
+    name: str
+    default: int
+    tag: str    # its letter in layout ids (``transformer-d1-w16-p4``)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZooFamily:
+    """Everything wa asks of a zoo architecture family.
+
+    A chain of dense / convolutional layers gives ``layers`` (params -> [(name, "dense" | "conv", kernel
+    [fan_in, fan_out] or [k, k, fan_in, fan_out], bias)] in forward order, the head last); its statistics view,
+    permutable pairs (each hidden layer with the next) and graph (one node group per layer) follow from it, and
+    NFN can read it. Any other family gives those three itself:
+
+    - ``tensors``: params -> [(name, kernel, bias)] of its weight tensors in forward order, the head last (a
+      LayerNorm's scale plays the kernel's part);
+    - ``pairs``: params -> [(producer path, consumer path)] of its permutable hidden layers, in forward order;
+    - ``graph``: (builder, params, activation id) -> None, adding its nodes and edges to a
+      ``wa.weights.graph`` builder; ``node_kinds`` names the node kinds it uses beyond input/dense/conv/output.
+
+    ``permutable``: the node kinds whose units a hidden-neuron permutation relabels (augmentation reads it).
+    ``check``: (arch, image shape or None) -> what is wrong with this architecture, or None.
+    """
+    name: str
+    module: type
+    layers: Callable | None = None
+    tensors: Callable | None = None
+    pairs: Callable | None = None
+    graph: Callable | None = None
+    node_kinds: tuple[str, ...] = ()
+    permutable: tuple[str, ...] = ()
+    knobs: tuple[Knob, ...] = ()
+    min_depth: int = 1
+    check: Callable | None = None
+
+    def __post_init__(self):
+        if self.layers is None and None in (self.tensors, self.pairs, self.graph):
+            raise ValueError(f"zoo family {self.name!r}: give layers (a chain) or tensors, pairs and graph")
+
+    @property
+    def chain(self) -> bool:
+        return self.layers is not None
+
+    def weight_tensors(self, params: dict) -> list[tuple[str, object, object]]:
+        if self.tensors is not None:
+            return self.tensors(params)
+        return [(n, k, b) for n, _, k, b in self.layers(params)]
+
+    def permutable_pairs(self, params: dict) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+        if self.pairs is not None:
+            return self.pairs(params)
+        names = [(n,) for n, *_ in self.layers(params)]
+        return list(zip(names[:-1], names[1:], strict=True))
+
+
+FAMILIES: dict[str, ZooFamily] = {}
+
+
+def register(family: ZooFamily) -> ZooFamily:
+    FAMILIES[family.name] = family
+    return family
+
+
+def family(name: str) -> ZooFamily:
+    if name not in FAMILIES:
+        raise ArchError(f"unknown architecture family {name!r}; choose one of {sorted(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def chain_layers(prefix: str, kind: str) -> Callable:
+    """``ZooFamily.layers`` of a chain whose layers are ``prefix_0``, ``prefix_1``, ... then ``head``."""
+    def layers(params):
+        return [(n, kind, params[n]["kernel"], params[n]["bias"]) for n in numbered(params, prefix)] + [
+            ("head", "dense", params["head"]["kernel"], params["head"]["bias"])]
+    return layers
+
+
+def _transformer_tensors(params: dict) -> list:
+    out = [("embed", params["embed"]["kernel"], params["embed"]["bias"]), ("pos", params["pos"], np.zeros(0))]
+    for blk in numbered(params, "block"):
+        b = params[blk]
+        for name in ("ln_1", "query", "key", "value", "out", "ln_2", "mlp_in", "mlp_out"):
+            kernel = b[name]["scale"] if name.startswith("ln") else b[name]["kernel"]
+            out.append((f"{blk}/{name}", kernel, b[name]["bias"]))
+    out.append(("ln_f", params["ln_f"]["scale"], params["ln_f"]["bias"]))
+    return out + [("head", params["head"]["kernel"], params["head"]["bias"])]
+
+
+def _transformer_graph(g, params: dict, act: int) -> None:
+    """Patch inputs and token positions feed the embedding; per block the residual stream passes through
+    LayerNorm (scale as a diagonal edge, shift as bias), query/key/value, the attention output projection and
+    the MLP, with identity residual edges around both; then the final LayerNorm and the head. Query and key
+    units have no outgoing weights (their product only weighs the values)."""
+    blocks = numbered(params, "block")
+    depth = 3 + 4 * len(blocks)
+    emb = params["embed"]
+    d = emb["kernel"].shape[1]
+    inp = g.nodes(emb["kernel"].shape[0], "input", 0.0, inp=True)
+    pos = np.asarray(params["pos"])[0]
+    tokens = g.nodes(pos.shape[0], "position", 0.0, inp=True)
+    stream = g.nodes(d, "embed", 1 / depth, emb["bias"])
+    g.dense(inp, stream, emb["kernel"])
+    g.dense(tokens, stream, pos, "position")
+    level = 1
+
+    def norm(src, ln, lvl):
+        n = g.nodes(d, "norm", lvl / depth, ln["bias"])
+        g.diagonal(src, n, ln["scale"], "norm")
+        return n
+
+    for name in blocks:
+        b = params[name]
+        h = norm(stream, b["ln_1"], level + 1)
+        q, k, v = (g.nodes(d, t, (level + 2) / depth, b[t]["bias"]) for t in ("query", "key", "value"))
+        for t, nodes in (("query", q), ("key", k), ("value", v)):
+            g.dense(h, nodes, b[t]["kernel"])
+        att = g.nodes(d, "attn_out", (level + 3) / depth, b["out"]["bias"])
+        g.dense(v, att, b["out"]["kernel"])
+        g.diagonal(stream, att, np.ones(d), "residual")
+        h = norm(att, b["ln_2"], level + 3.5)
+        hid = g.nodes(b["mlp_in"]["kernel"].shape[1], "mlp_in", (level + 3.75) / depth, b["mlp_in"]["bias"], act)
+        g.dense(h, hid, b["mlp_in"]["kernel"])
+        stream_new = g.nodes(d, "mlp_out", (level + 4) / depth, b["mlp_out"]["bias"])
+        g.dense(hid, stream_new, b["mlp_out"]["kernel"])
+        g.diagonal(att, stream_new, np.ones(d), "residual")
+        stream, level = stream_new, level + 4
+    ln = g.nodes(d, "norm", (depth - 1) / depth, params["ln_f"]["bias"])
+    g.diagonal(stream, ln, params["ln_f"]["scale"], "norm")
+    head = g.nodes(params["head"]["kernel"].shape[1], "output", 1.0, params["head"]["bias"], out=True)
+    g.dense(ln, head, params["head"]["kernel"])
+
+
+def _transformer_check(arch: Arch, shape) -> str | None:
+    patch = arch.knob("patch")
+    if arch.width % 2:
+        return f"{arch.layout_id}: width must be even (2 attention heads)"
+    if shape is not None and (shape[0] % patch or shape[1] % patch):
+        return f"{arch.layout_id}: patch {patch} does not tile {shape[0]}x{shape[1]} images"
+    return None
+
+
+register(ZooFamily("mlp", MLP, layers=chain_layers("hidden", "dense"), permutable=("dense",), min_depth=0))
+register(ZooFamily("cnn", CNN, layers=chain_layers("conv", "conv"), permutable=("conv",)))
+# The transformer's permutable units are its MLP hidden units; it has more symmetries (residual-stream
+# dimensions, dimensions inside an attention head) that wa leaves alone.
+register(ZooFamily(
+    "transformer", PatchTransformer, tensors=_transformer_tensors,
+    pairs=lambda params: [((b, "mlp_in"), (b, "mlp_out")) for b in numbered(params, "block")],
+    graph=_transformer_graph,
+    node_kinds=("position", "embed", "norm", "query", "key", "value", "attn_out", "mlp_in", "mlp_out"),
+    permutable=("mlp_in",), knobs=(Knob("patch", 4, "p"),), check=_transformer_check))
 
 
 @dataclasses.dataclass(frozen=True)
 class Arch:
+    """``knobs``: the family's own knobs as (name, value) pairs; missing ones take the family's defaults."""
     family: str
     depth: int
     width: int
     activation: str
-    patch: int = 4
+    knobs: tuple = ()
+
+    def __post_init__(self):
+        fam = FAMILIES.get(self.family)
+        if fam is None:
+            return   # ``check`` names the unknown family
+        given = dict(self.knobs)
+        unknown = sorted(set(given) - {k.name for k in fam.knobs})
+        if unknown:
+            raise ArchError(f"family {self.family!r} has no knob {unknown[0]!r}; its knobs: "
+                            f"{[k.name for k in fam.knobs]}")
+        object.__setattr__(self, "knobs", tuple((k.name, int(given.get(k.name, k.default))) for k in fam.knobs))
+
+    def knob(self, name: str) -> int:
+        return dict(self.knobs)[name]
 
     @property
     def layout_id(self) -> str:
         """Names the parameter layout: models with equal ids store into one weight array."""
-        s = f"{self.family}-d{self.depth}-w{self.width}"
-        return s + f"-p{self.patch}" if self.family == "transformer" else s
+        fam = FAMILIES.get(self.family)
+        tags = {k.name: k.tag for k in fam.knobs} if fam else {}
+        return f"{self.family}-d{self.depth}-w{self.width}" + "".join(f"-{tags[n]}{v}" for n, v in self.knobs)
 
     @property
     def id(self) -> str:
@@ -176,28 +354,23 @@ class Arch:
 
     def check(self, shape: tuple[int, int, int] | None = None) -> None:
         """Raises ArchError naming the bad field before anything is compiled."""
-        if self.family not in FAMILIES:
-            raise ArchError(f"unknown architecture family {self.family!r}; choose one of {sorted(FAMILIES)}")
+        fam = family(self.family)
         if self.activation not in ACTIVATIONS:
             raise ArchError(f"unknown activation {self.activation!r} for {self.layout_id}; "
                             f"choose one of {sorted(ACTIVATIONS)}")
-        if self.depth < (0 if self.family == "mlp" else 1) or self.width < 1:
-            raise ArchError(f"{self.layout_id}: depth and width must be positive")
-        if self.family == "transformer":
-            if self.width % 2:
-                raise ArchError(f"{self.layout_id}: width must be even (2 attention heads)")
-            if shape is not None and (shape[0] % self.patch or shape[1] % self.patch):
-                raise ArchError(f"{self.layout_id}: patch {self.patch} does not tile {shape[0]}x{shape[1]} images")
+        if self.depth < fam.min_depth or self.width < 1:
+            raise ArchError(f"{self.layout_id}: depth must be >= {fam.min_depth} and width positive")
+        problem = fam.check(self, shape) if fam.check else None
+        if problem:
+            raise ArchError(problem)
 
     def module(self, n_classes: int, init_scheme: str = "he_normal") -> nn.Module:
         if init_scheme not in INIT_SCHEMES:
             raise ArchError(f"unknown init scheme {init_scheme!r}; choose one of {sorted(INIT_SCHEMES)}")
-        kw = dict(depth=self.depth, width=self.width, activation=self.activation, n_classes=n_classes,
-                  kernel_init=INIT_SCHEMES[init_scheme])
-        if self.family == "transformer":
-            kw["patch"] = self.patch
-        return FAMILIES[self.family](**kw)
+        return family(self.family).module(depth=self.depth, width=self.width, activation=self.activation,
+                                          n_classes=n_classes, kernel_init=INIT_SCHEMES[init_scheme],
+                                          **dict(self.knobs))
 
     def describe(self) -> dict:
         return {"family": self.family, "depth": self.depth, "width": self.width, "activation": self.activation,
-                **({"patch": self.patch} if self.family == "transformer" else {})}
+                **dict(self.knobs)}

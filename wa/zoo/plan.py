@@ -50,8 +50,10 @@ def groups_from_config(cfg, image_shape: tuple[int, int, int] | None = None) -> 
     for i, g in enumerate(cfg.groups):
         g = dict(g)
         try:
-            arch = archs_lib.Arch(g["family"], int(g["depth"]), int(g["width"]), g["activation"],
-                                  int(g.get("patch", 4)))
+            # A group may name knobs of other families (a shared default); each family takes its own.
+            fam = archs_lib.FAMILIES.get(g["family"])
+            knobs = tuple((k.name, int(g[k.name])) for k in (fam.knobs if fam else ()) if k.name in g)
+            arch = archs_lib.Arch(g["family"], int(g["depth"]), int(g["width"]), g["activation"], knobs)
         except KeyError as e:
             raise PlanError(f"config groups[{i}] lacks {e}; each group needs family, depth, width, activation, "
                             "roots") from None
@@ -146,6 +148,9 @@ def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
         if not ck or ck != sorted(set(ck)) or ck[0] < 0 or ck[-1] != epochs:
             raise PlanError(f"{name} = {ck}: must be increasing epochs in [0, {epochs}] ending at {epochs} "
                             "(the final weights are always stored)")
+    # Every family's knobs are columns (0 where a model's family lacks the knob), so that the table's columns do
+    # not depend on which families a zoo holds.
+    knob_names = list(dict.fromkeys(k.name for f in archs_lib.FAMILIES.values() for k in f.knobs))
     rng = np.random.default_rng(cfg.seed)
     rows: list[dict] = []
     unit = 0
@@ -168,7 +173,7 @@ def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
                 m.update(model_id=len(rows) + i, generation=gen, group=gi, seed=int(rng.integers(2**31 - 1)),
                          data_seed=int(rng.integers(2**31 - 1)), arch_depth=g.arch.depth,
                          arch_width=g.arch.width, activation=g.arch.activation,
-                         patch=g.arch.patch if g.arch.family == "transformer" else 0)
+                         **{k: 0 for k in knob_names} | dict(g.arch.knobs))
                 m["arch_id"], m["layout_id"], m["family"] = g.arch.id, g.arch.layout_id, g.arch.family
                 m["epochs"] = cfg.epochs if gen == 0 else lin.epochs
                 m["tree"] = i < lin.trees_per_group if gen == 0 else True
