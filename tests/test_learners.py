@@ -26,9 +26,10 @@ def _set(n=18):
     """n random networks of three families; test accuracy is a function of the head's weights (learnable)."""
     params, rows = [], []
     rng = np.random.default_rng(0)
+    init = [jax.jit(a.module(10).init) for a in ARCHS]   # compiled once per architecture, not op by op
     for i in range(n):
         a = ARCHS[i % 3]
-        p = a.module(10).init(jax.random.key(i), np.zeros((1, 8, 8, 1)))["params"]
+        p = init[i % 3](jax.random.key(i), np.zeros((1, 8, 8, 1)))["params"]
         p = jax.tree.map(lambda x: np.asarray(x) * rng.uniform(0.5, 2.0), p)
         params.append(p)
         rows.append(dict(model_id=i, root_id=i, parent_id=-1, family=a.family, activation=a.activation,
@@ -302,17 +303,21 @@ def test_a_learner_is_one_record(monkeypatch):
         **learners.LEARNERS["nwpa"].config, "stats": True, "dim": 8, "layers": 1, "heads": 2}
 
 
-def test_probe_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path):
-    zoo = tmp_path / "zoo"
-    helpers.run_launch("launch.make_zoo", "--config", "configs/zoo.py:smoke", "--workdir", str(zoo))
-    store = str(zoo / "zoo")
-    bad = helpers.run_launch("launch.probe", "--config", "configs/probe.py:nwpa,smoke", "--config.zoo=/nope",
-                             "--workdir", str(tmp_path / "x"), rc=2)
-    helpers.one_line_error(bad, "'/nope' is not a zoo")
-    bad = helpers.run_launch("launch.probe", "--config", "configs/probe.py:nwpa,smoke", f"--config.zoo={store}",
-                             "--config.learner=resnet", "--workdir", str(tmp_path / "x"), rc=2)
-    helpers.one_line_error(bad, "--config.learner='resnet'; known:")
+def test_probe_checks_its_config_before_reading_the_zoo(tmp_path, smoke_zoo):
+    from wa.learners import probe
+    c = _cfg("nwpa")
+    c.zoo = "/nope"
+    with pytest.raises(probe.ProbeError, match="'/nope' is not a zoo"):
+        probe.check(c)
+    c.zoo, c.learner = str(smoke_zoo / "zoo"), "resnet"
+    with pytest.raises(probe.ProbeError, match="--config.learner='resnet'; known:"):
+        probe.run(c, str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
+
+
+def test_probe_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path, smoke_zoo):
+    zoo = smoke_zoo
+    store = str(zoo / "zoo")
     bad = helpers.run_launch("launch.probe", "--config", "configs/probe.py:nwpa,smoke", "--config.nosuch=1", rc=2)
     helpers.one_line_error(bad, "--config.nosuch=1: the config configs/probe.py:nwpa,smoke has no field 'nosuch'")
     wd = tmp_path / "probe"
@@ -324,7 +329,11 @@ def test_probe_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path):
     assert {"accuracy", "f1"} <= set(m["tasks"]["architecture"]) and "kendall_tau" in m["tasks"]["test_acc"]
     assert m["data"]["test_networks"] == len(pd.read_parquet(wd / "predictions.parquet"))
     assert np.load(wd / "embeddings.npy").shape == (m["data"]["test_networks"], 16)
-    helpers.run_launch("launch.probe", *args)
+    # Resumes (in-process: the resume is about the folder's files, not the process).
+    from wa.learners import probe
+    c = _cfg("nwpa")
+    c.zoo = store
+    assert probe.run(c, str(wd), progress=False)["resumed_from"] == 2
     assert json.load(open(wd / "metrics.json"))["resumed_from"] == 2
     assert runs.complete(str(wd), "probe")
     # Another config, or another zoo, in the same folder: refused before anything is touched.

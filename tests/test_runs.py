@@ -165,3 +165,16 @@ def test_mesh_axes_and_topk_are_checked():
         pipeline.check_topk(cfg, {"a": 64, "b": 32})
     cfg.topk = 0.9
     pipeline.check_topk(cfg, {"a": 64, "b": 32})   # a fraction in (0, 1) always leaves weights out
+
+
+def test_a_finished_run_lets_its_folder_go(tmp_path):
+    wd = str(tmp_path / "run")
+    run = runs.Run.open(wd, "zoo", FP)
+    run.finish([])
+    # A stranger (a second open file) can now take the lock a finished run held.
+    fd = os.open(os.path.join(wd, ".lock-0"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+    assert runs.complete(wd, "zoo")

@@ -272,9 +272,8 @@ def test_layout_roundtrip():
         np.testing.assert_array_equal(back["b"][k], params["b"][k])
 
 
-def test_make_zoo_smoke_store_and_queries(tmp_path):
-    wd = tmp_path / "zoo"
-    helpers.run_launch("launch.make_zoo", "--config", "configs/zoo.py:smoke", "--workdir", str(wd))
+def test_make_zoo_smoke_store_and_queries(smoke_zoo):
+    wd = smoke_zoo
     import json
     s = json.load(open(wd / "zoo_summary.json"))
     assert s["n_models"] == 30 and s["n_checkpoints"] == 12 * 3 + 18 * 2
@@ -323,10 +322,9 @@ def _same_zoo(a: str, b: str):
         assert np.array_equal(wa_, wb, equal_nan=True), lid
 
 
-def test_zoo_resumes_after_a_crash_and_splits_over_two_writers(tmp_path):
-    ref, crashed, shared = tmp_path / "ref", tmp_path / "crashed", tmp_path / "two"
+def test_zoo_resumes_after_a_crash_and_splits_over_two_writers(tmp_path, smoke_zoo):
+    ref, crashed, shared = smoke_zoo, tmp_path / "crashed", tmp_path / "two"
     smoke = ("--config", "configs/zoo.py:smoke")
-    helpers.run_launch("launch.make_zoo", *smoke, "--workdir", str(ref))
     # Killed (os._exit, no clean-up) in generation 1, after unit 7 wrote its second checkpoint.
     helpers.run_launch("launch.make_zoo", *smoke, "--workdir", str(crashed), "--config.debug.crash_unit=7",
                        "--config.debug.crash_checkpoint=1", rc=17)

@@ -136,8 +136,10 @@ class Run:
             os.remove(done)
 
     def finish(self, files: list[str]) -> None:
-        """Writes the completion marker last: the files it names, relative to the folder, with their sizes."""
+        """Writes the completion marker last: the files it names, relative to the folder, with their sizes; then
+        lets the folder go (a library caller may open it again, or another process may, in the same session)."""
         if self.process:
+            self.release()
             return
         listed = {}
         for f in files:
@@ -146,6 +148,7 @@ class Run:
                 raise errors.RunError(f"{p}: missing when the run finished; the run is not complete")
             listed[f] = os.path.getsize(p)
         report.write_json(os.path.join(self.workdir, DONE_FILE), {"job": self.job, "files": listed})
+        self.release()
 
     def release(self) -> None:
         fd = _HELD.pop(self._lock_path, None)
