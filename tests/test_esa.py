@@ -156,17 +156,29 @@ def _same(a, b):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-4 * float(np.abs(b[k]).max()), err_msg=k)
 
 
-def test_sharded_scores_equal_unsharded(tmp_path):
-    d, _, _ = helpers.write_checkpoint(tmp_path, "llama_micro", "pt_safetensors")
-    one = _scores(d, "data:1,fsdp:-1", str(tmp_path / "one.npz"))
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    """A tiny Llama checkpoint and its scores on one device, computed in this process (the reference)."""
+    from tests import esa_worker
+    tmp = tmp_path_factory.mktemp("micro")
+    d, _, _ = helpers.write_checkpoint(tmp, "llama_micro", "pt_safetensors")
+    esa_worker.main(d, "data:1,fsdp:-1", str(tmp / "one.npz"))
+    one = np.load(tmp / "one.npz", allow_pickle=True)
+    assert int(one["n_devices"]) == 1
+    return d, one
+
+
+@pytest.mark.slow
+def test_sharded_scores_equal_unsharded(tmp_path, micro):
+    d, one = micro
     eight = _scores(d, "data:2,fsdp:4", str(tmp_path / "eight.npz"), EIGHT)
-    assert int(one["n_devices"]) == 1 and int(eight["n_devices"]) == 8
+    assert int(eight["n_devices"]) == 8
     _same(one, eight)
 
 
-def test_two_processes_give_the_same_scores(tmp_path):
-    d, _, _ = helpers.write_checkpoint(tmp_path, "llama_micro", "pt_safetensors")
-    one = _scores(d, "data:1,fsdp:-1", str(tmp_path / "one.npz"))
+@pytest.mark.slow
+def test_two_processes_give_the_same_scores(tmp_path, micro):
+    d, one = micro
     out = str(tmp_path / "two.npz")
     helpers.two_processes("tests.esa_worker", [d, "data:2,fsdp:4", out])
     two = np.load(out, allow_pickle=True)

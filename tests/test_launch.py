@@ -59,6 +59,7 @@ def test_inspect_stories260k_with_json(tmp_path):
     assert data["mesh"] == {"data": 1, "fsdp": 4} and data["totals"]["params"] == 292_800
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tiny"])
 def test_plan_prints_one_json_line(variant):
     r = _run("launch.plan", "--config", f"configs/plan.py:{variant}")

@@ -248,6 +248,7 @@ print(json.dumps({{"n": len(jax.devices()), "same": all(np.allclose(a, b, rtol=1
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_over_two_devices_matches_one():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=helpers.REPO)
     r = subprocess.run([sys.executable, "-c", _DP.format(repo=helpers.REPO)], capture_output=True, text=True, env=env,

@@ -118,6 +118,7 @@ def test_one_gradient_pass_serves_every_per_window_score(micro):
     assert seen == [("grad_x_weight", 4), ("grad_x_weight", 12)]
 
 
+@pytest.mark.slow
 def test_hutchinson_runs_on_bfloat16_parameters(micro, tmp_path):
     d, _, _ = helpers.write_checkpoint(tmp_path, "llama_micro")
     half = models.load(d, dtype=jnp.bfloat16)

@@ -8,10 +8,29 @@ from tests import helpers
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
-def _worker(ckpt, mesh, out, env=None):
-    helpers.run_python(f"from tests import sharded_worker; sharded_worker.main({ckpt!r}, {mesh!r}, {out!r})",
-                       env)
-    return np.load(out)
+def _workers(ckpt, meshes, tmp, env):
+    """Loss and gradients on each mesh, all in one subprocess with the forced devices."""
+    outs = [str(tmp / f"{m}.npz") for m in meshes]
+    helpers.run_python("from tests import sharded_worker\n" + "".join(
+        f"sharded_worker.main({ckpt!r}, {m!r}, {o!r})\n" for m, o in zip(meshes, outs, strict=True)), env)
+    return [np.load(o) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """name -> (checkpoint, loss and gradients on one device, computed in this process)."""
+    from tests import sharded_worker
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            tmp = tmp_path_factory.mktemp(name)
+            d, _, _ = helpers.write_checkpoint(tmp, name, "pt_safetensors")
+            sharded_worker.main(d, "data:1,fsdp:-1", str(tmp / "one.npz"))
+            cache[name] = (d, np.load(tmp / "one.npz"))
+            assert int(cache[name][1]["n_devices"]) == 1
+        return cache[name]
+    return get
 
 
 def _compare(a, b, tol=1e-5):
@@ -22,16 +41,15 @@ def _compare(a, b, tol=1e-5):
         np.testing.assert_allclose(a[k], b[k], rtol=tol, atol=tol, err_msg=k)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
-def test_sharded_loss_and_grad_equal_unsharded(tmp_path, name):
-    d, _, _ = helpers.write_checkpoint(tmp_path, name, "pt_safetensors")
-    single = _worker(d, "data:1,fsdp:-1", str(tmp_path / "one.npz"))
-    assert int(single["n_devices"]) == 1
-    for mesh in ("data:2,fsdp:4", "fsdp:2,model:4"):
-        sharded = _worker(d, mesh, str(tmp_path / f"{mesh}.npz"), EIGHT)
+# One family in the quick lane; the others (another kernel layout, an encoder) in the slow one.
+@pytest.mark.parametrize("name", ["llama", pytest.param("gpt2", marks=pytest.mark.slow),
+                                  pytest.param("bert", marks=pytest.mark.slow)])
+def test_sharded_loss_and_grad_equal_unsharded(tmp_path, name, single):
+    d, one = single(name)
+    for sharded in _workers(d, ("data:2,fsdp:4", "fsdp:2,model:4"), tmp_path, EIGHT):
         assert int(sharded["n_devices"]) == 8
         assert "fsdp" in str(sharded["specs"])
-        _compare(single, sharded)
+        _compare(one, sharded)
 
 
 def test_rule_that_does_not_divide_a_dimension(tmp_path):
@@ -49,12 +67,12 @@ def test_rule_that_does_not_divide_a_dimension(tmp_path):
             "172 is not divisible by 8") in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama"])
-def test_two_processes_equal_one(tmp_path, name):
-    d, _, _ = helpers.write_checkpoint(tmp_path, name, "pt_safetensors")
-    single = _worker(d, "data:1,fsdp:-1", str(tmp_path / "one.npz"))
+def test_two_processes_equal_one(tmp_path, name, single):
+    d, one = single(name)
     out = str(tmp_path / "two.npz")
     helpers.two_processes("tests.sharded_worker", [d, "data:2,fsdp:4", out])
     two = np.load(out)
     assert int(two["n_processes"]) == 2 and int(two["n_devices"]) == 8
-    _compare(single, two)
+    _compare(one, two)

@@ -322,6 +322,7 @@ def _same_zoo(a: str, b: str):
         assert np.array_equal(wa_, wb, equal_nan=True), lid
 
 
+@pytest.mark.slow
 def test_zoo_resumes_after_a_crash_and_splits_over_two_writers(tmp_path, smoke_zoo):
     ref, crashed, shared = smoke_zoo, tmp_path / "crashed", tmp_path / "two"
     smoke = ("--config", "configs/zoo.py:smoke")
@@ -352,6 +353,7 @@ def test_zoo_resumes_after_a_crash_and_splits_over_two_writers(tmp_path, smoke_z
     _same_zoo(str(ref / "zoo"), str(shared / "zoo"))
 
 
+@pytest.mark.slow
 def test_population_sharded_over_devices_equals_one_device():
     code = r'''
 import jax, numpy as np
