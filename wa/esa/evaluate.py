@@ -27,8 +27,14 @@ def evaluate(loaded, params, ids: np.ndarray, mask: np.ndarray, batch_size: int,
     The last batch is padded with fully masked rows; sums are accumulated in float64 on the
     host, so the figure is independent of the batch size and the mesh.
     """
-    step = step or nll_step(loaded)
-    batches = parallel.iter_batches(loaded.mesh, {"input_ids": ids, "attention_mask": mask}, batch_size)
+    return nll(step or nll_step(loaded), loaded.mesh, params, ids, mask, batch_size, progress, desc)
+
+
+def nll(step, mesh, params, ids: np.ndarray, mask: np.ndarray, batch_size: int, progress: bool = True,
+        desc: str = "eval") -> dict:
+    """``evaluate`` with any jitted ``(params, batch) -> (nll_sum, n_targets)`` on ``mesh`` (a model being
+    trained has no loaded checkpoint)."""
+    batches = parallel.iter_batches(mesh, {"input_ids": ids, "attention_mask": mask}, batch_size)
     total, count = 0.0, 0.0
     for batch in tqdm(batches, total=-(-len(ids) // batch_size), desc=desc,
                       disable=not progress or jax.process_index() > 0):

@@ -7,7 +7,6 @@ training stream (seeded by step, so a resumed run sees the same batches as an un
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -15,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import transformers
 from absl import logging
 from tqdm import tqdm
@@ -26,6 +24,7 @@ from wa.esa import evaluate
 from wa.models import checkpoint as ckpt_lib
 from wa.parallel import mesh as mesh_lib
 from wa.parallel import rules as rules_lib
+from wa.train import core
 
 
 class TrainError(errors.ConfigError):
@@ -112,19 +111,9 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
     opt_state = jax.jit(opt.init)(params)
     state = {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
 
-    mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
-    history = {"train": [], "val": []}
-    hist_file = os.path.join(workdir, "history.json")
-    if mngr.latest_step() is not None:
-        step0 = mngr.latest_step()
-        state = mngr.restore(step0, args=ocp.args.StandardRestore(state))
-        if os.path.exists(hist_file):
-            history = json.load(open(hist_file))
-            history = {k: [h for h in v if h["step"] <= step0] for k, v in history.items()}
-        logging.info("resumed from step %d", step0)
-
-    loaded = ckpt_lib.Loaded(model, state["params"], config, family, mesh, shardings, workdir, [])
+    ckpts = core.Checkpoints(workdir, "step", max_to_keep=2)
+    state, start, history = ckpts.resume(state, {"train": [], "val": []})
+    nll = jax.jit(lambda params, batch: family.token_nll(model, params, batch))
 
     @jax.jit
     def step_fn(state, batch):
@@ -141,7 +130,6 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
                                           lambda lo, hi: {"input_ids": ids[lo:hi],
                                                           "attention_mask": np.ones_like(ids[lo:hi])})
 
-    start = int(state["step"])
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
                disable=not progress or jax.process_index() > 0)
@@ -152,16 +140,12 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
             history["train"].append({"step": done, "loss": float(loss)})
             bar.set_postfix(loss=f"{float(loss):.3f}")
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            r = evaluate.evaluate(loaded, state["params"], val_ids, val_mask, cfg.batch_size, progress=False)
+            r = evaluate.nll(nll, mesh, state["params"], val_ids, val_mask, cfg.batch_size, progress=False)
             history["val"].append({"step": done, "nll": r["nll"], "ppl": r["ppl"]})
             logging.info("step %d: val %.4f nats/token, perplexity %.3f", done, r["nll"], r["ppl"])
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            mngr.save(done, args=ocp.args.StandardSave(state))
-            mngr.wait_until_finished()
-            if jax.process_index() == 0:
-                report.write_json(hist_file, history)
-            if cfg.halt_at and done >= cfg.halt_at:
-                logging.info("halting at step %d as asked (--config.halt_at); re-run to resume", done)
+            ckpts.save(done, state, history)
+            if core.halt(done, cfg.halt_at, "--config.halt_at"):
                 break
     seconds = time.time() - t0
 

@@ -12,38 +12,24 @@ the mean over all sub-batches makes the gradient the all-device one.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from wa import errors, report
+from wa import errors
 from wa.eval import metrics as metrics_lib
+from wa.train import core
 
 
 class LoopError(errors.ConfigError):
     pass
-
-
-def _read_history(path: str, start: int) -> list[dict]:
-    """The per-epoch history up to the checkpoint's epoch. The weights, optimizer and early-stopping state
-    live in the checkpoint, so a missing or damaged history (killed mid-write by an older wa, deleted by
-    hand) costs only the curves before ``start``: resume goes on and says so."""
-    try:
-        with open(path) as f:
-            return [h for h in json.load(f) if h["epoch"] <= start]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        logging.warning("%s: unreadable (%s); resuming after epoch %d without the curves before it", path, e, start)
-        return []
 
 
 @dataclasses.dataclass
@@ -220,17 +206,8 @@ class Loop:
         reference = self._val_metrics(params, feats, val_idx)["tasks"] if self.relative else None
         state = {"params": params, "opt_state": opt_state, "best_params": params,
                  "epoch": _i(0), "best_epoch": _i(0), "best_val": _f(np.inf), "bad_epochs": _i(0)}
-        history, start = [], 0
-        mngr = hist_file = None
-        if workdir:
-            mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                                         options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
-            hist_file = os.path.join(workdir, "history.json")
-            if mngr.latest_step() is not None:
-                state = mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(state))
-                start = int(state["epoch"])
-                history = _read_history(hist_file, start)
-                logging.info("%s: resumed after epoch %d", self.learner.name, start)
+        ckpts = core.Checkpoints(workdir, "epoch")
+        state, start, history = ckpts.resume(state, [])
         t0 = time.time()
         bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, desc=self.learner.name,
                    disable=not progress)
@@ -259,12 +236,8 @@ class Loop:
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val['loss']:.3f}")
             logging.info("%s epoch %d: train %.4f val %.4f (%.1fs)", self.learner.name, epoch + 1, train_loss,
                          val["loss"], time.time() - te)
-            if mngr is not None:
-                mngr.save(epoch + 1, args=ocp.args.StandardSave(state))
-                mngr.wait_until_finished()
-                report.write_json(hist_file, history)
-            if cfg.halt_at and epoch + 1 >= cfg.halt_at:
-                logging.info("halting after epoch %d as asked (--config.train.halt_at)", epoch + 1)
+            ckpts.save(epoch + 1, state, history)
+            if core.halt(epoch + 1, cfg.halt_at, "--config.train.halt_at"):
                 break
         log_vars = {t: float(v) for t, v in state["best_params"]["log_var"].items()} if self.balance else {}
         return Fit(state["best_params"], history, int(state["best_epoch"]), int(state["epoch"]),
