@@ -12,6 +12,7 @@ the mean over all sub-batches makes the gradient the all-device one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -88,6 +89,53 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+def _apply(module, params, batch, train, keys):
+    """The module on a batch with a leading device axis (one sub-batch per data-parallel shard)."""
+    return jax.vmap(lambda b, k: module.apply({"params": params}, b, train=train, rngs={"dropout": k}))(batch, keys)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_init(module):
+    # Compiled: run op by op, a graph learner's initialization costs tens of seconds per architecture.
+    return jax.jit(lambda rngs, x: module.init(rngs, x, train=False)["params"])
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_eval(module, n_devices: int):
+    """The jitted evaluation of ``module``: Loops of one learner configuration (a benchmark's seeds, a resumed
+    run) share it, so it compiles once per process."""
+    # No dropout in evaluation; the keys only fill apply's signature.
+    return jax.jit(lambda params, batch: _apply(module, params, batch, False,
+                                                jax.random.split(jax.random.key(0), n_devices)))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_step(module, spec: tuple, weights: tuple, balance: bool, n_devices: int, opt: tuple):
+    """(optimizer, jitted training step) of one configuration, shared like ``_compiled_eval``. ``opt``: (peak lr,
+    warmup steps, steps, gradient clip, weight decay); AdamW with warmup and cosine decay to 1% of the peak."""
+    lr, warmup, steps, clip, weight_decay = opt
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, lr * 0.01)
+    # The task uncertainties are not decayed towards 0.
+    decay = (lambda p: {"net": jax.tree.map(lambda _: True, p["net"]),  # noqa: E731
+                        "log_var": jax.tree.map(lambda _: False, p["log_var"])}) if balance else None
+    tx = optax.chain(optax.clip_by_global_norm(clip), optax.adamw(schedule, weight_decay=weight_decay, mask=decay))
+    spec, weights = dict(spec), dict(weights)
+
+    def loss_fn(params, batch, y, mask, keys):
+        # Trained parameters: {"net": module parameters, "log_var": {task: s}} when tasks are balanced.
+        net, log_vars = (params["net"], params["log_var"]) if balance else (params, None)
+        return _loss(_apply(module, net, batch, True, keys), y, mask, spec, weights, log_vars)
+
+    def step(params, opt_state, batch, y, mask, keys):
+        loss, g = jax.value_and_grad(loss_fn)(params, batch, y, mask, keys)
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    # Outputs replicated like the inputs from init: otherwise the second call sees another sharding and compiles
+    # the step again.
+    return tx, jax.jit(step, out_shardings=NamedSharding(mesh(n_devices), P()))
+
+
 class Loop:
     def __init__(self, learner, targets, cfg):
         if cfg.epochs < 1 or cfg.batch_size < 1:
@@ -104,32 +152,9 @@ class Loop:
         self.mesh = mesh(learner.n_devices)
         self.data = NamedSharding(self.mesh, P("data"))
         self.repl = NamedSharding(self.mesh, P())
-        spec = {t: s["kind"] for t, s in targets.spec.items()}
-        weights = targets.weights()
-        module = self.module
-
-        def apply(params, batch, train, keys):
-            return jax.vmap(lambda b, k: module.apply({"params": params}, b, train=train,
-                                                      rngs={"dropout": k}))(batch, keys)
-
-        def loss_fn(params, batch, y, mask, keys):
-            # Trained parameters: {"net": module parameters, "log_var": {task: s}} when tasks are balanced.
-            net, log_vars = (params["net"], params["log_var"]) if self.balance else (params, None)
-            return _loss(apply(net, batch, True, keys), y, mask, spec, weights, log_vars)
-
-        def step(params, opt_state, batch, y, mask, keys):
-            loss, g = jax.value_and_grad(loss_fn)(params, batch, y, mask, keys)
-            updates, opt_state = self.opt.update(g, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
-
-        def evaluate(params, batch):
-            # No dropout in evaluation; the keys only fill apply's signature.
-            return apply(params, batch, False, jax.random.split(jax.random.key(0), learner.n_devices))
-
-        # Outputs replicated like the inputs from init: otherwise the second call sees another sharding and compiles
-        # the step again.
-        self._step = jax.jit(step, out_shardings=self.repl)
-        self._eval = jax.jit(evaluate)
+        self._spec = tuple((t, s["kind"]) for t, s in targets.spec.items())
+        self._weights = tuple(targets.weights().items())
+        self._eval = _compiled_eval(self.module, learner.n_devices)
 
     def _device(self, batch, rows):
         y = {t: v[np.maximum(rows, 0)] for t, v in self.targets.y.items()}
@@ -138,20 +163,16 @@ class Loop:
 
     def init(self, feats, train_idx):
         params = {}
-        # Compiled: run op by op, a graph learner's initialization costs tens of seconds per architecture.
-        init = jax.jit(lambda rngs, x: self.module.init(rngs, x, train=False)["params"])
+        init = _compiled_init(self.module)
         for batch in self.learner.init_batches(feats, train_idx, self.cfg.batch_size):
             sample = jax.tree.map(lambda x: x[0], batch)
             params = _merge(params, init({"params": jax.random.key(self.cfg.seed), "dropout": jax.random.key(1)},
                                          sample))
         steps = self.cfg.epochs * max(1, -(-len(train_idx) // self.cfg.batch_size))
-        schedule = optax.warmup_cosine_decay_schedule(0.0, self.cfg.lr, int(self.cfg.warmup * steps), steps,
-                                                      self.cfg.lr * 0.01)
-        # The task uncertainties are not decayed towards 0.
-        decay = (lambda p: {"net": jax.tree.map(lambda _: True, p["net"]),  # noqa: E731
-                            "log_var": jax.tree.map(lambda _: False, p["log_var"])}) if self.balance else None
-        self.opt = optax.chain(optax.clip_by_global_norm(self.cfg.clip),
-                               optax.adamw(schedule, weight_decay=self.cfg.weight_decay, mask=decay))
+        self.opt, self._step = _compiled_step(
+            self.module, self._spec, self._weights, self.balance, self.learner.n_devices,
+            (float(self.cfg.lr), int(self.cfg.warmup * steps), steps, float(self.cfg.clip),
+             float(self.cfg.weight_decay)))
         if self.balance:
             params = {"net": params, "log_var": {t: jnp.zeros((), jnp.float32) for t in self.targets.spec}}
         params = jax.device_put(params, self.repl)
