@@ -316,7 +316,7 @@ def test_probe_checks_its_config_before_reading_the_zoo(tmp_path, smoke_zoo):
     assert not (tmp_path / "x").exists()
 
 
-def test_probe_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path, smoke_zoo):
+def test_probe_cli_resumes_and_refuses_another_run(tmp_path, smoke_zoo):
     zoo = smoke_zoo
     store = str(zoo / "zoo")
     bad = helpers.run_launch("launch.probe", "--config", "configs/probe.py:nwpa,smoke", "--config.nosuch=1", rc=2)
@@ -350,6 +350,10 @@ def test_probe_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path, smoke_zoo):
     helpers.one_line_error(bad, "config.batch_size: 32 in the folder, 16 now")
     assert (zoo / "zoo" / "zoo.json").read_bytes() == zoo_json
 
+
+@pytest.mark.slow
+def test_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path, smoke_zoo):
+    store = str(smoke_zoo / "zoo")
     r = helpers.run_launch("launch.lineage", f"--zoo={store}", "--workdir", str(tmp_path / "lin")).stdout
     lin = json.load(open(tmp_path / "lin" / "lineage.json"))
     assert len(lin) == 3 and "mean directed-edge recovery" in r

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests import helpers
 from wa import models
@@ -16,6 +17,7 @@ def _train(workdir, *overrides):
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_train_save_load_and_resume(tmp_path):
     # Preempted after step 6 of 9 ...
     r = _train(tmp_path / "a", "--config.steps=9", "--config.halt_at=6")
