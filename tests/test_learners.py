@@ -304,18 +304,34 @@ def test_a_learner_is_one_record(monkeypatch):
         **learners.LEARNERS["nwpa"].config, "stats": True, "dim": 8, "layers": 1, "heads": 2}
 
 
-def test_probe_checks_its_config_before_reading_the_zoo(tmp_path, smoke_zoo):
+def test_probe_checks_its_config_before_reading_the_zoo(tmp_path):
     from wa.learners import probe
     c = _cfg("nwpa")
     c.zoo = "/nope"
     with pytest.raises(probe.ProbeError, match="'/nope' is not a zoo"):
         probe.check(c)
-    c.zoo, c.learner = str(smoke_zoo / "zoo"), "resnet"
+    c.learner = "resnet"   # reported before the zoo is looked at
     with pytest.raises(probe.ProbeError, match="--config.learner='resnet'; known:"):
         probe.run(c, str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
 
 
+def test_probe_runs_and_resumes_in_process(tmp_path, smoke_zoo):
+    """The probe end to end with a dense learner (the NWPA run through the launcher is in the slow lane)."""
+    from wa.learners import probe
+    c = _cfg("stats_mlp")
+    c.zoo = str(smoke_zoo / "zoo")
+    wd = str(tmp_path / "probe")
+    m = probe.run(c, wd, progress=False)
+    assert set(m["tasks"]) == set(c.tasks) and m["epochs_run"] == 2 and m["resumed_from"] == 0
+    assert {"accuracy", "f1"} <= set(m["tasks"]["architecture"]) and "kendall_tau" in m["tasks"]["test_acc"]
+    assert m["data"]["test_networks"] == len(pd.read_parquet(os.path.join(wd, "predictions.parquet")))
+    assert runs.complete(wd, "probe")
+    again = probe.run(c, wd, progress=False)
+    assert again["resumed_from"] == 2 and again["tasks"] == m["tasks"]
+
+
+@pytest.mark.slow
 def test_probe_cli_resumes_and_refuses_another_run(tmp_path, smoke_zoo):
     zoo = smoke_zoo
     store = str(zoo / "zoo")
