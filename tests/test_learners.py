@@ -278,7 +278,7 @@ def test_baselines_learn_architecture_from_statistics():
             assert p["embedding"].shape == (9, 8)
 
 
-def test_a_learner_is_one_record(monkeypatch):
+def test_a_learner_is_one_record(monkeypatch, tmp_path):
     """One registered Entry is all configs/probe.py, the probe's checks and learners.get need; a structure learner
     with a ``stats`` setting also gets its multi-resolution variant, and its ablations are variants."""
     from wa.learners import base, baselines, nwpa, probe
@@ -296,6 +296,8 @@ def test_a_learner_is_one_record(monkeypatch):
     assert roles == sorted(roles, key=base.ROLES.index)
     c = probe_configs.get_config("pca_small,smoke")
     assert c.learner == "pca_small" and c.model.components == 2 and c.model.alpha == 1.0
+    (tmp_path / "zoo.json").write_text("{}")   # check() only asks that the zoo exists
+    c.zoo = str(tmp_path)
     probe.check(c)
     assert isinstance(learners.get(c.learner, c.model, None), baselines.PCALinear)
     c = probe_configs.get_config("nwpa_wide_no_dropout")
