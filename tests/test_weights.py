@@ -134,7 +134,6 @@ class _Gated(archs.Net):
 
 def test_a_zoo_family_is_one_record(monkeypatch):
     """Registering one ZooFamily is all the architecture, graph, statistics, permutation and NFN views need."""
-    from wa.learners import nfn
     from wa.weights import canonical, stats
     monkeypatch.setitem(archs.FAMILIES, "gated", archs.ZooFamily(
         "gated", _Gated, layers=archs.chain_layers("gate", "dense"), permutable=("dense",), min_depth=2))
@@ -155,6 +154,6 @@ def test_a_zoo_family_is_one_record(monkeypatch):
     np.testing.assert_allclose(m.apply({"params": q}, x), m.apply({"params": p}, x), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(canonical.canonicalize(q, "gated")["gate_0"]["kernel"],
                                canonical.canonicalize(p, "gated")["gate_0"]["kernel"], rtol=1e-6)
-    assert "gated" in nfn.chain_families()
+    assert "gated" in archs.chain_families()
     with pytest.raises(archs.ArchError, match="family 'gated' has no knob 'patch'"):
         archs.Arch("gated", 2, 5, "tanh", (("patch", 4),))

@@ -28,11 +28,6 @@ import jax.numpy as jnp
 from wa.learners import base, heads
 from wa.zoo import archs
 
-
-def chain_families() -> tuple[str, ...]:
-    """The zoo families NFN can read: chains of dense / convolutional layers."""
-    return tuple(n for n, f in archs.FAMILIES.items() if f.chain)
-
 LAYERS = ("auto", "hnp", "np")
 
 
@@ -203,10 +198,10 @@ class _Stack(nn.Module):
 
 class Learner(base.Blocks):
     name = "nfn"
-    families = chain_families()
+    families = archs.chain_families()   # the zoo families NFN can read
 
     def prepare(self, params, families, activations):
-        chains = chain_families()
+        chains = archs.chain_families()
         bad = sorted(set(families) - set(chains))
         if bad:
             raise base.LearnerError(f"nfn reads the {'/'.join(chains)} families (chains of layers); it was given "

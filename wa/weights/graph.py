@@ -49,7 +49,7 @@ def layers(params: dict, family: str) -> list[tuple[str, str, np.ndarray, np.nda
     fam = archs_lib.family(family)
     if not fam.chain:
         raise GraphError(f"family {family!r} is not a chain of layers; chains: "
-                         f"{sorted(n for n, f in archs_lib.FAMILIES.items() if f.chain)}")
+                         f"{sorted(archs_lib.chain_families())}")
     return [(n, kind, np.asarray(k), np.asarray(b)) for n, kind, k, b in fam.layers(params)]
 
 

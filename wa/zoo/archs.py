@@ -228,6 +228,11 @@ def register(family: ZooFamily) -> ZooFamily:
     return family
 
 
+def chain_families() -> tuple[str, ...]:
+    """The families whose networks are chains of dense / convolutional layers (``ZooFamily.layers``)."""
+    return tuple(n for n, f in FAMILIES.items() if f.chain)
+
+
 def family(name: str) -> ZooFamily:
     if name not in FAMILIES:
         raise ArchError(f"unknown architecture family {name!r}; choose one of {sorted(FAMILIES)}")
