@@ -13,7 +13,7 @@ from absl import flags
 
 from launch import common
 from wa import errors, parallel, report, runs
-from wa.parallel import plan
+from wa.esa import plan
 
 _CONFIG = common.config_flag("configs/plan.py:llama3_8b", "Plan config.")
 flags.DEFINE_string("workdir", None, "Also write plan.json here.")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import stat
 
 from wa import errors
 
@@ -67,33 +66,3 @@ def checkpoint(name_or_path: str) -> str:
     if name_or_path in CHECKPOINTS:
         return CHECKPOINTS[name_or_path]()
     return name_or_path
-
-
-def file_inside(root: str, name: str, missing_ok: bool = False) -> str | None:
-    """``root/name``, if it resolves to a regular file inside ``root``; otherwise a ``CheckpointError``.
-
-    Checkpoints come from strangers: a weights file may be a link to ``/dev/zero`` or a FIFO, and a shard
-    index may name ``/dev/urandom`` or ``../../etc/passwd``. Only regular files whose resolved path stays
-    inside the checkpoint directory are read. One exception keeps the Hugging Face cache usable: a
-    ``.../snapshots/<revision>`` directory's files are links into the sibling ``blobs`` folder.
-    """
-    if not isinstance(name, str) or not name:
-        raise errors.CheckpointError(f"{root}: file name {name!r} is not a relative path")
-    path = os.path.join(root, name)
-    real, top = os.path.realpath(path), os.path.realpath(root)
-    allowed = [top]
-    if os.path.basename(os.path.dirname(top)) == "snapshots":
-        allowed.append(os.path.join(os.path.dirname(os.path.dirname(top)), "blobs"))
-    if os.path.isabs(name) or not any(os.path.commonpath([real, a]) == a for a in allowed):
-        raise errors.CheckpointError(f"{path}: resolves to {real}, outside the checkpoint directory {top}; "
-                                     "wa reads only files inside it")
-    if missing_ok and not os.path.exists(real):
-        return None
-    try:
-        mode = os.stat(real).st_mode
-    except OSError as e:
-        raise errors.CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
-    if not stat.S_ISREG(mode):
-        raise errors.CheckpointError(f"{path}: is not a regular file (a directory, device, FIFO or socket); "
-                                     "expected a file of the checkpoint")
-    return path

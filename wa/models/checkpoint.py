@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import re
+import stat
 from collections.abc import Callable
 
 import jax
@@ -29,7 +30,6 @@ from flax import serialization, traverse_util
 from jax.sharding import Mesh
 
 from wa import errors, runs
-from wa.data import paths
 from wa.models import families as fam
 from wa.models import gguf_io, llama
 from wa.models.safetensors_io import SafetensorsError, SafetensorsFile
@@ -164,12 +164,42 @@ def build_model(config, dtype=None, family: fam.Family | None = None, scan: bool
 # --------------------------------------------------------------------------- weight sources
 
 
+def file_inside(root: str, name: str, missing_ok: bool = False) -> str | None:
+    """``root/name``, if it resolves to a regular file inside ``root``; otherwise a ``CheckpointError``.
+
+    Checkpoints come from strangers: a weights file may be a link to ``/dev/zero`` or a FIFO, and a shard
+    index may name ``/dev/urandom`` or ``../../etc/passwd``. Only regular files whose resolved path stays
+    inside the checkpoint directory are read. One exception keeps the Hugging Face cache usable: a
+    ``.../snapshots/<revision>`` directory's files are links into the sibling ``blobs`` folder.
+    """
+    if not isinstance(name, str) or not name:
+        raise errors.CheckpointError(f"{root}: file name {name!r} is not a relative path")
+    path = os.path.join(root, name)
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    allowed = [top]
+    if os.path.basename(os.path.dirname(top)) == "snapshots":
+        allowed.append(os.path.join(os.path.dirname(os.path.dirname(top)), "blobs"))
+    if os.path.isabs(name) or not any(os.path.commonpath([real, a]) == a for a in allowed):
+        raise errors.CheckpointError(f"{path}: resolves to {real}, outside the checkpoint directory {top}; "
+                                     "wa reads only files inside it")
+    if missing_ok and not os.path.exists(real):
+        return None
+    try:
+        mode = os.stat(real).st_mode
+    except OSError as e:
+        raise errors.CheckpointError(f"{path}: cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise errors.CheckpointError(f"{path}: is not a regular file (a directory, device, FIFO or socket); "
+                                     "expected a file of the checkpoint")
+    return path
+
+
 MAX_JSON_BYTES = 64 << 20   # config.json and shard indexes are kilobytes
 
 
 def _json(root: str, name: str):
     """A small JSON file of the checkpoint, read only if it is a regular file inside it."""
-    file = paths.file_inside(root, name)
+    file = file_inside(root, name)
     if os.path.getsize(file) > MAX_JSON_BYTES:
         raise CheckpointError(f"{os.path.join(root, name)}: {os.path.getsize(file)} bytes; expected a small JSON "
                               f"file (under {MAX_JSON_BYTES >> 20} MiB)")
@@ -194,13 +224,13 @@ def find_weights(path: str) -> list[str]:
                 raise CheckpointError(f"{index}: not a valid shard index (expected an object whose weight_map "
                                       "maps tensor names to shard file names)")
             shards = sorted(set(weight_map.values()))
-            files = [paths.file_inside(path, s, missing_ok=True) for s in shards]  # none may point outside
+            files = [file_inside(path, s, missing_ok=True) for s in shards]  # none may point outside
             missing = [s for s, f in zip(shards, files, strict=True) if f is None]
             if missing:
                 raise CheckpointError(f"{index} lists shard files that are missing: {missing[:5]}")
             return files
         if os.path.lexists(os.path.join(path, name)):
-            return [paths.file_inside(path, name)]
+            return [file_inside(path, name)]
     present = sorted(os.listdir(path))
     raise CheckpointError(
         f"{path}: no weights found; expected one of {', '.join(WEIGHT_FILES)} (or a sharded "
@@ -210,7 +240,7 @@ def find_weights(path: str) -> list[str]:
 def _gguf_file(path: str) -> gguf_io.GGUFFile:
     if not os.path.lexists(path):
         raise CheckpointError(f"checkpoint file {path!r} does not exist")
-    paths.file_inside(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
+    file_inside(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
     return gguf_io.GGUFFile(path)
 
 

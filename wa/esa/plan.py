@@ -1,4 +1,5 @@
-"""Ahead-of-time memory plan for one loss-and-gradient step on a sharded model."""
+"""Ahead-of-time memory plan for one loss-and-gradient step on a sharded model, and for ESA's HVP and capture
+steps (planned as ESA runs them: it sits above the models and the scores it plans)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import transformers
 from jax.sharding import NamedSharding
 
+from wa.esa import scores
 from wa.models import build_model
 from wa.parallel import batch as batch_lib
 from wa.parallel import rules as rules_lib
@@ -62,11 +64,10 @@ def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
     ``hvp_probes`` also of ESA's Hutchinson step (that many Hessian-vector products vmapped), with ``capture`` of
     its activation-capture pass (the per-input-channel sums of squares Wanda scores need).
 
-    ``scan``, ``remat`` ("none", "full", "dots") and ``loss_chunk`` configure wa's own Llama / Mistral; for other
-    families ``remat="full"`` turns on the HF class's gradient checkpointing where it has one.
+    ``scan``, ``remat`` ("none", "full", "dots") and ``loss_chunk`` configure wa's own decoder
+    (``wa.models.llama``); for other families ``remat="full"`` turns on the HF class's gradient checkpointing
+    where it has one.
     """
-    from wa.esa import scores  # the HVP and capture steps ESA runs, planned as they are
-
     config, trimmed = trim_positions(config, seq_len)
     model, family = build_model(config, compute_dtype, scan=scan, remat=remat, loss_chunk=loss_chunk, mesh=mesh)
     if remat != "none" and not hasattr(model, "token_nll"):
