@@ -112,7 +112,7 @@ def test_rotary_base_comes_from_the_config():
     # transformers' Flax classes use base 10000 whatever rope_theta says; the frequencies must follow it.
     spec = llama.Spec.from_hf(_tiny_mistral(rope_theta=100000.0))
     d = spec.head_dim
-    np.testing.assert_allclose(llama.inverse_frequencies(spec), 100000.0 ** (-np.arange(0, d, 2) / d))
+    np.testing.assert_allclose(llama.inverse_frequencies(spec)[0], 100000.0 ** (-np.arange(0, d, 2) / d))
     # Llama-3.1's scaling: long wavelengths (beyond 8192 / 1 positions) divided by 8, short ones (below
     # 8192 / 4) kept.
     cfg = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0, rope_scaling={
@@ -120,7 +120,7 @@ def test_rotary_base_comes_from_the_config():
         "original_max_position_embeddings": 8192})
     s = llama.Spec.from_hf(cfg)
     base = 500000.0 ** (-np.arange(0, 128, 2) / 128)
-    got = llama.inverse_frequencies(s)
+    got = llama.inverse_frequencies(s)[0]
     wavelen = 2 * np.pi / base
     np.testing.assert_allclose(got[wavelen < 8192 / 4], base[wavelen < 8192 / 4])
     np.testing.assert_allclose(got[wavelen > 8192], base[wavelen > 8192] / 8)

@@ -1,7 +1,8 @@
 """Per-family adapters: Flax class, loss on a token batch, parameter taxonomy, partition rules.
 
 Adding a family is adding one ``register(Family(...))`` call. Taxonomy rules are ordered
-``(regex, component, role)``; the named group ``layer`` gives the block index. Components
+``(regex, component, role)``; the named group ``layer`` gives the block index, and ``role`` the role where
+the rule's own is None. Components
 are ``embedding / attention / mlp / norm / head``; roles say which matrix inside
 (``q, k, v, qkv, o, up, gate, down, token, position, ...``).
 
@@ -43,7 +44,8 @@ class ParamInfo:
 class Family:
     name: str
     kind: str                                   # "causal_lm" or "encoder"
-    classes: dict[str, str]                     # config.model_type -> transformers Flax class
+    # config.model_type -> transformers Flax class, or None where wa builds its own module (wa.models.llama)
+    classes: dict[str, str | None]
     taxonomy: tuple[tuple[str, str, str], ...]
     partition_rules: tuple[tuple[str, P], ...]
     # PyTorch state-dict entries that are buffers, not parameters (never loaded).
@@ -66,8 +68,9 @@ class Family:
         for regex, component, role in self.taxonomy:
             m = re.search(regex, path)
             if m:
-                layer = m.groupdict().get("layer")
-                return ParamInfo(None if layer is None else int(layer), component, role)
+                groups = m.groupdict()
+                layer = groups.get("layer")
+                return ParamInfo(None if layer is None else int(layer), component, role or groups["role"])
         return ParamInfo(None, "other", "other")
 
     def token_nll(self, model, params, batch, rng=None):
@@ -239,34 +242,93 @@ register(Family(
     deterministic_flag=True,
 ))
 
+def _decoder_taxonomy(*, attn=r"self_attn/(?P<role>[qkvo])_proj/", mlp=r"mlp/(?P<role>gate|up|down)_proj/",
+                      extra=(), post_norms=False, backbone="model", head="lm_head", embed="embed_tokens",
+                      final="norm") -> tuple:
+    """A llama-like decoder's taxonomy: the HF names of the Llama line (or the family's own) by layer.
+
+    ``post_norms``: Gemma-2/3, whose ``post_attention_layernorm`` normalizes the attention output and whose MLP
+    input norm is ``pre_feedforward_layernorm``; elsewhere ``post_attention_layernorm`` is the MLP input norm."""
+    layer = r"layers/(?P<layer>\d+)/"
+    rows = [(rf"{backbone}/{embed}/embedding$", "embedding", "token"),
+            (layer + attn, "attention", None), (layer + mlp, "mlp", None), *extra,
+            (layer + "input_layernorm/", "norm", "attn_norm")]
+    if post_norms:
+        rows += [(layer + "post_attention_layernorm/", "norm", "attn_post_norm"),
+                 (layer + "pre_feedforward_layernorm/", "norm", "mlp_norm"),
+                 (layer + "post_feedforward_layernorm/", "norm", "mlp_post_norm")]
+    else:
+        rows += [(layer + "post_attention_layernorm/", "norm", "mlp_norm")]
+    rows += [(rf"{backbone}/{final}/", "norm", "final_norm"), (rf"^{head}/", "head", "lm_head")]
+    return tuple(rows)
+
+
+_QK_NORM = ((r"layers/(?P<layer>\d+)/self_attn/q_norm/", "norm", "q_norm"),
+            (r"layers/(?P<layer>\d+)/self_attn/k_norm/", "norm", "k_norm"))
+_DECODER_RULES = (
+    (r"embed_tokens/embedding$", EMBED),
+    (r"(q_proj|k_proj|v_proj|qkv_proj|gate_proj|up_proj|gate_up_proj)/kernel$", FAN_OUT),
+    (r"(o_proj|down_proj)/kernel$", FAN_IN),
+    # Split by vocabulary column: the chunked loss then gathers and reduces per chunk what a hidden-dimension
+    # split made it hold whole (Llama-3.1-8B plan: 11.1 -> 8.9 GiB of temporaries per device).
+    (r"lm_head/kernel$", VOCAB_COLUMNS),
+    _NORM, _BIAS,
+)
+_ROTARY_BUFFERS = (r"rotary_emb\.inv_freq$",)
+
 register(Family(
     name="llama",
     kind="causal_lm",
     classes={"llama": "FlaxLlamaForCausalLM", "mistral": "FlaxMistralForCausalLM"},
+    taxonomy=_decoder_taxonomy(),
+    partition_rules=_DECODER_RULES,
+    pt_buffers=_ROTARY_BUFFERS,
+))
+
+# Qwen2/2.5 (bias on q, k, v) and Qwen3 (RMSNorm on each query and key head): the Llama names otherwise.
+register(Family(name="qwen", kind="causal_lm", classes={"qwen2": None, "qwen3": None},
+                taxonomy=_decoder_taxonomy(extra=_QK_NORM), partition_rules=_DECODER_RULES,
+                pt_buffers=_ROTARY_BUFFERS))
+
+# Gemma 1: the Llama names ((1 + w) norms, GeGLU and scaled embeddings are the module's, not the names').
+register(Family(name="gemma", kind="causal_lm", classes={"gemma": None},
+                taxonomy=_decoder_taxonomy(), partition_rules=_DECODER_RULES, pt_buffers=_ROTARY_BUFFERS))
+
+# Gemma 2 and 3: norms before and after attention and MLP; Gemma-3 adds the per-head q/k norms.
+register(Family(name="gemma2", kind="causal_lm", classes={"gemma2": None, "gemma3_text": None},
+                taxonomy=_decoder_taxonomy(extra=_QK_NORM, post_norms=True), partition_rules=_DECODER_RULES,
+                pt_buffers=_ROTARY_BUFFERS))
+
+# Phi-3: q, k, v in one qkv_proj (rows: every q head, then k, then v) and gate, up in one gate_up_proj.
+register(Family(name="phi3", kind="causal_lm", classes={"phi3": None},
+                taxonomy=_decoder_taxonomy(attn=r"self_attn/(?P<role>qkv|o)_proj/",
+                                           mlp=r"mlp/(?P<role>gate_up|down)_proj/"),
+                partition_rules=_DECODER_RULES, pt_buffers=_ROTARY_BUFFERS))
+
+# GPT-NeoX (Pythia): its own names; query_key_value holds each head's q, k and v rows side by side.
+register(Family(
+    name="gpt_neox",
+    kind="causal_lm",
+    classes={"gpt_neox": None},
     taxonomy=(
-        (r"embed_tokens/embedding$", "embedding", "token"),
-        (r"layers/(?P<layer>\d+)/self_attn/q_proj/", "attention", "q"),
-        (r"layers/(?P<layer>\d+)/self_attn/k_proj/", "attention", "k"),
-        (r"layers/(?P<layer>\d+)/self_attn/v_proj/", "attention", "v"),
-        (r"layers/(?P<layer>\d+)/self_attn/o_proj/", "attention", "o"),
-        (r"layers/(?P<layer>\d+)/mlp/gate_proj/", "mlp", "gate"),
-        (r"layers/(?P<layer>\d+)/mlp/up_proj/", "mlp", "up"),
-        (r"layers/(?P<layer>\d+)/mlp/down_proj/", "mlp", "down"),
+        (r"gpt_neox/embed_in/embedding$", "embedding", "token"),
+        (r"layers/(?P<layer>\d+)/attention/query_key_value/", "attention", "qkv"),
+        (r"layers/(?P<layer>\d+)/attention/dense/", "attention", "o"),
+        (r"layers/(?P<layer>\d+)/mlp/dense_h_to_4h/", "mlp", "up"),
+        (r"layers/(?P<layer>\d+)/mlp/dense_4h_to_h/", "mlp", "down"),
         (r"layers/(?P<layer>\d+)/input_layernorm/", "norm", "attn_norm"),
         (r"layers/(?P<layer>\d+)/post_attention_layernorm/", "norm", "mlp_norm"),
-        (r"model/norm/", "norm", "final_norm"),
-        (r"lm_head/", "head", "lm_head"),
+        (r"gpt_neox/final_layer_norm/", "norm", "final_norm"),
+        (r"^embed_out/", "head", "lm_head"),
     ),
     partition_rules=(
-        (r"embed_tokens/embedding$", EMBED),
-        (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", FAN_OUT),
-        (r"(o_proj|down_proj)/kernel$", FAN_IN),
-        # Split by vocabulary column: the chunked loss then gathers and reduces per chunk what a hidden-dimension
-        # split made it hold whole (Llama-3.1-8B plan: 11.1 -> 8.9 GiB of temporaries per device).
-        (r"lm_head/kernel$", VOCAB_COLUMNS),
-        _NORM,
+        (r"embed_in/embedding$", EMBED),
+        (r"(query_key_value|dense_h_to_4h)/kernel$", FAN_OUT),
+        (r"(attention/dense|dense_4h_to_h)/kernel$", FAN_IN),
+        (r"embed_out/kernel$", VOCAB_COLUMNS),
+        _NORM, _BIAS,
     ),
-    pt_buffers=(r"rotary_emb\.inv_freq$",),
+    pt_buffers=(r"(^|\.)attention\.(masked_)?bias$", r"rotary_emb\.inv_freq$"),
 ))
 
 _BERT_TAXONOMY = (

@@ -1,22 +1,40 @@
-"""wa's own Flax Llama / Mistral: the HF parameter tree, the rotary base the checkpoint asks for, scanned and
-rematerialized layers, and a loss that never holds full-vocabulary logits for the whole sequence.
+"""wa's own llama-like decoder: one Flax builder for Llama, Mistral, Qwen2/Qwen3, Gemma 1–3, Phi-3 and GPT-NeoX
+(Pythia), each read from its HF config into one ``Spec``; scanned and rematerialized layers, and a loss that never
+holds full-vocabulary logits for the whole sequence.
 
-Why not transformers' FlaxLlamaForCausalLM: it builds rotary tables with base 10000 whatever ``rope_theta``
-says (SmolLM2 uses 100000, Llama-3.1 500000 with its own frequency scaling), takes the head size from
-hidden/heads (ignoring ``head_dim``), precomputes a [max_positions, max_positions] mask, has no gradient
-checkpointing, and left transformers in 5.0.
+What the families differ in, and where it lives here (as penzai's ``llamalike_common`` holds Llama, Mistral and
+Gemma in one config, with an attention type per layer):
 
-Parameters keep the HF Flax names and layout (``model/layers/3/mlp/down_proj/kernel``, kernels [in, out]), so
-checkpoints, partition rules, scores and reports see the same tree. With ``scan=True`` the decoder layers run
-under ``jax.lax.scan`` over their parameters stacked on the fly, each layer's forward wrapped in
-``jax.checkpoint`` (``remat``: "none", "full", or "dots" — save matmul outputs, recompute the rest), so the
-compiler sees one layer's activations, not 32. Unscanned (the default), every layer is its own module call,
-which activation capture (``flax.linen.intercept_methods``: Wanda norms, super weights) needs.
+* projections: separate q/k/v (bias on all four, on q/k/v only as Qwen2, or none), Phi-3's fused ``qkv_proj`` and
+  ``gate_up_proj``, GPT-NeoX's per-head-interleaved ``query_key_value`` (``Spec.attention``, ``Spec.mlp``);
+* norms: RMSNorm ``w·x̂`` (Llama), ``(1 + w)·x̂`` in float32 (Gemma), LayerNorm with bias (GPT-NeoX); per-head
+  RMSNorm on queries and keys (Qwen3, Gemma-3); post-attention and post-feed-forward norms (Gemma-2/3);
+* rotary: the base per layer type (Gemma-3: 10k on sliding-window layers, 1M on global ones), a partial rotary
+  dimension (GPT-NeoX ``rotary_pct``, Phi-3 ``partial_rotary_factor``), and the scalings ``linear``, ``llama3``,
+  ``yarn`` and ``longrope`` as transformers computes them (``modeling_rope_utils``);
+* attention: grouped K/V heads, a per-layer pattern of sliding-window and global layers, the query scale
+  (``query_pre_attn_scalar``), attention-logit and final-logit soft caps (Gemma-2);
+* residual: sequential, or GPT-NeoX's parallel ``x + attn(ln1 x) + mlp(ln2 x)``; GeGLU with tanh-approximated GELU
+  (Gemma), SwiGLU, or a plain GELU MLP (GPT-NeoX); embeddings × √d (Gemma).
+
+Why not transformers' Flax classes: FlaxLlama builds rotary tables with base 10000 whatever ``rope_theta`` says,
+takes the head size from hidden/heads, precomputes a [max_positions, max_positions] mask, has no gradient
+checkpointing, most of these families have no Flax class at all, and all left transformers in 5.0.
+
+Parameters keep the HF names and the Flax layout (``model/layers/3/mlp/down_proj/kernel``,
+``gpt_neox/layers/3/attention/query_key_value/kernel``; kernels [in, out]), so checkpoints, partition rules,
+scores and reports speak the user's names. With ``scan=True`` the decoder layers run under ``jax.lax.scan`` over
+their parameters stacked on the fly (a layer's type — sliding or global — travels as a scanned flag), each
+layer's forward wrapped in ``jax.checkpoint`` (``remat``: "none", "full", or "dots" — save matmul outputs,
+recompute the rest), so the compiler sees one layer's activations, not 32. Unscanned (the default), every layer
+is its own module call, which activation capture (``flax.linen.intercept_methods``: Wanda norms, super weights)
+needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import flax.linen as nn
@@ -30,12 +48,41 @@ from wa import errors
 from wa.parallel import batch as batch_lib
 
 REMAT = ("none", "full", "dots")
-MODEL_TYPES = ("llama", "mistral")
+SLIDING, FULL = "sliding_attention", "full_attention"
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+# HF activation names -> the function (transformers' ACT2FN): gelu is the exact erf form.
+ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False),
+               "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+               "gelu_new": lambda x: nn.gelu(x, approximate=True),
+               "gelu_fast": lambda x: nn.gelu(x, approximate=True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Names:
+    """The HF module names of a family (GPT-NeoX names its parts differently from the Llama line)."""
+    backbone: str = "model"
+    embed: str = "embed_tokens"
+    attn: str = "self_attn"
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    qkv: str = "qkv_proj"
+    o: str = "o_proj"
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    final_norm: str = "norm"
+    head: str = "lm_head"
+
+
+NEOX_NAMES = Names(backbone="gpt_neox", embed="embed_in", attn="attention", qkv="query_key_value", o="dense",
+                   up="dense_h_to_4h", down="dense_4h_to_h", final_norm="final_layer_norm", head="embed_out")
 
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """What the module needs from an HF Llama / Mistral config."""
+    """What the decoder needs from an HF config (``from_hf`` reads each family's fields)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -46,74 +93,263 @@ class Spec:
     rope_theta: float
     rms_norm_eps: float
     tie_word_embeddings: bool
-    attention_bias: bool = False
+    attention_bias: bool = False          # bias on q, k, v and o
+    qkv_bias: bool = False                # bias on q, k, v only (Qwen2)
     mlp_bias: bool = False
     sliding_window: int | None = None
-    rope_scaling: tuple | None = None   # sorted (key, value) pairs of the config's rope_scaling
+    layer_types: tuple[str, ...] = ()     # per layer SLIDING or FULL; empty: every layer FULL
+    rope_scaling: tuple | None = None     # sorted (key, value) pairs of the config's rope_scaling (lists as tuples)
+    rope_local_theta: float | None = None  # the rotary base of sliding-window layers where it differs (Gemma-3)
+    rotary_dim: int | None = None         # rotate the first rotary_dim of each head (None: all of it)
+    max_position_embeddings: int | None = None
+    original_max_position_embeddings: int | None = None
+    attention: str = "split"              # "split" q/k/v, "fused" [q|k|v] (Phi-3), "neox" per head [q k v]
+    mlp: str = "gated"                    # "gated" act(gate)·up, "gated_fused" [gate|up] (Phi-3), "plain" (GPT-NeoX)
+    activation: str = "silu"
+    norm: str = "rms"                     # "rms" w·x̂, "rms_1p" (1 + w)·x̂ in float32 (Gemma), "layer" (LayerNorm)
+    qk_norm: bool = False
+    post_norms: bool = False              # Gemma-2/3: norms on the attention and MLP outputs too
+    parallel_residual: bool = False       # GPT-NeoX
+    embed_scale: bool = False             # Gemma: embeddings × √hidden_size
+    query_scale: float | None = None      # None: 1/√head_dim
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    names: Names = Names()
 
     @classmethod
     def from_hf(cls, config) -> Spec:
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        scaling = getattr(config, "rope_scaling", None)
-        if scaling:
-            kind = scaling.get("rope_type", scaling.get("type"))
-            if kind not in ("llama3", "default"):
-                raise errors.CheckpointError(f"rope_scaling {scaling!r}: wa's Llama supports the llama3 scaling "
-                                             "(Llama-3.1) and none")
-            scaling = None if kind == "default" else tuple(sorted(scaling.items()))
-        act = getattr(config, "hidden_act", "silu")
-        if act != "silu":
-            raise errors.CheckpointError(f"hidden_act={act!r}: wa's Llama implements silu (SwiGLU) only")
-        return cls(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                   intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
-                   num_heads=heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                   head_dim=head_dim, rope_theta=float(getattr(config, "rope_theta", 10000.0)),
-                   rms_norm_eps=float(config.rms_norm_eps), tie_word_embeddings=bool(config.tie_word_embeddings),
-                   attention_bias=bool(getattr(config, "attention_bias", False)),
-                   mlp_bias=bool(getattr(config, "mlp_bias", False)),
-                   sliding_window=getattr(config, "sliding_window", None), rope_scaling=scaling)
+        model_type = getattr(config, "model_type", None)
+        if model_type not in READERS:
+            raise errors.CheckpointError(f"model_type {model_type!r}: wa's decoder reads "
+                                         f"{', '.join(sorted(READERS))}")
+        return READERS[model_type](config)
+
+    @property
+    def sliding_layers(self) -> tuple[bool, ...]:
+        return tuple(t == SLIDING for t in self.layer_types) or (False,) * self.num_layers
 
 
-def inverse_frequencies(spec: Spec) -> np.ndarray:
-    """RoPE's per-pair angular frequencies θ^(-2i/d) (Su et al. 2021), with Llama-3.1's scaling if configured
-    (long wavelengths divided by ``factor``, short ones kept, a smooth blend between)."""
-    d = spec.head_dim
-    inv = 1.0 / (spec.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    if spec.rope_scaling:
-        s = dict(spec.rope_scaling)
+def _get(config, *names, default=None):
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+def _rope_scaling(config) -> tuple | None:
+    scaling = getattr(config, "rope_scaling", None)
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in ("su",):   # Phi-3's early name for longrope, as its config class renames it
+        kind = "longrope"
+    if kind not in ROPE_TYPES:
+        raise errors.CheckpointError(f"rope_scaling {scaling!r}: wa's decoder supports the rope types "
+                                     f"{', '.join(ROPE_TYPES)}")
+    if kind == "default":
+        return None
+    items = {**scaling, "rope_type": kind}
+    items.pop("type", None)
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in items.items()))
+
+
+def _layer_types(config, n: int, sliding_window) -> tuple[str, ...]:
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        # Mistral and Phi-3 slide every layer when the config names a window.
+        return (SLIDING,) * n if sliding_window else ()
+    types = tuple(types)
+    if len(types) != n or not set(types) <= {SLIDING, FULL}:
+        raise errors.CheckpointError(f"layer_types {list(types)!r}: expected {n} entries, each {SLIDING!r} or "
+                                     f"{FULL!r}")
+    if SLIDING in types and not sliding_window:
+        raise errors.CheckpointError("layer_types names sliding_attention layers but sliding_window is not set")
+    return types if SLIDING in types else ()
+
+
+def _common(config, **kw) -> dict:
+    heads = config.num_attention_heads
+    hidden = config.hidden_size
+    if hidden % heads and not getattr(config, "head_dim", None):
+        raise errors.CheckpointError(f"num_attention_heads={heads} does not divide hidden_size={hidden}")
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if heads % kv:
+        raise errors.CheckpointError(f"num_key_value_heads={kv} does not divide num_attention_heads={heads}")
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    partial = float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
+    out = dict(vocab_size=config.vocab_size, hidden_size=hidden, intermediate_size=config.intermediate_size,
+               num_layers=n, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
+               rope_theta=float(_get(config, "rope_theta", default=10000.0)),
+               rms_norm_eps=float(_get(config, "rms_norm_eps", "layer_norm_eps", default=1e-6)),
+               tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+               attention_bias=bool(getattr(config, "attention_bias", False)),
+               mlp_bias=bool(getattr(config, "mlp_bias", False)),
+               sliding_window=window, layer_types=_layer_types(config, n, window),
+               rope_scaling=_rope_scaling(config),
+               rotary_dim=None if partial == 1.0 else int(head_dim * partial),
+               max_position_embeddings=getattr(config, "max_position_embeddings", None),
+               original_max_position_embeddings=getattr(config, "original_max_position_embeddings", None))
+    out.update(kw)
+    act = out.get("activation", "silu")
+    if act not in ACTIVATIONS:
+        raise errors.CheckpointError(f"hidden_act={act!r}: wa's decoder implements {', '.join(ACTIVATIONS)}")
+    return out
+
+
+def _llama(config) -> Spec:
+    return Spec(**_common(config, activation=getattr(config, "hidden_act", "silu")))
+
+
+def _qwen(config) -> Spec:
+    # Qwen2: bias on q, k and v, none on o; Qwen3: attention_bias (off) on all four and RMSNorm on q and k heads.
+    qwen3 = config.model_type == "qwen3"
+    return Spec(**_common(config, activation=config.hidden_act, qkv_bias=not qwen3, qk_norm=qwen3,
+                          attention_bias=qwen3 and bool(getattr(config, "attention_bias", False))))
+
+
+def _gemma(config) -> Spec:
+    v = config.model_type
+    gemma1 = v == "gemma"
+    scalar = getattr(config, "query_pre_attn_scalar", None)
+    local = getattr(config, "rope_local_base_freq", None) if v == "gemma3_text" else None
+    return Spec(**_common(
+        config, activation=_get(config, "hidden_activation", "hidden_act") if not gemma1 else config.hidden_act,
+        norm="rms_1p", embed_scale=True, qk_norm=v == "gemma3_text", post_norms=not gemma1,
+        query_scale=None if gemma1 or scalar is None else float(scalar) ** -0.5,
+        attn_softcap=None if gemma1 else getattr(config, "attn_logit_softcapping", None),
+        final_softcap=None if gemma1 else getattr(config, "final_logit_softcapping", None),
+        rope_local_theta=None if local is None else float(local)))
+
+
+def _phi3(config) -> Spec:
+    return Spec(**_common(config, activation=config.hidden_act, attention="fused", mlp="gated_fused"))
+
+
+def _gpt_neox(config) -> Spec:
+    head_dim = config.hidden_size // config.num_attention_heads
+    return Spec(**_common(config, activation=config.hidden_act, attention="neox", mlp="plain", norm="layer",
+                          attention_bias=bool(getattr(config, "attention_bias", True)), mlp_bias=True,
+                          parallel_residual=bool(config.use_parallel_residual),
+                          rotary_dim=int(head_dim * config.rotary_pct),
+                          rope_theta=float(_get(config, "rotary_emb_base", "rope_theta", default=10000.0)),
+                          names=NEOX_NAMES))
+
+
+READERS = {"llama": _llama, "mistral": _llama, "qwen2": _qwen, "qwen3": _qwen, "gemma": _gemma,
+           "gemma2": _gemma, "gemma3_text": _gemma, "phi3": _phi3, "gpt_neox": _gpt_neox}
+MODEL_TYPES = tuple(READERS)
+
+
+def inverse_frequencies(spec: Spec, seq_len: int | None = None, local: bool = False) -> tuple[np.ndarray, float]:
+    """RoPE's per-pair angular frequencies θ^(-2i/d) (Su et al. 2021) over the rotary dimension d, with the
+    config's scaling, and the factor transformers multiplies sin and cos by (yarn, longrope). ``local``: the
+    sliding-window layers' base, unscaled (Gemma-3). ``seq_len`` picks longrope's short or long factors."""
+    d = spec.rotary_dim or spec.head_dim
+    base = spec.rope_local_theta if local and spec.rope_local_theta else spec.rope_theta
+    exponents = np.arange(0, d, 2, dtype=np.float64) / d
+    inv = 1.0 / (base ** exponents)
+    if not spec.rope_scaling or (local and spec.rope_local_theta):
+        return inv, 1.0
+    s = dict(spec.rope_scaling)
+    kind = s["rope_type"]
+    if kind == "linear":
+        return inv / s["factor"], 1.0
+    if kind == "llama3":
         factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
         old = s["original_max_position_embeddings"]
         wavelen = 2 * np.pi / inv
         smooth = (old / wavelen - low) / (high - low)
         scaled = np.where(wavelen > old / low, inv / factor, inv)
         mid = (wavelen <= old / low) & (wavelen >= old / high)
-        inv = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    return inv
+        return np.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(spec, s, inv, d, base)
+    # longrope (Phi-3): per-frequency factors, long ones past the original context.
+    original = spec.original_max_position_embeddings
+    factor = s.get("factor")
+    if original:
+        factor = spec.max_position_embeddings / original
+    else:
+        original = spec.max_position_embeddings
+    attention = s.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    ext = s["long_factor"] if seq_len and seq_len > original else s["short_factor"]
+    if len(ext) != len(inv):
+        raise errors.CheckpointError(f"rope_scaling: {len(ext)} longrope factors for {len(inv)} rotary frequencies")
+    return inv / np.asarray(ext, np.float64), float(attention)
 
 
-def rotary(positions, spec: Spec):
-    """(sin, cos) of shape [batch, seq, 1, head_dim] for integer ``positions`` [batch, seq], in float32."""
-    ang = positions[..., None].astype(jnp.float32) * jnp.asarray(inverse_frequencies(spec), jnp.float32)
+def _yarn(spec: Spec, s: dict, inv, d: int, base: float):
+    """YaRN (Peng et al. 2023) as transformers' ``_compute_yarn_parameters``: interpolate the long wavelengths,
+    keep the short ones, a linear ramp between; sin/cos scaled by the attention factor."""
+    factor = s["factor"]
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = s.get("attention_factor")
+    if attention is None:
+        m, m_all = s.get("mscale"), s.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    fast, slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+    original = s.get("original_max_position_embeddings") or spec.max_position_embeddings
+
+    def dim_of(rotations):
+        return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(fast), dim_of(slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(d // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp
+    return (inv / factor) * (1 - keep) + inv * keep, float(attention)
+
+
+def rotary(positions, spec: Spec, local: bool = False):
+    """(sin, cos) of shape [batch, seq, 1, rotary_dim] for integer ``positions`` [batch, seq], in float32."""
+    inv, scale = inverse_frequencies(spec, positions.shape[-1], local)
+    ang = positions[..., None].astype(jnp.float32) * jnp.asarray(inv, jnp.float32)
     ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]
-    return jnp.sin(ang), jnp.cos(ang)
+    return jnp.sin(ang) * scale, jnp.cos(ang) * scale
 
 
 def _rotate(x, sin, cos):
-    half = x.shape[-1] // 2
+    d = sin.shape[-1]
+    x, rest = x[..., :d], x[..., d:]
+    half = d // 2
     turned = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + turned * sin
+    out = x * cos + turned * sin
+    return jnp.concatenate([out, rest], axis=-1) if rest.shape[-1] else out
 
 
-class RMSNorm(nn.Module):
+class Norm(nn.Module):
+    """The family's norm over the last axis of size ``dim``: statistics in float32 whatever the compute dtype."""
     spec: Spec
+    dim: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        w = self.param("weight", nn.initializers.ones, (self.spec.hidden_size,))
+        s = self.spec
         x32 = x.astype(jnp.float32)
-        x32 = x32 / jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.spec.rms_norm_eps)
+        if s.norm == "layer":   # LayerNorm with bias; HF Flax names its parameters scale and bias
+            w = self.param("scale", nn.initializers.ones, (self.dim,))
+            b = self.param("bias", nn.initializers.zeros, (self.dim,))
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+            x32 = x32 / jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + s.rms_norm_eps)
+            return (x32 * w.astype(jnp.float32) + b.astype(jnp.float32)).astype(self.dtype)
+        x32 = x32 / jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + s.rms_norm_eps)
+        if s.norm == "rms_1p":   # Gemma: (1 + w) in float32, w zero-initialised
+            w = self.param("weight", nn.initializers.zeros, (self.dim,))
+            return (x32 * (1.0 + w.astype(jnp.float32))).astype(self.dtype)
+        w = self.param("weight", nn.initializers.ones, (self.dim,))
         return w * x32.astype(self.dtype)
 
 
@@ -123,22 +359,42 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, bias, sin, cos):
-        s = self.spec
-        dense = lambda n, name: nn.Dense(n, use_bias=s.attention_bias, dtype=self.dtype, name=name)  # noqa: E731
+        s, n = self.spec, self.spec.names
+
+        def dense(size, name, use_bias):
+            return nn.Dense(size, use_bias=use_bias, dtype=self.dtype, name=name)
+
         b, t, _ = x.shape
-        q = dense(s.num_heads * s.head_dim, "q_proj")(x).reshape(b, t, s.num_heads, s.head_dim)
-        k = dense(s.num_kv_heads * s.head_dim, "k_proj")(x).reshape(b, t, s.num_kv_heads, s.head_dim)
-        v = dense(s.num_kv_heads * s.head_dim, "v_proj")(x).reshape(b, t, s.num_kv_heads, s.head_dim)
+        h, kv, hd = s.num_heads, s.num_kv_heads, s.head_dim
+        in_bias = s.attention_bias or s.qkv_bias
+        if s.attention == "split":
+            q = dense(h * hd, n.q, in_bias)(x).reshape(b, t, h, hd)
+            k = dense(kv * hd, n.k, in_bias)(x).reshape(b, t, kv, hd)
+            v = dense(kv * hd, n.v, in_bias)(x).reshape(b, t, kv, hd)
+        elif s.attention == "fused":   # Phi-3: the output rows are all q heads, then k, then v
+            qkv = dense((h + 2 * kv) * hd, n.qkv, in_bias)(x)
+            q = qkv[..., :h * hd].reshape(b, t, h, hd)
+            k = qkv[..., h * hd:(h + kv) * hd].reshape(b, t, kv, hd)
+            v = qkv[..., (h + kv) * hd:].reshape(b, t, kv, hd)
+        else:                          # GPT-NeoX: each head's [q, k, v] side by side
+            qkv = dense(3 * h * hd, n.qkv, in_bias)(x).reshape(b, t, h, 3 * hd)
+            q, k, v = qkv[..., :hd], qkv[..., hd:2 * hd], qkv[..., 2 * hd:]
+        if s.qk_norm:   # Qwen3, Gemma-3: RMSNorm over each head, before the rotation
+            q = Norm(s, hd, self.dtype, name="q_norm")(q)
+            k = Norm(s, hd, self.dtype, name="k_norm")(k)
         q = _rotate(q.astype(jnp.float32), sin, cos).astype(self.dtype)
         k = _rotate(k.astype(jnp.float32), sin, cos).astype(self.dtype)
-        groups = s.num_heads // s.num_kv_heads
-        q = q.reshape(b, t, s.num_kv_heads, groups, s.head_dim)
+        groups = h // kv
+        q = q.reshape(b, t, kv, groups, hd)
         # Scores and softmax in float32 whatever the compute dtype; grouped queries share their K/V head.
-        q = q / jnp.sqrt(s.head_dim).astype(self.dtype)   # scaled before the product, as flax's attention does
+        scale = s.query_scale if s.query_scale is not None else hd ** -0.5
+        q = q * jnp.asarray(scale, self.dtype)   # scaled before the product, as flax's attention does
         scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
+        if s.attn_softcap:
+            scores = jnp.tanh(scores / s.attn_softcap) * s.attn_softcap
         probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, t, s.num_heads * s.head_dim)
-        return dense(s.hidden_size, "o_proj")(out)
+        out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, t, h * hd)
+        return dense(s.hidden_size, n.o, s.attention_bias)(out)
 
 
 class MLP(nn.Module):
@@ -147,10 +403,20 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        s = self.spec
-        dense = lambda n, name: nn.Dense(n, use_bias=s.mlp_bias, dtype=self.dtype, name=name)  # noqa: E731
-        return dense(s.hidden_size, "down_proj")(
-            nn.silu(dense(s.intermediate_size, "gate_proj")(x)) * dense(s.intermediate_size, "up_proj")(x))
+        s, n = self.spec, self.spec.names
+        act = ACTIVATIONS[s.activation]
+
+        def dense(size, name):
+            return nn.Dense(size, use_bias=s.mlp_bias, dtype=self.dtype, name=name)
+
+        if s.mlp == "plain":
+            inner = act(dense(s.intermediate_size, n.up)(x))
+        elif s.mlp == "gated_fused":   # Phi-3: gate rows first, then up
+            gu = dense(2 * s.intermediate_size, n.gate_up)(x)
+            inner = act(gu[..., :s.intermediate_size]) * gu[..., s.intermediate_size:]
+        else:
+            inner = act(dense(s.intermediate_size, n.gate)(x)) * dense(s.intermediate_size, n.up)(x)
+        return dense(s.hidden_size, n.down)(inner)
 
 
 class DecoderLayer(nn.Module):
@@ -159,10 +425,19 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, h, bias, sin, cos):
-        h = h + Attention(self.spec, self.dtype, name="self_attn")(
-            RMSNorm(self.spec, self.dtype, name="input_layernorm")(h), bias, sin, cos)
-        return h + MLP(self.spec, self.dtype, name="mlp")(
-            RMSNorm(self.spec, self.dtype, name="post_attention_layernorm")(h))
+        s = self.spec
+        norm = lambda name: Norm(s, s.hidden_size, self.dtype, name=name)  # noqa: E731
+        attn = Attention(s, self.dtype, name=s.names.attn)
+        mlp = MLP(s, self.dtype, name="mlp")
+        if s.parallel_residual:   # GPT-NeoX: both branches read the same input
+            return h + attn(norm("input_layernorm")(h), bias, sin, cos) + mlp(norm("post_attention_layernorm")(h))
+        a = attn(norm("input_layernorm")(h), bias, sin, cos)
+        if s.post_norms:   # Gemma-2/3 name the norm on the attention output post_attention_layernorm
+            a = norm("post_attention_layernorm")(a)
+            h = h + a
+            return h + norm("post_feedforward_layernorm")(mlp(norm("pre_feedforward_layernorm")(h)))
+        h = h + a
+        return h + mlp(norm("post_attention_layernorm")(h))
 
 
 def _policy(remat: str):
@@ -190,67 +465,90 @@ class _Stacked(nn.Module):
 
 
 class Layers(_Stacked):
-    """The decoder layers, named "0".."L-1" as in HF; run one by one or scanned over their stacked parameters."""
+    """The decoder layers, named "0".."L-1" as in HF; run one by one or scanned over their stacked parameters.
+    ``ctx`` maps a layer's kind (sliding: True, global: False) to its (mask bias, sin, cos)."""
 
     def setup(self):
         self.blocks = [DecoderLayer(self.spec, self.dtype, name=str(i)) for i in range(self.spec.num_layers)]
 
-    def __call__(self, h, bias, sin, cos):
+    def __call__(self, h, ctx):
+        sliding = self.spec.sliding_layers
         if not self.scan or self.is_initializing():
-            for block in self.blocks:
-                h = _constrain(block(h, bias, sin, cos), self.act_sharding)
+            for block, kind in zip(self.blocks, sliding, strict=True):
+                h = _constrain(block(h, *ctx[kind]), self.act_sharding)
             return h
         params = self.variables["params"]
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[str(i)] for i in range(self.spec.num_layers)])
         layer = DecoderLayer(self.spec, self.dtype, parent=None)
+        mixed = len(set(sliding)) > 1
 
-        def body(h, p):
-            return _constrain(layer.apply({"params": p}, h, bias, sin, cos), self.act_sharding), None
+        def body(h, xs):
+            p, kind = xs
+            # A pattern of sliding and global layers scans as one body: the layer's flag picks its mask and
+            # rotary tables (both precomputed once outside the scan).
+            args = jax.tree.map(lambda a, b: jnp.where(kind, a, b), ctx[True], ctx[False]) if mixed \
+                else ctx[sliding[0]]
+            return _constrain(layer.apply({"params": p}, h, *args), self.act_sharding), None
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_policy(self.remat), prevent_cse=False)
-        return jax.lax.scan(body, h, stacked)[0]
+        return jax.lax.scan(body, h, (stacked, jnp.asarray(sliding)))[0]
 
 
 class Backbone(_Stacked):
 
     @nn.compact
     def __call__(self, ids, mask):
-        s = self.spec
-        embed = nn.Embed(s.vocab_size, s.hidden_size, dtype=self.dtype, name="embed_tokens")
-        h = _constrain(embed(ids), self.act_sharding)
+        s, n = self.spec, self.spec.names
+        embed = nn.Embed(s.vocab_size, s.hidden_size, dtype=self.dtype, name=n.embed)
+        h = embed(ids)
+        if s.embed_scale:   # Gemma: × √d in the compute dtype, as HF casts its normalizer
+            h = h * jnp.asarray(math.sqrt(s.hidden_size), self.dtype)
+        h = _constrain(h, self.act_sharding)
         t = ids.shape[1]
         # Positions 0..t-1 whatever the mask, as HF's Flax classes do: wa's windows are padded on the right.
-        sin, cos = rotary(jnp.broadcast_to(jnp.arange(t)[None], ids.shape), s)
+        pos = jnp.broadcast_to(jnp.arange(t)[None], ids.shape)
         qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
         allowed = (ki <= qi)[None] & (mask[:, None, :] > 0)
-        if s.sliding_window:
-            allowed &= (qi - ki < s.sliding_window)[None]
-        bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)  # [batch, q, k]
-        h = Layers(s, self.dtype, self.scan, self.remat, self.act_sharding, name="layers")(h, bias, sin, cos)
-        return RMSNorm(s, self.dtype, name="norm")(h), embed
+        low = jnp.finfo(jnp.float32).min
+        rot = rotary(pos, s)
+        ctx = {False: (jnp.where(allowed, 0.0, low).astype(jnp.float32), *rot)}   # [batch, q, k] mask bias
+        if any(s.sliding_layers):   # a query sees itself and the window - 1 positions before it
+            near = allowed & (qi - ki < s.sliding_window)[None]
+            local = rotary(pos, s, local=True) if s.rope_local_theta else rot
+            ctx[True] = (jnp.where(near, 0.0, low).astype(jnp.float32), *local)
+        h = Layers(s, self.dtype, self.scan, self.remat, self.act_sharding, name="layers")(h, ctx)
+        return Norm(s, s.hidden_size, self.dtype, name=n.final_norm)(h), embed
 
 
 class CausalLM(_Stacked):
     """``__call__`` gives logits; ``hidden`` the final normed states, for the chunked loss."""
 
-    def setup(self):
-        self.model = Backbone(self.spec, self.dtype, self.scan, self.remat, self.act_sharding)
-        if not self.spec.tie_word_embeddings:
-            self.lm_head = nn.Dense(self.spec.vocab_size, use_bias=False, dtype=self.dtype)
+    @nn.compact
+    def __call__(self, ids, mask, hidden_only: bool = False):
+        s = self.spec
+        h, embed = Backbone(s, self.dtype, self.scan, self.remat, self.act_sharding, name=s.names.backbone)(ids, mask)
+        if hidden_only:
+            return h
+        if s.tie_word_embeddings:
+            logits = embed.attend(h)
+        else:
+            logits = nn.Dense(s.vocab_size, use_bias=False, dtype=self.dtype, name=s.names.head)(h)
+        return _constrain(softcap(logits, s.final_softcap), self.act_sharding)
 
     def hidden(self, ids, mask):
-        return self.model(ids, mask)[0]
-
-    def __call__(self, ids, mask):
-        h, embed = self.model(ids, mask)
-        return _constrain(embed.attend(h) if self.spec.tie_word_embeddings else self.lm_head(h), self.act_sharding)
+        return self(ids, mask, hidden_only=True)
 
 
-def chunked_nll(h, w, targets, weights, chunk: int, tied: bool):
-    """Σ weights · cross entropy of ``h @ w`` against ``targets``, ``chunk`` positions at a time under
-    ``jax.checkpoint``: the [batch, chunk, vocab] float32 logits of one chunk exist at once, never the whole
-    sequence's, in the forward pass or the backward."""
+def softcap(logits, cap):
+    """Gemma-2's soft cap ``cap · tanh(x / cap)`` (identity without a cap)."""
+    return logits if not cap else jnp.tanh(logits / cap) * cap
+
+
+def chunked_nll(h, w, targets, weights, chunk: int, tied: bool, cap: float | None = None):
+    """Σ weights · cross entropy of ``h @ w`` (soft-capped at ``cap``) against ``targets``, ``chunk`` positions at
+    a time under ``jax.checkpoint``: the [batch, chunk, vocab] float32 logits of one chunk exist at once, never the
+    whole sequence's, in the forward pass or the backward."""
     b, t, d = h.shape
     n = -(-t // chunk)
     pad = n * chunk - t
@@ -261,7 +559,7 @@ def chunked_nll(h, w, targets, weights, chunk: int, tied: bool):
     @jax.checkpoint
     def one(hc, tc, wc):
         logits = jnp.einsum("bcd,vd->bcv" if tied else "bcd,dv->bcv", hc, w, preferred_element_type=jnp.float32)
-        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits, tc) * wc)
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(softcap(logits, cap), tc) * wc)
 
     def body(total, xs):
         return total + one(*xs), None
@@ -274,8 +572,6 @@ class Model:
     ``params_shape_tree``, ``init_weights``, ``save_pretrained`` — over ``CausalLM``, plus ``token_nll`` with the
     chunked loss."""
 
-    base_model_prefix = "model"
-
     def __init__(self, config, dtype=jnp.float32, scan: bool = False, remat: str = "none", loss_chunk: int = 512,
                  mesh=None):
         if remat not in REMAT:
@@ -284,6 +580,7 @@ class Model:
             raise errors.ConfigError(f"loss_chunk={loss_chunk}: expected an integer >= 1")
         self.config = config
         self.spec = Spec.from_hf(config)
+        self.base_model_prefix = self.spec.names.backbone
         self.dtype = dtype
         self.scan, self.remat, self.loss_chunk = scan, remat, loss_chunk
         # Scanned on a mesh, hidden states are kept split by batch rows over the data axes (wa.parallel.batch):
@@ -313,21 +610,24 @@ class Model:
                for r, (k, v) in zip(keys, flat.items(), strict=True)}
         return traverse_util.unflatten_dict(out)
 
+    def _apply(self, params, *args, **kw):
+        return self.module.apply({"params": params}, *args, **kw)
+
     def __call__(self, input_ids, attention_mask=None, params=None, train=False, dropout_rng=None, **_):
         del train, dropout_rng  # no dropout in these models
         mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
-        return (self.module.apply({"params": params}, input_ids, mask),)
+        return (self._apply(params, input_ids, mask),)
 
     def token_nll(self, params, batch):
         """(Σ next-token NLL over real (token, target) pairs, their count), computed in chunks of the sequence."""
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         mask = jnp.ones_like(ids) if mask is None else mask
-        h = self.module.apply({"params": params}, ids, mask, method=CausalLM.hidden)
+        h = self._apply(params, ids, mask, method=CausalLM.hidden)
         w = _head(params, self.spec, self.dtype)
         weights = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-        total = chunked_nll(h[:, :-1], w, ids[:, 1:], weights, self.loss_chunk, self.spec.tie_word_embeddings)
-        return total, jnp.sum(weights)
+        return chunked_nll(h[:, :-1], w, ids[:, 1:], weights, self.loss_chunk, self.spec.tie_word_embeddings,
+                           self.spec.final_softcap), jnp.sum(weights)
 
     def save_pretrained(self, out_dir: str, params):
         """config.json and flax_model.msgpack, the files HF's ``save_pretrained`` writes."""
@@ -339,6 +639,5 @@ class Model:
 
 def _head(params, spec: Spec, dtype):
     if spec.tie_word_embeddings:
-        return params["model"]["embed_tokens"]["embedding"].astype(dtype)
-    return params["lm_head"]["kernel"].astype(dtype)
-
+        return params[spec.names.backbone][spec.names.embed]["embedding"].astype(dtype)
+    return params[spec.names.head]["kernel"].astype(dtype)

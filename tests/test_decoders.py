@@ -1,0 +1,78 @@
+"""Every family of wa's llama-like decoder against transformers' own PyTorch class: logits, loss and gradient,
+scanned and unscanned, from the safetensors checkpoint and from llama.cpp's GGUF conversion of it.
+
+The fixtures (tests/fixtures/decoders/, written by ``make_decoder_fixtures.py`` with torch and llama.cpp's
+``convert_hf_to_gguf.py``) hold each tiny model, its reference outputs and its gradient; torch is not needed here.
+"""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests import helpers
+from wa import models
+from wa.models import llama
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "decoders")
+NAMES = sorted(os.listdir(HERE))
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@functools.cache
+def _load(name, fmt="safetensors"):
+    return models.load(os.path.join(HERE, name, "model.gguf") if fmt == "gguf" else os.path.join(HERE, name))
+
+
+def _ref(name):
+    return dict(np.load(os.path.join(HERE, name, "reference.npz")))
+
+
+def _check_logits(loaded, ref, model=None):
+    model = model or loaded.model
+    for n in (12, 20):
+        ids, mask = jnp.asarray(ref[f"ids_{n}"]), jnp.asarray(ref[f"mask_{n}"])
+        got = np.asarray(model(ids, attention_mask=mask, params=loaded.params)[0])
+        real = ref[f"mask_{n}"].astype(bool)
+        np.testing.assert_allclose(got[real], ref[f"logits_{n}"][real], err_msg=f"{n} tokens", **TOL)
+
+
+def test_every_family_has_a_fixture():
+    assert set(NAMES) == set(llama.MODEL_TYPES) - {"mistral"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_loss_and_gradient_equal_transformers(name):
+    loaded, ref = _load(name), _ref(name)
+    assert isinstance(loaded.model, llama.Model) and loaded.config.model_type == name
+    want_grads = helpers.flat(jax.device_get(_load_grads(name)))
+    batch = {"input_ids": jnp.asarray(ref["ids_12"]), "attention_mask": jnp.asarray(ref["mask_12"])}
+    scanned = models.build_model(loaded.config, scan=True, remat="full", loss_chunk=5)[0]
+    for model in (loaded.model, scanned):
+        _check_logits(loaded, ref, model)
+        loss, grads = jax.value_and_grad(lambda p: loaded.family.loss(model, p, batch))(loaded.params)
+        assert float(loss) == pytest.approx(float(ref["loss_12"]), rel=1e-6)
+        got = helpers.flat(jax.device_get(grads))
+        assert got.keys() == want_grads.keys()
+        for p in got:
+            np.testing.assert_allclose(got[p], want_grads[p], err_msg=p, **TOL)
+
+
+def _load_grads(name):
+    """The reference gradient, stored under PyTorch names, read by wa's loader into the Flax tree."""
+    return models.load(os.path.join(HERE, name, "grads")).params
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gguf_from_llama_cpp_gives_the_same_model(name):
+    from_gguf, ref = _load(name, "gguf"), _ref(name)
+    _check_logits(from_gguf, ref)
+    if name != "llama":   # llama GGUFs keep wa's untied head (the embedding written out as lm_head)
+        want = helpers.flat(jax.device_get(_load(name).params))
+        got = helpers.flat(jax.device_get(from_gguf.params))
+        assert got.keys() == want.keys()
+        for p in want:
+            np.testing.assert_allclose(got[p], want[p], err_msg=p, rtol=1e-6, atol=1e-7)
