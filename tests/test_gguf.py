@@ -43,7 +43,7 @@ def _gguf_tensors(params: dict, tie: bool) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
-def write_gguf(path, params, tie=False, arch="llama"):
+def write_gguf(path, params, tie=False, arch="llama", extra=None):
     cfg = helpers.CONFIGS["llama"]()
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
@@ -61,7 +61,7 @@ def write_gguf(path, params, tie=False, arch="llama"):
     w.add_token_merges(["h i"])
     w.add_bos_token_id(0)
     w.add_eos_token_id(0)
-    for name, a in _gguf_tensors(params, tie).items():
+    for name, a in {**_gguf_tensors(params, tie), **(extra or {})}.items():
         if name == QUANTIZED:
             q = gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0)
             w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
@@ -145,7 +145,8 @@ def test_unpermute_inverts_llama_cpp_permute():
 def test_other_architectures_and_damaged_files_are_one_error(tiny, tmp_path):
     path = write_gguf(tmp_path / "gpt2.gguf", tiny[1], arch="gpt2")
     with pytest.raises(models.CheckpointError, match=r"gpt2.gguf: general.architecture is 'gpt2'; wa reads the "
-                                                     r"llama architecture"):
+                                                     r"GGUF architectures gemma, gemma2, gemma3, gptneox, llama, phi3, "
+                                                     r"qwen2, qwen3$"):
         models.load(path)
     data = open(tiny[2], "rb").read()
     cut = tmp_path / "cut.gguf"
@@ -181,3 +182,12 @@ def test_smollm2_logits_on_a_few_tokens():
         np.testing.assert_allclose(logits[t, top], vals, atol=2e-3)
         assert abs(float(logits[t].mean()) - mean) < 2e-3
     assert loaded.quantization["Q4_1"]["tensors"] == 210 and loaded.quantization["Q8_0"]["tensors"] == 1
+
+
+def test_a_tensor_wa_does_not_know_is_an_error_not_skipped(tiny, tmp_path):
+    # Skipping what it cannot place is how Llama-3.1 files once ran with unscaled rotary frequencies.
+    path = write_gguf(tmp_path / "extra.gguf", tiny[1], extra={"blk.0.attn_sinks.weight": np.ones(4, np.float32)})
+    with pytest.raises(models.CheckpointError, match=r"extra.gguf: 1 tensors are not parameters of wa's llama "
+                                                     r"model and not configuration it knows, "
+                                                     r"e.g. \['blk.0.attn_sinks.weight'\]"):
+        models.load(path)

@@ -253,15 +253,15 @@ class _GGUFTensor:
         return self.file.array(self.name)
 
 
-def _from_gguf(file: gguf_io.GGUFFile) -> tuple[dict[str, _Tensor], list]:
-    mapping, ignored = file.mapping()
+def _from_gguf(file: gguf_io.GGUFFile, flax_paths) -> dict[str, _Tensor]:
+    mapping = file.mapping(flax_paths)
     fetch = _CurrentTensor()
     out = {}
     for path, (name, transpose) in mapping.items():
         t = _GGUFTensor(file, name)
         out[path] = _Tensor(file.path, name, file.stored_shape(name), (lambda idx, t=t: fetch(t, idx)),
                             np.dtype(np.float32), transpose)
-    return out, ignored
+    return out
 
 
 def identity(path: str) -> dict:
@@ -432,12 +432,11 @@ def load(path: str, mesh: Mesh | str | None = None, rules=None, dtype=None,
     rules = family.partition_rules if rules is None else rules
     shardings = rules_lib.shardings_for(shape_tree, rules, mesh)
 
+    expected = rules_lib.flatten(shape_tree)
     if gguf:
-        sources, ignored = _from_gguf(gguf)
-        files = [path]
+        sources, ignored, files = _from_gguf(gguf, expected), [], [path]
     else:
         sources, ignored, files = tensor_sources(path, shape_tree, family, model.base_model_prefix)
-    expected = rules_lib.flatten(shape_tree)
     missing = [p for p in expected if p not in sources]
     if missing:
         raise CheckpointError(

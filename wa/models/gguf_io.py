@@ -1,16 +1,25 @@
-"""llama.cpp GGUF checkpoints (the ``llama`` architecture) read into wa's HF Flax Llama tree.
+"""llama.cpp GGUF checkpoints read into wa's HF Flax trees: the ``llama``, ``qwen2``, ``qwen3``, ``gemma``,
+``gemma2``, ``gemma3``, ``phi3`` and ``gptneox`` architectures.
 
-Everything format-specific comes from libraries: the ``gguf`` package reads the file and dequantizes every
-quantization type (``gguf.quants.dequantize``), and ``transformers``' own GGUF tables map the metadata onto a
-``LlamaConfig`` and convert the byte-level BPE vocabulary into a fast tokenizer. What is left here is the
-layout llama.cpp chooses when it converts an HF checkpoint:
+Everything format-specific comes from libraries: the ``gguf`` package reads the file, dequantizes every
+quantization type (``gguf.quants.dequantize``) and names the tensors (``gguf.get_tensor_name_map``: HF name ->
+``blk.3.attn_q.weight``), and ``transformers``' GGUF tables convert the vocabulary into a fast tokenizer. What is
+left here is what llama.cpp's ``convert_hf_to_gguf.py`` does to a checkpoint, undone, and what its loader reads
+from the metadata (``src/models/<arch>.cpp``), mapped back onto the HF config — one ``Arch`` record each:
 
-* ``convert_hf_to_gguf.py`` permutes the rows of ``q_proj`` and ``k_proj`` (each head's two rotary halves
-  interleaved, for its rope kernel); ``unpermute`` undoes that, so the weights multiply HF's rotary layout;
-* tensor names (``blk.3.attn_q.weight``) map to HF Flax paths (``model/layers/3/self_attn/q_proj/kernel``),
-  and a GGUF matrix is stored ``[out, in]`` like a PyTorch ``Linear``, so Flax kernels are its transpose;
-* a file without ``output.weight`` ties the classifier to the embedding; FlaxLlamaForCausalLM cannot tie,
-  so ``lm_head/kernel`` is the embedding transposed (as for stories260K).
+* ``llama``: the rows of ``q_proj`` and ``k_proj`` permuted (each head's two rotary halves interleaved, for its
+  rope kernel) — ``unpermute`` undoes it; Llama-3.1/3.2's rope scaling stored as ``rope_freqs.weight``, a divisor
+  per rotary frequency, which is exactly ``longrope`` with equal short and long factors and attention factor 1;
+* ``gemma``, ``gemma2``, ``gemma3``: every norm weight stored with the 1 of Gemma's ``(1 + w)`` added; the sliding
+  window pattern is llama.cpp's (every 2nd layer global for Gemma-2, every 6th for Gemma-3, unless the file says),
+  the local rope base ``rope.freq_base_swa`` (10000 when absent, llama.cpp's default), and the query scale
+  1/√head_dim except for the 27B models (1/√(hidden/heads)), as llama.cpp computes it;
+* ``phi3``: longrope's factors as ``rope_factors_long.weight`` / ``rope_factors_short.weight``;
+* ``gptneox``: ``query_key_value``'s per-head [q, k, v] rows regrouped as all q, all k, all v.
+
+A GGUF matrix is stored ``[out, in]`` like a PyTorch ``Linear``, so Flax kernels are its transpose. A tensor wa
+does not know is an error, never skipped: a file whose meaning wa would only partly apply (as the rope factors
+were once) computes a different model silently.
 
 Quantized weights are dequantized to float32 exactly as llama.cpp would compute with them; the per-type
 counts stay with the loaded model (``Loaded.quantization``) so reports can say the weights were quantized.
@@ -19,8 +28,10 @@ counts stay with the loaded model (``Loaded.quantization``) so reports can say t
 from __future__ import annotations
 
 import collections
+import dataclasses
+import math
 import os
-import re
+from collections.abc import Callable
 
 import numpy as np
 import transformers
@@ -28,23 +39,6 @@ import transformers
 from wa import errors
 
 SUFFIX = ".gguf"
-
-# GGUF tensor name -> HF Flax path (``{i}`` the layer) and whether the Flax tensor is the stored one transposed.
-_NAMES = {
-    "token_embd.weight": ("model/embed_tokens/embedding", False),
-    "output_norm.weight": ("model/norm/weight", False),
-    "output.weight": ("lm_head/kernel", True),
-    "blk.{i}.attn_norm.weight": ("model/layers/{i}/input_layernorm/weight", False),
-    "blk.{i}.ffn_norm.weight": ("model/layers/{i}/post_attention_layernorm/weight", False),
-    "blk.{i}.attn_q.weight": ("model/layers/{i}/self_attn/q_proj/kernel", True),
-    "blk.{i}.attn_k.weight": ("model/layers/{i}/self_attn/k_proj/kernel", True),
-    "blk.{i}.attn_v.weight": ("model/layers/{i}/self_attn/v_proj/kernel", True),
-    "blk.{i}.attn_output.weight": ("model/layers/{i}/self_attn/o_proj/kernel", True),
-    "blk.{i}.ffn_gate.weight": ("model/layers/{i}/mlp/gate_proj/kernel", True),
-    "blk.{i}.ffn_up.weight": ("model/layers/{i}/mlp/up_proj/kernel", True),
-    "blk.{i}.ffn_down.weight": ("model/layers/{i}/mlp/down_proj/kernel", True),
-}
-_PATTERNS = [(re.compile("^" + re.escape(k).replace(r"\{i\}", r"(\d+)") + "$"), v) for k, v in _NAMES.items()]
 
 
 class GGUFError(errors.CheckpointError):
@@ -73,6 +67,36 @@ def _fields(reader) -> dict:
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """What one llama.cpp architecture means in HF terms."""
+    name: str                                  # general.architecture
+    model_type: str                            # the HF config's model_type
+    tokenizer: str                             # transformers' GGUF tokenizer converter
+    config: Callable[[GGUFFile, dict], None] = lambda f, kw: None   # fills the family's own config fields
+    permute_qk: bool = False                   # llama: q/k rows interleaved per head
+    norm_shift: float = 0.0                    # Gemma: stored norm weights are w + 1
+    neox_qkv: bool = False                     # gptneox: fused qkv rows regrouped by q, k, v
+    consumed: tuple[str, ...] = ()             # tensors that are config, not parameters (read by ``config``)
+    untie: bool = False                        # a missing output.weight becomes its own lm_head (see llama)
+
+
+ARCHS: dict[str, Arch] = {}
+
+
+def register(arch: Arch) -> Arch:
+    ARCHS[arch.name] = arch
+    return arch
+
+
+# Metadata keys every architecture here writes (``{arch}.<key>``) and the HF config field each one is.
+COMMON_KEYS = {"context_length": "max_position_embeddings", "embedding_length": "hidden_size",
+               "block_count": "num_hidden_layers", "feed_forward_length": "intermediate_size",
+               "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+               "rope.freq_base": "rope_theta", "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+               "attention.key_length": "head_dim"}
+
+
 class GGUFFile:
     """One GGUF file: metadata, config, tokenizer and lazily dequantized tensors."""
 
@@ -80,33 +104,43 @@ class GGUFFile:
         self.path = path
         self.reader = _reader(path)
         self.fields = _fields(self.reader)
-        arch = self.fields.get("general.architecture")
-        if arch != "llama":
-            raise GGUFError(f"{path}: general.architecture is {arch!r}; wa reads the llama architecture from GGUF")
+        name = self.fields.get("general.architecture")
+        if name not in ARCHS:
+            raise GGUFError(f"{path}: general.architecture is {name!r}; wa reads the GGUF architectures "
+                            f"{', '.join(sorted(ARCHS))}")
+        self.arch = ARCHS[name]
         self.tensors = {t.name: t for t in self.reader.tensors}
 
+    def field(self, key: str, default=None):
+        """The architecture's metadata value ``{arch}.{key}``."""
+        return self.fields.get(f"{self.arch.name}.{key}", default)
+
     # ---- metadata -------------------------------------------------------------------------------------
-    def config(self) -> transformers.LlamaConfig:
-        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    def config(self) -> transformers.PretrainedConfig:
+        """The HF config of the model the file holds, as llama.cpp's loader reads the metadata."""
         kw = {}
-        for key, name in GGUF_CONFIG_MAPPING["llama"].items():
-            v = self.fields.get(f"llama.{key}")
-            if name is not None and v is not None:
+        for key, name in COMMON_KEYS.items():
+            v = self.field(key)
+            if v is not None:
                 kw[name] = v
-        if "vocab_size" not in kw and "tokenizer.ggml.tokens" in self.fields:
-            kw["vocab_size"] = len(self.fields["tokenizer.ggml.tokens"])
+        kw["vocab_size"] = self.field("vocab_size") or len(self.fields.get("tokenizer.ggml.tokens", ()))
         for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
             v = kw.get(key)
-            if not isinstance(v, (int, np.integer)) or v < 1:
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise GGUFError(f"{self.path}: metadata gives {key}={v!r}; expected an integer >= 1")
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = self.fields.get(f"tokenizer.ggml.{k}")
             if v is not None:
                 kw[k] = int(v)
-        # A file without output.weight shares the embedding as classifier; wa writes that out as its own
-        # lm_head/kernel (the embedding transposed) with tie_word_embeddings=False, as for stories260K, so every
-        # weight in the tree is one the forward pass uses.
-        return transformers.LlamaConfig(**kw, tie_word_embeddings=False)
+        scaling = self.field("rope.scaling.type")
+        if scaling not in (None, "none"):
+            kw["rope_scaling"] = {"rope_type": scaling, "factor": float(self.field("rope.scaling.factor", 1.0))}
+            original = self.field("rope.scaling.original_context_length")
+            if original:
+                kw["rope_scaling"]["original_max_position_embeddings"] = int(original)
+        kw["tie_word_embeddings"] = "output.weight" not in self.tensors and not self.arch.untie
+        self.arch.config(self, kw)
+        return transformers.CONFIG_MAPPING[self.arch.model_type](**kw)
 
     def tokenizer(self) -> transformers.PreTrainedTokenizerFast:
         """The vocabulary in the file as a ``transformers`` fast tokenizer (transformers' GGUF converter)."""
@@ -119,7 +153,7 @@ class GGUFFile:
                     table[name] = v
         if "tokens" not in tok:
             raise GGUFError(f"{self.path}: no tokenizer.ggml.tokens in the metadata; the file carries no vocabulary")
-        backend, extra = convert_gguf_tokenizer("llama", tok)
+        backend, extra = convert_gguf_tokenizer(self.arch.tokenizer, tok)
         special = {}
         for role, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unk_token_id"),
                           ("pad_token", "pad_token_id")):
@@ -139,8 +173,8 @@ class GGUFFile:
         return dict(out)
 
     # ---- tensors --------------------------------------------------------------------------------------
-    def array(self, name: str) -> np.ndarray:
-        """Tensor ``name`` dequantized to float32, in the HF (PyTorch) layout: [out, in] for matrices."""
+    def raw(self, name: str) -> np.ndarray:
+        """Tensor ``name`` dequantized to float32 as stored, in the PyTorch layout ([out, in] for matrices)."""
         from gguf import GGMLQuantizationType, quants
         t = self.tensors[name]
         try:
@@ -149,32 +183,132 @@ class GGUFFile:
             raise GGUFError(f"{self.path}: tensor {name!r} ({t.tensor_type.name}) cannot be dequantized "
                             f"({type(e).__name__}: {e})") from e
         a = np.asarray(a, np.float32).reshape(tuple(int(n) for n in reversed(t.shape)))
-        if t.tensor_type == GGMLQuantizationType.F32:
-            a = a.copy()  # the reader's arrays are views of a memory map
-        q = self.fields.get("llama.attention.head_count")
-        if name.endswith("attn_q.weight"):
+        return a.copy() if t.tensor_type == GGMLQuantizationType.F32 else a   # F32 arrays view a memory map
+
+    def array(self, name: str) -> np.ndarray:
+        """Tensor ``name`` with llama.cpp's conversion undone: the HF (PyTorch-layout) tensor."""
+        a, arch = self.raw(name), self.arch
+        q = self.field("attention.head_count")
+        if arch.permute_qk and name.endswith("attn_q.weight"):
             a = unpermute(a, q)
-        elif name.endswith("attn_k.weight"):
-            a = unpermute(a, q, self.fields.get("llama.attention.head_count_kv", q))
+        elif arch.permute_qk and name.endswith("attn_k.weight"):
+            a = unpermute(a, q, self.field("attention.head_count_kv", q))
+        elif arch.neox_qkv and ".attn_qkv." in name:   # [3, heads, head_dim, ...] -> [heads, 3, head_dim, ...]
+            a = a.reshape(3, q, a.shape[0] // (3 * q), *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+        elif arch.norm_shift and "norm" in name and name.endswith(".weight"):
+            a = a - np.float32(arch.norm_shift)
         return a
 
     def stored_shape(self, name: str) -> tuple:
         return tuple(int(n) for n in reversed(self.tensors[name].shape))
 
-    def mapping(self) -> tuple[dict, list]:
-        """Flax path -> (GGUF tensor name, transpose), and the names that map to no parameter."""
-        out, ignored = {}, []
-        for name in self.tensors:
-            for pattern, (path, transpose) in _PATTERNS:
-                m = pattern.match(name)
-                if m:
-                    out[path.format(i=m.group(1)) if m.groups() else path] = (name, transpose)
-                    break
-            else:
-                ignored.append(name)
-        if "lm_head/kernel" not in out and "token_embd.weight" in self.tensors:
-            out["lm_head/kernel"] = ("token_embd.weight", True)   # tied classifier
-        return out, ignored
+    def mapping(self, flax_paths) -> dict:
+        """Flax path -> (GGUF tensor name, transpose) for the model's parameters ``flax_paths``. A tensor of the
+        file that is neither one of them nor known configuration is an error."""
+        import gguf
+        arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch.name)
+        names = gguf.get_tensor_name_map(arch_id, int(self.field("block_count", 0)))
+        out = {}
+        for path in flax_paths:
+            parts = path.split("/")
+            leaf = "bias" if parts[-1] == "bias" else "weight"
+            hf = ".".join(parts[:-1])
+            name = names.get_name(hf)
+            if name is not None and f"{name}.{leaf}" in self.tensors:
+                out[path] = (f"{name}.{leaf}", parts[-1] == "kernel")
+        if self.arch.untie and "lm_head/kernel" in flax_paths and "lm_head/kernel" not in out:
+            out["lm_head/kernel"] = ("token_embd.weight", True)   # the tied classifier, written out
+        used = {n for n, _ in out.values()} | set(self.arch.consumed)
+        unknown = sorted(set(self.tensors) - used)
+        if unknown:
+            raise GGUFError(f"{self.path}: {len(unknown)} tensors are not parameters of wa's {self.arch.model_type} "
+                            f"model and not configuration it knows, e.g. {unknown[:5]}; wa does not skip tensors "
+                            "whose meaning it would not apply")
+        return out
+
+
+def _rope_freqs(f: GGUFFile, kw: dict) -> None:
+    """Llama-3.1/3.2: llama.cpp divides each rotary frequency by ``rope_freqs.weight`` (the llama3 scaling,
+    precomputed); the same division as longrope with equal short and long factors and attention factor 1."""
+    if "rope_freqs.weight" not in f.tensors:
+        return
+    factors = [float(x) for x in f.raw("rope_freqs.weight").ravel()]
+    head_dim = kw.get("head_dim") or kw["hidden_size"] // kw["num_attention_heads"]
+    rot = f.field("rope.dimension_count", head_dim)
+    if len(factors) != rot // 2:
+        raise GGUFError(f"{f.path}: rope_freqs.weight holds {len(factors)} factors; the rotary dimension {rot} "
+                        f"has {rot // 2} frequencies")
+    kw["rope_scaling"] = {"rope_type": "longrope", "short_factor": factors, "long_factor": factors,
+                          "attention_factor": 1.0}
+
+
+def _gemma(f: GGUFFile, kw: dict, pattern: int, gemma3: bool) -> None:
+    kw["tie_word_embeddings"] = True
+    kw["hidden_activation"] = kw["hidden_act"] = "gelu_pytorch_tanh"
+    n, heads = kw["num_hidden_layers"], kw["num_attention_heads"]
+    if pattern:
+        window = f.field("attention.sliding_window", None if gemma3 else 4096)   # llama.cpp's Gemma-2 default
+        if window:
+            kw["sliding_window"] = int(window)
+            swa = f.field("attention.sliding_window_pattern", pattern)
+            if isinstance(swa, (list, tuple)):
+                sliding = [bool(x) for x in swa]
+            else:   # llama.cpp's set_swa_pattern: the last layer of every group of ``swa`` is global
+                sliding = [i % int(swa) < int(swa) - 1 for i in range(n)]
+            if len(sliding) != n:
+                raise GGUFError(f"{f.path}: sliding_window_pattern has {len(sliding)} entries for {n} layers")
+            kw["layer_types"] = ["sliding_attention" if s else "full_attention" for s in sliding]
+        elif gemma3:
+            kw["layer_types"] = ["full_attention"] * n
+        big = n == (62 if gemma3 else 46)   # the 27B models scale queries by hidden/heads
+        kw["query_pre_attn_scalar"] = kw["hidden_size"] // heads if big else kw.get("head_dim", 256)
+        kw["final_logit_softcapping"] = f.field("final_logit_softcapping")
+        kw["attn_logit_softcapping"] = f.field("attn_logit_softcapping")
+    if gemma3:
+        kw["rope_local_base_freq"] = float(f.field("rope.freq_base_swa", 10000.0))
+
+
+def _phi3(f: GGUFFile, kw: dict) -> None:
+    head_dim = kw["hidden_size"] // kw["num_attention_heads"]
+    rot = f.field("rope.dimension_count", head_dim)
+    kw["partial_rotary_factor"] = rot / head_dim
+    window = f.field("attention.sliding_window")
+    kw["sliding_window"] = int(window) if window else None
+    original = f.field("rope.scaling.original_context_length")
+    if "rope_factors_long.weight" in f.tensors:
+        kw["rope_scaling"] = {"type": "longrope",   # Phi3Config checks "type"
+                              "long_factor": [float(x) for x in f.raw("rope_factors_long.weight").ravel()],
+                              "short_factor": [float(x) for x in f.raw("rope_factors_short.weight").ravel()]}
+    kw["original_max_position_embeddings"] = int(original) if original else kw.get("max_position_embeddings")
+    # Phi3Config takes no attention factor: it derives it from the two context lengths, as the converter did when
+    # it wrote one. A file whose factor is another would compute a different model; say so.
+    attn = f.field("rope.scaling.attn_factor")
+    ratio = kw.get("max_position_embeddings", 1) / kw["original_max_position_embeddings"]
+    derived = 1.0 if ratio <= 1 else math.sqrt(1 + math.log(ratio) / math.log(kw["original_max_position_embeddings"]))
+    if "rope_scaling" in kw and attn is not None and abs(float(attn) - derived) > 1e-5 * derived:
+        raise GGUFError(f"{f.path}: rope.scaling.attn_factor={float(attn)!r}, but Phi-3's longrope derives "
+                        f"{derived!r} from its context lengths; wa cannot express the file's factor")
+
+
+def _gptneox(f: GGUFFile, kw: dict) -> None:
+    kw["rotary_pct"] = f.field("rope.dimension_count") / (kw["hidden_size"] // kw["num_attention_heads"])
+    kw["rotary_emb_base"] = float(kw.pop("rope_theta", 10000.0))
+    kw["use_parallel_residual"] = bool(f.field("use_parallel_residual", True))
+    kw["layer_norm_eps"] = float(f.field("attention.layer_norm_epsilon", 1e-5))
+    kw.pop("head_dim", None)
+
+
+# A file without output.weight shares the embedding as classifier. For llama files wa writes that out as its own
+# lm_head/kernel (the embedding transposed) with tie_word_embeddings=False, as for stories260K, so SmolLM2's tree
+# and every figure measured on it stay as they were; the other architectures tie, as their HF configs do.
+register(Arch("llama", "llama", "llama", _rope_freqs, permute_qk=True, consumed=("rope_freqs.weight",), untie=True))
+register(Arch("qwen2", "qwen2", "qwen2"))
+register(Arch("qwen3", "qwen3", "qwen3"))
+register(Arch("gemma", "gemma", "gemma2", lambda f, kw: _gemma(f, kw, 0, False), norm_shift=1.0))
+register(Arch("gemma2", "gemma2", "gemma2", lambda f, kw: _gemma(f, kw, 2, False), norm_shift=1.0))
+register(Arch("gemma3", "gemma3_text", "gemma3_text", lambda f, kw: _gemma(f, kw, 6, True), norm_shift=1.0))
+register(Arch("phi3", "phi3", "phi3", _phi3, consumed=("rope_factors_long.weight", "rope_factors_short.weight")))
+register(Arch("gptneox", "gpt_neox", "gpt2", _gptneox, neox_qkv=True))
 
 
 def unpermute(w: np.ndarray, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
