@@ -76,3 +76,16 @@ def test_gguf_from_llama_cpp_gives_the_same_model(name):
         assert got.keys() == want.keys()
         for p in want:
             np.testing.assert_allclose(got[p], want[p], err_msg=p, rtol=1e-6, atol=1e-7)
+
+
+SENTENCE = "To be, or not to be: that is the question. Whether 'tis nobler in the mind to suffer"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "gpt_neox"])
+def test_sentencepiece_vocabulary_read_back_from_gguf(name):
+    from wa.data import tokenizers
+    tok = tokenizers.get(os.path.join(HERE, name, "model.gguf"))
+    want = np.load(os.path.join(HERE, name, "spm_ids.npy")).tolist()
+    assert isinstance(tok, tokenizers.SentencePiece)
+    assert tok.encode(SENTENCE) == want and tok.decode(want) == SENTENCE
+    assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 128)

