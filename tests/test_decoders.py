@@ -89,3 +89,26 @@ def test_sentencepiece_vocabulary_read_back_from_gguf(name):
     assert isinstance(tok, tokenizers.SentencePiece)
     assert tok.encode(SENTENCE) == want and tok.decode(want) == SENTENCE
     assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 128)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_parameter_has_a_layer_component_and_role(name):
+    loaded = _load(name)
+    layers = loaded.config.num_hidden_layers
+    for p in helpers.flat(loaded.params):
+        info = loaded.describe(p)
+        assert info.component != "other", p
+        assert (info.layer is not None) == ("/layers/" in p), p
+        assert info.layer is None or 0 <= info.layer < layers
+
+
+def test_fused_matrices_split_into_the_roles_the_module_computes():
+    phi3 = _load("phi3")   # 4 q heads and 2 kv heads of 8; intermediate 64
+    axis, roles = phi3.parts("model/layers/0/self_attn/qkv_proj/kernel", (32, 64))
+    assert axis == 1 and roles.tolist() == ["q"] * 32 + ["k"] * 16 + ["v"] * 16
+    axis, roles = phi3.parts("model/layers/0/mlp/gate_up_proj/kernel", (32, 128))
+    assert axis == 1 and roles.tolist() == ["gate"] * 64 + ["up"] * 64
+    assert phi3.parts("model/layers/0/self_attn/o_proj/kernel", (32, 32)) is None
+    neox = _load("gpt_neox")  # 4 heads of 8, each head's q, k, v side by side
+    axis, roles = neox.parts("gpt_neox/layers/1/attention/query_key_value/bias", (96,))
+    assert axis == 0 and roles.tolist() == (["q"] * 8 + ["k"] * 8 + ["v"] * 8) * 4

@@ -62,3 +62,19 @@ def test_architecture_groups_by_hand():
     prog = a["progression"]
     assert prog["layers"] == [0, 1] and np.isnan(prog["attention"]["enrichment"][1])
     assert prog["mlp"]["enrichment"] == pytest.approx([(1 / 3) / (4 / 16), 0.0])
+
+
+def test_architecture_reads_a_fused_matrix_by_the_roles_of_its_rows():
+    # One [in 2, out 3] kernel whose output units are q, k, v; the top 2 are in the q and v columns.
+    info = {"0/attn/qkv/kernel": ParamInfo(0, "attention", "qkv"), "0/mlp/kernel": ParamInfo(0, "mlp", "down")}
+    scores = {"0/attn/qkv/kernel": np.array([[9.0, 1.0, 1.0], [1.0, 1.0, 8.0]]), "0/mlp/kernel": np.ones(6)}
+    parts = {"0/attn/qkv/kernel": (1, np.array(["q", "k", "v"]))}
+    a = architecture.analyze(scores, info.__getitem__, 2, parts=lambda p, shape: parts.get(p))
+    role = a["role"]
+    assert set(role) == {"q", "k", "v", "down"}
+    assert (role["q"]["selected"], role["k"]["selected"], role["v"]["selected"]) == (1, 0, 1)
+    assert (role["q"]["weights"], role["k"]["weights"], role["v"]["weights"]) == (2, 2, 2)
+    mean_all = 27 / 12
+    assert role["q"]["mean_score"] == pytest.approx((10 / 2) / mean_all)
+    assert role["v"]["mean_score"] == pytest.approx((9 / 2) / mean_all)
+    assert a["component"]["attention"]["selected"] == 2   # the other groupings see the matrix whole

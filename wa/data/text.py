@@ -89,18 +89,30 @@ def token_stream(docs: list[str], tokenizer, bos: bool = True, eos: bool = False
     return np.concatenate(parts) if parts else np.zeros((0,), np.int32)
 
 
-def lm_windows(stream: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def lm_windows(stream: np.ndarray, seq_len: int, bos_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Windows of ``seq_len`` tokens with a stride of ``seq_len - 1``.
 
     Consecutive windows share one token, so every token of the stream but the first is a
-    prediction target exactly once; context resets at each window start. The last window is
-    right-padded; the returned mask is 1 on real tokens.
+    prediction target exactly once; context resets at each window start. With ``bos_id``, each
+    window is instead BOS followed by the next ``seq_len - 1`` tokens of the stream, so every token
+    of the stream is a target exactly once, each predicted from a context that starts at BOS (what
+    models such as Gemma, trained always to see BOS first, need). The last window is right-padded;
+    the returned mask is 1 on real tokens.
     """
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2, got {seq_len}")
-    if len(stream) < 2:
+    if len(stream) < (1 if bos_id is not None else 2):
         raise DataError(f"token stream of {len(stream)} tokens has nothing to predict")
     stride = seq_len - 1
+    if bos_id is not None:
+        n = -(-len(stream) // stride)
+        ids = np.zeros((n, seq_len), np.int32)
+        mask = np.zeros((n, seq_len), np.int32)
+        for i in range(n):
+            piece = stream[i * stride:(i + 1) * stride]
+            ids[i, 0], ids[i, 1:1 + len(piece)] = bos_id, piece
+            mask[i, :1 + len(piece)] = 1
+        return ids, mask
     n = -(-(len(stream) - 1) // stride)
     ids = np.zeros((n, seq_len), np.int32)
     mask = np.zeros((n, seq_len), np.int32)

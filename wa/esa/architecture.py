@@ -31,28 +31,41 @@ def _order(labels):
     return sorted(labels, key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0, x))
 
 
-def analyze(scores: dict, describe, topk, signed: bool = False) -> dict:
+def analyze(scores: dict, describe, topk, signed: bool = False, parts=None) -> dict:
     """Global top-k of ``scores`` ({path: array}, the scored matrices) grouped by layer, component and role.
 
-    ``describe(path)`` gives each path's layer, component and role (``Loaded.describe``).
+    ``describe(path)`` gives each path's layer, component and role (``Loaded.describe``). ``parts(path, shape)``
+    (``Loaded.parts``), where given, splits a fused matrix — Phi-3's ``qkv_proj`` and ``gate_up_proj``,
+    GPT-NeoX's ``query_key_value``, GPT-2's ``c_attn`` — into the roles of its rows, so the role table reads q, k
+    and v (gate and up) for every family alike.
     """
     sel, _ = select.top_k(scores, topk, "global", r".", signed)
     k = select.size(sel)
-    sizes, sums = {}, {}
+    sizes, sums, pieces = {}, {}, []   # pieces: (path, role, weights, score sum, selected)
     for p, v in scores.items():
         a = np.abs(np.asarray(v, np.float64)) if signed else np.asarray(v, np.float64)
         sizes[p], sums[p] = a.size, float(a.sum())
+        split = parts(p, a.shape) if parts is not None else None
+        if split is None:
+            pieces.append((p, describe(p).role, a.size, sums[p], len(sel.get(p, ()))))
+            continue
+        axis, labels = split
+        picked = np.unravel_index(np.asarray(sel.get(p, ()), np.int64), a.shape)[axis]
+        for role in dict.fromkeys(labels):
+            rows = labels == role
+            pieces.append((p, role, int(rows.sum()) * (a.size // a.shape[axis]),
+                           float(np.compress(rows, a, axis=axis).sum()), int(rows[picked].sum())))
     n_all, s_all = sum(sizes.values()), sum(sums.values())
     mean_all = s_all / n_all if n_all else 0.0
     out: dict = {"k": k, "n_scored": n_all}
     for key in GROUPS:
         rows: dict = {}
-        for p in scores:
-            g = _label(describe(p), key)
+        for p, role, n, total, chosen in pieces:
+            g = role if key == "role" else _label(describe(p), key)
             r = rows.setdefault(g, {"selected": 0, "weights": 0, "score_sum": 0.0})
-            r["selected"] += len(sel.get(p, ()))
-            r["weights"] += sizes[p]
-            r["score_sum"] += sums[p]
+            r["selected"] += chosen
+            r["weights"] += n
+            r["score_sum"] += total
         table = {}
         for g in _order(rows):
             r = rows[g]

@@ -565,7 +565,8 @@ def run(cfg, progress: bool = True) -> Analysis:
         pruning = prune_study(s.loaded, s.flat, sc.first, s.data, cfg, s.base["ppl"], s.plan, progress)
         _stage_done("pruning", s.t0)
     faults = fault_study(s.loaded, s.flat, s.kept, sel.top, s.data, cfg, s.base["ppl"], s.plan, progress)
-    arch = {m: architecture.analyze(sc.first[m], s.loaded.describe, cfg.topk, scores.SCORES[m].signed)
+    arch = {m: architecture.analyze(sc.first[m], s.loaded.describe, cfg.topk, scores.SCORES[m].signed,
+                                    s.loaded.parts)
             for m in s.plan.metrics} if cfg.get("architecture", True) else None
     return Analysis(s, sc, sel, agreement, Perturbations(results, pruning, faults, super_w), arch,
                     time.time() - s.t0)

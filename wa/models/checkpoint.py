@@ -57,6 +57,7 @@ class Loaded:
     # Tensor type -> {tensors, weights} when the file stored quantized weights (GGUF), else None: magnitudes
     # and bit patterns are then those of the dequantized values (e.g. Q4_1: 16 levels per block of 32).
     quantization: dict | None = None
+    licence: str = ""   # the weights' licence where the file states one (GGUF general.license)
     _compiled: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def compiled(self, key, build):
@@ -80,6 +81,10 @@ class Loaded:
 
     def describe(self, path: str) -> fam.ParamInfo:
         return self.family.classify(path)
+
+    def parts(self, path: str, shape: tuple):
+        """(axis, role of each output unit) of a fused tensor (``Family.parts``), else None."""
+        return self.family.parts(path, shape, self.config)
 
 
 @dataclasses.dataclass
@@ -468,7 +473,7 @@ def load(path: str, mesh: Mesh | str | None = None, rules=None, dtype=None,
                  path, config.model_type, len(placed),
                  sum(int(np.prod(a.shape)) for a in placed.values()), files, mesh_lib.describe(mesh))
     return Loaded(model, params, config, family, mesh, shardings, path, files,
-                  gguf.quantization() if gguf else None)
+                  gguf.quantization() if gguf else None, gguf.licence() if gguf else "")
 
 
 def _is_float(dtype) -> bool:

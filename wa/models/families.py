@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
@@ -56,6 +57,21 @@ class Family:
     # Which axis of a linear layer's 2-D kernel multiplies its input: 0 for Flax Dense ([in, out]), 1 for
     # GPT-2's Conv1D ([out, in]).
     kernel_input_axis: int = 0
+    # Fused matrices: (regex, layout(config) -> role of each output unit, in order). ``parts`` reads them.
+    fused: tuple[tuple[str, Callable], ...] = ()
+
+    def parts(self, path: str, shape: tuple, config) -> tuple[int, np.ndarray] | None:
+        """For a fused tensor (a kernel or its bias): the axis of its output units and the role of each unit
+        (q, k, v; gate, up), so analyses can read the fused matrix as the separate ones it holds; else None."""
+        for regex, layout in self.fused:
+            if re.search(regex, path):
+                labels = np.asarray(layout(config))
+                axis = len(shape) - 1 if self.kernel_input_axis == 0 or len(shape) == 1 else 0
+                if labels.shape != (shape[axis],):
+                    raise ValueError(f"{path}: {shape[axis]} output units, the {self.name} layout gives "
+                                     f"{labels.shape[0]}")
+                return axis, labels
+        return None
 
     def forward(self, model, params, input_ids, attention_mask=None, train=False, rng=None):
         """The HF model's output (logits or hidden states first) with uniform arguments."""
@@ -157,6 +173,32 @@ def for_model_type(model_type: str) -> Family | None:
 
 
 _NORM = (r"(ln_\d|ln_f|layer_?norm|LayerNorm|norm)/(scale|bias|weight)$", REPLICATED)
+
+
+def _blocks(*parts: tuple[str, int]) -> np.ndarray:
+    return np.concatenate([np.full(n, role) for role, n in parts])
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _qkv_blocks(config) -> np.ndarray:
+    """Every q head, then every k head, then every v head (GPT-2's c_attn, Phi-3's qkv_proj)."""
+    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    d = _head_dim(config) if hasattr(config, "num_attention_heads") else config.n_embd // heads
+    return _blocks(("q", heads * d), ("k", kv * d), ("v", kv * d))
+
+
+def _qkv_per_head(config) -> np.ndarray:
+    """GPT-NeoX: each head's q, k and v side by side."""
+    d = _head_dim(config)
+    return np.tile(_blocks(("q", d), ("k", d), ("v", d)), config.num_attention_heads)
+
+
+def _gate_up(config) -> np.ndarray:
+    return _blocks(("gate", config.intermediate_size), ("up", config.intermediate_size))
 _BIAS = (r"/bias$", REPLICATED)
 
 register(Family(
@@ -183,6 +225,7 @@ register(Family(
     ),
     pt_buffers=(r"(^|\.)attn\.(masked_)?bias$",),
     kernel_input_axis=1,
+    fused=((r"attn/c_attn/", _qkv_blocks),),
 ))
 
 register(Family(
@@ -303,7 +346,8 @@ register(Family(name="gemma2", kind="causal_lm", classes={"gemma2": None, "gemma
 register(Family(name="phi3", kind="causal_lm", classes={"phi3": None},
                 taxonomy=_decoder_taxonomy(attn=r"self_attn/(?P<role>qkv|o)_proj/",
                                            mlp=r"mlp/(?P<role>gate_up|down)_proj/"),
-                partition_rules=_DECODER_RULES, pt_buffers=_ROTARY_BUFFERS))
+                partition_rules=_DECODER_RULES, pt_buffers=_ROTARY_BUFFERS,
+                fused=((r"self_attn/qkv_proj/", _qkv_blocks), (r"mlp/gate_up_proj/", _gate_up))))
 
 # GPT-NeoX (Pythia): its own names; query_key_value holds each head's q, k and v rows side by side.
 register(Family(
@@ -329,6 +373,7 @@ register(Family(
         _NORM, _BIAS,
     ),
     pt_buffers=(r"(^|\.)attention\.(masked_)?bias$", r"rotary_emb\.inv_freq$"),
+    fused=((r"attention/query_key_value/", _qkv_per_head),),
 ))
 
 _BERT_TAXONOMY = (

@@ -201,6 +201,11 @@ class GGUFFile:
         return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **special, **kwargs,
                                                     chat_template=cfg.get("chat_template"))
 
+    def licence(self) -> str:
+        """The file's ``general.license``, spelled out where wa knows it ("" when the file names none)."""
+        v = self.fields.get("general.license")
+        return LICENCES.get(str(v).lower(), str(v)) if v else ""
+
     def quantization(self) -> dict:
         """Tensor type -> number of tensors and of weights stored in it (e.g. Q4_1, Q8_0, F32)."""
         out: dict = collections.defaultdict(lambda: {"tensors": 0, "weights": 0})
@@ -371,6 +376,10 @@ def find(path: str) -> str:
             return os.path.join(path, found[0])
     return path
 
+
+# general.license values and what a report says of them.
+LICENCES = {"gemma": "Gemma Terms of Use (https://ai.google.dev/gemma/terms; not an OSI licence)",
+            "apache-2.0": "Apache-2.0", "mit": "MIT"}
 
 # What each storage type keeps of a weight (ggml's block formats), for reports.
 _LEVELS = {
