@@ -56,6 +56,7 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.super_weights = True            # Yu et al. 2024 activation-spike candidates, zeroed vs largest |w| ...
     c.super_weights_each = 0          # ... this many (strongest spikes first) also one at a time; 0 = all
     c.bos = True                      # each document starts with BOS (False for models trained without one)
+    c.window_bos = False              # every window starts with BOS instead (with bos False; Gemma needs one)
     # Fault tolerance: flip one bit (by position) of every top-k weight of these metrics (first seed) and of
     # random-k draws, in the weights' float32 and bfloat16 encodings ("" = skip).
     c.fault_metrics = "magnitude,grad_x_weight"

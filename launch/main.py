@@ -81,7 +81,9 @@ def main(argv):
     t_eval = time.time() - t1
 
     sample = ""
-    prompt = tok.encode(cfg.sample_prompt) if cfg.sample_prompt else [tok.bos_id] if tok.bos_id is not None else []
+    # The prompt opens as the evaluated text does: with BOS where documents or windows start with it.
+    bos = [tok.bos_id] if tok.bos_id is not None and (cfg.bos or cfg.window_bos or not cfg.sample_prompt) else []
+    prompt = bos + (tok.encode(cfg.sample_prompt) if cfg.sample_prompt else [])
     if cfg.sample_tokens and prompt:
         out = sampling.greedy(loaded, loaded.params, prompt, cfg.sample_tokens)
         sample = cfg.sample_prompt + tok.decode(out[len(prompt):])
@@ -95,7 +97,7 @@ def main(argv):
         "target_tokens": res["tokens"], "nll_nats_per_token": res["nll"], "ppl": res["ppl"],
         "seconds_load": round(t_load, 2), "seconds_eval": round(t_eval, 2),
         "tokens_per_second": round(res["tokens"] / max(t_eval, 1e-9), 1), "greedy_sample": sample,
-        "sample_prompt": cfg.sample_prompt, "bos": cfg.bos, "window_bos": cfg.window_bos,
+        "sample_prompt": cfg.sample_prompt, "sample_bos": bool(bos), "bos": cfg.bos, "window_bos": cfg.window_bos,
         "quantization": loaded.quantization, "licence": loaded.licence,
     }
     if common.is_chief():
@@ -135,6 +137,8 @@ def render(cfg, r, rows) -> str:
     if r.get("licence"):
         quant += f"\n- weights licence (from the file): {r['licence']}"
     sample_from = f"`{r['sample_prompt']}`" if r["sample_prompt"] else "BOS"
+    if r["sample_prompt"] and r.get("sample_bos"):
+        sample_from = "BOS + " + sample_from
     return f"""# {cfg.checkpoint}: inspection and held-out perplexity
 
 **{r['nll_nats_per_token']:.4f} nats/token, perplexity {r['ppl']:.3f}** on {r['target_tokens']:,}

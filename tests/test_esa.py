@@ -110,6 +110,7 @@ def test_esa_smoke_writes_every_output(tmp_path):
     ({"perturb": "melt"}, "unknown perturbation 'melt'"),
     ({"perturb": "bit_flip", "bit_flip_bits": "40"}, "bits [40] do not exist in float32"),
     ({"prune_sparsity": "1.5"}, "--config.prune_sparsity: 1.5 is not a fraction in (0, 1)"),
+    ({"window_bos": True}, "--config.bos and --config.window_bos: choose one"),
 ])
 def test_bad_config_is_refused_by_check(fields, message):
     # launch.esa calls pipeline.check before devices, files or compute: checked in-process here, and the

@@ -24,6 +24,11 @@ class SentencePiece:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
+    def save(self, file: str):
+        """The model as a ``tokenizer.model`` file (a vocabulary rebuilt from GGUF metadata has no file of its own)."""
+        with open(file, "wb") as f:
+            f.write(self.sp.serialized_model_proto())
+
     def decode(self, ids) -> str:
         return self.sp.decode([int(i) for i in ids])
 

@@ -70,6 +70,9 @@ def check(cfg) -> Plan:
     seeds = as_list(cfg.seeds, int, "seeds")
     if not seeds:
         raise ConfigError("--config.seeds is empty; give at least one seed")
+    if cfg.get("bos", True) and cfg.get("window_bos", False):
+        raise ConfigError("--config.bos and --config.window_bos: choose one (BOS before each document, or before "
+                          "each window of a stream without it)")
     kinds = as_list(cfg.perturb, str, "perturb")
     for k in kinds:
         if k not in perturb.PERTURBATIONS:
@@ -159,9 +162,12 @@ def prepare_data(cfg, loaded, ckpt) -> Data:
         raise ConfigError(f"--config.corpus={cfg.corpus!r}: {len(docs)} documents cannot be split into "
                           "calibration and held-out parts")
     tok = tokenizers.get(ckpt)
-    bos = cfg.get("bos", True)
-    cal_ids, cal_mask = text.lm_windows(text.token_stream(docs[:-n_eval], tok, bos=bos), cfg.seq_len)
-    ev_ids, ev_mask = text.lm_windows(text.token_stream(docs[-n_eval:], tok, bos=bos), cfg.seq_len)
+    bos, window_bos = cfg.get("bos", True), cfg.get("window_bos", False)
+    if window_bos and tok.bos_id is None:
+        raise ConfigError(f"--config.window_bos: the tokenizer of {cfg.model!r} has no BOS token")
+    first = tok.bos_id if window_bos else None   # Gemma is trained always to see BOS first
+    cal_ids, cal_mask = text.lm_windows(text.token_stream(docs[:-n_eval], tok, bos=bos), cfg.seq_len, first)
+    ev_ids, ev_mask = text.lm_windows(text.token_stream(docs[-n_eval:], tok, bos=bos), cfg.seq_len, first)
     return Data(cal_ids, cal_mask, ev_ids[:cfg.eval_windows], ev_mask[:cfg.eval_windows], len(docs), n_eval)
 
 

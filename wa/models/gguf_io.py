@@ -138,6 +138,16 @@ class GGUFFile:
             original = self.field("rope.scaling.original_context_length")
             if original:
                 kw["rope_scaling"]["original_max_position_embeddings"] = int(original)
+            # YaRN's own settings, as the converter writes them from the HF config.
+            for key, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                              ("yarn_attn_factor", "attention_factor")):
+                v = self.field(f"rope.scaling.{key}")
+                if v is not None:
+                    kw["rope_scaling"][name] = float(v)
+            for key, neutral in (("yarn_ext_factor", (None, 1.0, -1.0)), ("yarn_log_multiplier", (None, 0.0))):
+                if self.field(f"rope.scaling.{key}") not in neutral:
+                    raise GGUFError(f"{self.path}: rope.scaling.{key}={self.field(f'rope.scaling.{key}')!r}; wa's "
+                                    "YaRN follows transformers, which has no such setting")
         kw["tie_word_embeddings"] = "output.weight" not in self.tensors and not self.arch.untie
         self.arch.config(self, kw)
         return transformers.CONFIG_MAPPING[self.arch.model_type](**kw)
@@ -160,8 +170,10 @@ class GGUFFile:
         if not len(tokens) == len(scores) == len(types):
             raise GGUFError(f"{self.path}: {len(tokens)} tokens but {len(scores)} scores and {len(types)} types")
         m = pb.ModelProto()
-        for piece, score, kind in zip(tokens, scores, types, strict=True):
-            m.pieces.add(piece=piece, score=float(score), type=int(kind) if 1 <= int(kind) <= 6 else 1)
+        unk = int(self.fields.get("tokenizer.ggml.unknown_token_id", 0))   # llama.cpp's default
+        for i, (piece, score, kind) in enumerate(zip(tokens, scores, types, strict=True)):
+            kind = int(kind) if 1 <= int(kind) <= 6 else 1
+            m.pieces.add(piece=piece, score=float(score), type=2 if i == unk else kind)   # SentencePiece needs one
         t = m.trainer_spec
         t.model_type = pb.TrainerSpec.BPE
         t.vocab_size = len(tokens)
@@ -191,7 +203,11 @@ class GGUFFile:
                     table[name] = v
         if "tokens" not in tok:
             raise GGUFError(f"{self.path}: no tokenizer.ggml.tokens in the metadata; the file carries no vocabulary")
-        backend, extra = convert_gguf_tokenizer(self.arch.tokenizer, tok)
+        # transformers' converter for the vocabulary kind: the architecture's own for SentencePiece-style files,
+        # a byte-level one for byte-level BPE (Phi-4-mini is a phi3 file with a gpt2 vocabulary)
+        kind = self.fields.get("tokenizer.ggml.model")
+        byte_level = self.arch.tokenizer in ("llama", "qwen2", "qwen3", "gpt2")
+        backend, extra = convert_gguf_tokenizer(self.arch.tokenizer if kind != "gpt2" or byte_level else "gpt2", tok)
         special = {}
         for role, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unk_token_id"),
                           ("pad_token", "pad_token_id")):
@@ -282,7 +298,7 @@ def _rope_freqs(f: GGUFFile, kw: dict) -> None:
         raise GGUFError(f"{f.path}: rope_freqs.weight holds {len(factors)} factors; the rotary dimension {rot} "
                         f"has {rot // 2} frequencies")
     kw["rope_scaling"] = {"rope_type": "longrope", "short_factor": factors, "long_factor": factors,
-                          "attention_factor": 1.0}
+                          "attention_factor": 1.0, "factor": 1.0}
 
 
 def _gemma(f: GGUFFile, kw: dict, pattern: int, gemma3: bool) -> None:
@@ -296,7 +312,9 @@ def _gemma(f: GGUFFile, kw: dict, pattern: int, gemma3: bool) -> None:
             swa = f.field("attention.sliding_window_pattern", pattern)
             if isinstance(swa, (list, tuple)):
                 sliding = [bool(x) for x in swa]
-            else:   # llama.cpp's set_swa_pattern: the last layer of every group of ``swa`` is global
+            elif int(swa) == 0:   # llama.cpp's set_swa_pattern: 0 slides every layer ...
+                sliding = [True] * n
+            else:                 # ... else the last layer of every group of ``swa`` is global
                 sliding = [i % int(swa) < int(swa) - 1 for i in range(n)]
             if len(sliding) != n:
                 raise GGUFError(f"{f.path}: sliding_window_pattern has {len(sliding)} entries for {n} layers")
@@ -304,11 +322,15 @@ def _gemma(f: GGUFFile, kw: dict, pattern: int, gemma3: bool) -> None:
         elif gemma3:
             kw["layer_types"] = ["full_attention"] * n
         big = n == (62 if gemma3 else 46)   # the 27B models scale queries by hidden/heads
-        kw["query_pre_attn_scalar"] = kw["hidden_size"] // heads if big else kw.get("head_dim", 256)
-        kw["final_logit_softcapping"] = f.field("final_logit_softcapping")
-        kw["attn_logit_softcapping"] = f.field("attn_logit_softcapping")
+        head_dim = kw.get("head_dim", kw["hidden_size"] // heads)
+        kw["query_pre_attn_scalar"] = kw["hidden_size"] // heads if big else head_dim
+        # llama.cpp's defaults where the file is silent: Gemma-2's caps 50 and 30, none for Gemma-3.
+        kw["final_logit_softcapping"] = f.field("final_logit_softcapping", None if gemma3 else 30.0)
+        kw["attn_logit_softcapping"] = f.field("attn_logit_softcapping", None if gemma3 else 50.0)
     if gemma3:
         kw["rope_local_base_freq"] = float(f.field("rope.freq_base_swa", 10000.0))
+    elif f.field("rope.freq_base_swa") not in (None, f.field("rope.freq_base", 10000.0)):
+        raise GGUFError(f"{f.path}: rope.freq_base_swa differs from rope.freq_base; Gemma-1/2 have one rope base")
 
 
 def _phi3(f: GGUFFile, kw: dict) -> None:

@@ -51,8 +51,7 @@ def hf_config(cfg, vocab_size: int, bos: int | None, eos: int | None):
 def save_tokenizer(tok, name: str, out_dir: str):
     """Puts the tokenizer beside the weights so ``wa.data.tokenizers.get(out_dir)`` finds it."""
     if isinstance(tok, tokenizers.SentencePiece):
-        import shutil
-        shutil.copyfile(tok.path, os.path.join(out_dir, "tokenizer.model"))
+        tok.save(os.path.join(out_dir, "tokenizer.model"))
     elif isinstance(tok, tokenizers.HF):
         tok.tok.save_pretrained(out_dir)
     else:
