@@ -585,7 +585,7 @@ def summarize(a: Analysis) -> dict:
     n_params = int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(loaded.params)))
     out = {
         "model": cfg.model, "checkpoint": loaded.path, "model_type": loaded.config.model_type,
-        "quantization": loaded.quantization,
+        "quantization": loaded.quantization, "licence": loaded.licence,
         "n_params": n_params, "n_scored": st.n_kept, "metrics": plan.metrics, "mode": cfg.mode,
         "topk": cfg.topk, "k_selected": a.selections.k, "seeds": plan.seeds, "param_filter": cfg.param_filter,
         "perturb": plan.kinds, "perturb_scale": plan.scales, "controls": plan.controls,

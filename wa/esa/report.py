@@ -283,6 +283,8 @@ def render(summary, cfg, figures) -> str:
     met = sum(x.met for x in v)
     quant = gguf_io.quantization_note(summary.get("quantization"))
     quant = f"\n- {quant}" if quant else ""
+    if summary.get("licence"):
+        quant += f"\n- Weights licence (from the file): {summary['licence']}."
     probes = (f", the Hutchinson probes ({cfg.probes} per batch, vmapped {cfg.probe_chunk} at a time)"
               if "hutchinson_diag" in summary["metrics"] else "")
     figs = "\n".join(f"![{f}]({f})" for f in figures)
