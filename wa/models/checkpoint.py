@@ -153,8 +153,9 @@ def read_config(path: str) -> transformers.PretrainedConfig:
 
 def build_model(config, dtype=None, family: fam.Family | None = None, scan: bool = False, remat: str = "none",
                 loss_chunk: int = 512, mesh=None):
-    """The Flax model for ``config`` with no parameters materialised: wa's own for Llama and Mistral
-    (``wa.models.llama``: ``scan``, ``remat`` and ``loss_chunk`` apply there), transformers' for the rest."""
+    """The Flax model for ``config`` with no parameters materialised: wa's own decoder for the llama-like families
+    (``wa.models.llama.MODEL_TYPES``: ``scan``, ``remat`` and ``loss_chunk`` apply there), transformers' Flax
+    class for the rest (GPT-2, GPT-Neo, OPT, BERT, RoBERTa)."""
     family = family or fam.for_model_type(config.model_type)
     if family is None:
         raise CheckpointError(f"model_type {config.model_type!r} is not a family wa knows; known: "

@@ -185,9 +185,9 @@ def _head_dim(config) -> int:
 
 def _qkv_blocks(config) -> np.ndarray:
     """Every q head, then every k head, then every v head (GPT-2's c_attn, Phi-3's qkv_proj)."""
-    heads = getattr(config, "num_attention_heads", None) or config.n_head
+    heads = config.num_attention_heads   # GPT2Config maps it (and hidden_size) to n_head, n_embd
     kv = getattr(config, "num_key_value_heads", None) or heads
-    d = _head_dim(config) if hasattr(config, "num_attention_heads") else config.n_embd // heads
+    d = _head_dim(config)
     return _blocks(("q", heads * d), ("k", kv * d), ("v", kv * d))
 
 
