@@ -126,3 +126,33 @@ def test_fused_matrices_split_into_the_roles_the_module_computes():
     neox = _load("gpt_neox")  # 4 heads of 8, each head's q, k, v side by side
     axis, roles = neox.parts("gpt_neox/layers/1/attention/query_key_value/bias", (96,))
     assert axis == 0 and roles.tolist() == (["q"] * 8 + ["k"] * 8 + ["v"] * 8) * 4
+
+
+@pytest.mark.slow   # 268M weights dequantized from Q4_K_M and a 262,144-piece vocabulary: about 30 s
+def test_gemma3_270m_logits_on_a_few_tokens():
+    # Written down once (2026-12-06, jax 0.10.2 on CPU, float32) from models.load(paths.checkpoint("gemma3")) and
+    # one forward pass over BOS + "Once upon a time": per position the 3 largest logits and the mean logit. What
+    # makes them trustworthy is the fixtures above (every Gemma-3 convention against transformers and llama.cpp's
+    # converter) and the model's behaviour: " a" after "Once upon", " time" after "a", "," after "time". This test
+    # pins them so any change to the reader, the dequantization (Q4_K, Q5_0, Q6_K, Q8_0) or the model shows.
+    from wa.data import paths, tokenizers
+    p = paths.checkpoint("gemma3")
+    loaded = models.load(p)
+    tok = tokenizers.get(p)
+    ids = [tok.bos_id] + tok.encode("Once upon a time")
+    assert ids == [2, 14946, 3324, 496, 990]
+    logits = np.asarray(loaded.forward(loaded.params, jnp.asarray([ids]))[0][0])
+    want = [([184, 198, 255999], [14.5218, 14.3658, 14.2035], -4.26185),
+            ([611, 506, 1570], [22.9896, 22.3318, 22.2903], 0.07477),
+            ([496, 990, 506], [23.8409, 19.0226, 18.3041], -2.41603),
+            ([990, 38735, 107], [23.5047, 17.8349, 16.8846], -2.64355),
+            ([236764, 528, 993], [22.9009, 21.1926, 20.6977], -2.79304)]
+    for t, (top, vals, mean) in enumerate(want):
+        assert np.argsort(-logits[t])[:3].tolist() == top
+        np.testing.assert_allclose(logits[t, top], vals, atol=2e-3)
+        assert abs(float(logits[t].mean()) - mean) < 2e-3
+    assert {k: v["tensors"] for k, v in loaded.quantization.items()} == {"F32": 109, "Q8_0": 10, "Q5_0": 81,
+                                                                          "Q4_K": 27, "Q6_K": 9}
+    assert loaded.config.layer_types[5] == loaded.config.layer_types[17] == "full_attention"
+    assert loaded.config.layer_types.count("sliding_attention") == 15 and loaded.config.sliding_window == 512
+    assert "Gemma Terms of Use" in loaded.licence

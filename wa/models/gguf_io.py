@@ -410,6 +410,9 @@ _LEVELS = {
     "Q5_0": "32 levels per block of 32 weights, one scale per block",
     "Q5_1": "32 levels per block of 32 weights, with a per-block scale and minimum",
     "Q8_0": "256 levels per block of 32 weights, one scale per block",
+    "Q4_K": "16 levels per block of 32 weights, 6-bit scales and minimums per block in super-blocks of 256",
+    "Q5_K": "32 levels per block of 32 weights, 6-bit scales and minimums per block in super-blocks of 256",
+    "Q6_K": "64 levels per block of 16 weights, an 8-bit scale per block in super-blocks of 256",
     "F16": "float16", "BF16": "bfloat16", "F32": "float32",
 }
 
