@@ -107,6 +107,7 @@ def test_a_vocabulary_read_from_gguf_saves_as_a_tokenizer_model(tmp_path):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_parameter_has_a_layer_component_and_role(name):
+    from wa.models import summary
     loaded = _load(name)
     layers = loaded.config.num_hidden_layers
     for p in helpers.flat(loaded.params):
@@ -114,6 +115,23 @@ def test_every_parameter_has_a_layer_component_and_role(name):
         assert info.component != "other", p
         assert (info.layer is not None) == ("/layers/" in p), p
         assert info.layer is None or 0 <= info.layer < layers
+    rows = summary.param_rows(loaded)   # what launch.inspect prints
+    assert sum(r["numel"] for r in rows) == sum(np.size(v) for v in helpers.flat(loaded.params).values())
+
+
+@pytest.mark.parametrize("scaling,message", [
+    ({"rope_type": "dynamic", "factor": 2.0}, "rope_scaling .*'dynamic'.*: wa's decoder supports the rope types "
+                                              "default, linear, llama3, yarn, longrope"),
+    ({"rope_type": "longrope", "factor": 2.0, "short_factor": [1.0], "long_factor": [1.0]},
+     "rope_scaling: 1 longrope factors for 4 rotary frequencies"),
+])
+def test_rope_scalings_wa_cannot_compute_are_one_error(scaling, message):
+    import transformers
+    config = transformers.LlamaConfig(hidden_size=32, num_attention_heads=4, num_hidden_layers=1,
+                                      intermediate_size=8, vocab_size=16)
+    config.rope_scaling = scaling
+    with pytest.raises(models.CheckpointError, match=message):
+        llama.inverse_frequencies(llama.Spec.from_hf(config))
 
 
 def test_fused_matrices_split_into_the_roles_the_module_computes():
