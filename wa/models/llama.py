@@ -387,8 +387,9 @@ class Attention(nn.Module):
         groups = h // kv
         q = q.reshape(b, t, kv, groups, hd)
         # Scores and softmax in float32 whatever the compute dtype; grouped queries share their K/V head.
-        scale = s.query_scale if s.query_scale is not None else hd ** -0.5
-        q = q * jnp.asarray(scale, self.dtype)   # scaled before the product, as flax's attention does
+        # Scaled before the product, as flax's attention does (divided by √head_dim where the family asks nothing
+        # else, as wa's Llama always did, so its figures stay bit for bit).
+        q = q / jnp.sqrt(hd).astype(self.dtype) if s.query_scale is None else q * jnp.asarray(s.query_scale, self.dtype)
         scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
         if s.attn_softcap:
             scores = jnp.tanh(scores / s.attn_softcap) * s.attn_softcap
