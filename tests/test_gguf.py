@@ -43,10 +43,10 @@ def _gguf_tensors(params: dict, tie: bool) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
-def write_gguf(path, params, tie=False, arch="llama", extra=None):
+def write_gguf(path, params, tie=False, arch="llama", extra=None, blocks=None):
     cfg = helpers.CONFIGS["llama"]()
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
+    w.add_block_count(cfg.num_hidden_layers if blocks is None else blocks)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
@@ -190,4 +190,12 @@ def test_a_tensor_wa_does_not_know_is_an_error_not_skipped(tiny, tmp_path):
     with pytest.raises(models.CheckpointError, match=r"extra.gguf: 1 tensors are not parameters of wa's llama "
                                                      r"model and not configuration it knows, "
                                                      r"e.g. \['blk.0.attn_sinks.weight'\]"):
+        models.load(path)
+
+
+def test_a_layer_count_the_tensors_do_not_hold_is_refused_at_once(tiny, tmp_path):
+    # 2**31 - 1 layers in the metadata of a file of a few KB: checked against the blk.<i> tensors before any loop.
+    path = write_gguf(tmp_path / "huge.gguf", tiny[1], blocks=2**31 - 1)
+    with pytest.raises(models.CheckpointError, match=r"huge.gguf: metadata gives block_count=2147483647, but the "
+                                                     r"file holds tensors of 2 blocks \(blk.0 ... blk.1\)$"):
         models.load(path)

@@ -31,6 +31,7 @@ import collections
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -111,6 +112,11 @@ class GGUFFile:
         self.arch = ARCHS[name]
         self.tensors = {t.name: t for t in self.reader.tensors}
 
+    def blocks(self) -> int:
+        """The number of layers the tensors hold (``blk.<i>.``, every i from 0 present), or -1 if some are missing."""
+        found = {int(m.group(1)) for name in self.tensors if (m := re.match(r"blk\.(\d+)\.", name))}
+        return len(found) if found == set(range(len(found))) else -1
+
     def field(self, key: str, default=None):
         """The architecture's metadata value ``{arch}.{key}``."""
         return self.fields.get(f"{self.arch.name}.{key}", default)
@@ -128,6 +134,13 @@ class GGUFFile:
             v = kw.get(key)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise GGUFError(f"{self.path}: metadata gives {key}={v!r}; expected an integer >= 1")
+        # The layer count is checked against the tensors before anything loops over layers: a file of a few KB
+        # whose metadata says 2**31 - 1 layers must not hang the loader.
+        n = self.blocks()
+        if kw["num_hidden_layers"] != n:
+            held = f"tensors of {n} blocks (blk.0 ... blk.{n - 1})" if n >= 0 else "blk.<i> tensors that skip layers"
+            raise GGUFError(f"{self.path}: metadata gives block_count={kw['num_hidden_layers']}, but the file holds "
+                            f"{held}")
         for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = self.fields.get(f"tokenizer.ggml.{k}")
             if v is not None:
@@ -266,7 +279,7 @@ class GGUFFile:
         file that is neither one of them nor known configuration is an error."""
         import gguf
         arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch.name)
-        names = gguf.get_tensor_name_map(arch_id, int(self.field("block_count", 0)))
+        names = gguf.get_tensor_name_map(arch_id, max(self.blocks(), 0))
         out = {}
         for path in flax_paths:
             parts = path.split("/")
