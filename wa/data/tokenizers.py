@@ -81,7 +81,7 @@ def get(name_or_path: str):
         return SentencePiece(name_or_path)
     if os.path.isfile(name_or_path) and name_or_path.endswith(".gguf"):  # the vocabulary in the file's metadata
         from wa.models import gguf_io
-        f = gguf_io.GGUFFile(name_or_path)
+        f = gguf_io.open_file(name_or_path)
         proto = f.sentencepiece_model()
         return SentencePiece(name_or_path, proto) if proto is not None else HF(f.tokenizer())
     if os.path.isdir(name_or_path):

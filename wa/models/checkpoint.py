@@ -247,7 +247,7 @@ def _gguf_file(path: str) -> gguf_io.GGUFFile:
     if not os.path.lexists(path):
         raise CheckpointError(f"checkpoint file {path!r} does not exist")
     file_inside(os.path.dirname(os.path.abspath(path)), os.path.basename(path))
-    return gguf_io.GGUFFile(path)
+    return gguf_io.open_file(path)
 
 
 @dataclasses.dataclass
