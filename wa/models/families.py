@@ -286,14 +286,14 @@ register(Family(
 ))
 
 def _decoder_taxonomy(*, attn=r"self_attn/(?P<role>[qkvo])_proj/", mlp=r"mlp/(?P<role>gate|up|down)_proj/",
-                      extra=(), post_norms=False, backbone="model", head="lm_head", embed="embed_tokens",
-                      final="norm") -> tuple:
-    """A llama-like decoder's taxonomy: the HF names of the Llama line (or the family's own) by layer.
+                      extra=(), post_norms=False) -> tuple:
+    """A llama-like decoder's taxonomy by layer, in the HF names of the Llama line (``attn`` and ``mlp``: the
+    family's projection names, their ``role`` group the role).
 
     ``post_norms``: Gemma-2/3, whose ``post_attention_layernorm`` normalizes the attention output and whose MLP
     input norm is ``pre_feedforward_layernorm``; elsewhere ``post_attention_layernorm`` is the MLP input norm."""
     layer = r"layers/(?P<layer>\d+)/"
-    rows = [(rf"{backbone}/{embed}/embedding$", "embedding", "token"),
+    rows = [(r"model/embed_tokens/embedding$", "embedding", "token"),
             (layer + attn, "attention", None), (layer + mlp, "mlp", None), *extra,
             (layer + "input_layernorm/", "norm", "attn_norm")]
     if post_norms:
@@ -302,7 +302,7 @@ def _decoder_taxonomy(*, attn=r"self_attn/(?P<role>[qkvo])_proj/", mlp=r"mlp/(?P
                  (layer + "post_feedforward_layernorm/", "norm", "mlp_post_norm")]
     else:
         rows += [(layer + "post_attention_layernorm/", "norm", "mlp_norm")]
-    rows += [(rf"{backbone}/{final}/", "norm", "final_norm"), (rf"^{head}/", "head", "lm_head")]
+    rows += [(r"model/norm/", "norm", "final_norm"), (r"^lm_head/", "head", "lm_head")]
     return tuple(rows)
 
 
