@@ -47,9 +47,20 @@ def run(main) -> None:
 
     def parse(argv):
         try:
-            return app.parse_flags_with_usage(argv)
+            return FLAGS(argv)
+        except flags.IllegalFlagValueError as e:
+            # A config file's get_config refusing its argument (an unknown variant) raises ValueError, which
+            # ml_collections wraps in a traceback: the config's own message is the one line.
+            root = e
+            while root.__context__ is not None:
+                root = root.__context__
+            if str(e).startswith("flag --config=") and root is not e and isinstance(root, ValueError):
+                fail(root)
+        except flags.Error:
+            pass
         except (AttributeError, KeyError) as e:  # --config.x for a field the --config file lacks
             _unknown_field(e, None)
+        return app.parse_flags_with_usage(argv)   # any other flag error: absl's message and usage, as before
     app.run(guarded, flags_parser=parse)
 
 

@@ -17,6 +17,26 @@ def test_missing_directory(tmp_path):
         models.load(str(tmp_path / "nope"))
 
 
+def test_a_missing_checkpoint_has_no_identity_either(tmp_path):
+    # Run folders record a checkpoint's identity before loading it (launch.esa --config.model=/nonexistent).
+    with pytest.raises(CheckpointError, match=r"checkpoint '.*nope' does not exist$"):
+        models.identity(str(tmp_path / "nope"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"weights.bin' is a file; give the directory that holds config.json, "
+                                              r"or a .gguf file$"):
+        models.identity(str(tmp_path / "weights.bin"))
+
+
+def test_config_sizes_past_int32_are_refused(tmp_path):
+    d, _, _ = helpers.write_checkpoint(tmp_path, "gpt2")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["vocab_size"] = 2**31
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match=r"config.json: vocab_size=2147483648; expected an integer in "
+                                              r"\[1, 2\*\*31 - 1\]$"):
+        models.load(d)
+
+
 def test_directory_without_config(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         models.load(str(tmp_path))

@@ -199,3 +199,20 @@ def test_a_layer_count_the_tensors_do_not_hold_is_refused_at_once(tiny, tmp_path
     with pytest.raises(models.CheckpointError, match=r"huge.gguf: metadata gives block_count=2147483647, but the "
                                                      r"file holds tensors of 2 blocks \(blk.0 ... blk.1\)$"):
         models.load(path)
+
+
+def test_a_tensor_at_an_unaligned_offset_is_refused(tiny, tmp_path):
+    # The reader trusts the tensor infos: an offset moved to 3 points into another tensor's bytes.
+    import shutil
+
+    from gguf import GGUFReader
+    path = tmp_path / "unaligned.gguf"
+    shutil.copy(tiny[2], path)
+    r = GGUFReader(str(path), "r+")
+    r.tensors[1].field.parts[-1][0] = 3
+    r.data.flush()
+    name = r.tensors[1].name
+    del r
+    with pytest.raises(models.CheckpointError, match=rf"unaligned.gguf: tensor '{name}' starts at data offset 3, "
+                                                     r"not a multiple of general.alignment=32$"):
+        models.load(str(path))

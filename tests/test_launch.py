@@ -41,6 +41,9 @@ def test_main_rejects_bad_config_before_loading(tmp_path):
              str(tmp_path / "y"))
     helpers.one_line_error(r, "--config.dtype='int4': expected one of")
     assert not (tmp_path / "y").exists()
+    # A config file refusing its variant: the config's own message, not ml_collections' traceback.
+    r = _run("launch.main", "--config", "configs/main.py:nosuch", "--workdir", str(tmp_path / "z"))
+    helpers.one_line_error(r, "configs/main.py: unknown variant 'nosuch'; use default, smoke, smollm2 or gemma3")
 
 
 def test_inspect_stories260k_with_json(tmp_path):

@@ -143,6 +143,11 @@ def test_lm_values_and_corpus_are_checked(tmp_path):
     c.val_fraction = -0.5
     with pytest.raises(errors.ConfigError, match=r"--config.val_fraction=-0.5: expected a fraction in \(0, 1\)"):
         lm.check(c)
+    c = lm_configs.get_config("smoke")
+    c.warmup = c.steps   # optax's cosine decay would raise on a schedule with no step after the warmup
+    with pytest.raises(errors.ConfigError, match=r"--config.warmup=6: the warmup must end before the run's last "
+                                                 r"step \(--config.steps=6\)"):
+        lm.check(c)
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(errors.DataError, match=r"bin.txt is not UTF-8 text \(byte 0: invalid start byte\)"):
         text.read(str(tmp_path / "bin.txt"))

@@ -143,8 +143,9 @@ def read_config(path: str) -> transformers.PretrainedConfig:
             f"{', '.join(sorted(fam.model_types()))}")
     for key in SIZE_FIELDS:
         v = raw.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise CheckpointError(f"{cfg_file}: {key}={v!r}; expected an integer >= 1")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**31):
+            # Sizes become array dimensions and int32 token ids: 2**31 overflows a jitted argument.
+            raise CheckpointError(f"{cfg_file}: {key}={v!r}; expected an integer in [1, 2**31 - 1]")
     try:
         return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -221,6 +222,10 @@ def find_weights(path: str) -> list[str]:
     gguf = gguf_io.find(path)
     if gguf_io.is_gguf(gguf):
         return [gguf]
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} " + ("is a file; give the directory that holds config.json, "
+                                                         "or a .gguf file" if os.path.exists(path) else
+                                                         "does not exist"))
     for name in WEIGHT_FILES:
         index = os.path.join(path, name + ".index.json")
         if os.path.lexists(index):

@@ -125,6 +125,35 @@ class GGUFFile:
                             f"{', '.join(sorted(ARCHS))}")
         self.arch = ARCHS[name]
         self.tensors = {t.name: t for t in self.reader.tensors}
+        self._check_layout()
+
+    def _check_layout(self):
+        """Every tensor's bytes where the format puts them: at an offset aligned to ``general.alignment`` inside
+        the data section, as many bytes as its type's blocks × its element count, inside the file, overlapping no
+        other tensor. The reader trusts the offsets: one pointing into another tensor's bytes loads wrong weights
+        without a word."""
+        from gguf import GGML_QUANT_SIZES
+        align, start, size = int(self.reader.alignment), int(self.reader.data_offset), len(self.reader.data)
+        spans = []
+        for t in self.reader.tensors:
+            offset = int(t.data_offset) - start
+            block, block_bytes = GGML_QUANT_SIZES.get(t.tensor_type, (None, None))
+            n = int(t.n_elements)
+            if block is None or n % block:
+                raise GGUFError(f"{self.path}: tensor {t.name!r} has {n} elements, not whole blocks of its type "
+                                f"{t.tensor_type.name}")
+            want = n // block * block_bytes
+            if offset < 0 or offset % align:
+                raise GGUFError(f"{self.path}: tensor {t.name!r} starts at data offset {offset}, not a multiple of "
+                                f"general.alignment={align}")
+            if int(t.n_bytes) != want or int(t.data_offset) + want > size:
+                raise GGUFError(f"{self.path}: tensor {t.name!r} needs {want} bytes from file offset "
+                                f"{int(t.data_offset)}; the file has {size} bytes")
+            spans.append((offset, offset + want, t.name))
+        spans.sort()
+        for (_, end, a), (begin, _, b) in zip(spans, spans[1:], strict=False):
+            if begin < end:
+                raise GGUFError(f"{self.path}: tensors {a!r} and {b!r} overlap in the data section")
 
     def blocks(self) -> int:
         """The number of layers the tensors hold (``blk.<i>.``, every i from 0 present), or -1 if some are missing."""
@@ -146,8 +175,8 @@ class GGUFFile:
         kw["vocab_size"] = self.field("vocab_size") or len(self.fields.get("tokenizer.ggml.tokens", ()))
         for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "vocab_size"):
             v = kw.get(key)
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
-                raise GGUFError(f"{self.path}: metadata gives {key}={v!r}; expected an integer >= 1")
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 1 <= v < 2**31:
+                raise GGUFError(f"{self.path}: metadata gives {key}={v!r}; expected an integer in [1, 2**31 - 1]")
         # The layer count is checked against the tensors before anything loops over layers: a file of a few KB
         # whose metadata says 2**31 - 1 layers must not hang the loader.
         n = self.blocks()

@@ -71,6 +71,9 @@ def check(cfg) -> None:
     })
     if cfg.arch not in ("gpt2", "llama"):
         raise TrainError(f"--config.arch={cfg.arch!r}: expected gpt2 or llama")
+    if cfg.warmup >= cfg.steps:
+        raise TrainError(f"--config.warmup={cfg.warmup}: the warmup must end before the run's last step "
+                         f"(--config.steps={cfg.steps}); the cosine decay needs steps after it")
     if cfg.hidden % cfg.heads:
         raise TrainError(f"--config.hidden={cfg.hidden} is not divisible by --config.heads={cfg.heads}")
     text.corpus_path(cfg.corpus)
