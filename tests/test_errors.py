@@ -37,6 +37,26 @@ def test_config_sizes_past_int32_are_refused(tmp_path):
         models.load(d)
 
 
+def test_heads_that_do_not_divide_the_hidden_size_are_one_error(tmp_path):
+    d, _, _ = helpers.write_checkpoint(tmp_path, "gpt2")
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg["n_head"] = 3
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(CheckpointError, match=r"gpt2 config: num_attention_heads=3 does not divide hidden_size="):
+        models.load(d)
+    # stories260K's config with 7 heads (its 4 K/V heads no longer divide them), read by wa's own decoder.
+    import shutil
+
+    from wa.data import paths
+    s = tmp_path / "stories7"
+    shutil.copytree(paths.checkpoint("stories260k"), s)
+    cfg = json.load(open(s / "config.json"))
+    cfg["num_attention_heads"] = 7
+    json.dump(cfg, open(s / "config.json", "w"))
+    with pytest.raises(CheckpointError, match=r"^num_key_value_heads=4 does not divide num_attention_heads=7$"):
+        models.load(str(s))
+
+
 def test_directory_without_config(tmp_path):
     with pytest.raises(CheckpointError, match="no config.json"):
         models.load(str(tmp_path))

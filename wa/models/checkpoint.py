@@ -163,6 +163,10 @@ def build_model(config, dtype=None, family: fam.Family | None = None, scan: bool
                               f"{', '.join(sorted(fam.model_types()))}")
     if config.model_type in llama.MODEL_TYPES:
         return llama.Model(config, jnp.float32 if dtype is None else dtype, scan, remat, loss_chunk, mesh), family
+    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
+    if heads and hidden and hidden % heads:   # transformers' classes split hidden states into heads by reshape
+        raise CheckpointError(f"{config.model_type} config: num_attention_heads={heads} does not divide "
+                              f"hidden_size={hidden}")
     cls = getattr(transformers, family.classes[config.model_type])
     kwargs = {} if dtype is None else {"dtype": dtype}
     return cls(config, _do_init=False, **kwargs), family
