@@ -50,6 +50,11 @@ def main(argv):
     workdir = runs.writable(FLAGS.workdir, "main")
     common.start()
     ckpt = paths.checkpoint(cfg.checkpoint)
+    # Refused before the folder is claimed: a corrected command on the same --workdir must not meet "holds another
+    # run".
+    pipeline.check_seq_len(models.read_config(ckpt), cfg.seq_len)
+    if esa_cfg is not None:
+        pipeline.check_inputs(esa_cfg)
     folder = runs.Run.open(workdir, "main", {"config": cfg.to_dict(), "checkpoint": models.identity(ckpt)},
                            FLAGS.overwrite, jax.process_index())
     folder.started()
@@ -61,7 +66,7 @@ def main(argv):
     if loaded.family.kind != "causal_lm":
         raise errors.ConfigError(f"--config.checkpoint={cfg.checkpoint!r} is a {loaded.family.kind}; "
                          "perplexity needs a causal LM")
-    pipeline.check_seq_len(loaded, cfg.seq_len)
+    pipeline.check_seq_len(loaded.config, cfg.seq_len)
     rows = summary.param_rows(loaded)
     tot = summary.totals(rows)
     t_load = time.time() - t0

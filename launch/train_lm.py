@@ -26,6 +26,7 @@ def main(argv):
     del argv
     cfg = _CONFIG.value
     lm.check(cfg)
+    lm.check_inputs(cfg)   # before the folder is claimed: a refused run leaves --workdir as it found it
     workdir = runs.writable(FLAGS.workdir, "train_lm")
     common.start()
     folder = runs.Run.open(workdir, "train_lm", lm.fingerprint(cfg), FLAGS.overwrite, jax.process_index())

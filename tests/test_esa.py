@@ -103,6 +103,17 @@ def test_esa_smoke_writes_every_output(tmp_path):
         in report
 
 
+def test_a_refused_run_leaves_its_workdir_as_it_found_it(tmp_path):
+    # --config.seq_len past the model's 512 positions: refused before the folder is claimed, so the corrected
+    # command on the same --workdir is not met with "holds another run".
+    cfg = esa_configs.get_config("smoke")
+    cfg.seq_len = 4096
+    with pytest.raises(errors.ConfigError, match=r"--config.seq_len=4096 exceeds the model's "
+                                                 r"max_position_embeddings=512"):
+        job.run(cfg, str(tmp_path / "esa"))
+    assert not (tmp_path / "esa").exists() or not os.listdir(tmp_path / "esa")
+
+
 @pytest.mark.parametrize("fields,message", [
     ({"topk": 0}, "--config.topk=0.0: topk must be positive, got 0.0"),
     ({"topk": -5}, "topk must be positive, got -5.0"),

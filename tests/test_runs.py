@@ -148,6 +148,10 @@ def test_lm_values_and_corpus_are_checked(tmp_path):
     with pytest.raises(errors.ConfigError, match=r"--config.warmup=6: the warmup must end before the run's last "
                                                  r"step \(--config.steps=6\)"):
         lm.check(c)
+    c = lm_configs.get_config("smoke")
+    c.tokenizer = "nosuch"
+    with pytest.raises(errors.DataError, match=r"tokenizer 'nosuch': expected 'gpt2', 'bytes'"):
+        lm.check_inputs(c)   # launch.train_lm calls it before it claims --workdir
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00binary")
     with pytest.raises(errors.DataError, match=r"bin.txt is not UTF-8 text \(byte 0: invalid start byte\)"):
         text.read(str(tmp_path / "bin.txt"))

@@ -22,6 +22,7 @@ def run(cfg, workdir: str, overwrite: bool = False) -> tuple[pipeline.Analysis, 
     then ``DONE.json``. A folder holding another analysis is refused before any compute (its plots would otherwise
     sit beside the new ones); ``overwrite`` empties it first. Returns (analysis, summary)."""
     chief = jax.process_index() == 0
+    pipeline.check_inputs(cfg)
     folder = runs.Run.open(workdir, "esa", fingerprint(cfg), overwrite, jax.process_index())
     folder.started()
     if chief:

@@ -148,14 +148,22 @@ class Data:
     heldout_documents: int
 
 
-def check_seq_len(loaded, seq_len: int) -> None:
-    max_len = getattr(loaded.config, "max_position_embeddings", None)
+def check_seq_len(config, seq_len: int) -> None:
+    """``seq_len`` within the model config's ``max_position_embeddings``."""
+    max_len = getattr(config, "max_position_embeddings", None)
     if max_len and seq_len > max_len:
         raise ConfigError(f"--config.seq_len={seq_len} exceeds the model's max_position_embeddings={max_len}")
 
 
+def check_inputs(cfg) -> None:
+    """What the files can refuse before a run folder is claimed: the checkpoint's config (the sequence length)
+    and the corpus. A refused run leaves its --workdir as it found it."""
+    check_seq_len(models.read_config(paths.checkpoint(cfg.model)), cfg.seq_len)
+    text.read(cfg.corpus)
+
+
 def prepare_data(cfg, loaded, ckpt) -> Data:
-    check_seq_len(loaded, cfg.seq_len)
+    check_seq_len(loaded.config, cfg.seq_len)
     docs = text.documents(text.read(cfg.corpus), cfg.doc_split)
     n_eval = max(1, int(round(len(docs) * cfg.heldout_fraction)))
     if len(docs) - n_eval < 1:

@@ -86,6 +86,12 @@ def fingerprint(cfg) -> dict:
     return {"config": c, "corpus": runs.file_digest(text.corpus_path(cfg.corpus))}
 
 
+def check_inputs(cfg) -> None:
+    """The tokenizer and the corpus exist and read, before a run folder is claimed."""
+    tokenizers.get(paths.checkpoint(cfg.tokenizer))
+    text.read(cfg.corpus)
+
+
 def train(cfg, workdir: str, progress: bool = True) -> dict:
     check(cfg)
     tok = tokenizers.get(paths.checkpoint(cfg.tokenizer))
