@@ -35,9 +35,7 @@ def check(cfg):
             raise errors.ConfigError(f"--config.{k}={cfg[k]}: must be positive")
     if cfg.max_windows < 0 or cfg.sample_tokens < 0:
         raise errors.ConfigError("--config.max_windows and --config.sample_tokens must be >= 0")
-    if cfg.bos and cfg.window_bos:
-        raise errors.ConfigError("--config.bos and --config.window_bos: choose one (BOS before each document, or "
-                                 "before each window of a stream without it)")
+    pipeline.check_bos(cfg)
 
 
 def main(argv):
@@ -74,9 +72,7 @@ def main(argv):
     tok = tokenizers.get(ckpt)
     docs = text.documents(corpus, cfg.doc_split)
     stream = text.token_stream(docs, tok, bos=cfg.bos)
-    if cfg.window_bos and tok.bos_id is None:
-        raise errors.ConfigError(f"--config.window_bos: the tokenizer of {cfg.checkpoint!r} has no BOS token")
-    ids, mask = text.lm_windows(stream, cfg.seq_len, tok.bos_id if cfg.window_bos else None)
+    ids, mask = text.lm_windows(stream, cfg.seq_len, pipeline.window_start(cfg, tok, cfg.checkpoint))
     if cfg.max_windows:
         ids, mask = ids[:cfg.max_windows], mask[:cfg.max_windows]
     logging.info("%s: %d documents, %d tokens, %d windows of %d", cfg.corpus, len(docs), len(stream),

@@ -70,9 +70,7 @@ def check(cfg) -> Plan:
     seeds = as_list(cfg.seeds, int, "seeds")
     if not seeds:
         raise ConfigError("--config.seeds is empty; give at least one seed")
-    if cfg.get("bos", True) and cfg.get("window_bos", False):
-        raise ConfigError("--config.bos and --config.window_bos: choose one (BOS before each document, or before "
-                          "each window of a stream without it)")
+    check_bos(cfg)
     kinds = as_list(cfg.perturb, str, "perturb")
     for k in kinds:
         if k not in perturb.PERTURBATIONS:
@@ -148,6 +146,23 @@ class Data:
     heldout_documents: int
 
 
+def check_bos(cfg) -> None:
+    """``bos`` (BOS before each document) and ``window_bos`` (before each window) exclude each other; the main job's
+    config has both fields too."""
+    if cfg.get("bos", True) and cfg.get("window_bos", False):
+        raise ConfigError("--config.bos and --config.window_bos: choose one (BOS before each document, or before "
+                          "each window of a stream without it)")
+
+
+def window_start(cfg, tok, name: str) -> int | None:
+    """The token every window starts with: BOS under ``window_bos`` (Gemma is trained always to see it first)."""
+    if not cfg.get("window_bos", False):
+        return None
+    if tok.bos_id is None:
+        raise ConfigError(f"--config.window_bos: the tokenizer of {name!r} has no BOS token")
+    return tok.bos_id
+
+
 def check_seq_len(config, seq_len: int) -> None:
     """``seq_len`` within the model config's ``max_position_embeddings``."""
     max_len = getattr(config, "max_position_embeddings", None)
@@ -170,10 +185,7 @@ def prepare_data(cfg, loaded, ckpt) -> Data:
         raise ConfigError(f"--config.corpus={cfg.corpus!r}: {len(docs)} documents cannot be split into "
                           "calibration and held-out parts")
     tok = tokenizers.get(ckpt)
-    bos, window_bos = cfg.get("bos", True), cfg.get("window_bos", False)
-    if window_bos and tok.bos_id is None:
-        raise ConfigError(f"--config.window_bos: the tokenizer of {cfg.model!r} has no BOS token")
-    first = tok.bos_id if window_bos else None   # Gemma is trained always to see BOS first
+    bos, first = cfg.get("bos", True), window_start(cfg, tok, cfg.model)
     cal_ids, cal_mask = text.lm_windows(text.token_stream(docs[:-n_eval], tok, bos=bos), cfg.seq_len, first)
     ev_ids, ev_mask = text.lm_windows(text.token_stream(docs[-n_eval:], tok, bos=bos), cfg.seq_len, first)
     return Data(cal_ids, cal_mask, ev_ids[:cfg.eval_windows], ev_mask[:cfg.eval_windows], len(docs), n_eval)

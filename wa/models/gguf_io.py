@@ -342,14 +342,18 @@ class GGUFFile:
         return out
 
 
+def _head_dim(kw: dict) -> int:
+    """The head size the config fields give: ``attention.key_length`` where written, else hidden / heads."""
+    return kw.get("head_dim") or kw["hidden_size"] // kw["num_attention_heads"]
+
+
 def _rope_freqs(f: GGUFFile, kw: dict) -> None:
     """Llama-3.1/3.2: llama.cpp divides each rotary frequency by ``rope_freqs.weight`` (the llama3 scaling,
     precomputed); the same division as longrope with equal short and long factors and attention factor 1."""
     if "rope_freqs.weight" not in f.tensors:
         return
     factors = [float(x) for x in f.raw("rope_freqs.weight").ravel()]
-    head_dim = kw.get("head_dim") or kw["hidden_size"] // kw["num_attention_heads"]
-    rot = f.field("rope.dimension_count", head_dim)
+    rot = f.field("rope.dimension_count", _head_dim(kw))
     if len(factors) != rot // 2:
         raise GGUFError(f"{f.path}: rope_freqs.weight holds {len(factors)} factors; the rotary dimension {rot} "
                         f"has {rot // 2} frequencies")
@@ -378,8 +382,7 @@ def _gemma(f: GGUFFile, kw: dict, pattern: int, gemma3: bool) -> None:
         elif gemma3:
             kw["layer_types"] = ["full_attention"] * n
         big = n == (62 if gemma3 else 46)   # the 27B models scale queries by hidden/heads
-        head_dim = kw.get("head_dim", kw["hidden_size"] // heads)
-        kw["query_pre_attn_scalar"] = kw["hidden_size"] // heads if big else head_dim
+        kw["query_pre_attn_scalar"] = kw["hidden_size"] // heads if big else _head_dim(kw)
         # llama.cpp's defaults where the file is silent: Gemma-2's caps 50 and 30, none for Gemma-3.
         kw["final_logit_softcapping"] = f.field("final_logit_softcapping", None if gemma3 else 30.0)
         kw["attn_logit_softcapping"] = f.field("attn_logit_softcapping", None if gemma3 else 50.0)
@@ -390,9 +393,8 @@ def _gemma(f: GGUFFile, kw: dict, pattern: int, gemma3: bool) -> None:
 
 
 def _phi3(f: GGUFFile, kw: dict) -> None:
-    head_dim = kw["hidden_size"] // kw["num_attention_heads"]
-    rot = f.field("rope.dimension_count", head_dim)
-    kw["partial_rotary_factor"] = rot / head_dim
+    rot = f.field("rope.dimension_count", _head_dim(kw))
+    kw["partial_rotary_factor"] = rot / _head_dim(kw)
     window = f.field("attention.sliding_window")
     kw["sliding_window"] = int(window) if window else None
     original = f.field("rope.scaling.original_context_length")
@@ -412,7 +414,7 @@ def _phi3(f: GGUFFile, kw: dict) -> None:
 
 
 def _gptneox(f: GGUFFile, kw: dict) -> None:
-    kw["rotary_pct"] = f.field("rope.dimension_count") / (kw["hidden_size"] // kw["num_attention_heads"])
+    kw["rotary_pct"] = f.field("rope.dimension_count") / _head_dim(kw)
     kw["rotary_emb_base"] = float(kw.pop("rope_theta", 10000.0))
     kw["use_parallel_residual"] = bool(f.field("use_parallel_residual", True))
     kw["layer_norm_eps"] = float(f.field("attention.layer_norm_epsilon", 1e-5))
