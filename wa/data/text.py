@@ -104,20 +104,12 @@ def lm_windows(stream: np.ndarray, seq_len: int, bos_id: int | None = None) -> t
     if len(stream) < (1 if bos_id is not None else 2):
         raise DataError(f"token stream of {len(stream)} tokens has nothing to predict")
     stride = seq_len - 1
-    if bos_id is not None:
-        n = -(-len(stream) // stride)
-        ids = np.zeros((n, seq_len), np.int32)
-        mask = np.zeros((n, seq_len), np.int32)
-        for i in range(n):
-            piece = stream[i * stride:(i + 1) * stride]
-            ids[i, 0], ids[i, 1:1 + len(piece)] = bos_id, piece
-            mask[i, :1 + len(piece)] = 1
-        return ids, mask
-    n = -(-(len(stream) - 1) // stride)
+    lead = np.asarray([] if bos_id is None else [bos_id], np.int32)
+    n = -(-(len(stream) - 1 + len(lead)) // stride)
     ids = np.zeros((n, seq_len), np.int32)
     mask = np.zeros((n, seq_len), np.int32)
     for i in range(n):
-        piece = stream[i * stride:i * stride + seq_len]
+        piece = np.concatenate([lead, stream[i * stride:i * stride + seq_len - len(lead)]])
         ids[i, :len(piece)] = piece
         mask[i, :len(piece)] = 1
     return ids, mask
