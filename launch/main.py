@@ -51,6 +51,7 @@ def main(argv):
     # Refused before the folder is claimed: a corrected command on the same --workdir must not meet "holds another
     # run".
     pipeline.check_seq_len(models.read_config(ckpt), cfg.seq_len)
+    corpus = text.read(cfg.corpus)  # fails fast on a missing or empty corpus
     if esa_cfg is not None:
         pipeline.check_inputs(esa_cfg)
     folder = runs.Run.open(workdir, "main", {"config": cfg.to_dict(), "checkpoint": models.identity(ckpt)},
@@ -59,12 +60,10 @@ def main(argv):
     report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
     t0 = time.time()
 
-    corpus = text.read(cfg.corpus)  # fails fast on a missing or empty corpus
     loaded = models.load(ckpt, mesh=cfg.mesh, dtype=DTYPES[cfg.dtype])
     if loaded.family.kind != "causal_lm":
         raise errors.ConfigError(f"--config.checkpoint={cfg.checkpoint!r} is a {loaded.family.kind}; "
                          "perplexity needs a causal LM")
-    pipeline.check_seq_len(loaded.config, cfg.seq_len)
     rows = summary.param_rows(loaded)
     tot = summary.totals(rows)
     t_load = time.time() - t0
