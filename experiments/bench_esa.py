@@ -108,16 +108,17 @@ def hutchinson_error():
     import transformers
 
     from wa.esa import scores
-    from wa.models import families
+    from wa.models import families, llama
 
     cfg = transformers.LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                                    intermediate_size=8, vocab_size=12, max_position_embeddings=16,
                                    tie_word_embeddings=False)
-    model = transformers.FlaxLlamaForCausalLM(cfg, seed=0)
+    model = llama.Model(cfg)
+    model_params = model.init_weights(jax.random.key(0), (1, 8))
     fam = families.FAMILIES["llama"]
     ids = np.random.default_rng(0).integers(3, 12, size=(4, 10)).astype(np.int32)
     f = lambda p: fam.loss(model, p, {"input_ids": ids})  # noqa: E731
-    flat, unravel = jax.flatten_util.ravel_pytree(model.params)
+    flat, unravel = jax.flatten_util.ravel_pytree(model_params)
     g = jax.grad(lambda x: f(unravel(x)))
     n = flat.size
     exact = np.asarray(jax.jit(jax.vmap(lambda i: jax.jvp(g, (flat,), (jnp.zeros(n).at[i].set(1.0),))[1][i]))(

@@ -38,10 +38,6 @@ CONFIGS = {
     "roberta": lambda: tf.RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                         intermediate_size=64, vocab_size=96, max_position_embeddings=70),
 }
-CLASSES = {"gpt2": "FlaxGPT2LMHeadModel", "gpt_neo": "FlaxGPTNeoForCausalLM", "opt": "FlaxOPTForCausalLM",
-           "llama": "FlaxLlamaForCausalLM", "llama_micro": "FlaxLlamaForCausalLM",
-           "mistral": "FlaxMistralForCausalLM", "bert": "FlaxBertModel",
-           "roberta": "FlaxRobertaModel"}
 
 
 def flat(tree, prefix=""):
@@ -56,9 +52,12 @@ def flat(tree, prefix=""):
 
 
 def reference(name: str, seed: int = 0):
-    """The HF Flax model of family ``name`` with random parameters."""
-    model = getattr(tf, CLASSES[name])(CONFIGS[name](), seed=seed)
-    return model, model.params
+    """wa's model of family ``name`` with random parameters (HF's initialization: normal kernels and embeddings)."""
+    import jax
+
+    from wa.models import checkpoint
+    model = checkpoint.build_model(CONFIGS[name]())[0]
+    return model, jax.device_get(model.init_weights(jax.random.key(seed), (1, 8)))
 
 
 def write_pt_safetensors(path: str, params: dict, prefix: str | None = None):

@@ -1,5 +1,6 @@
-"""Every family of wa's llama-like decoder against transformers' own PyTorch class: logits, loss and gradient,
-scanned and unscanned, from the safetensors checkpoint and from llama.cpp's GGUF conversion of it.
+"""Every decoder family wa builds (its llama-like decoder, GPT-2, GPT-Neo, OPT) against transformers' own PyTorch
+class: logits, loss and gradient, scanned and unscanned where the module scans, from the safetensors checkpoint and
+from llama.cpp's GGUF conversion of it where wa reads the family from GGUF.
 
 The fixtures (tests/fixtures/decoders/, written by ``make_decoder_fixtures.py`` with torch and llama.cpp's
 ``convert_hf_to_gguf.py``) hold each tiny model, its reference outputs and its gradient; torch is not needed here.
@@ -7,6 +8,7 @@ The fixtures (tests/fixtures/decoders/, written by ``make_decoder_fixtures.py`` 
 
 import functools
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +17,11 @@ import pytest
 
 from tests import helpers
 from wa import models
-from wa.models import llama
+from wa.models import gpt, layers, llama
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "decoders")
 NAMES = sorted(os.listdir(HERE))
+GGUF = [n for n in NAMES if os.path.exists(os.path.join(HERE, n, "model.gguf"))]
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
@@ -42,20 +45,24 @@ def _check_logits(loaded, ref):
 
 
 def test_every_family_has_a_fixture():
-    assert set(NAMES) == set(llama.MODEL_TYPES) - {"mistral"}
+    import json
+    types = {json.load(open(os.path.join(HERE, n, "config.json")))["model_type"] for n in NAMES}
+    assert types == set(llama.MODEL_TYPES) | set(gpt.MODEL_TYPES)
+    assert set(GGUF) == set(llama.MODEL_TYPES) - {"mistral"}
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_loss_and_gradient_equal_transformers(name):
     loaded, ref = _load(name), _ref(name)
-    assert isinstance(loaded.model, llama.Model) and loaded.config.model_type == name
+    assert isinstance(loaded.model, layers.Model)
     want_grads = helpers.flat(jax.device_get(_load_grads(name)))
     batch = {"input_ids": jnp.asarray(ref["ids_12"]), "attention_mask": jnp.asarray(ref["mask_12"])}
     _check_logits(loaded, ref)
-    # Scanned, rematerialized and with the loss in chunks of 5 (11 targets: a padded chunk), the same loss and
-    # gradient: they pass through every layer, so the logits need no second check.
-    scanned = models.build_model(loaded.config, scan=True, remat="full", loss_chunk=5)[0]
-    for model in (loaded.model, scanned):
+    # With the loss in chunks of 5 (11 targets: a padded chunk), and scanned and rematerialized where the module
+    # scans (the llama-like decoder), the same loss and gradient: they pass through every layer, so the logits need
+    # no second check.
+    chunked = models.build_model(loaded.config, scan=True, remat="full", loss_chunk=5)[0]
+    for model in (loaded.model, chunked):
         loss, grads = jax.jit(jax.value_and_grad(lambda p: loaded.family.loss(model, p, batch)))(loaded.params)
         assert float(loss) == pytest.approx(float(ref["loss_12"]), rel=1e-6)
         got = helpers.flat(jax.device_get(grads))
@@ -69,7 +76,7 @@ def _load_grads(name):
     return models.load(os.path.join(HERE, name, "grads")).params
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", GGUF)
 def test_gguf_from_llama_cpp_gives_the_same_model(name):
     from_gguf, ref = _load(name, "gguf"), _ref(name)
     _check_logits(from_gguf, ref)
@@ -84,7 +91,7 @@ def test_gguf_from_llama_cpp_gives_the_same_model(name):
 SENTENCE = "To be, or not to be: that is the question. Whether 'tis nobler in the mind to suffer"
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "gpt_neox"])
+@pytest.mark.parametrize("name", [n for n in GGUF if n != "gpt_neox"])
 def test_sentencepiece_vocabulary_read_back_from_gguf(name):
     from wa.data import tokenizers
     tok = tokenizers.get(os.path.join(HERE, name, "model.gguf"))
@@ -110,12 +117,12 @@ def test_a_vocabulary_read_from_gguf_saves_as_a_tokenizer_model(tmp_path):
 def test_every_parameter_has_a_layer_component_and_role(name):
     from wa.models import summary
     loaded = _load(name)
-    layers = loaded.config.num_hidden_layers
+    n = loaded.config.num_hidden_layers
     for p in helpers.flat(loaded.params):
         info = loaded.describe(p)
         assert info.component != "other", p
-        assert (info.layer is not None) == ("/layers/" in p), p
-        assert info.layer is None or 0 <= info.layer < layers
+        assert (info.layer is not None) == bool(re.search(r"/(layers|h)/\d+/", p)), p
+        assert info.layer is None or 0 <= info.layer < n
     rows = summary.param_rows(loaded)   # what launch.inspect prints
     assert sum(r["numel"] for r in rows) == sum(np.size(v) for v in helpers.flat(loaded.params).values())
 

@@ -298,7 +298,6 @@ def input_sq_norms(loaded, params, batch):
 def act_mag(params, cal: Calibration):
     loaded = cal.loaded
     flat = _flat(params)
-    axis = loaded.family.kernel_input_axis
 
     def build():
         @jax.jit
@@ -318,6 +317,7 @@ def act_mag(params, cal: Calibration):
         w = flat[p]
         norm = jnp.sqrt(sq)
         shape = [1] * w.ndim
+        axis = loaded.family.input_axis(p)
         shape[axis] = w.shape[axis]
         out[p] = (jnp.abs(w).astype(jnp.float32) * norm.reshape(shape))
     return out

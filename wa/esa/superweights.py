@@ -60,7 +60,7 @@ def spikes(loaded, params, batches, paths) -> dict:
             y, o, x, i, ymed, xmed = (float(v[0]), int(v[1]), float(v[2]), int(v[3]), float(v[4]), float(v[5]))
             if p not in best or y > best[p]["max_out"]:
                 best[p] = {"max_out": y, "out_channel": o, "max_in": x, "in_channel": i,
-                           "input_axis": loaded.family.kernel_input_axis, "out_over_median": y / max(ymed, 1e-30),
+                           "input_axis": loaded.family.input_axis(p), "out_over_median": y / max(ymed, 1e-30),
                            "in_over_median": x / max(xmed, 1e-30)}
     return best
 

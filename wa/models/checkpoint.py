@@ -30,8 +30,8 @@ from flax import serialization, traverse_util
 from jax.sharding import Mesh
 
 from wa import errors, runs
+from wa.models import bert, gguf_io, gpt, layers, llama
 from wa.models import families as fam
-from wa.models import gguf_io, llama
 from wa.models.safetensors_io import SafetensorsError, SafetensorsFile
 from wa.models.torch_bin import TorchBin, TorchBinError
 from wa.parallel import mesh as mesh_lib
@@ -46,7 +46,7 @@ CheckpointError = errors.CheckpointError
 @dataclasses.dataclass(eq=False)
 class Loaded:
     """A loaded checkpoint: ``model(ids, params=params)`` runs it; ``module`` is its linen module."""
-    model: transformers.FlaxPreTrainedModel
+    model: layers.Model
     params: dict
     config: transformers.PretrainedConfig
     family: fam.Family
@@ -154,22 +154,19 @@ def read_config(path: str) -> transformers.PretrainedConfig:
 
 def build_model(config, dtype=None, family: fam.Family | None = None, scan: bool = False, remat: str = "none",
                 loss_chunk: int = 512, mesh=None):
-    """The Flax model for ``config`` with no parameters materialised: wa's own decoder for the llama-like families
-    (``wa.models.llama.MODEL_TYPES``: ``scan``, ``remat`` and ``loss_chunk`` apply there), transformers' Flax
-    class for the rest (GPT-2, GPT-Neo, OPT, BERT, RoBERTa)."""
+    """wa's own model for ``config``, no parameters materialised: the llama-like decoder
+    (``wa.models.llama.MODEL_TYPES``: ``scan`` and ``remat`` apply there), GPT-2, GPT-Neo and OPT
+    (``wa.models.gpt``), BERT and RoBERTa (``wa.models.bert``); ``loss_chunk`` for every causal LM."""
     family = family or fam.for_model_type(config.model_type)
     if family is None:
         raise CheckpointError(f"model_type {config.model_type!r} is not a family wa knows; known: "
                               f"{', '.join(sorted(fam.model_types()))}")
+    dtype = jnp.float32 if dtype is None else dtype
     if config.model_type in llama.MODEL_TYPES:
-        return llama.Model(config, jnp.float32 if dtype is None else dtype, scan, remat, loss_chunk, mesh), family
-    heads, hidden = getattr(config, "num_attention_heads", None), getattr(config, "hidden_size", None)
-    if heads and hidden and hidden % heads:   # transformers' classes split hidden states into heads by reshape
-        raise CheckpointError(f"{config.model_type} config: num_attention_heads={heads} does not divide "
-                              f"hidden_size={hidden}")
-    cls = getattr(transformers, family.classes[config.model_type])
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    return cls(config, _do_init=False, **kwargs), family
+        return llama.Model(config, dtype, scan, remat, loss_chunk, mesh), family
+    if config.model_type in gpt.MODEL_TYPES:
+        return gpt.model(config, dtype, loss_chunk), family
+    return bert.model(config, dtype), family
 
 
 # --------------------------------------------------------------------------- weight sources
@@ -298,16 +295,37 @@ def _from_msgpack(file: str) -> dict[str, _Tensor]:
     return out
 
 
+def _flax_key(key: tuple, ndim: int, known) -> tuple[tuple, bool]:
+    """A PyTorch state-dict key's Flax path and whether its tensor is transposed, by the rules HF's PyTorch-to-Flax
+    conversion uses: ``weight`` is a norm's ``scale``, an embedding's ``embedding``, or else a linear layer's
+    ``kernel`` (2-D, transposed); the old ``gamma``/``beta`` names are a norm's ``scale``/``bias``. ``known(path)``
+    says whether the model has that path (with or without its base-model prefix)."""
+    head, last = key[:-1], key[-1]
+    if last in ("weight", "gamma") and known(head + ("scale",)):
+        return head + ("scale",), False
+    if last == "weight" and known(head + ("embedding",)):
+        return head + ("embedding",), False
+    if last == "weight" and not known(key):
+        return head + ("kernel",), ndim == 2
+    if last in ("gamma", "beta"):
+        return head + ({"gamma": "weight", "beta": "bias"}[last],), False
+    return key, False
+
+
 def _pt_key_map(keys, shape_tree, family, prefix) -> tuple[dict, list]:
-    """Maps PyTorch state-dict keys to Flax paths with the rules transformers itself uses."""
+    """Maps PyTorch state-dict keys to Flax paths (``_flax_key``), adding or dropping the base-model prefix
+    (``bert.``, ``transformer.``) as the checkpoint and the model differ."""
     from flax.traverse_util import flatten_dict
-    from transformers.modeling_flax_pytorch_utils import rename_key_and_reshape_tensor
 
     flat = flatten_dict(shape_tree)
     top = {k[0] for k in flat}
     pt_top = {k.split(".")[0] for k in keys}
     strip = prefix not in top and prefix in pt_top
     add = prefix in top and prefix not in pt_top
+
+    def known(path):
+        return path in flat or (prefix,) + path in flat
+
     mapping, ignored = {}, []
     for key, shape in keys.items():
         if any(re.search(r, key) for r in family.pt_buffers):
@@ -315,18 +333,13 @@ def _pt_key_map(keys, shape_tree, family, prefix) -> tuple[dict, list]:
         t = tuple(key.split("."))
         if strip and t[0] == prefix:
             t = t[1:]
-        dummy = np.broadcast_to(np.zeros((), np.float32), shape)
-        fk, ft = rename_key_and_reshape_tensor(t, dummy, flat, prefix)
+        fk, transpose = _flax_key(t, len(shape), known)
         if add and (prefix,) + fk in flat:
             fk = (prefix,) + fk
         if fk not in flat:
             ignored.append(key)
             continue
-        if ft is dummy:
-            transpose = False
-        elif ft.ndim == 2 and ft.shape == dummy.shape[::-1]:
-            transpose = True
-        else:
+        if not transpose and len(shape) > 2 and fk[-1] == "kernel":
             raise CheckpointError(f"PyTorch tensor {key!r} needs a layout change wa does not support")
         mapping["/".join(fk)] = (key, transpose)
     return mapping, ignored

@@ -1,4 +1,4 @@
-"""Per-family adapters: Flax class, loss on a token batch, parameter taxonomy, partition rules.
+"""Per-family adapters: model types, loss on a token batch, parameter taxonomy, partition rules.
 
 Adding a family is adding one ``register(Family(...))`` call. Taxonomy rules are ordered
 ``(regex, component, role)``; the named group ``layer`` gives the block index, and ``role`` the role where
@@ -45,18 +45,15 @@ class ParamInfo:
 class Family:
     name: str
     kind: str                                   # "causal_lm" or "encoder"
-    # config.model_type -> transformers Flax class, or None where wa builds its own module (wa.models.llama)
-    classes: dict[str, str | None]
+    # The config.model_types the family reads (wa.models.checkpoint.build_model builds wa's own module for each).
+    model_types: tuple[str, ...]
     taxonomy: tuple[tuple[str, str, str], ...]
     partition_rules: tuple[tuple[str, P], ...]
     # PyTorch state-dict entries that are buffers, not parameters (never loaded).
     pt_buffers: tuple[str, ...] = ()
     loss_doc: str = ""
-    # HF wrappers disagree on how to ask for dropout: most take ``train``, OPT ``deterministic``.
-    deterministic_flag: bool = False
-    # Which axis of a linear layer's 2-D kernel multiplies its input: 0 for Flax Dense ([in, out]), 1 for
-    # GPT-2's Conv1D ([out, in]).
-    kernel_input_axis: int = 0
+    # Kernels stored [out, in] (GPT-2's Conv1D), by path; every other 2-D kernel is a Flax Dense's [in, out].
+    conv1d: str = ""
     # Fused matrices: (regex, layout(config) -> role of each output unit, in order). ``parts`` reads them.
     fused: tuple[tuple[str, Callable], ...] = ()
 
@@ -66,19 +63,21 @@ class Family:
         for regex, layout in self.fused:
             if re.search(regex, path):
                 labels = np.asarray(layout(config))
-                axis = len(shape) - 1 if self.kernel_input_axis == 0 or len(shape) == 1 else 0
+                axis = len(shape) - 1 if self.input_axis(path) == 0 or len(shape) == 1 else 0
                 if labels.shape != (shape[axis],):
                     raise ValueError(f"{path}: {shape[axis]} output units, the {self.name} layout gives "
                                      f"{labels.shape[0]}")
                 return axis, labels
         return None
 
+    def input_axis(self, path: str) -> int:
+        """Which axis of the linear layer's 2-D kernel at ``path`` multiplies its input: 0 for [in, out], 1 for
+        [out, in]."""
+        return 1 if self.conv1d and re.search(self.conv1d, path) else 0
+
     def forward(self, model, params, input_ids, attention_mask=None, train=False, rng=None):
-        """The HF model's output (logits or hidden states first) with uniform arguments."""
-        kw = {"deterministic": not train} if self.deterministic_flag else {"train": train}
-        if train:
-            kw["dropout_rng"] = rng
-        return model(input_ids, attention_mask=attention_mask, params=params, **kw)
+        """The model's output (logits or hidden states first)."""
+        return model(input_ids, attention_mask=attention_mask, params=params, train=train, dropout_rng=rng)
 
     def classify(self, path: str) -> ParamInfo:
         for regex, component, role in self.taxonomy:
@@ -165,7 +164,7 @@ def family_names() -> list[str]:
 
 
 def model_types() -> dict[str, Family]:
-    return {t: f for f in FAMILIES.values() for t in f.classes}
+    return {t: f for f in FAMILIES.values() for t in f.model_types}
 
 
 def for_model_type(model_type: str) -> Family | None:
@@ -204,7 +203,7 @@ _BIAS = (r"/bias$", REPLICATED)
 register(Family(
     name="gpt2",
     kind="causal_lm",
-    classes={"gpt2": "FlaxGPT2LMHeadModel"},
+    model_types=("gpt2",),
     taxonomy=(
         (r"wte/embedding$", "embedding", "token"),
         (r"wpe/embedding$", "embedding", "position"),
@@ -215,23 +214,25 @@ register(Family(
         (r"h/(?P<layer>\d+)/ln_1/", "norm", "attn_norm"),
         (r"h/(?P<layer>\d+)/ln_2/", "norm", "mlp_norm"),
         (r"ln_f/", "norm", "final_norm"),
+        (r"^lm_head/", "head", "lm_head"),
     ),
     # Conv1D kernels are [out, in], so the specs are the transpose of FAN_OUT / FAN_IN.
     partition_rules=(
         (r"(wte|wpe)/embedding$", EMBED),
         (r"(c_attn|mlp/c_fc)/kernel$", P("model", "fsdp")),
         (r"c_proj/kernel$", P("fsdp", "model")),
+        (r"lm_head/kernel$", VOCAB_COLUMNS),
         _NORM, _BIAS,
     ),
     pt_buffers=(r"(^|\.)attn\.(masked_)?bias$",),
-    kernel_input_axis=1,
+    conv1d=r"/(c_attn|c_proj|c_fc)/kernel$",
     fused=((r"attn/c_attn/", _qkv_blocks),),
 ))
 
 register(Family(
     name="gpt_neo",
     kind="causal_lm",
-    classes={"gpt_neo": "FlaxGPTNeoForCausalLM"},
+    model_types=("gpt_neo",),
     taxonomy=(
         (r"wte/embedding$", "embedding", "token"),
         (r"wpe/embedding$", "embedding", "position"),
@@ -244,11 +245,13 @@ register(Family(
         (r"h/(?P<layer>\d+)/ln_1/", "norm", "attn_norm"),
         (r"h/(?P<layer>\d+)/ln_2/", "norm", "mlp_norm"),
         (r"ln_f/", "norm", "final_norm"),
+        (r"^lm_head/", "head", "lm_head"),
     ),
     partition_rules=(
         (r"(wte|wpe)/embedding$", EMBED),
         (r"(q_proj|k_proj|v_proj|c_fc)/kernel$", FAN_OUT),
         (r"(out_proj|c_proj)/kernel$", FAN_IN),
+        (r"lm_head/kernel$", VOCAB_COLUMNS),
         _NORM, _BIAS,
     ),
     pt_buffers=(r"(^|\.)attn\.attention\.(masked_)?bias$",),
@@ -257,7 +260,7 @@ register(Family(
 register(Family(
     name="opt",
     kind="causal_lm",
-    classes={"opt": "FlaxOPTForCausalLM"},
+    model_types=("opt",),
     taxonomy=(
         (r"embed_tokens/embedding$", "embedding", "token"),
         (r"embed_positions/embedding$", "embedding", "position"),
@@ -282,7 +285,6 @@ register(Family(
         (r"lm_head/kernel$", VOCAB_COLUMNS),
         _NORM, _BIAS,
     ),
-    deterministic_flag=True,
 ))
 
 def _decoder_taxonomy(*, attn=r"self_attn/(?P<role>[qkvo])_proj/", mlp=r"mlp/(?P<role>gate|up|down)_proj/",
@@ -322,28 +324,28 @@ _ROTARY_BUFFERS = (r"rotary_emb\.inv_freq$",)
 register(Family(
     name="llama",
     kind="causal_lm",
-    classes={"llama": "FlaxLlamaForCausalLM", "mistral": "FlaxMistralForCausalLM"},
+    model_types=("llama", "mistral"),
     taxonomy=_decoder_taxonomy(),
     partition_rules=_DECODER_RULES,
     pt_buffers=_ROTARY_BUFFERS,
 ))
 
 # Qwen2/2.5 (bias on q, k, v) and Qwen3 (RMSNorm on each query and key head): the Llama names otherwise.
-register(Family(name="qwen", kind="causal_lm", classes={"qwen2": None, "qwen3": None},
+register(Family(name="qwen", kind="causal_lm", model_types=("qwen2", "qwen3"),
                 taxonomy=_decoder_taxonomy(extra=_QK_NORM), partition_rules=_DECODER_RULES,
                 pt_buffers=_ROTARY_BUFFERS))
 
 # Gemma 1: the Llama names ((1 + w) norms, GeGLU and scaled embeddings are the module's, not the names').
-register(Family(name="gemma", kind="causal_lm", classes={"gemma": None},
+register(Family(name="gemma", kind="causal_lm", model_types=("gemma",),
                 taxonomy=_decoder_taxonomy(), partition_rules=_DECODER_RULES, pt_buffers=_ROTARY_BUFFERS))
 
 # Gemma 2 and 3: norms before and after attention and MLP; Gemma-3 adds the per-head q/k norms.
-register(Family(name="gemma2", kind="causal_lm", classes={"gemma2": None, "gemma3_text": None},
+register(Family(name="gemma2", kind="causal_lm", model_types=("gemma2", "gemma3_text"),
                 taxonomy=_decoder_taxonomy(extra=_QK_NORM, post_norms=True), partition_rules=_DECODER_RULES,
                 pt_buffers=_ROTARY_BUFFERS))
 
 # Phi-3: q, k, v in one qkv_proj (rows: every q head, then k, then v) and gate, up in one gate_up_proj.
-register(Family(name="phi3", kind="causal_lm", classes={"phi3": None},
+register(Family(name="phi3", kind="causal_lm", model_types=("phi3",),
                 taxonomy=_decoder_taxonomy(attn=r"self_attn/(?P<role>qkv|o)_proj/",
                                            mlp=r"mlp/(?P<role>gate_up|down)_proj/"),
                 partition_rules=_DECODER_RULES, pt_buffers=_ROTARY_BUFFERS,
@@ -353,7 +355,7 @@ register(Family(name="phi3", kind="causal_lm", classes={"phi3": None},
 register(Family(
     name="gpt_neox",
     kind="causal_lm",
-    classes={"gpt_neox": None},
+    model_types=("gpt_neox",),
     taxonomy=(
         (r"gpt_neox/embed_in/embedding$", "embedding", "token"),
         (r"layers/(?P<layer>\d+)/attention/query_key_value/", "attention", "qkv"),
@@ -400,9 +402,9 @@ _BERT_RULES = (
 )
 _ENCODER_LOSS = encoder_contrastive_nll.__doc__
 
-register(Family(name="bert", kind="encoder", classes={"bert": "FlaxBertModel"},
+register(Family(name="bert", kind="encoder", model_types=("bert",),
                 taxonomy=_BERT_TAXONOMY, partition_rules=_BERT_RULES,
                 pt_buffers=(r"position_ids$",), loss_doc=_ENCODER_LOSS))
-register(Family(name="roberta", kind="encoder", classes={"roberta": "FlaxRobertaModel"},
+register(Family(name="roberta", kind="encoder", model_types=("roberta",),
                 taxonomy=_BERT_TAXONOMY, partition_rules=_BERT_RULES,
                 pt_buffers=(r"position_ids$",), loss_doc=_ENCODER_LOSS))

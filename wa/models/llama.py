@@ -35,26 +35,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import serialization, traverse_util
 
 from wa import errors
+from wa.models import layers
+from wa.models.layers import ACTIVATIONS, chunked_nll, softcap  # noqa: F401 (re-exported)
 from wa.parallel import batch as batch_lib
 
 REMAT = ("none", "full", "dots")
 SLIDING, FULL = "sliding_attention", "full_attention"
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
-# HF activation names -> the function (transformers' ACT2FN): gelu is the exact erf form.
-ACTIVATIONS = {"silu": nn.silu, "swish": nn.silu, "gelu": lambda x: nn.gelu(x, approximate=False),
-               "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-               "gelu_new": lambda x: nn.gelu(x, approximate=True),
-               "gelu_fast": lambda x: nn.gelu(x, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -384,17 +378,8 @@ class Attention(nn.Module):
             k = Norm(s, hd, self.dtype, name="k_norm")(k)
         q = _rotate(q.astype(jnp.float32), sin, cos).astype(self.dtype)
         k = _rotate(k.astype(jnp.float32), sin, cos).astype(self.dtype)
-        groups = h // kv
-        q = q.reshape(b, t, kv, groups, hd)
-        # Scores and softmax in float32 whatever the compute dtype; grouped queries share their K/V head.
-        # Scaled before the product, as flax's attention does (divided by √head_dim where the family asks nothing
-        # else, as wa's Llama always did, so its figures stay bit for bit).
-        q = q / jnp.sqrt(hd).astype(self.dtype) if s.query_scale is None else q * jnp.asarray(s.query_scale, self.dtype)
-        scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
-        if s.attn_softcap:
-            scores = jnp.tanh(scores / s.attn_softcap) * s.attn_softcap
-        probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v).reshape(b, t, h * hd)
+        # Scaled by 1/√head_dim where the family asks nothing else, as wa's Llama always did.
+        out = layers.attend(q, k, v, bias, self.dtype, s.query_scale, s.attn_softcap)
         return dense(s.hidden_size, n.o, s.attention_bias)(out)
 
 
@@ -541,49 +526,15 @@ class CausalLM(_Stacked):
         return self(ids, mask, hidden_only=True)
 
 
-def softcap(logits, cap):
-    """Gemma-2's soft cap ``cap · tanh(x / cap)`` (identity without a cap)."""
-    return logits if not cap else jnp.tanh(logits / cap) * cap
-
-
-def chunked_nll(h, w, targets, weights, chunk: int, tied: bool, cap: float | None = None):
-    """Σ weights · cross entropy of ``h @ w`` (soft-capped at ``cap``) against ``targets``, ``chunk`` positions at
-    a time under ``jax.checkpoint``: the [batch, chunk, vocab] float32 logits of one chunk exist at once, never the
-    whole sequence's, in the forward pass or the backward."""
-    b, t, d = h.shape
-    n = -(-t // chunk)
-    pad = n * chunk - t
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
-    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
-    weights = jnp.pad(weights, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
-
-    @jax.checkpoint
-    def one(hc, tc, wc):
-        logits = jnp.einsum("bcd,vd->bcv" if tied else "bcd,dv->bcv", hc, w, preferred_element_type=jnp.float32)
-        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(softcap(logits, cap), tc) * wc)
-
-    def body(total, xs):
-        return total + one(*xs), None
-
-    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, targets, weights))[0]
-
-
-class Model:
-    """The HF Flax model interface wa uses — ``model(ids, attention_mask=, params=)``, ``module``,
-    ``params_shape_tree``, ``init_weights``, ``save_pretrained`` — over ``CausalLM``, plus ``token_nll`` with the
-    chunked loss."""
+class Model(layers.Model):
+    """``layers.Model`` over ``CausalLM``: the HF Flax model interface, and ``token_nll`` with the chunked loss."""
 
     def __init__(self, config, dtype=jnp.float32, scan: bool = False, remat: str = "none", loss_chunk: int = 512,
                  mesh=None):
         if remat not in REMAT:
             raise errors.ConfigError(f"remat={remat!r}: expected one of {', '.join(REMAT)}")
-        if loss_chunk < 1:
-            raise errors.ConfigError(f"loss_chunk={loss_chunk}: expected an integer >= 1")
-        self.config = config
-        self.spec = Spec.from_hf(config)
-        self.base_model_prefix = self.spec.names.backbone
-        self.dtype = dtype
-        self.scan, self.remat, self.loss_chunk = scan, remat, loss_chunk
+        self.spec = s = Spec.from_hf(config)
+        self.scan, self.remat = scan, remat
         # Scanned on a mesh, hidden states are kept split by batch rows over the data axes (wa.parallel.batch):
         # Llama-3.1-8B's gradient-step plan 12.9 -> 11.1 GiB of temporaries per device. Unscanned, the same
         # constraint makes the partitioner gather every layer's weights up front (the capture pass: 7.4 -> 30.2
@@ -591,54 +542,6 @@ class Model:
         act = None
         if mesh is not None and scan:
             act = batch_lib.batch_sharding(mesh, 3)
-        self.module = CausalLM(self.spec, dtype, scan, remat, act)
-
-    def _init(self, key, shape=(1, 1)):
-        ids = jnp.zeros(shape, jnp.int32)
-        return self.module.init(key, ids, jnp.ones_like(ids))["params"]
-
-    @property
-    def params_shape_tree(self):
-        return jax.eval_shape(self._init, jax.random.key(0))
-
-    def init_weights(self, key, input_shape):
-        """Random parameters: normal(0, initializer_range) kernels and embeddings, as HF initializes them."""
-        std = getattr(self.config, "initializer_range", 0.02)
-        params = self._init(key, tuple(input_shape))
-        flat = traverse_util.flatten_dict(params)
-        keys = jax.random.split(key, len(flat))
-        out = {k: (std * jax.random.normal(r, v.shape, v.dtype) if k[-1] in ("kernel", "embedding") else v)
-               for r, (k, v) in zip(keys, flat.items(), strict=True)}
-        return traverse_util.unflatten_dict(out)
-
-    def _apply(self, params, *args, **kw):
-        return self.module.apply({"params": params}, *args, **kw)
-
-    def __call__(self, input_ids, attention_mask=None, params=None, train=False, dropout_rng=None, **_):
-        del train, dropout_rng  # no dropout in these models
-        mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask
-        return (self._apply(params, input_ids, mask),)
-
-    def token_nll(self, params, batch):
-        """(Σ next-token NLL over real (token, target) pairs, their count), computed in chunks of the sequence."""
-        ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        mask = jnp.ones_like(ids) if mask is None else mask
-        h = self._apply(params, ids, mask, method=CausalLM.hidden)
-        w = _head(params, self.spec, self.dtype)
-        weights = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
-        return chunked_nll(h[:, :-1], w, ids[:, 1:], weights, self.loss_chunk, self.spec.tie_word_embeddings,
-                           self.spec.final_softcap), jnp.sum(weights)
-
-    def save_pretrained(self, out_dir: str, params):
-        """config.json and flax_model.msgpack, the files HF's ``save_pretrained`` writes."""
-        os.makedirs(out_dir, exist_ok=True)
-        self.config.save_pretrained(out_dir)
-        with open(os.path.join(out_dir, "flax_model.msgpack"), "wb") as f:
-            f.write(serialization.msgpack_serialize(jax.tree.map(np.asarray, dict(params))))
-
-
-def _head(params, spec: Spec, dtype):
-    if spec.tie_word_embeddings:
-        return params[spec.names.backbone][spec.names.embed]["embedding"].astype(dtype)
-    return params[spec.names.head]["kernel"].astype(dtype)
+        head = (s.names.backbone, s.names.embed, "embedding") if s.tie_word_embeddings else (s.names.head, "kernel")
+        super().__init__(config, CausalLM(s, dtype, scan, remat, act), s.names.backbone, dtype, loss_chunk, head,
+                         s.tie_word_embeddings, s.final_softcap)

@@ -6,9 +6,9 @@ followed by float32 arrays in a fixed order. Matrices are [out, in] (PyTorch Lin
 q/k rows are in the interleaved rotary layout (pairs 2i, 2i+1) that HF Llama replaces with the
 half-split layout (i, i + d/2); ``_permute_rotary`` maps one onto the other.
 
-FlaxLlamaForCausalLM has no weight tying (its module always owns ``lm_head``), so a shared
-classifier is written out as ``lm_head/kernel = embed_tokens.T`` with
-``tie_word_embeddings=False``: every loader, Flax or PyTorch, then reads the same two tensors.
+A shared classifier is written out as ``lm_head/kernel = embed_tokens.T`` with ``tie_word_embeddings=False`` (as
+the Flax Llama checkpoints wa wrote before it had its own module, which always owned ``lm_head``): every loader, Flax
+or PyTorch, then reads the same two tensors.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def hf_config(cfg: Llama2cConfig):
 
 
 def to_flax_params(cfg: Llama2cConfig, w: dict[str, np.ndarray]) -> dict:
-    """HF Flax Llama parameter tree; Dense kernels are [in, out]."""
+    """The Flax Llama parameter tree (HF's names); Dense kernels are [in, out]."""
     layers = {}
     for i in range(cfg.n_layers):
         layers[str(i)] = {
@@ -132,12 +132,13 @@ def to_flax_params(cfg: Llama2cConfig, w: dict[str, np.ndarray]) -> dict:
 
 def convert(bin_path: str, tokenizer_model: str | None, out_dir: str) -> str:
     """Writes ``out_dir`` with config.json, flax_model.msgpack and the tokenizer."""
-    from transformers import FlaxLlamaForCausalLM, LlamaTokenizer
+    from transformers import LlamaTokenizer
+
+    from wa.models import llama
 
     cfg, w = read(bin_path)
-    model = FlaxLlamaForCausalLM(hf_config(cfg), _do_init=False)
     os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, params=to_flax_params(cfg, w))
+    llama.Model(hf_config(cfg)).save_pretrained(out_dir, to_flax_params(cfg, w))
     if tokenizer_model:
         tok = LlamaTokenizer(vocab_file=tokenizer_model, legacy=True, add_bos_token=True,
                              add_eos_token=False)

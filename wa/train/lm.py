@@ -1,4 +1,4 @@
-"""Train a causal LM from scratch: HF Flax GPT-2 / Llama, optax AdamW, orbax resume, save_pretrained.
+"""Train a causal LM from scratch: wa's GPT-2 / Llama modules (HF configs), optax AdamW, orbax resume, save_pretrained.
 
 Data: the corpus is split into documents; the last ``val_fraction`` of them are validation
 (never trained on). Each step draws ``batch_size`` random windows of ``seq_len`` tokens from the
