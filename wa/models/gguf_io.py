@@ -250,7 +250,10 @@ class GGUFFile:
 
     def tokenizer(self) -> transformers.PreTrainedTokenizerFast:
         """The vocabulary in the file as a ``transformers`` fast tokenizer (transformers' GGUF converter)."""
-        from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+        try:   # transformers 5.x
+            from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+        except ImportError:   # 4.x
+            from transformers.integrations.ggml import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
         tok, cfg = {}, {}
         for out, table in (("tokenizer", tok), ("tokenizer_config", cfg)):
             for key, name in GGUF_TOKENIZER_MAPPING[out].items():

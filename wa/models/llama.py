@@ -131,8 +131,36 @@ def _get(config, *names, default=None):
     return default
 
 
-def _rope_scaling(config) -> tuple | None:
-    scaling = getattr(config, "rope_scaling", None)
+# Fields transformers 5 keeps inside rope_parameters that are not part of the scaling itself.
+_ROPE_OWN = ("rope_theta", "partial_rotary_factor")
+
+
+def _rope(config, theta_fields=("rope_theta",)) -> dict:
+    """The rotary settings of a config from either transformers line: 4.x keeps ``rope_theta``, ``rope_scaling``,
+    ``partial_rotary_factor`` (GPT-NeoX ``rotary_pct``, ``rotary_emb_base``) and Gemma-3's ``rope_local_base_freq``
+    as config fields; 5.x moves them into ``rope_parameters`` (per layer type, {full_attention: ...,
+    sliding_attention: ...}, where the types differ). Returns theta, scaling (a dict or None), local_theta and
+    partial."""
+    params = getattr(config, "rope_parameters", None)
+    if not params:   # transformers 4.x
+        partial = _get(config, "partial_rotary_factor", "rotary_pct", default=1.0)
+        return dict(theta=float(_get(config, *theta_fields, default=10000.0)),
+                    scaling=getattr(config, "rope_scaling", None) or None,
+                    local_theta=getattr(config, "rope_local_base_freq", None), partial=float(partial or 1.0))
+    full, local = params, None
+    if FULL in params or SLIDING in params:
+        full, local = params.get(FULL, {}), params.get(SLIDING)
+        if local and local.get("rope_type", "default") != "default":
+            raise errors.CheckpointError(f"rope_parameters {dict(params)!r}: wa's decoder scales the rotary "
+                                         "frequencies of global layers only; the sliding-window ones must be default")
+    scaling = {k: v for k, v in full.items() if k not in _ROPE_OWN}
+    partial = full.get("partial_rotary_factor") or _get(config, "partial_rotary_factor", "rotary_pct", default=1.0)
+    return dict(theta=float(full.get("rope_theta") or _get(config, *theta_fields, default=10000.0)),
+                scaling=scaling or None, local_theta=None if not local else local.get("rope_theta"),
+                partial=float(partial or 1.0))
+
+
+def _rope_scaling(scaling: dict | None) -> tuple | None:
     if not scaling:
         return None
     kind = scaling.get("rope_type", scaling.get("type"))
@@ -173,19 +201,21 @@ def _common(config, **kw) -> dict:
         raise errors.CheckpointError(f"num_key_value_heads={kv} does not divide num_attention_heads={heads}")
     n = config.num_hidden_layers
     window = getattr(config, "sliding_window", None)
-    partial = float(getattr(config, "partial_rotary_factor", 1.0) or 1.0)
+    rope = _rope(config)
+    partial = rope["partial"]
     out = dict(vocab_size=config.vocab_size, hidden_size=hidden, intermediate_size=config.intermediate_size,
                num_layers=n, num_heads=heads, num_kv_heads=kv, head_dim=head_dim,
-               rope_theta=float(_get(config, "rope_theta", default=10000.0)),
+               rope_theta=rope["theta"],
                rms_norm_eps=float(_get(config, "rms_norm_eps", "layer_norm_eps", default=1e-6)),
                tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
                attention_bias=bool(getattr(config, "attention_bias", False)),
                mlp_bias=bool(getattr(config, "mlp_bias", False)),
                sliding_window=window, layer_types=_layer_types(config, n, window),
-               rope_scaling=_rope_scaling(config),
+               rope_scaling=_rope_scaling(rope["scaling"]),
                rotary_dim=None if partial == 1.0 else int(head_dim * partial),
                max_position_embeddings=getattr(config, "max_position_embeddings", None),
-               original_max_position_embeddings=getattr(config, "original_max_position_embeddings", None))
+               original_max_position_embeddings=getattr(config, "original_max_position_embeddings", None) or
+               (rope["scaling"] or {}).get("original_max_position_embeddings"))
     out.update(kw)
     act = out.get("activation", "silu")
     if act not in ACTIVATIONS:
@@ -208,7 +238,7 @@ def _gemma(config) -> Spec:
     v = config.model_type
     gemma1 = v == "gemma"
     scalar = getattr(config, "query_pre_attn_scalar", None)
-    local = getattr(config, "rope_local_base_freq", None) if v == "gemma3_text" else None
+    local = _rope(config)["local_theta"] if v == "gemma3_text" else None
     return Spec(**_common(
         config, activation=_get(config, "hidden_activation", "hidden_act") if not gemma1 else config.hidden_act,
         norm="rms_1p", embed_scale=True, qk_norm=v == "gemma3_text", post_norms=not gemma1,
@@ -227,8 +257,8 @@ def _gpt_neox(config) -> Spec:
     return Spec(**_common(config, activation=config.hidden_act, attention="neox", mlp="plain", norm="layer",
                           attention_bias=bool(getattr(config, "attention_bias", True)), mlp_bias=True,
                           parallel_residual=bool(config.use_parallel_residual),
-                          rotary_dim=int(head_dim * config.rotary_pct),
-                          rope_theta=float(_get(config, "rotary_emb_base", "rope_theta", default=10000.0)),
+                          rotary_dim=int(head_dim * _rope(config, ("rotary_emb_base", "rope_theta"))["partial"]),
+                          rope_theta=_rope(config, ("rotary_emb_base", "rope_theta"))["theta"],
                           names=NEOX_NAMES))
 
 
