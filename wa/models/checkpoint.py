@@ -146,9 +146,18 @@ def read_config(path: str) -> transformers.PretrainedConfig:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**31):
             # Sizes become array dimensions and int32 token ids: 2**31 overflows a jitted argument.
             raise CheckpointError(f"{cfg_file}: {key}={v!r}; expected an integer in [1, 2**31 - 1]")
+    heads = next((raw[k] for k in ("num_attention_heads", "n_head", "num_heads") if raw.get(k)), None)
+    hidden = next((raw[k] for k in ("hidden_size", "n_embd") if raw.get(k)), None)
+    if heads and hidden and hidden % heads and not raw.get("head_dim"):
+        # Each family splits hidden states into heads by reshape (transformers 5 also refuses such a config, in
+        # words of its own).
+        raise CheckpointError(f"{cfg_file}: num_attention_heads={heads} does not divide hidden_size={hidden}")
+    kv = raw.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise CheckpointError(f"{cfg_file}: num_key_value_heads={kv} does not divide num_attention_heads={heads}")
     try:
         return transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
+    except Exception as e:  # noqa: BLE001 -- 5.x's validators raise huggingface_hub's own error types too
         raise CheckpointError(f"{cfg_file}: transformers cannot read it ({type(e).__name__}: {e})") from e
 
 
