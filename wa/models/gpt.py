@@ -43,41 +43,25 @@ def _layer_norm(config, name, dtype, eps_field="layer_norm_epsilon"):
     return nn.LayerNorm(epsilon=getattr(config, eps_field, 1e-5), dtype=dtype, name=name)
 
 
+def _opt_norm(config, name, dtype):
+    affine = getattr(config, "layer_norm_elementwise_affine", True)
+    return nn.LayerNorm(epsilon=1e-5, dtype=dtype, name=name, use_scale=affine, use_bias=affine)
+
+
+def _lm_head(config, h, embed, dtype):
+    """Logits: through the token embedding where tied (GPT-2's and OPT's default), else an ``lm_head`` Dense."""
+    if config.tie_word_embeddings:
+        return embed.attend(h)
+    return nn.Dense(config.vocab_size, use_bias=False, dtype=dtype, name="lm_head",
+                    kernel_init=nn.initializers.normal(_std(config)))(h)
+
+
 def _heads(x, n):
     return x.reshape(x.shape[:2] + (n, x.shape[-1] // n))
 
 
-class GPT2Block(nn.Module):
-    config: object
-    layer: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, h, bias):
-        c = self.config
-        d, n = c.hidden_size, c.num_attention_heads
-        act = layers.activation(c.activation_function)
-        conv = lambda f, name: layers.Conv1D(f, self.dtype, _std(c), name=name)  # noqa: E731
-
-        class Attn(nn.Module):
-            @nn.compact
-            def __call__(s, x):
-                q, k, v = (_heads(t, n) for t in jnp.split(conv(3 * d, "c_attn")(x), 3, axis=-1))
-                scale = (d // n) ** -0.5 if getattr(c, "scale_attn_weights", True) else 1.0
-                if getattr(c, "scale_attn_by_inverse_layer_idx", False):
-                    scale /= self.layer + 1
-                return conv(d, "c_proj")(layers.attend(q, k, v, bias, self.dtype, scale))
-
-        class MLP(nn.Module):
-            @nn.compact
-            def __call__(s, x):
-                return conv(d, "c_proj")(act(conv(c.n_inner or 4 * d, "c_fc")(x)))
-
-        h = h + Attn(name="attn")(_layer_norm(c, "ln_1", self.dtype)(h))
-        return h + MLP(name="mlp")(_layer_norm(c, "ln_2", self.dtype)(h))
-
-
-class GPTNeoBlock(nn.Module):
+class GPTBlock(nn.Module):
+    """A GPT-2 or GPT-Neo block: ``ln_1``, ``attn``, ``ln_2``, ``mlp``, each branch added to the residual."""
     config: object
     layer: int
     dtype: jnp.dtype = jnp.float32
@@ -85,30 +69,35 @@ class GPTNeoBlock(nn.Module):
     @nn.compact
     def __call__(self, h, biases):
         c = self.config
-        d, n = c.hidden_size, c.num_heads
+        d = c.hidden_size
         act = layers.activation(c.activation_function)
-        dense = lambda f, name, b=True: _dense(c, f, name, self.dtype, b)  # noqa: E731
-        bias = biases[c.attention_layers[self.layer] == "local"]
+        if c.model_type == "gpt_neo":   # Dense [in, out] layers; q, k, v without bias under attn/attention
+            n = c.num_heads
+            linear = lambda f, name, bias=True: _dense(c, f, name, self.dtype, bias)  # noqa: E731
+            bias = biases[c.attention_layers[self.layer] == "local"]
+            inner = c.intermediate_size or 4 * d
 
-        class SelfAttention(nn.Module):
-            @nn.compact
-            def __call__(s, x):
-                q, k, v = (_heads(dense(d, f"{t}_proj", False)(x), n) for t in "qkv")
+            def attention(x):
+                q, k, v = (_heads(linear(d, f"{t}_proj", False)(x), n) for t in "qkv")
                 # GPT-Neo does not scale its attention scores.
-                return dense(d, "out_proj")(layers.attend(q, k, v, bias, self.dtype, 1.0))
+                return linear(d, "out_proj")(layers.attend(q, k, v, bias, self.dtype, 1.0))
+            attn = layers.Scope(lambda x: layers.Scope(attention, name="attention")(x), name="attn")
+        else:                           # GPT-2: Conv1D [out, in] layers, q, k, v in one c_attn
+            n = c.num_attention_heads
+            linear = lambda f, name: layers.Conv1D(f, self.dtype, _std(c), name=name)  # noqa: E731
+            bias = biases[0]
+            inner = c.n_inner or 4 * d
+            scale = (d // n) ** -0.5 if getattr(c, "scale_attn_weights", True) else 1.0
+            if getattr(c, "scale_attn_by_inverse_layer_idx", False):
+                scale /= self.layer + 1
 
-        class Attn(nn.Module):
-            @nn.compact
-            def __call__(s, x):
-                return SelfAttention(name="attention")(x)
-
-        class MLP(nn.Module):
-            @nn.compact
-            def __call__(s, x):
-                return dense(d, "c_proj")(act(dense(c.intermediate_size or 4 * d, "c_fc")(x)))
-
-        h = h + Attn(name="attn")(_layer_norm(c, "ln_1", self.dtype)(h))
-        return h + MLP(name="mlp")(_layer_norm(c, "ln_2", self.dtype)(h))
+            def attention(x):
+                q, k, v = (_heads(t, n) for t in jnp.split(linear(3 * d, "c_attn")(x), 3, axis=-1))
+                return linear(d, "c_proj")(layers.attend(q, k, v, bias, self.dtype, scale))
+            attn = layers.Scope(attention, name="attn")
+        mlp = layers.Scope(lambda x: linear(d, "c_proj")(act(linear(inner, "c_fc")(x))), name="mlp")
+        h = h + attn(_layer_norm(c, "ln_1", self.dtype)(h))
+        return h + mlp(_layer_norm(c, "ln_2", self.dtype)(h))
 
 
 class OPTLayer(nn.Module):
@@ -123,18 +112,14 @@ class OPTLayer(nn.Module):
         b = getattr(c, "enable_bias", True)
         dense = lambda f, name: _dense(c, f, name, self.dtype, b)  # noqa: E731
         pre = c.do_layer_norm_before
-        norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name,  # noqa: E731
-                                         use_scale=getattr(c, "layer_norm_elementwise_affine", True),
-                                         use_bias=getattr(c, "layer_norm_elementwise_affine", True))
+        norm = lambda name: _opt_norm(c, name, self.dtype)  # noqa: E731
 
-        class SelfAttn(nn.Module):
-            @nn.compact
-            def __call__(s, x):
-                q, k, v = (_heads(dense(d, f"{t}_proj")(x), n) for t in "qkv")
-                return dense(d, "out_proj")(layers.attend(q, k, v, bias, self.dtype, (d // n) ** -0.5))
+        def attention(x):
+            q, k, v = (_heads(dense(d, f"{t}_proj")(x), n) for t in "qkv")
+            return dense(d, "out_proj")(layers.attend(q, k, v, bias, self.dtype, (d // n) ** -0.5))
 
         attn_norm, mlp_norm = norm("self_attn_layer_norm"), norm("final_layer_norm")
-        a = SelfAttn(name="self_attn")(attn_norm(h) if pre else h)
+        a = layers.Scope(attention, name="self_attn")(attn_norm(h) if pre else h)
         h = h + a if pre else attn_norm(h + a)
         m = dense(d, "fc2")(layers.activation(c.activation_function)(dense(c.ffn_dim, "fc1")(mlp_norm(h) if pre
                                                                                               else h)))
@@ -165,31 +150,22 @@ class GPT2(nn.Module):
         c = self.config
         neo = c.model_type == "gpt_neo"
 
-        class Transformer(nn.Module):
-            @nn.compact
-            def __call__(s, ids, mask):
-                embed = lambda n, name: nn.Embed(n, c.hidden_size, dtype=self.dtype, name=name,  # noqa: E731
-                                                 embedding_init=nn.initializers.normal(_std(c)))
-                wte = embed(c.vocab_size, "wte")
-                t = ids.shape[1]
-                h = wte(ids) + embed(c.max_position_embeddings, "wpe")(jnp.arange(t)[None])
-                allowed = layers.causal_allowed(mask)
-                if neo:
-                    qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-                    bias = (layers.mask_bias(allowed),
-                            layers.mask_bias(allowed & (qi - ki < c.window_size)[None]))
-                    h = Stack(GPTNeoBlock, c, c.num_layers, self.dtype, name="h")(h, bias)
-                else:
-                    h = Stack(GPT2Block, c, c.num_hidden_layers, self.dtype, name="h")(h, layers.mask_bias(allowed))
-                return _layer_norm(c, "ln_f", self.dtype)(h), wte
+        def transformer(ids, mask):
+            embed = lambda n, name: nn.Embed(n, c.hidden_size, dtype=self.dtype, name=name,  # noqa: E731
+                                             embedding_init=nn.initializers.normal(_std(c)))
+            wte = embed(c.vocab_size, "wte")
+            t = ids.shape[1]
+            h = wte(ids) + embed(c.max_position_embeddings, "wpe")(jnp.arange(t)[None])
+            allowed = layers.causal_allowed(mask)
+            biases = (layers.mask_bias(allowed),)   # a local layer's (GPT-Neo) second
+            if neo:
+                qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+                biases += (layers.mask_bias(allowed & (qi - ki < c.window_size)[None]),)
+            h = Stack(GPTBlock, c, c.num_layers if neo else c.num_hidden_layers, self.dtype, name="h")(h, biases)
+            return _layer_norm(c, "ln_f", self.dtype)(h), wte
 
-        h, wte = Transformer(name="transformer")(ids, mask)
-        if hidden_only:
-            return h
-        if c.tie_word_embeddings:
-            return wte.attend(h)
-        return nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head",
-                        kernel_init=nn.initializers.normal(_std(c)))(h)
+        h, wte = layers.Scope(transformer, name="transformer")(ids, mask)
+        return h if hidden_only else _lm_head(c, h, wte, self.dtype)
 
     def hidden(self, ids, mask):
         return self(ids, mask, hidden_only=True)
@@ -210,40 +186,26 @@ class OPT(nn.Module):
         proj = c.word_embed_proj_dim
         std = _std(c)
 
-        class Decoder(nn.Module):
-            @nn.compact
-            def __call__(s, ids, mask):
-                embed = nn.Embed(c.vocab_size, proj, dtype=self.dtype, name="embed_tokens",
-                                 embedding_init=nn.initializers.normal(std))
-                h = embed(ids)
-                if proj != c.hidden_size:
-                    h = _dense(c, c.hidden_size, "project_in", self.dtype, False)(h)
-                # PyTorch's OPT counts positions over real tokens; padded ones read row offset - 1.
-                pos = jnp.cumsum(mask, axis=1) * mask - 1 + OPT_POSITION_OFFSET
-                h = h + nn.Embed(c.max_position_embeddings + OPT_POSITION_OFFSET, c.hidden_size, dtype=self.dtype,
-                                 name="embed_positions", embedding_init=nn.initializers.normal(std))(pos)
-                h = Stack(OPTLayer, c, c.num_hidden_layers, self.dtype, name="layers")(
-                    h, layers.mask_bias(layers.causal_allowed(mask)))
-                if c.do_layer_norm_before and not getattr(c, "_remove_final_layer_norm", False):
-                    h = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="final_layer_norm",
-                                     use_scale=getattr(c, "layer_norm_elementwise_affine", True),
-                                     use_bias=getattr(c, "layer_norm_elementwise_affine", True))(h)
-                if proj != c.hidden_size:
-                    h = _dense(c, proj, "project_out", self.dtype, False)(h)
-                return h, embed
+        def decoder(ids, mask):
+            embed = nn.Embed(c.vocab_size, proj, dtype=self.dtype, name="embed_tokens",
+                             embedding_init=nn.initializers.normal(std))
+            h = embed(ids)
+            if proj != c.hidden_size:
+                h = _dense(c, c.hidden_size, "project_in", self.dtype, False)(h)
+            # PyTorch's OPT counts positions over real tokens; padded ones read row offset - 1.
+            pos = jnp.cumsum(mask, axis=1) * mask - 1 + OPT_POSITION_OFFSET
+            h = h + nn.Embed(c.max_position_embeddings + OPT_POSITION_OFFSET, c.hidden_size, dtype=self.dtype,
+                             name="embed_positions", embedding_init=nn.initializers.normal(std))(pos)
+            h = Stack(OPTLayer, c, c.num_hidden_layers, self.dtype, name="layers")(
+                h, layers.mask_bias(layers.causal_allowed(mask)))
+            if c.do_layer_norm_before and not getattr(c, "_remove_final_layer_norm", False):
+                h = _opt_norm(c, "final_layer_norm", self.dtype)(h)
+            if proj != c.hidden_size:
+                h = _dense(c, proj, "project_out", self.dtype, False)(h)
+            return h, embed
 
-        class Backbone(nn.Module):
-            @nn.compact
-            def __call__(s, ids, mask):
-                return Decoder(name="decoder")(ids, mask)
-
-        h, embed = Backbone(name="model")(ids, mask)
-        if hidden_only:
-            return h
-        if c.tie_word_embeddings:
-            return embed.attend(h)
-        return nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, name="lm_head",
-                        kernel_init=nn.initializers.normal(std))(h)
+        h, embed = layers.Scope(lambda *a: layers.Scope(decoder, name="decoder")(*a), name="model")(ids, mask)
+        return h if hidden_only else _lm_head(c, h, embed, self.dtype)
 
     def hidden(self, ids, mask):
         return self(ids, mask, hidden_only=True)

@@ -9,6 +9,7 @@ partition rules, taxonomies and reports speak the user's names; transformers ser
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -67,6 +68,16 @@ def causal_allowed(mask):
     t = mask.shape[1]
     qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
     return (ki <= qi)[None] & (mask[:, None, :] > 0)
+
+
+class Scope(nn.Module):
+    """One named level of the parameter tree (HF nests ``attn/attention/q_proj``): the modules ``fn`` creates when
+    called are its children."""
+    fn: Callable
+
+    @nn.compact
+    def __call__(self, *args):
+        return self.fn(*args)
 
 
 class Conv1D(nn.Module):
