@@ -6,6 +6,11 @@ r"""ESA benchmark: prints one JSON line.
   the loaded model, each metric in a fresh subprocess;
 - Hutchinson cost: one vmapped chunk of c probes against c gradients on the same batch, for
   c = 1, 4, 16, timed in this process (target: per-probe cost <= 2x one gradient);
+- per-window scores: seconds per calibration batch (after compilation) of grad_x_weight alone against grad_x_weight,
+  grad² and (g·w)² from one pass, on a 2-layer model of SmolLM2-135M's widths with an untied head (random weights,
+  8 windows of 256 tokens, 2 at a time): one score should cost no more than three. The shape matters: XLA's CPU
+  backend once fused the single score's reduction with the weights inside it and took minutes per batch there
+  (ratio > 10), where three scores took 16 s;
 - Hutchinson accuracy: relative L2 error of the diagonal against the exact Hessian diagonal
   (computed column by column) of a ~600-parameter Llama, as a function of probe count.
 """
@@ -100,6 +105,40 @@ def hutchinson_cost(args):
     return out
 
 
+def per_window_scores():
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import transformers
+
+    from wa.esa import scores
+    from wa.models import checkpoint
+    from wa.parallel import mesh as mesh_lib
+    from wa.parallel import rules as rules_lib
+
+    cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                                   tie_word_embeddings=False, rope_theta=100000.0)
+    model, family = checkpoint.build_model(cfg)
+    mesh = mesh_lib.make_mesh("data:1,fsdp:-1")
+    shardings = rules_lib.shardings_for(model.params_shape_tree, family.partition_rules, mesh)
+    params = jax.jit(lambda k: model.init_weights(k, (1, 8)), out_shardings=shardings)(jax.random.key(0))
+    loaded = checkpoint.Loaded(model, params, cfg, family, mesh, shardings, "", [])
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 256)).astype(np.int32)
+    batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(jnp.asarray(ids))}
+    out = {}
+    for key, names in (("one", ("grad_x_weight",)), ("three", ("grad_x_weight", "grad_squared", "taylor_squared"))):
+        cal = scores.Calibration(loaded, [batch, batch], jax.random.key(0), progress=False, window_chunk=2)
+        times, t = [], time.perf_counter()
+        for _, acc in scores._window_sums(params, cal, names):
+            jax.block_until_ready(acc)
+            times.append(time.perf_counter() - t)
+            t = time.perf_counter()
+        out[f"{key}_score_seconds_per_batch"] = round(times[-1], 2)   # the second batch: compiled
+    out["one_over_three"] = round(out["one_score_seconds_per_batch"] / out["three_score_seconds_per_batch"], 3)
+    return out
+
+
 def hutchinson_error():
     import jax
     import jax.flatten_util
@@ -143,7 +182,7 @@ def main():
     args = ap.parse_args()
     res = {"checkpoint": args.checkpoint, "windows": args.windows, "seq_len": args.seq_len,
            "metrics": per_metric(args), "hutchinson_cost": hutchinson_cost(args),
-           "hutchinson_error": hutchinson_error()}
+           "hutchinson_error": hutchinson_error(), "per_window_scores": per_window_scores()}
     worst = max(v["per_probe_over_gradient"] for k, v in res["hutchinson_cost"].items() if k.startswith("chunk_"))
     res["hutchinson_target_met"] = bool(min(v["per_probe_over_gradient"] for k, v in res["hutchinson_cost"].items()
                                             if k.startswith("chunk_")) <= 2.0)

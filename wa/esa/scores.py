@@ -103,8 +103,20 @@ def _weighted_mean(pairs):
     return {p: v / total for p, v in acc.items()}
 
 
-PER_WINDOW = {"grad_x_weight": lambda g, w: jnp.abs(g * w), "grad_squared": lambda g, w: jnp.square(g),
-              "taylor_squared": lambda g, w: jnp.square(g * w)}
+# Each per-window score is a function of the window's gradient times a function of the weights (|g·w| = |g|·|w|,
+# (g·w)² = g²·w²): windows accumulate only the gradient's part (grad² and (g·w)² share theirs), and the weights'
+# part multiplies the sums once per batch. With w inside the per-window reduction XLA's CPU backend fused
+# |g·w| into a reduction that took minutes where one gradient takes seconds, whenever grad_x_weight was the only
+# score (experiments/bench_esa.py: one_vs_three_per_window_scores).
+GRAD_PARTS = {"abs": jnp.abs, "square": jnp.square}
+PER_WINDOW = {"grad_x_weight": ("abs", jnp.abs), "grad_squared": ("square", None),
+              "taylor_squared": ("square", jnp.square)}
+
+
+def _score(name, g_part, w):
+    """A per-window score's sum from its gradient part's sum ``g_part`` and the weights ``w``."""
+    w_part = PER_WINDOW[name][1]
+    return g_part if w_part is None else g_part * w_part(w.astype(jnp.float32))
 
 
 def _per_window_names(names) -> tuple[str, ...]:
@@ -116,7 +128,7 @@ def _per_window_names(names) -> tuple[str, ...]:
 
 
 def _window_sums(params, cal: Calibration, names: tuple[str, ...]):
-    """Yields (windows so far, {name: Σ_w PER_WINDOW[name](g_w, w) so far}) after each calibration batch.
+    """Yields (windows so far, {name: Σ_w score_name(g_w, w) so far}) after each calibration batch.
 
     Every named score comes from the same per-window gradient, so one pass serves them all. Windows without
     loss terms do not count.
@@ -124,25 +136,28 @@ def _window_sums(params, cal: Calibration, names: tuple[str, ...]):
     names = _per_window_names(names)
     loaded = cal.loaded
 
+    parts = tuple(sorted({PER_WINDOW[n][0] for n in names}))
+    w = _flat(params)
+    scale = loaded.compiled(("esa/window_scores", names), lambda: jax.jit(
+        lambda sums, w: {n: jax.tree.map(lambda g, x, n=n: _score(n, g, x), sums[PER_WINDOW[n][0]], w)
+                         for n in names}))
+
     if getattr(loaded.family, "kind", "causal_lm") != "causal_lm":
-        w = _flat(params)
         acc, total = None, 0.0
         for c, g in _grads(params, cal):
-            part = {n: {p: c * PER_WINDOW[n](v, w[p]) for p, v in g.items()} for n in names}
-            acc = part if acc is None else {n: {p: acc[n][p] + part[n][p] for p in part[n]} for n in names}
+            part = {k: {p: c * GRAD_PARTS[k](v.astype(jnp.float32)) for p, v in g.items()} for k in parts}
+            acc = part if acc is None else {k: {p: acc[k][p] + part[k][p] for p in part[k]} for k in parts}
             total += c
-            yield total, acc
+            yield total, scale(acc, w)
         return
 
     def build():
         def one(params, ids, mask, rng):
             batch = {"input_ids": ids[None], "attention_mask": mask[None]}
             g, count = jax.grad(lambda p: _mean_loss(loaded, p, batch, rng), has_aux=True)(params)
-            live = (count > 0).astype(jnp.float32)
-            vals = {n: jax.tree.map(lambda gi, w, n=n: live * PER_WINDOW[n](gi.astype(jnp.float32),
-                                                                            w.astype(jnp.float32)), g, params)
-                    for n in names}
-            return vals, live
+            # A window without loss terms has a zero mean loss, so a zero gradient: it adds nothing to the sums.
+            return {k: jax.tree.map(lambda gi, k=k: GRAD_PARTS[k](gi.astype(jnp.float32)), g) for k in parts}, \
+                (count > 0).astype(jnp.float32)
 
         def step(params, batch, rng):
             ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -155,18 +170,18 @@ def _window_sums(params, cal: Calibration, names: tuple[str, ...]):
                 return (jax.tree.map(lambda a, v: a + v.sum(0), acc[0], vals), acc[1] + live.sum()), None
 
             zeros = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params)
-            return jax.lax.scan(body, ({n: zeros for n in names}, jnp.zeros((), jnp.float32)), xs)[0]
+            return jax.lax.scan(body, ({k: zeros for k in parts}, jnp.zeros((), jnp.float32)), xs)[0]
 
-        return jax.jit(step, out_shardings=({n: loaded.shardings for n in names}, None))
+        return jax.jit(step, out_shardings=({k: loaded.shardings for k in parts}, None))
 
-    step = loaded.compiled(("esa/window", names, cal.window_chunk), build)
+    step = loaded.compiled(("esa/window", parts, cal.window_chunk), build)
     acc, windows = None, 0.0
     for i, batch in enumerate(_progress(cal, cal.batches, f"{'+'.join(names)} per window")):
         tot, n = step(params, batch, cal.rng(i))
         tot = {k: _flat(v) for k, v in tot.items()}
-        acc = tot if acc is None else {k: {p: acc[k][p] + v for p, v in tot[k].items()} for k in names}
+        acc = tot if acc is None else {k: {p: acc[k][p] + v for p, v in tot[k].items()} for k in parts}
         windows += float(n)
-        yield windows, acc
+        yield windows, scale(acc, w)
 
 
 def prefix_means(names, params, cal: Calibration, points, reduce=None) -> dict[str, dict[int, object]]:
@@ -191,7 +206,7 @@ def prefix_means(names, params, cal: Calibration, points, reduce=None) -> dict[s
 
 
 def window_means(names, params, cal: Calibration) -> dict[str, dict]:
-    """(1/W) Σ_w PER_WINDOW[name](g_w, w) over every calibration window with at least one loss term, for every
+    """(1/W) Σ_w score_name(g_w, w) over every calibration window with at least one loss term, for every
     name, from one gradient pass."""
     names = _per_window_names([names] if isinstance(names, str) else names)
     windows, acc = 0.0, None
