@@ -105,18 +105,25 @@ def _weighted_mean(pairs):
 
 # Each per-window score is a function of the window's gradient times a function of the weights (|g·w| = |g|·|w|,
 # (g·w)² = g²·w²): windows accumulate only the gradient's part (grad² and (g·w)² share theirs), and the weights'
-# part multiplies the sums once per batch. With w inside the per-window reduction XLA's CPU backend fused
-# |g·w| into a reduction that took minutes where one gradient takes seconds, whenever grad_x_weight was the only
-# score (experiments/bench_esa.py: one_vs_three_per_window_scores).
+# part multiplies the sums where a score is read (``_window_means``). With w inside the per-window reduction,
+# XLA's CPU backend fused |g·w| into a reduction that took minutes where one gradient takes seconds, whenever
+# grad_x_weight was the only score and the head was untied (experiments/bench_esa.py: per_window_scores).
 GRAD_PARTS = {"abs": jnp.abs, "square": jnp.square}
 PER_WINDOW = {"grad_x_weight": ("abs", jnp.abs), "grad_squared": ("square", None),
               "taylor_squared": ("square", jnp.square)}
 
 
-def _score(name, g_part, w):
-    """A per-window score's sum from its gradient part's sum ``g_part`` and the weights ``w``."""
-    w_part = PER_WINDOW[name][1]
-    return g_part if w_part is None else g_part * w_part(w.astype(jnp.float32))
+def _window_means(loaded, name: str, sums: dict, windows: float, params) -> dict:
+    """(1/W) Σ_w score_name(g_w, w) from the gradient parts' sums ``sums`` ({part: {path: Σ_w part(g_w)}}), one
+    name at a time, so a stage holds the sums and one score's tree, not every score's."""
+    part, w_part = PER_WINDOW[name]
+
+    def build():
+        def means(g, w, windows):
+            return jax.tree.map(lambda gi, wi: (gi if w_part is None else gi * w_part(wi.astype(jnp.float32)))
+                                / windows, g, w)
+        return jax.jit(means)
+    return loaded.compiled(("esa/window_means", name), build)(sums[part], _flat(params), jnp.float32(windows))
 
 
 def _per_window_names(names) -> tuple[str, ...]:
@@ -128,7 +135,8 @@ def _per_window_names(names) -> tuple[str, ...]:
 
 
 def _window_sums(params, cal: Calibration, names: tuple[str, ...]):
-    """Yields (windows so far, {name: Σ_w score_name(g_w, w) so far}) after each calibration batch.
+    """Yields (windows so far, {part: {path: Σ_w part(g_w)} so far}) after each calibration batch, for the gradient
+    parts (``PER_WINDOW``) the named scores need; ``_window_means`` turns them into a score.
 
     Every named score comes from the same per-window gradient, so one pass serves them all. Windows without
     loss terms do not count.
@@ -137,10 +145,6 @@ def _window_sums(params, cal: Calibration, names: tuple[str, ...]):
     loaded = cal.loaded
 
     parts = tuple(sorted({PER_WINDOW[n][0] for n in names}))
-    w = _flat(params)
-    scale = loaded.compiled(("esa/window_scores", names), lambda: jax.jit(
-        lambda sums, w: {n: jax.tree.map(lambda g, x, n=n: _score(n, g, x), sums[PER_WINDOW[n][0]], w)
-                         for n in names}))
 
     if getattr(loaded.family, "kind", "causal_lm") != "causal_lm":
         acc, total = None, 0.0
@@ -148,7 +152,7 @@ def _window_sums(params, cal: Calibration, names: tuple[str, ...]):
             part = {k: {p: c * GRAD_PARTS[k](v.astype(jnp.float32)) for p, v in g.items()} for k in parts}
             acc = part if acc is None else {k: {p: acc[k][p] + part[k][p] for p in part[k]} for k in parts}
             total += c
-            yield total, scale(acc, w)
+            yield total, acc
         return
 
     def build():
@@ -181,7 +185,7 @@ def _window_sums(params, cal: Calibration, names: tuple[str, ...]):
         tot = {k: _flat(v) for k, v in tot.items()}
         acc = tot if acc is None else {k: {p: acc[k][p] + v for p, v in tot[k].items()} for k in parts}
         windows += float(n)
-        yield windows, scale(acc, w)
+        yield windows, acc
 
 
 def prefix_means(names, params, cal: Calibration, points, reduce=None) -> dict[str, dict[int, object]]:
@@ -197,7 +201,7 @@ def prefix_means(names, params, cal: Calibration, points, reduce=None) -> dict[s
         # Windows with loss terms so far: padding rows of the last batch have none, so they do not count.
         if int(windows) in want:
             for n in names:
-                means = {p: v / windows for p, v in acc[n].items()}
+                means = _window_means(cal.loaded, n, acc, windows, params)
                 out[n][int(windows)] = reduce(n, int(windows), means) if reduce else means
     missing = [w for w in want if w not in out[names[0]]]
     if missing:
@@ -214,7 +218,7 @@ def window_means(names, params, cal: Calibration) -> dict[str, dict]:
         pass
     if not windows:
         raise ScoreError("the calibration batches hold no loss terms (all tokens masked?)")
-    return {n: {p: v / windows for p, v in acc[n].items()} for n in names}
+    return {n: _window_means(cal.loaded, n, acc, windows, params) for n in names}
 
 
 def grad_x_weight(params, cal: Calibration):
