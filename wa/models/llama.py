@@ -43,7 +43,7 @@ import numpy as np
 
 from wa import errors
 from wa.models import layers
-from wa.models.layers import ACTIVATIONS, chunked_nll, softcap  # noqa: F401 (re-exported)
+from wa.models.layers import ACTIVATIONS, softcap
 from wa.parallel import batch as batch_lib
 
 REMAT = ("none", "full", "dots")
