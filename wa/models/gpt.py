@@ -159,8 +159,7 @@ class GPT2(nn.Module):
             allowed = layers.causal_allowed(mask)
             biases = (layers.mask_bias(allowed),)   # a local layer's (GPT-Neo) second
             if neo:
-                qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-                biases += (layers.mask_bias(allowed & (qi - ki < c.window_size)[None]),)
+                biases += (layers.mask_bias(layers.window_allowed(allowed, c.window_size)),)
             h = Stack(GPTBlock, c, c.num_layers if neo else c.num_hidden_layers, self.dtype, name="h")(h, biases)
             return _layer_norm(c, "ln_f", self.dtype)(h), wte
 

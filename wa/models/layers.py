@@ -70,6 +70,13 @@ def causal_allowed(mask):
     return (ki <= qi)[None] & (mask[:, None, :] > 0)
 
 
+def window_allowed(allowed, window: int):
+    """``allowed`` [b, t, t] within a sliding window: a query sees itself and the ``window`` - 1 keys before it."""
+    t = allowed.shape[-1]
+    qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    return allowed & (qi - ki < window)[None]
+
+
 class Scope(nn.Module):
     """One named level of the parameter tree (HF nests ``attn/attention/q_proj``): the modules ``fn`` creates when
     called are its children."""

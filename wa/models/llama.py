@@ -524,15 +524,13 @@ class Backbone(_Stacked):
         t = ids.shape[1]
         # Positions 0..t-1 whatever the mask, as HF's Flax classes do: wa's windows are padded on the right.
         pos = jnp.broadcast_to(jnp.arange(t)[None], ids.shape)
-        qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-        allowed = (ki <= qi)[None] & (mask[:, None, :] > 0)
-        low = jnp.finfo(jnp.float32).min
+        allowed = layers.causal_allowed(mask)
         rot = rotary(pos, s)
-        ctx = {False: (jnp.where(allowed, 0.0, low).astype(jnp.float32), *rot)}   # [batch, q, k] mask bias
-        if any(s.sliding_layers):   # a query sees itself and the window - 1 positions before it
-            near = allowed & (qi - ki < s.sliding_window)[None]
+        ctx = {False: (layers.mask_bias(allowed), *rot)}   # [batch, q, k] mask bias
+        if any(s.sliding_layers):
+            near = layers.window_allowed(allowed, s.sliding_window)
             local = rotary(pos, s, local=True) if s.rope_local_theta else rot
-            ctx[True] = (jnp.where(near, 0.0, low).astype(jnp.float32), *local)
+            ctx[True] = (layers.mask_bias(near), *local)
         h = Layers(s, self.dtype, self.scan, self.remat, self.act_sharding, name="layers")(h, ctx)
         return Norm(s, s.hidden_size, self.dtype, name=n.final_norm)(h), embed
 
