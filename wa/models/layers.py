@@ -113,6 +113,9 @@ def chunked_nll(h, w, targets, weights, chunk: int, tied: bool, cap: float | Non
     whole sequence's, in the forward pass or the backward."""
     b, t, d = h.shape
     n = -(-t // chunk)
+    # The fewest chunks of at most ``chunk`` positions, as equal as they can be: padding to a whole ``chunk`` cost
+    # up to twice the head's work (255 targets of a 256-token window padded to 512).
+    chunk = -(-t // n)
     pad = n * chunk - t
     h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)
     targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)
