@@ -25,7 +25,7 @@ def _esa(tmp_path, *overrides, variant="smoke"):
 
 def test_esa_smoke_writes_every_output(tmp_path):
     r = _esa(tmp_path, "--config.metric=magnitude,grad_x_weight,act_mag", "--config.perturb=sign_flip,bit_flip",
-             "--config.save_plots=True")
+             "--config.save_plots=True", "--config.control_doses=largest")
     assert r.returncode == 0, r.stderr[-4000:]
     s = json.load(open(tmp_path / "summary.json"))
     for k in ("model", "n_params", "metrics", "mode", "topk", "seeds", "ppl_base"):
@@ -37,11 +37,19 @@ def test_esa_smoke_writes_every_output(tmp_path):
     assert s["k_selected"] == sum(-(-2 * n // 1000) for n in sizes)
     for m in s["metrics"]:
         e = s["per_metric"][m]
-        assert 0 <= e["jaccard_mean"] <= 1 and e["heavy_tail_ratio"] > 1
+        # Magnitude reads no data: every seed picks the same set, one sample under a perturbation that draws
+        # nothing, and no stability across data.
+        seeds = 2 if m != "magnitude" else 1
+        assert e["reads_data"] == (m != "magnitude") and e["heavy_tail_ratio"] > 1
+        assert 0 <= e["jaccard_mean"] <= 1 if seeds == 2 else np.isnan(e["jaccard_mean"])
         for kind in ("sign_flip", "bit_flip"):
             block = e["perturb"][kind]["1.0"]
             assert set(block) >= {"topk", "random_k", "bottom_k", "p_value_topk_vs_random"}
-            assert len(block["topk"]["values"]) == 2 and len(block["random_k"]["values"]) == 4
+            assert len(block["topk"]["values"]) == seeds == len(block["bottom_k"]["values"])
+            assert len(block["random_k"]["values"]) == 4
+            # control_doses=largest: below the largest dose only the top-k (the dose-response curve).
+            low = e["perturb"][kind]["0.5"]
+            assert set(low) == {"topk"} and len(low["topk"]["values"]) == seeds
             lo, hi = block["topk"]["ci95"]
             assert lo <= block["topk"]["dppl_mean"] <= hi
         sign = e["perturb"]["sign_flip"]["1.0"]
@@ -52,8 +60,10 @@ def test_esa_smoke_writes_every_output(tmp_path):
     counts = s["per_metric"]["act_mag"]["topk_counts"]
     assert sum(counts["component"].values()) == s["k_selected"] == sum(counts["layer"].values())
     assert counts["component"]["head"] == -(-2 * 64 * 512 // 1000)
-    # Magnitude does not depend on the calibration data: identical top-k for every seed.
-    assert s["per_metric"]["magnitude"]["jaccard_mean"] == 1.0
+    report = open(tmp_path / "report.md").read()
+    assert "| top-k stable across seeds | Jaccard > 0.4 | magnitude |" not in report
+    assert "| top-k stable across seeds | Jaccard > 0.4 | grad_x_weight |" in report
+    assert "magnitude reads no data" in report and "largest dose" in report
     # Pruning half of the weights (of every matrix, or of all) hurts more than flipping 0.2% of them, and the
     # gains are relative to magnitude pruning in the same mode.
     pr = s["pruning_ppl"]["0.5"]
@@ -90,8 +100,9 @@ def test_esa_smoke_writes_every_output(tmp_path):
     # Another analysis in this folder is refused before any compute: its plots would sit beside these.
     other = esa_configs.get_config("smoke")
     other.topk = 0.01
-    with pytest.raises(errors.RunError, match=r"holds another run, so it cannot be resumed: config.metric: .*; "
-                                              r"config.perturb: .*; config.topk: 0.002 in the folder, 0.01 now\."):
+    with pytest.raises(errors.RunError, match=r"holds another run, so it cannot be resumed: config.control_doses: "
+                                              r".*; config.metric: .*; config.perturb: .*; "
+                                              r"config.topk: 0.002 in the folder, 0.01 now\."):
         job.run(other, str(tmp_path))
     report = open(tmp_path / "report.md").read()
     assert "## Verdict against the ESA success criteria" in report and "DESIGN" not in report

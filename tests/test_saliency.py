@@ -59,6 +59,13 @@ def test_prune_zeroes_exactly_the_lowest():
     got = dict(saliency.prune(w, sal, 0.5, "per_layer"))
     np.testing.assert_array_equal(got["a"], [[1.0, 0.0], [3.0, 0.0]])
     np.testing.assert_array_equal(w["a"], [[1.0, -2.0], [3.0, -4.0]])   # the weights themselves are untouched
+    # One partition for several fractions cuts exactly where one partition per fraction does, ties included.
+    fractions = [1 / 7, 2 / 7, 3 / 7, 0.5, 6 / 7]
+    for mode in ("per_layer", "global"):
+        shared = saliency.plans(sal, fractions, mode)
+        for f in fractions:
+            one = {p: v.tolist() for p, v in saliency.prune(w, sal, f, mode)}
+            assert {p: v.tolist() for p, v in saliency.prune(w, sal, f, mode, shared[f])} == one
 
 
 def test_available_follows_the_computed_metrics():

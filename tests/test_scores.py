@@ -180,6 +180,21 @@ def test_hutchinson_is_reproducible_from_its_seed_with_a_padded_probe_chunk(micr
         np.testing.assert_array_equal(np.asarray(a[p]), np.asarray(b[p]))
 
 
+def test_act_mag_rides_on_the_per_window_pass(micro):
+    # Wanda's input norms read from the gradient pass's forward passes equal act_mag's own pass, the untied
+    # head's input (the final hidden states, which the chunked loss reads without a layer call) included.
+    ids, mask = _data(12, n=8)
+    cal = _cal(micro, ids, mask, 4)
+    alone = scores.compute("act_mag", micro.params, cal)
+    assert "lm_head/kernel" in alone
+    ridden = scores.window_means("grad_x_weight", micro.params, cal, acts=True)["act_mag"]
+    curve = scores.prefix_means("grad_x_weight", micro.params, cal, [4, 8], acts=True)["act_mag"]
+    assert set(ridden) == set(alone) and set(curve) == {8}
+    for p, v in alone.items():
+        np.testing.assert_allclose(np.asarray(ridden[p]), np.asarray(v), rtol=1e-5, err_msg=p)
+        np.testing.assert_allclose(np.asarray(curve[8][p]), np.asarray(v), rtol=1e-5, err_msg=p)
+
+
 def test_act_mag_against_hand_computed_activation_norms(micro):
     ids, mask = _data(12)
     s = scores.compute("act_mag", micro.params, _cal(micro, ids, mask, 2))

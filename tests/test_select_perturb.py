@@ -65,6 +65,13 @@ def test_random_k_is_seeded_uniform_and_sized_like_topk():
     # 2000 draws over 5000 slots in 10 bands of 500: each band near 200.
     hist = np.bincount(picks // 500, minlength=10)
     assert hist.min() > 140 and hist.max() < 260
+    # Model-wide: k of all the matrices' weights together, shared out by chance (not per matrix).
+    two = {"a/kernel": jnp.zeros((100, 50)), "b/kernel": jnp.zeros((10, 50))}
+    g = [select.random_k(two, 0.1, "global", select.DEFAULT_FILTER, seed=i) for i in range(200)]
+    assert {select.size(x) for x in g} == {550}
+    assert all(len(set(x[p].tolist())) == len(x[p]) and x[p].max() < two[p].size for x in g for p in x)
+    share_b = np.mean([len(x.get("b/kernel", ())) for x in g]) / 550
+    assert abs(share_b - 500 / 5500) < 0.01
 
 
 def test_jaccard_overlap_heavy_tail_counts():

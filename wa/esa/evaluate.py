@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from collections.abc import Iterable, Iterator
 
 import jax
@@ -91,7 +92,8 @@ def evaluate_many(loaded, param_sets: Iterable[dict], paths, ids: np.ndarray, ma
     call and holds one perturbed copy of ``paths`` at a time; ``"map"`` / ``"vmap"`` evaluate ``group`` sets
     per call, stacked, so ``2 × group`` copies exist at once (the sets and their stack; the last group is
     padded with copies of its first set). Sets are consumed lazily either way. Yields one result per set, in
-    order, each exactly what ``evaluate`` returns for it (up to float summation order). ``progress`` is called
+    order, each exactly what ``evaluate`` returns for it (up to float summation order), with ``seconds``: the
+    compiled calls' time per set (the first call's includes compiling). ``progress`` is called
     with the number of sets finished after each call.
     """
     if how not in BATCHING:
@@ -111,14 +113,16 @@ def evaluate_many(loaded, param_sets: Iterable[dict], paths, ids: np.ndarray, ma
             args = _stack(tuple({p: s[p] for p in paths} for s in sets + [sets[0]] * (group - n)))
         del sets
         total, count = np.zeros(size), np.zeros(size)
+        t = time.perf_counter()
         for batch in parallel.iter_batches(loaded.mesh, {"input_ids": ids, "attention_mask": mask}, batch_size):
             s, c = step(args, loaded.params, batch)
             total += np.asarray(s, np.float64)
             count += np.asarray(c, np.float64)
+        seconds = (time.perf_counter() - t) / n
         del args
         for i in range(n):
             nll = total[i] / max(count[i], 1.0)
             yield {"nll": nll, "ppl": math.exp(nll) if nll < 700 else float("inf"), "tokens": int(count[i]),
-                   "windows": len(ids)}
+                   "windows": len(ids), "seconds": seconds}
         if progress:
             progress(n)

@@ -85,6 +85,7 @@ class Perturbation:
     formula: str        # for reports, in the dose s
     dose: str           # what s means
     uses_bits: bool = False   # reads ``bits`` / ``prob`` (and takes ``encoding``) instead of the dose
+    random: bool = False      # draws from its key (always; a bit flip only with a per-bit probability)
 
 
 def _gauss(sel, flat, key, a: Args):
@@ -101,10 +102,18 @@ PERTURBATIONS = {p.name: p for p in (
     Perturbation("sign_flip", lambda sel, flat, key, a: sel * (1 - 2 * a.scale), "w(1-2s)",
                  "s = 1 flips the sign, 0.5 zeroes, 0 leaves w"),
     Perturbation("zero", lambda sel, flat, key, a: sel * (1 - a.scale), "w(1-s)", "s = 1 sets to zero"),
-    Perturbation("gauss_noise", _gauss, "w + s·σ_layer·ε", "noise of s standard deviations of the layer (or of |w|)"),
+    Perturbation("gauss_noise", _gauss, "w + s·σ_layer·ε", "noise of s standard deviations of the layer (or of |w|)",
+                 random=True),
     Perturbation("bit_flip", _bits, "the chosen bits flipped", "not used: the bits (or a per-bit probability) decide",
                  uses_bits=True),
 )}
+
+
+def uses_key(kind: str, bits=()) -> bool:
+    """Whether ``kind`` draws from its key: a deterministic perturbation of one set gives one result, whatever
+    the key (so seeds that pick the same set measure it once)."""
+    p = PERTURBATIONS[kind]
+    return p.random or (p.uses_bits and not bits)
 
 
 def _one(w, idx, key, kind, scale, prob, bits, noise_ref, encoding=None):

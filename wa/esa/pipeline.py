@@ -22,11 +22,12 @@ from absl import logging
 
 from wa import errors, hostmem, models, parallel
 from wa.data import paths, text, tokenizers
-from wa.esa import architecture, evaluate, perturb, saliency, scores, select, stats, superweights
+from wa.esa import architecture, evaluate, perturb, saliency, scores, select, stats, superweights, timing
 from wa.parallel import rules as rules_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CONTROLS = ("random_k", "bottom_k")
+CONTROL_DOSES = ("all", "largest")
 
 
 class ConfigError(errors.ConfigError):
@@ -59,6 +60,7 @@ class Plan:
     prune_modes: tuple[str, ...] = ("per_layer",)
     fault_metrics: tuple[str, ...] = ()
     fault_bits: dict = dataclasses.field(default_factory=dict)   # encoding -> bits
+    control_doses: str = "all"    # "all", or "largest": the controls at each perturbation's largest dose only
 
 
 def check(cfg) -> Plan:
@@ -132,8 +134,11 @@ def check(cfg) -> Plan:
             raise ConfigError(f"--config.fault_bits_{enc}: {e}") from e
     if fault_metrics and cfg.fault_random_draws < 0:
         raise ConfigError(f"--config.fault_random_draws={cfg.fault_random_draws}: must be >= 0")
+    control_doses = cfg.get("control_doses", "all")
+    if control_doses not in CONTROL_DOSES:
+        raise ConfigError(f"--config.control_doses={control_doses!r}: expected one of {', '.join(CONTROL_DOSES)}")
     return Plan(metrics, seeds, kinds, scales, controls, bits, modes, fault_metrics,
-                {e: b for e, b in fault_bits.items() if b})
+                {e: b for e, b in fault_bits.items() if b}, control_doses)
 
 
 @dataclasses.dataclass
@@ -191,13 +196,15 @@ def prepare_data(cfg, loaded, ckpt) -> Data:
     return Data(cal_ids, cal_mask, ev_ids[:cfg.eval_windows], ev_mask[:cfg.eval_windows], len(docs), n_eval)
 
 
-def _deltas(loaded, kept, data, cfg, base_ppl, sets, bar=None) -> list[float]:
+def _deltas(loaded, kept, data, cfg, base_ppl, sets, bar=None, clock=None) -> list[float]:
     """ΔPPL for each perturbed flat parameter set ``sets`` yields (consumed lazily, as ``cfg.perturb_batching``
-    evaluates them)."""
+    evaluates them); each evaluation's time goes to ``clock``."""
     out = []
     for r in evaluate.evaluate_many(loaded, sets, kept, data.eval_ids, data.eval_mask, cfg.batch_size,
                                     cfg.perturb_group, progress=bar.update if bar is not None else None,
                                     how=cfg.perturb_batching):
+        if clock is not None:
+            clock.evaluated(r["seconds"])
         # A perturbation that overflows the forward pass (a flipped exponent bit) leaves a NaN or
         # infinite loss: the model is destroyed, the worst possible outcome, so ΔPPL = +inf.
         out.append(r["ppl"] - base_ppl if np.isfinite(r["ppl"]) else float("inf"))
@@ -241,7 +248,7 @@ def calibration_batches(loaded, data, cfg, pick: np.ndarray) -> list[dict]:
         loaded.mesh, {"input_ids": data.cal_ids[pick], "attention_mask": data.cal_mask[pick]}, cfg.batch_size))
 
 
-def super_weight_study(loaded, flat, kept, data, cfg, base_ppl, batches) -> dict | None:
+def super_weight_study(loaded, flat, kept, data, cfg, base_ppl, batches, clock=None) -> dict | None:
     """Zero each down-projection's super-weight candidate; control: the largest-|w| weight(s)."""
     downs = superweights.down_paths(loaded, kept)
     if not downs:
@@ -258,14 +265,14 @@ def super_weight_study(loaded, flat, kept, data, cfg, base_ppl, batches) -> dict
                                           (superweights.largest_magnitude(flat, [c["path"]], 1), zero))]
     jobs += [({p: np.asarray(v) for p, v in every.items()}, zero),
              (superweights.largest_magnitude(flat, kept, n), zero)]
-    d = _deltas(loaded, kept, data, cfg, base_ppl, _applied(flat, jobs))
+    d = _deltas(loaded, kept, data, cfg, base_ppl, _applied(flat, jobs), clock=clock)
     for i, c in enumerate(cands):
         c["dppl_zero"], c["dppl_zero_largest_in_matrix"] = (d[2 * i], d[2 * i + 1]) if i < len(each) else (None, None)
     return {"candidates": cands, "dppl_zero_all_candidates": d[-2], "dppl_zero_largest_magnitude": d[-1], "n": n,
             "ppl_base": base_ppl}
 
 
-def fault_study(loaded, flat, kept, sels, data, cfg, base_ppl, plan, progress=True) -> dict | None:
+def fault_study(loaded, flat, kept, sels, data, cfg, base_ppl, plan, progress=True, clock=None) -> dict | None:
     """Fault tolerance: flip one bit, by position, of every weight of the first seed's top-k (per fault metric)
     and of same-size random-k draws, in each encoding; ΔPPL per (encoding, bit, set)."""
     if not plan.fault_metrics or not plan.fault_bits:
@@ -285,7 +292,7 @@ def fault_study(loaded, flat, kept, sels, data, cfg, base_ppl, plan, progress=Tr
                 jobs.append((sel, kw))
     from tqdm import tqdm
     bar = tqdm(total=len(jobs), desc="bit flips", disable=not progress or jax.process_index() > 0)
-    deltas = _deltas(loaded, kept, data, cfg, base_ppl, _applied(flat, jobs), bar)
+    deltas = _deltas(loaded, kept, data, cfg, base_ppl, _applied(flat, jobs), bar, clock)
     bar.close()
     out: dict = {}
     for (enc, b, who), d in zip(cells, deltas, strict=True):
@@ -298,7 +305,7 @@ def fault_study(loaded, flat, kept, sels, data, cfg, base_ppl, plan, progress=Tr
     return out
 
 
-def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True) -> dict:
+def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True, clock=None) -> dict:
     """Zero the fraction of weights with the lowest saliency (``wa.esa.saliency``: the estimated cost of removing
     each weight), per matrix and model-wide: perplexity at equal sparsity, {sparsity: {saliency: {mode: ppl}}}.
 
@@ -315,18 +322,19 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True) -
         for name in names:
             src = weights if name == "magnitude" else first[saliency.SALIENCIES[name].metric]
             sal = saliency.compute(name, src, weights)
+            cuts = {mode: saliency.plans(sal, sparsities, mode) for mode in plan.prune_modes}
             for sp in sparsities:
                 for mode in plan.prune_modes:
                     out = dict(flat)
-                    for p, w in saliency.prune(weights, sal, sp, mode):
+                    for p, w in saliency.prune(weights, sal, sp, mode, cuts[mode][sp]):
                         out[p] = jax.device_put(w, flat[p].sharding)
                     yield out
                     del out
-            del sal
+            del sal, cuts
 
     from tqdm import tqdm
     bar = tqdm(total=len(cells), desc="pruning", disable=not progress or jax.process_index() > 0)
-    deltas = _deltas(loaded, kept, data, cfg, base_ppl, pruned(), bar)
+    deltas = _deltas(loaded, kept, data, cfg, base_ppl, pruned(), bar, clock)
     bar.close()
     out: dict = {}
     for (name, sp, mode), d in zip(cells, deltas, strict=True):
@@ -334,8 +342,11 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True) -
     return out
 
 
-def _stage_done(what: str, t0: float) -> None:
-    """Hands the stage's freed host memory back before the next stage allocates (see ``wa.hostmem``)."""
+def _stage_done(what: str, t0: float, clock: timing.Clock | None = None, positions: float = 0.0) -> None:
+    """Hands the stage's freed host memory back before the next stage allocates (see ``wa.hostmem``); with
+    ``clock``, ends its stage ``what`` (``positions``: forward-pass work besides held-out evaluations)."""
+    if clock is not None:
+        clock.stage(what, positions)
     hostmem.release()
     rss = hostmem.rss_gib()
     logging.info("%s done at %.0f s%s", what, time.time() - t0, "" if rss is None else f"; host memory {rss:.2f} GiB")
@@ -364,6 +375,7 @@ class Setup:
     windows: dict         # seed -> its calibration windows (disjoint between seeds)
     base: dict            # ``evaluate.evaluate`` of the unperturbed model on the held-out windows
     t0: float             # when compute started (stage logs are relative to it)
+    clock: timing.Clock   # each stage's seconds and work
 
     @property
     def n_kept(self) -> int:
@@ -422,6 +434,7 @@ def setup(cfg, progress: bool = True) -> Setup:
     """Checks the config, loads the model, prepares the data and measures the base perplexity; every error that
     needs the model or data is raised here, before the first gradient."""
     plan = check(cfg)
+    clock = timing.Clock()
     ckpt = paths.checkpoint(cfg.model)
     models.read_config(ckpt)  # a missing or unknown checkpoint fails here, before loading weights
     loaded = models.load(ckpt, mesh=cfg.mesh, dtype=DTYPES[cfg.dtype])
@@ -435,7 +448,10 @@ def setup(cfg, progress: bool = True) -> Setup:
     base = evaluate.evaluate(loaded, loaded.params, data.eval_ids, data.eval_mask, cfg.batch_size,
                              progress=progress, desc="base perplexity")
     logging.info("base perplexity %.4f on %d held-out tokens", base["ppl"], base["tokens"])
-    return Setup(cfg, plan, loaded, flat, kept, data, windows, base, t0)
+    clock.eval_positions = -(-len(data.eval_ids) // cfg.batch_size) * cfg.batch_size * data.eval_ids.shape[1]
+    clock.stage("load, data and base perplexity", clock.eval_positions, "reading and converting the checkpoint "
+                "has no floor here; the one evaluation includes compiling it")
+    return Setup(cfg, plan, loaded, flat, kept, data, windows, base, t0, clock)
 
 
 def score(s: Setup, progress: bool = True) -> tuple[Scores, Selections]:
@@ -447,6 +463,7 @@ def score(s: Setup, progress: bool = True) -> tuple[Scores, Selections]:
     heavy: dict = {}
     timing: dict = {m: 0.0 for m in plan.metrics}
     first_batches = None
+    positions = 0.0   # forward-pass work, for the stage's floor
     points = stability_points(cfg)
     curve_sels: dict = {}
     for seed in plan.seeds:
@@ -456,6 +473,12 @@ def score(s: Setup, progress: bool = True) -> tuple[Scores, Selections]:
                                  cfg.window_chunk)
         # The per-window metrics share one gradient pass; its time is split evenly between them.
         shared = [m for m in plan.metrics if m in scores.PER_WINDOW]
+        # Wanda's input norms ride on the same forward passes (causal LMs: one window per gradient).
+        ride = ["act_mag"] if shared and "act_mag" in plan.metrics and loaded.family.kind == "causal_lm" else []
+        work = (scores.GRADIENT if shared else 0.0) + sum(
+            scores.SCORES[m].passes(cal) for m in plan.metrics if m not in shared + ride
+            and (scores.SCORES[m].needs_data or seed == plan.seeds[0]))
+        positions += work * len(s.windows[seed]) * cfg.seq_len
         pass_scores: dict = {}
         if shared:
             t = time.time()
@@ -468,20 +491,28 @@ def score(s: Setup, progress: bool = True) -> tuple[Scores, Selections]:
                 return select.top_k(means, cfg.topk, cfg.mode, cfg.param_filter, scores.SCORES[metric].signed)[0]
 
             if len(points) > 1:
-                prefixes = scores.prefix_means(shared, loaded.params, cal, points, reduce)
+                prefixes = scores.prefix_means(shared, loaded.params, cal, points, reduce, acts=bool(ride))
+                for m in ride:
+                    prefixes[m] = {cfg.max_samples: reduce(m, cfg.max_samples, prefixes[m][cfg.max_samples])}
             else:
                 prefixes = {m: {cfg.max_samples: reduce(m, cfg.max_samples, v)}
-                            for m, v in scores.window_means(shared, loaded.params, cal).items()}
-            for metric in shared:
+                            for m, v in scores.window_means(shared, loaded.params, cal, acts=bool(ride)).items()}
+            for metric in shared + ride:
                 pass_scores[metric] = prefixes[metric].pop(cfg.max_samples)
-                if len(points) > 1:
+                if len(points) > 1 and metric in shared:
                     curve_sels[metric, seed] = prefixes[metric]   # the last point's top-k is added below
-            for metric in shared:
-                timing[metric] += (time.time() - t) / len(shared)
+            for metric in shared + ride:
+                timing[metric] += (time.time() - t) / len(shared + ride)
             del prefixes
         for metric in plan.metrics:
             t = time.time()
             signed = scores.SCORES[metric].signed
+            if not scores.SCORES[metric].needs_data and seed != plan.seeds[0]:
+                # A score of the weights alone is the same for every seed: its sets and figures are the first's.
+                sels[metric, seed] = sels[metric, plan.seeds[0]]
+                if "bottom_k" in plan.controls:
+                    bottoms[metric, seed] = bottoms[metric, plan.seeds[0]]
+                continue
             if metric in pass_scores:
                 sc = pass_scores.pop(metric)
             else:
@@ -503,6 +534,7 @@ def score(s: Setup, progress: bool = True) -> tuple[Scores, Selections]:
                 first[metric] = {p: np.asarray(v) for p, v in sc.items()}
             del sc
         _stage_done(f"scores of seed {seed}", s.t0)
+    s.clock.stage(f"scores ({len(plan.seeds)} seeds)", positions)
     return (Scores(first, heavy, timing, first_batches),
             Selections(sels, bottoms, curve_sels, points, select.size(next(iter(sels.values())))))
 
@@ -513,7 +545,9 @@ def compare(s: Setup, sel: Selections) -> Agreement:
     stability = {}
     for m in plan.metrics:
         pairs = [select.jaccard(sel.top[m, a], sel.top[m, b]) for a, b in itertools.combinations(plan.seeds, 2)]
-        stability[m] = float(np.mean(pairs)) if pairs and cfg.stability_check else float("nan")
+        # A score that reads no data picks one set for every seed: its stability across data is undefined, not 1.
+        stability[m] = (float(np.mean(pairs)) if pairs and cfg.stability_check and scores.SCORES[m].needs_data
+                        else float("nan"))
     curves = {}
     for m in {m for m, _ in sel.curve}:
         curves[m] = {"windows": sel.points, "tokens_per_seed": [n * (cfg.seq_len - 1) for n in sel.points],
@@ -530,46 +564,66 @@ def compare(s: Setup, sel: Selections) -> Agreement:
 
 def perturb_sets(s: Setup, sel: Selections, progress: bool = True) -> dict:
     """ΔPPL of every perturbation × dose × metric × seed on the top-k and the controls. The random-k null
-    depends only on sizes, so all metrics share it. Every evaluation is listed first, then run
+    depends only on sizes, so all metrics share it. With ``control_doses = "largest"`` the controls are measured
+    at each perturbation's largest dose only (the dose the headline test and bar plots read), the top-k at every
+    dose (the dose-response curve).
+
+    A set is evaluated once per perturbation and dose: where seeds pick the same set (a metric that reads no data,
+    such as magnitude) and the perturbation draws nothing, the seeds' evaluations would be one computation
+    repeated, so the set is one sample, not one per seed. Every distinct evaluation is listed first, then run
     ``cfg.perturb_group`` parameter sets per compiled call."""
     cfg, plan, flat = s.cfg, s.plan, s.flat
-    cells, jobs = [], []
+    jobs: dict = {}    # fingerprint -> (selection, or a random-k draw to make; perturb.apply keywords)
+    cells = []         # (kind, scale, group, metric (None: the shared random-k null), fingerprint)
+    fps: dict = {}     # selection fingerprints, by (metric, seed, group)
+
+    def set_fp(group, m, seed):
+        if (m, seed, group) not in fps:
+            fps[m, seed, group] = select.fingerprint((sel.top if group == "topk" else sel.bottom)[m, seed])
+        return fps[m, seed, group]
+
     for kind, scale in itertools.product(plan.kinds, plan.scales):
-        kw = dict(kind=kind, scale=scale, prob=cfg.perturb_prob,
-                  bits=plan.bits if perturb.PERTURBATIONS[kind].uses_bits else (),
-                  noise_ref=cfg.noise_ref)
+        bits = plan.bits if perturb.PERTURBATIONS[kind].uses_bits else ()
+        kw = dict(kind=kind, scale=scale, prob=cfg.perturb_prob, bits=bits, noise_ref=cfg.noise_ref)
+        keyed = perturb.uses_key(kind, bits)
+        controls = [c for c in plan.controls if plan.control_doses == "all" or scale == max(plan.scales)]
         for seed in plan.seeds:
-            for r in range(cfg.random_draws if "random_k" in plan.controls else 0):
-                cells.append((kind, scale, "random_k", None))
-                jobs.append((("random", seed * 1000 + r), dict(kw, key=jax.random.key(seed * 1000 + r))))
+            for r in range(cfg.random_draws if "random_k" in controls else 0):
+                fp = ("random", seed * 1000 + r, kind, scale)
+                cells.append((kind, scale, "random_k", None, fp))
+                jobs[fp] = (("random", seed * 1000 + r), dict(kw, key=jax.random.key(seed * 1000 + r)))
         for m in plan.metrics:
             for seed in plan.seeds:
-                kw_seed = dict(kw, key=jax.random.key(seed))
-                cells.append((kind, scale, "topk", m))
-                jobs.append((sel.top[m, seed], kw_seed))
-                if "bottom_k" in plan.controls:
-                    cells.append((kind, scale, "bottom_k", m))
-                    jobs.append((sel.bottom[m, seed], kw_seed))
+                for group in ["topk"] + (["bottom_k"] if "bottom_k" in controls else []):
+                    fp = (set_fp(group, m, seed), kind, scale, seed if keyed else None)
+                    cells.append((kind, scale, group, m, fp))
+                    jobs.setdefault(fp, ((sel.top if group == "topk" else sel.bottom)[m, seed],
+                                         dict(kw, key=jax.random.key(seed))))
 
-    def materialize(jobs):
-        for one, kw in jobs:
+    def materialize(todo):
+        for one, kw in todo:
             if isinstance(one, tuple):  # a random-k draw, drawn when its group is evaluated
                 one = select.random_k(flat, cfg.topk, cfg.mode, cfg.param_filter, one[1])
                 assert select.size(one) == sel.k
             yield one, kw
 
     from tqdm import tqdm
-    bar = tqdm(total=len(jobs), desc="perturb", disable=not progress or jax.process_index() > 0)
-    deltas = _deltas(s.loaded, s.kept, s.data, cfg, s.base["ppl"], _applied(flat, materialize(jobs)), bar)
+    order = list(jobs)
+    bar = tqdm(total=len(order), desc="perturb", disable=not progress or jax.process_index() > 0)
+    deltas = dict(zip(order, _deltas(s.loaded, s.kept, s.data, cfg, s.base["ppl"],
+                                     _applied(flat, materialize(jobs[fp] for fp in order)), bar, s.clock),
+                      strict=True))
     bar.close()
     results = {key: {"topk": [], "random_k": [], "bottom_k": []}
                for key in itertools.product(plan.metrics, plan.kinds, plan.scales)}
     rand: dict = {}   # (kind, dose) -> the random-k null every metric is compared with
-    for (kind, scale, group, m), d in zip(cells, deltas, strict=True):
+    seen = set()
+    for kind, scale, group, m, fp in cells:
         if group == "random_k":
-            rand.setdefault((kind, scale), []).append(d)
-        else:
-            results[m, kind, scale][group].append(d)
+            rand.setdefault((kind, scale), []).append(deltas[fp])
+        elif (m, group, fp) not in seen:       # one sample per distinct evaluation
+            seen.add((m, group, fp))
+            results[m, kind, scale][group].append(deltas[fp])
     for (_, kind, scale), r in results.items():
         r["random_k"] = list(rand.get((kind, scale), []))
     return results
@@ -581,19 +635,26 @@ def run(cfg, progress: bool = True) -> Analysis:
     sc, sel = score(s, progress)
     super_w = None
     if cfg.super_weights:
-        super_w = super_weight_study(s.loaded, s.flat, s.kept, s.data, cfg, s.base["ppl"], sc.batches)
-        _stage_done("super weights", s.t0)
+        super_w = super_weight_study(s.loaded, s.flat, s.kept, s.data, cfg, s.base["ppl"], sc.batches, s.clock)
+        # The activation pass over the first seed's calibration windows, then the evaluations.
+        _stage_done("super weights", s.t0, s.clock, len(s.windows[s.plan.seeds[0]]) * cfg.seq_len)
     agreement = compare(s, sel)
+    s.clock.stage("agreement")
     results = perturb_sets(s, sel, progress)
-    _stage_done("perturbations", s.t0)
+    _stage_done("perturbations", s.t0, s.clock)
     pruning = None
     if cfg.prune_sparsity:
-        pruning = prune_study(s.loaded, s.flat, sc.first, s.data, cfg, s.base["ppl"], s.plan, progress)
-        _stage_done("pruning", s.t0)
-    faults = fault_study(s.loaded, s.flat, s.kept, sel.top, s.data, cfg, s.base["ppl"], s.plan, progress)
+        pruning = prune_study(s.loaded, s.flat, sc.first, s.data, cfg, s.base["ppl"], s.plan, progress, s.clock)
+        _stage_done("pruning", s.t0, s.clock)
+    faults = fault_study(s.loaded, s.flat, s.kept, sel.top, s.data, cfg, s.base["ppl"], s.plan, progress,
+                         s.clock)
+    if faults is not None:
+        _stage_done("bit flips", s.t0, s.clock)
     arch = {m: architecture.analyze(sc.first[m], s.loaded.describe, cfg.topk, scores.SCORES[m].signed,
                                     s.loaded.parts)
             for m in s.plan.metrics} if cfg.get("architecture", True) else None
+    if arch is not None:
+        s.clock.stage("architecture")
     return Analysis(s, sc, sel, agreement, Perturbations(results, pruning, faults, super_w), arch,
                     time.time() - s.t0)
 
@@ -609,9 +670,11 @@ def summarize(a: Analysis) -> dict:
         "n_params": n_params, "n_scored": st.n_kept, "metrics": plan.metrics, "mode": cfg.mode,
         "topk": cfg.topk, "k_selected": a.selections.k, "seeds": plan.seeds, "param_filter": cfg.param_filter,
         "perturb": plan.kinds, "perturb_scale": plan.scales, "controls": plan.controls,
-        "random_draws_per_seed": cfg.random_draws, "ppl_base": st.base["ppl"], "nll_base": st.base["nll"],
+        "random_draws_per_seed": cfg.random_draws, "control_doses": plan.control_doses,
+        "ppl_base": st.base["ppl"], "nll_base": st.base["nll"],
         "heldout_tokens": st.base["tokens"], "calibration_tokens_per_seed": int(cfg.max_samples * (cfg.seq_len - 1)),
         "agreement_overlap": a.agreement.overlap, "seconds_total": round(a.seconds_total, 1),
+        "timing": st.clock.table(),
         "super_weights": pt.super_weights,
         "pruning_ppl": pt.pruning,
         "faults": pt.faults,
@@ -622,6 +685,7 @@ def summarize(a: Analysis) -> dict:
     for m in plan.metrics:
         ht = a.scores.heavy[m]
         entry = {
+            "reads_data": scores.SCORES[m].needs_data,
             "jaccard_mean": a.agreement.stability[m],
             "stability_curve": a.agreement.curves.get(m),
             "heavy_tail_ratio": float(np.mean([h["top1pct_mean_over_median"] for h in ht])),

@@ -78,7 +78,7 @@ def write_plots(workdir, a: pipeline.Analysis, summary):
             for m in plan.metrics:
                 pm = summary["per_metric"][m]["perturb"][kind]
                 curves[m] = {g: (plan.scales, [pm[str(s)][g]["dppl_mean"] for s in plan.scales])
-                             for g in ("topk", "random_k", "bottom_k") if g in pm[str(plan.scales[0])]}
+                             for g in ("topk", "random_k", "bottom_k") if all(g in pm[str(s)] for s in plan.scales)}
             files.append(plots.dose_response(curves, os.path.join(workdir, f"dose_response_{kind}.png"),
                                              f"{kind}: ΔPPL vs dose"))
     labels = [f"{m[:10]}/{s}" for m, s in a.agreement.keys]
@@ -258,6 +258,43 @@ divides the weight by 2^(2^j), so for j ≥ 4 the weight is in effect zeroed (eq
 {plot}"""
 
 
+def _one_set_note(summary) -> str:
+    same = [m for m, e in summary["per_metric"].items() if not e.get("reads_data", True)]
+    if not same:
+        return "every metric here reads data, so each seed's sets are its own."
+    return (f"{', '.join(same)} read{'s' if len(same) == 1 else ''} no data, so every seed picks the same top-k "
+            "and bottom-k, measured once (n = 1 under a perturbation that draws nothing); no stability or top-k vs "
+            "random-k test across seeds applies to it, and the verdict table has no such rows for it.")
+
+
+def _control_doses_note(summary) -> str:
+    if summary.get("control_doses", "all") == "all" or len(summary["perturb_scale"]) < 2:
+        return ""
+    return (f"\n- The controls ({', '.join(summary['controls'])}) are measured at each perturbation's largest dose "
+            f"({max(summary['perturb_scale'])}) only, where the test is read; the top-k at every dose (the "
+            "dose-response curve); – marks a control not measured at a dose.")
+
+
+def _timing_section(summary) -> str:
+    t = summary.get("timing")
+    if not t or not t["stages"]:
+        return ""
+    rows = [{"stage": r["stage"], "seconds": r["seconds"], "held-out evaluations": r["evaluations"] or "–",
+             "forward-pass positions": f"{r['positions']:,.0f}" if r["positions"] else "–",
+             "floor (s)": _fmt(r["floor_seconds"], 1), "× floor": _fmt(r["over_floor"], 2), "note": r["note"]}
+            for r in t["stages"]]
+    unit = t["seconds_per_evaluation"]
+    per = (f"one held-out evaluation ({t['evaluation_positions']:,} positions) took {unit:.2f} s, the median of "
+           f"{t['evaluations']}" if unit else "no evaluation was timed")
+    return f"""## Where the time went
+A stage's floor is the forward-pass work its results need (positions: window × token slots; a gradient counts three
+forward passes) times the time one position took here ({per}). Above the floor is time spent on something else:
+compiling, selecting and sorting on the host, building perturbed copies.
+
+{report.markdown_table(rows)}
+"""
+
+
 def render(summary, cfg, figures) -> str:
     pm = summary["per_metric"]
     score_rows = [{"metric": m, "Jaccard (seeds)": _fmt(e["jaccard_mean"]),
@@ -268,10 +305,9 @@ def render(summary, cfg, figures) -> str:
         for kind, by_scale in e["perturb"].items():
             for scale, b in by_scale.items():
                 row = {"metric": m, "perturbation": kind, "dose": scale}
-                for g in ("topk", "random_k", "bottom_k"):
-                    if g in b:
-                        row[g + " ΔPPL [95% CI]"] = (f"{_fmt(b[g]['dppl_mean'])} "
-                                                    f"[{_fmt(b[g]['ci95'][0])}, {_fmt(b[g]['ci95'][1])}]")
+                for g in ("topk", *summary["controls"]):
+                    row[g + " ΔPPL [95% CI]"] = (f"{_fmt(b[g]['dppl_mean'])} [{_fmt(b[g]['ci95'][0])}, "
+                                                f"{_fmt(b[g]['ci95'][1])}] (n = {b[g]['n']})" if g in b else "–")
                 row["top/random"] = _fmt(b.get("ratio_topk_vs_random"), 1)
                 row["p (top > random)"] = _fmt(b.get("p_value_topk_vs_random"))
                 pert_rows.append(row)
@@ -308,7 +344,8 @@ def render(summary, cfg, figures) -> str:
 - Perturbations: {', '.join(summary['perturb'])} at doses {summary['perturb_scale']} ({perturb.formulas(
     pipeline.as_list(cfg.bit_flip_bits, int, "bit_flip_bits"))}).
 - Statistics: ΔPPL = perplexity after − before; mean over seeds (random-k: over seeds × draws) with a
-  percentile-bootstrap 95% CI; one-sided Mann–Whitney U test of top-k ΔPPL > random-k ΔPPL.
+  percentile-bootstrap 95% CI; one-sided Mann–Whitney U test of top-k ΔPPL > random-k ΔPPL. A set is one
+  sample however many seeds pick it: {_one_set_note(summary)}{_control_doses_note(summary)}
 
 ## Scores
 {report.markdown_table(score_rows)}
@@ -330,6 +367,7 @@ Agreement between metrics (share of the smaller top-k set the other also picked,
 {_super_section(summary)}
 {_architecture_section(summary, figures)}
 {_fault_section(summary, figures)}
+{_timing_section(summary)}
 ## Verdict against the ESA success criteria
 {report.markdown_table([x.row() for x in v])}
 

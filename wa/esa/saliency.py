@@ -69,22 +69,34 @@ def lowest(saliency: dict, fraction: float, mode: str) -> dict:
     return {p: np.flatnonzero(m) for p, m in masks(saliency, fraction, mode)}
 
 
-def prune(weights: dict, saliency: dict, fraction: float, mode: str):
+def prune(weights: dict, saliency: dict, fraction: float, mode: str, plan=None):
     """Yields (path, the weight with its ``lowest`` weights zeroed), one tensor at a time: a pruned copy built
-    from a boolean mask, without index arrays (at 70% of a 135M-parameter model they would take 600 MB)."""
-    for p, m in masks(saliency, fraction, mode):
+    from a boolean mask, without index arrays (at 70% of a 135M-parameter model they would take 600 MB).
+    ``plan``: ``plans(saliency, fractions, mode)[fraction]``, when several fractions share one partition."""
+    for p, m in masks(saliency, fraction, mode, plan):
         w = np.asarray(weights[p])
         yield p, np.where(m.reshape(w.shape), np.zeros((), w.dtype), w)
 
 
-def masks(saliency: dict, fraction: float, mode: str):
-    """Yields (path, flat boolean mask of the weights ``lowest`` picks), path by path."""
+def plans(saliency: dict, fractions, mode: str) -> dict:
+    """{fraction: [(paths, cut, ties)]}: where ``masks`` cuts each group of paths (each matrix alone per layer,
+    all together model-wide), from one partition per group for every fraction."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not 0 < fraction < 1:
-        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
-    if mode == "per_layer":
-        for p, v in saliency.items():
-            yield from select.lowest_masks({p: v}, int(round(fraction * np.size(v))))
-    else:
-        yield from select.lowest_masks(saliency, int(round(fraction * sum(np.size(v) for v in saliency.values()))))
+    for f in fractions:
+        if not 0 < f < 1:
+            raise ValueError(f"fraction must lie in (0, 1), got {f}")
+    groups = [[p] for p in saliency] if mode == "per_layer" else [list(saliency)]
+    out = {f: [] for f in fractions}
+    for g in groups:
+        n = sum(np.size(saliency[p]) for p in g)
+        cuts = select.thresholds({p: saliency[p] for p in g}, [int(round(f * n)) for f in fractions])
+        for f, (cut, ties) in zip(fractions, cuts, strict=True):
+            out[f].append((g, cut, ties))
+    return out
+
+
+def masks(saliency: dict, fraction: float, mode: str, plan=None):
+    """Yields (path, flat boolean mask of the weights ``lowest`` picks), path by path."""
+    for g, cut, ties in plan if plan is not None else plans(saliency, [fraction], mode)[fraction]:
+        yield from select.masks_at({p: saliency[p] for p in g}, cut, ties)

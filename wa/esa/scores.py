@@ -134,9 +134,11 @@ def _per_window_names(names) -> tuple[str, ...]:
     return names
 
 
-def _window_sums(params, cal: Calibration, names: tuple[str, ...]):
+def _window_sums(params, cal: Calibration, names: tuple[str, ...], acts: bool = False):
     """Yields (windows so far, {part: {path: Σ_w part(g_w)} so far}) after each calibration batch, for the gradient
-    parts (``PER_WINDOW``) the named scores need; ``_window_means`` turns them into a score.
+    parts (``PER_WINDOW``) the named scores need; ``_window_means`` turns them into a score. With ``acts`` (causal
+    LMs), part ``"acts"`` holds every linear layer's Σ x_i² over the real tokens, read from the same forward
+    passes (``act_mag`` without a pass of its own).
 
     Every named score comes from the same per-window gradient, so one pass serves them all. Windows without
     loss terms do not count.
@@ -145,8 +147,13 @@ def _window_sums(params, cal: Calibration, names: tuple[str, ...]):
     loaded = cal.loaded
 
     parts = tuple(sorted({PER_WINDOW[n][0] for n in names}))
+    kernels = set(_flat(params))
+    model = getattr(loaded, "model", None)
+    head = None if getattr(model, "tied", True) else "/".join(model.head)
 
     if getattr(loaded.family, "kind", "causal_lm") != "causal_lm":
+        if acts:
+            raise ScoreError("activation sums ride on the per-window pass of causal LMs only")
         acc, total = None, 0.0
         for c, g in _grads(params, cal):
             part = {k: {p: c * GRAD_PARTS[k](v.astype(jnp.float32)) for p, v in g.items()} for k in parts}
@@ -156,12 +163,23 @@ def _window_sums(params, cal: Calibration, names: tuple[str, ...]):
         return
 
     def build():
+        def loss(p, batch, rng):
+            if not acts:
+                return _mean_loss(loaded, p, batch, rng)
+            sq: dict = {}
+            with nn.intercept_methods(_sq_interceptor(sq, batch["attention_mask"], head)):
+                mean, count = _mean_loss(loaded, p, batch, rng)
+            return mean, (count, {q: v for q, v in sq.items() if q in kernels})
+
         def one(params, ids, mask, rng):
             batch = {"input_ids": ids[None], "attention_mask": mask[None]}
-            g, count = jax.grad(lambda p: _mean_loss(loaded, p, batch, rng), has_aux=True)(params)
+            g, aux = jax.grad(lambda p: loss(p, batch, rng), has_aux=True)(params)
+            count, sq = aux if acts else (aux, None)
             # A window without loss terms has a zero mean loss, so a zero gradient: it adds nothing to the sums.
-            return {k: jax.tree.map(lambda gi, k=k: GRAD_PARTS[k](gi.astype(jnp.float32)), g) for k in parts}, \
-                (count > 0).astype(jnp.float32)
+            vals = {k: jax.tree.map(lambda gi, k=k: GRAD_PARTS[k](gi.astype(jnp.float32)), g) for k in parts}
+            if acts:
+                vals["acts"] = sq
+            return vals, (count > 0).astype(jnp.float32)
 
         def step(params, batch, rng):
             ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -177,21 +195,31 @@ def _window_sums(params, cal: Calibration, names: tuple[str, ...]):
                         acc[1] + live.sum()), None
 
             zeros = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params)
-            return jax.lax.scan(body, ({k: zeros for k in parts}, jnp.zeros((), jnp.float32)), xs)[0]
+            init = {k: zeros for k in parts}
+            if acts:
+                shapes = jax.eval_shape(lambda: jax.vmap(one, in_axes=(None, 0, 0, None))(params, *xs_first(xs), rng))
+                init["acts"] = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], jnp.float32), shapes[0]["acts"])
+            return jax.lax.scan(body, (init, jnp.zeros((), jnp.float32)), xs)[0]
 
-        return jax.jit(step, out_shardings=({k: loaded.shardings for k in parts}, None))
+        def xs_first(xs):
+            return tuple(x[0] for x in xs)
 
-    step = loaded.compiled(("esa/window", parts, cal.window_chunk), build)
+        shard = {k: loaded.shardings for k in parts}
+        return jax.jit(step, out_shardings=(shard | {"acts": None} if acts else shard, None))
+
+    step = loaded.compiled(("esa/window", parts, cal.window_chunk, acts), build)
     acc, windows = None, 0.0
-    for i, batch in enumerate(_progress(cal, cal.batches, f"{'+'.join(names)} per window")):
+    what = "+".join(names + (("act_mag",) if acts else ()))
+    for i, batch in enumerate(_progress(cal, cal.batches, f"{what} per window")):
         tot, n = step(params, batch, cal.rng(i))
-        tot = {k: _flat(v) for k, v in tot.items()}
-        acc = tot if acc is None else {k: {p: acc[k][p] + v for p, v in tot[k].items()} for k in parts}
+        tot = {k: (v if k == "acts" else _flat(v)) for k, v in tot.items()}
+        acc = tot if acc is None else {k: {p: acc[k][p] + v for p, v in tot[k].items()} for k in tot}
         windows += float(n)
         yield windows, acc
 
 
-def prefix_means(names, params, cal: Calibration, points, reduce=None) -> dict[str, dict[int, object]]:
+def prefix_means(names, params, cal: Calibration, points, reduce=None, acts: bool = False
+                 ) -> dict[str, dict[int, object]]:
     """Per-window scores ``names`` after the first n calibration windows, for each n in ``points`` (at batch
     ends): one gradient pass gives every name's stability-curve scores and, at the last point, the score.
 
@@ -200,28 +228,34 @@ def prefix_means(names, params, cal: Calibration, points, reduce=None) -> dict[s
     """
     names = _per_window_names([names] if isinstance(names, str) else names)
     out, want = {n: {} for n in names}, sorted(set(points))
-    for windows, acc in _window_sums(params, cal, names):
+    acc = None
+    for windows, acc in _window_sums(params, cal, names, acts):
         # Windows with loss terms so far: padding rows of the last batch have none, so they do not count.
         if int(windows) in want:
             for n in names:
                 means = _window_means(cal.loaded, n, acc, windows, params)
                 out[n][int(windows)] = reduce(n, int(windows), means) if reduce else means
+    if acts:   # over every calibration token, as ``act_mag`` computes it: at the last point only
+        out["act_mag"] = {max(want): act_mag_from(cal.loaded, params, acc["acts"])}
     missing = [w for w in want if w not in out[names[0]]]
     if missing:
         raise ScoreError(f"stability points {missing} do not fall at the end of a calibration batch")
     return out
 
 
-def window_means(names, params, cal: Calibration) -> dict[str, dict]:
+def window_means(names, params, cal: Calibration, acts: bool = False) -> dict[str, dict]:
     """(1/W) Σ_w score_name(g_w, w) over every calibration window with at least one loss term, for every
-    name, from one gradient pass."""
+    name, from one gradient pass (and ``act_mag`` from its forward passes, with ``acts``)."""
     names = _per_window_names([names] if isinstance(names, str) else names)
     windows, acc = 0.0, None
-    for windows, acc in _window_sums(params, cal, names):  # noqa: B007 - the last sums are the totals
+    for windows, acc in _window_sums(params, cal, names, acts):  # noqa: B007 - the last sums are the totals
         pass
     if not windows:
         raise ScoreError("the calibration batches hold no loss terms (all tokens masked?)")
-    return {n: _window_means(cal.loaded, n, acc, windows, params) for n in names}
+    out = {n: _window_means(cal.loaded, n, acc, windows, params) for n in names}
+    if acts:
+        out["act_mag"] = act_mag_from(cal.loaded, params, acc["acts"])
+    return out
 
 
 def grad_x_weight(params, cal: Calibration):
@@ -297,22 +331,32 @@ def _linear_kernel(module) -> bool:
     return module.has_variable("params", "kernel") and module.get_variable("params", "kernel").ndim == 2
 
 
+def _sq_interceptor(out: dict, mask, head: str | None = None):
+    """A flax method interceptor adding each linear layer call's Σ over real tokens of x_i² to ``out``; with
+    ``head`` (an untied output matrix's path, which the chunked loss applies without a layer call), the final
+    hidden states' too, as that matrix's input."""
+    def add(path, x):
+        x = x.astype(jnp.float32)
+        if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
+            x = x * mask[..., None].astype(jnp.float32)
+        sq = jnp.sum(jnp.square(x.reshape(-1, x.shape[-1])), axis=0)
+        out[path] = sq if path not in out else out[path] + sq
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and args and _linear_kernel(context.module):
+            add("/".join(context.module.path) + "/kernel", args[0])
+        y = next_fun(*args, **kwargs)
+        if head is not None and context.method_name == "hidden":
+            add(head, y)
+        return y
+    return interceptor
+
+
 def input_sq_norms(loaded, params, batch):
     """{kernel path: Σ over real tokens of x_i²} for every linear layer call (input features x)."""
     mask = batch.get("attention_mask")
     out = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and args and _linear_kernel(context.module):
-            x = args[0].astype(jnp.float32)
-            if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
-                x = x * mask[..., None].astype(jnp.float32)
-            path = "/".join(context.module.path) + "/kernel"
-            sq = jnp.sum(jnp.square(x.reshape(-1, x.shape[-1])), axis=0)
-            out[path] = sq if path not in out else out[path] + sq
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
+    with nn.intercept_methods(_sq_interceptor(out, mask)):
         loaded.forward(params, batch["input_ids"], mask)
     return out
 
@@ -332,8 +376,14 @@ def act_mag(params, cal: Calibration):
     for batch in _progress(cal, cal.batches, "activations"):
         sq = step(params, batch)
         acc = sq if acc is None else {p: acc[p] + sq[p] for p in sq}
+    return act_mag_from(loaded, params, acc)
+
+
+def act_mag_from(loaded, params, acc: dict | None) -> dict:
+    """|W_ij| · ‖X_i‖₂ from the linear layers' input sums of squares ``acc`` ({kernel path: Σ x_i²})."""
     if not acc:
         raise ScoreError("act_mag captured no linear-layer inputs; the model has no nn.Dense/Conv1D layers")
+    flat = _flat(params)
     out = {}
     for p, sq in acc.items():
         w = flat[p]
@@ -350,15 +400,21 @@ class Score:
     fn: Callable
     needs_data: bool
     signed: bool = False
+    # Its work in forward-pass equivalents per calibration position (a gradient counts 3: the forward pass and two
+    # matrix products per weight in the backward; a Hessian-vector product 2 gradients), for the stage's floor.
+    passes: Callable[[Calibration], float] = lambda cal: 0.0
 
+
+GRADIENT = 3.0
 
 SCORES: dict[str, Score] = {
     "magnitude": Score(magnitude, needs_data=False),
-    "grad_x_weight": Score(grad_x_weight, needs_data=True),
-    "grad_squared": Score(grad_squared, needs_data=True),
-    "taylor_squared": Score(taylor_squared, needs_data=True),
-    "hutchinson_diag": Score(hutchinson_diag, needs_data=True, signed=True),
-    "act_mag": Score(act_mag, needs_data=True),
+    "grad_x_weight": Score(grad_x_weight, needs_data=True, passes=lambda cal: GRADIENT),
+    "grad_squared": Score(grad_squared, needs_data=True, passes=lambda cal: GRADIENT),
+    "taylor_squared": Score(taylor_squared, needs_data=True, passes=lambda cal: GRADIENT),
+    "hutchinson_diag": Score(hutchinson_diag, needs_data=True, signed=True,
+                             passes=lambda cal: 1 + 2 * GRADIENT * -(-cal.probes // cal.probe_chunk) * cal.probe_chunk),
+    "act_mag": Score(act_mag, needs_data=True, passes=lambda cal: 1.0),
 }
 
 

@@ -57,7 +57,8 @@ def verdicts(summary: dict) -> list[Verdict]:
         add("heavy_tail", m, f"{e['heavy_tail_ratio']:.1f}×", e["heavy_tail_ratio"] > 10)
     for m, e in pm.items():
         main = e["perturb_main"]
-        if main["kind"] == "sign_flip" and e.get("p_value_topk_vs_random") is not None:
+        # A score that reads no data has one top-k set for every seed: no test across seeds applies to it.
+        if main["kind"] == "sign_flip" and e.get("p_value_topk_vs_random") is not None and e.get("reads_data", True):
             ratio, p = e["ratio_topk_vs_random"], e["p_value_topk_vs_random"]
             add("sign_flip", m, f"{report.number(ratio, 1)}×, p = {report.number(p)}", ratio >= 5 and p < 0.01)
     for m, e in pm.items():
