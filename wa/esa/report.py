@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from wa import report
-from wa.esa import perturb, pipeline, saliency, select, verdicts
+from wa.esa import perturb, pipeline, saliency, verdicts
 from wa.models import gguf_io
 from wa.report import plots
 
@@ -31,13 +31,18 @@ def write_topk_csv(path, a: pipeline.Analysis):
         for m in a.setup.plan.metrics:
             sel = a.selections.top[m, seed]
             sc = a.scores.first[m]
-            rows = [(float(sc[p].ravel()[i]), p, int(i)) for p, idx in sel.items() for i in idx]
-            rows.sort(key=lambda t: (-abs(t[0]), t[1], t[2]))
-            for rank, (s, p, i) in enumerate(rows):
+            # Per tensor, not per row: a 135M-parameter model's top-k of five metrics is a million rows.
+            rows, where = [], {}
+            for p, idx in sel.items():
+                idx = np.asarray(idx, np.int64)
                 info = loaded.describe(p)
-                w.writerow([m, rank, p, i, "(" + ",".join(map(str, select.coordinates(flat[p].shape, i))) + ")",
-                            "" if info.layer is None else info.layer, info.component, info.role,
-                            f"{float(flat[p].ravel()[i]):.8g}", f"{s:.8g}"])
+                coords = np.stack(np.unravel_index(idx, flat[p].shape), axis=-1).tolist()
+                where[p] = ("" if info.layer is None else info.layer, info.component, info.role)
+                rows += zip(np.asarray(sc[p]).ravel()[idx].tolist(), [p] * len(idx), idx.tolist(),
+                            flat[p].ravel()[idx].tolist(), coords, strict=True)
+            rows.sort(key=lambda t: (-abs(t[0]), t[1], t[2]))
+            w.writerows([m, rank, p, i, "(" + ",".join(map(str, c)) + ")", *where[p], f"{v:.8g}", f"{s:.8g}"]
+                        for rank, (s, p, i, v, c) in enumerate(rows))
 
 
 def _layer_role_tables(a: pipeline.Analysis):

@@ -43,7 +43,7 @@ class Clock:
         unit = self.per_position()
         rows = []
         for r in self.rows:
-            floor = r["positions"] * unit if unit else None
+            floor = r["positions"] * unit if unit and r["positions"] else None   # no forward work: no floor
             rows.append({**r, "seconds": round(r["seconds"], 1),
                          "floor_seconds": None if floor is None else round(floor, 1),
                          "over_floor": round(r["seconds"] / floor, 2) if floor else None})
