@@ -196,13 +196,10 @@ def _window_sums(params, cal: Calibration, names: tuple[str, ...], acts: bool = 
 
             zeros = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params)
             init = {k: zeros for k in parts}
-            if acts:
-                shapes = jax.eval_shape(lambda: jax.vmap(one, in_axes=(None, 0, 0, None))(params, *xs_first(xs), rng))
-                init["acts"] = jax.tree.map(lambda a: jnp.zeros(a.shape[1:], jnp.float32), shapes[0]["acts"])
+            if acts:   # the layers the interceptor sees, by their shapes in one window's pass
+                shapes = jax.eval_shape(one, params, ids[0], mask[0], rng)[0]["acts"]
+                init["acts"] = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), shapes)
             return jax.lax.scan(body, (init, jnp.zeros((), jnp.float32)), xs)[0]
-
-        def xs_first(xs):
-            return tuple(x[0] for x in xs)
 
         shard = {k: loaded.shardings for k in parts}
         return jax.jit(step, out_shardings=(shard | {"acts": None} if acts else shard, None))
