@@ -608,11 +608,9 @@ def perturb_sets(s: Setup, sel: Selections, progress: bool = True) -> dict:
             yield one, kw
 
     from tqdm import tqdm
-    order = list(jobs)
-    bar = tqdm(total=len(order), desc="perturb", disable=not progress or jax.process_index() > 0)
-    deltas = dict(zip(order, _deltas(s.loaded, s.kept, s.data, cfg, s.base["ppl"],
-                                     _applied(flat, materialize(jobs[fp] for fp in order)), bar, s.clock),
-                      strict=True))
+    bar = tqdm(total=len(jobs), desc="perturb", disable=not progress or jax.process_index() > 0)
+    deltas = dict(zip(jobs, _deltas(s.loaded, s.kept, s.data, cfg, s.base["ppl"],
+                                    _applied(flat, materialize(jobs.values())), bar, s.clock), strict=True))
     bar.close()
     results = {key: {"topk": [], "random_k": [], "bottom_k": []}
                for key in itertools.product(plan.metrics, plan.kinds, plan.scales)}

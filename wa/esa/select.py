@@ -250,7 +250,3 @@ def counts(sel: dict, classify) -> dict:
                      ("layer_component", f"{layer}/{info.component}")):
             out[k][v] = out[k].get(v, 0) + n
     return out
-
-
-def coordinates(shape, flat_index) -> tuple:
-    return tuple(int(i) for i in np.unravel_index(int(flat_index), shape))
