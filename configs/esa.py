@@ -4,6 +4,8 @@ r"""Critical weight analysis (ESA): score every weight, pick the top-k, prove th
   python -m launch.esa --config configs/esa.py:smoke --workdir /tmp/esa        # seconds, for tests
   python -m launch.esa --config configs/esa.py:minilm --workdir runs/esa-minilm
   python -m launch.esa --config configs/esa.py:shakespeare_char --workdir runs/esa-shakespeare
+  python -m launch.esa --config configs/esa.py:smollm2 --workdir runs/esa-smollm2   # ~15 min on 2 CPU cores
+  python -m launch.esa --config configs/esa.py:gemma3 --workdir runs/esa-gemma3     # ~26 min on 2 CPU cores
   python -m launch.esa --config configs/esa.py --config.metric=grad_x_weight,grad_squared \
       --config.perturb=sign_flip,gauss_noise --config.perturb_scale=0.25,0.5,1.0
 
@@ -25,6 +27,10 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.mode = "per_layer"              # per_layer (k per weight matrix) or global
     c.topk = 0.002                    # count (>= 1) or fraction in (0, 1) of each matrix / of all
     c.param_filter = r"kernel$"       # which tensors compete: weight matrices (not embeddings, norms)
+    # Tensors outside param_filter that are scored in the same passes and reported apart (the token embedding,
+    # norm weights; "" = none): their own top-k by vocabulary row, the model-wide top-k with them competing,
+    # their mean score per weight, and their top-k perturbed against random-k (wa/esa/apart.py says why apart).
+    c.apart = r"embed|norm"
     # Calibration sequences per seed (seeds draw disjoint sets): 64 × 255 ≈ 16k tokens, where per-window
     # grad×weight's top-0.2% sets first agree across seeds at Jaccard > 0.4 on stories260K.
     c.max_samples = 64
@@ -75,6 +81,7 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
         c.perturb = "sign_flip,gauss_noise"
         c.perturb_scale = "0.25,0.5,1.0,2.0"
     elif arg == "smoke":
+        c.apart = ""
         c.metric = "magnitude,grad_x_weight,grad_squared,hutchinson_diag,act_mag"
         c.max_samples = 4
         c.seq_len = 64
@@ -100,29 +107,35 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
         c.heldout_fraction = 0.1
     elif arg == "minilm":
         c.model = "minilm"
+        c.apart = ""
         c.corpus = "wikitext2_valid"
         c.doc_split = "blank_lines"
         c.seq_len = 128
         c.max_samples = 16
         c.eval_windows = 32
-    elif arg == "smollm2":
+    elif arg in ("smollm2", "gemma3"):
         # SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32) on WikiText-2 validation text, sized to run
-        # in under 15 minutes on 2 CPU cores: ~106M weight-matrix entries, 8 windows' per-window gradients in
-        # ~14-19 s, one held-out evaluation of 2k tokens in ~4.7 s, and ~125 evaluations in all (the report's
-        # "Where the time went"). Hutchinson (two extra gradients per probe) is left out; so OBD with the
-        # Hessian diagonal is too. Fewer evaluations than the defaults: the controls at the largest dose only,
-        # pruning at 50% and 70%, three super-weight candidates one at a time, three bit positions per encoding.
-        c.model = "smollm2"
+        # in under 15 minutes on 2 CPU cores: 134.5M weight-matrix entries (the layers' 106M and the file's untied
+        # 28M output matrix), 8 windows' per-window gradients in ~14-19 s, one held-out evaluation of 2k tokens in
+        # ~4.2 s, and 128 evaluations in all (the report's "Where the time went"). Hutchinson (two extra
+        # gradients per probe) is left out; so OBD with the Hessian diagonal is too. Fewer evaluations than the
+        # defaults: the controls at the largest dose only, pruning at 50% and 70%, three super-weight candidates one
+        # at a time, three bit positions per encoding.
+        # Gemma-3-270M (base; Q4_K_M GGUF, dequantized to float32; Gemma Terms of Use) takes the same stages and
+        # sizes, so the two set side by side (~26 minutes: its 262,144-row tied head doubles an evaluation). Its
+        # embedding (168M of 268M weights) is scored in the same gradient pass but reported apart (``apart``).
+        c.model = arg
         c.corpus = "wikitext2_valid"
         c.doc_split = "blank_lines"
-        c.bos = False                 # the tokenizer adds none (add_bos_token false in the file)
+        c.bos = False                 # SmolLM2's tokenizer adds none (add_bos_token false in the file) ...
+        c.window_bos = arg == "gemma3"  # ... and Gemma is trained always to see BOS first
         c.metric = "magnitude,grad_x_weight,grad_squared,taylor_squared,act_mag"
         c.max_samples = 24            # 3 seeds × 24 windows × 255 tokens: 18k calibration tokens
-        c.window_chunk = 2            # 2 per-window gradients of 135M parameters at a time
+        c.window_chunk = 2            # 2 per-window gradients of the whole model at a time
         c.eval_windows = 8
         c.random_draws = 3
         c.control_doses = "largest"   # the controls where the test is read; the top-k at every dose
-        c.perturb_batching = "serial"  # one perturbed copy of the 106M scored weights at a time (host memory)
+        c.perturb_batching = "serial"  # one perturbed copy of the ~100M scored weights at a time (host memory)
         c.prune_sparsity = "0.5,0.7"
         c.super_weights_each = 3
         c.fault_bits_float32 = "31,30,22"
@@ -130,5 +143,5 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
         c.fault_random_draws = 2
     else:
         raise ValueError(f"configs/esa.py: unknown variant {arg!r}; use stories260k, dose, smoke, minilm, "
-                         "shakespeare_char or smollm2")
+                         "shakespeare_char, smollm2 or gemma3")
     return c

@@ -10,8 +10,10 @@ import pytest
 
 from configs import esa as esa_configs
 from tests import helpers
-from wa import errors, runs
+from wa import errors, models, runs
+from wa.data import paths
 from wa.esa import job, pipeline
+from wa.parallel import rules as rules_lib
 
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
@@ -25,7 +27,7 @@ def _esa(tmp_path, *overrides, variant="smoke"):
 
 def test_esa_smoke_writes_every_output(tmp_path):
     r = _esa(tmp_path, "--config.metric=magnitude,grad_x_weight,act_mag", "--config.perturb=sign_flip,bit_flip",
-             "--config.save_plots=True", "--config.control_doses=largest")
+             "--config.save_plots=True", "--config.control_doses=largest", "--config.apart=embed|norm")
     assert r.returncode == 0, r.stderr[-4000:]
     s = json.load(open(tmp_path / "summary.json"))
     for k in ("model", "n_params", "metrics", "mode", "topk", "seeds", "ppl_base"):
@@ -85,6 +87,8 @@ def test_esa_smoke_writes_every_output(tmp_path):
     assert arch["n_scored"] == sum(sizes) and set(arch["progression"]["layers"]) == {0, 1, 2, 3, 4}
     assert arch["attention_vs_mlp"]["mean_score_ratio"] == pytest.approx(
         arch["component"]["attention"]["mean_score"] / arch["component"]["mlp"]["mean_score"])
+    _check_apart(s, sizes)
+    _check_family_figures(tmp_path, s)
     rows = open(tmp_path / "topk.csv").read().splitlines()
     assert rows[0] == "metric,rank,path,flat_index,coordinates,layer,component,role,value,score"
     assert len(rows) == 1 + 3 * s["k_selected"]
@@ -99,7 +103,7 @@ def test_esa_smoke_writes_every_output(tmp_path):
     assert {"summary.json", "topk.csv", "report.md", "config.json", "jaccard.png"} <= set(done)
     # Another analysis in this folder is refused before any compute: its plots would sit beside these.
     other = esa_configs.get_config("smoke")
-    other.topk = 0.01
+    other.topk, other.apart = 0.01, "embed|norm"
     with pytest.raises(errors.RunError, match=r"holds another run, so it cannot be resumed: config.control_doses: "
                                               r".*; config.metric: .*; config.perturb: .*; "
                                               r"config.topk: 0.002 in the folder, 0.01 now\."):
@@ -112,6 +116,72 @@ def test_esa_smoke_writes_every_output(tmp_path):
     assert "## Architecture: where the top-k land model-wide" in report and "## Fault tolerance" in report
     assert "| zeroing the super-weight candidates vs the same number of largest-magnitude weights | ΔPPL larger |" \
         in report
+
+
+def _check_apart(s, sizes):
+    """The embedding and norms reported apart: scored by every metric but act_mag, read with and without them."""
+    flat = {p: np.asarray(v) for p, v in rules_lib.flatten(models.load(paths.checkpoint("stories260k")).params).items()}
+    norms = [p for p in flat if p.endswith("norm/weight")]
+    assert s["apart_paths"] == ["model/embed_tokens/embedding"] + norms and len(norms) == 11
+    ap = s["apart"]
+    assert set(ap) == {"magnitude", "grad_x_weight"}       # act_mag scores linear-layer inputs only
+    n_apart = 512 * 64 + 11 * 64
+    for m, e in ap.items():
+        assert e["weights"] == n_apart and e["matrices_weights"] == sum(sizes)
+        assert e["groups"]["embedding/token"] == {"tensors": 1, "weights": 512 * 64,
+                                                  "mean_score_vs_matrices": e["groups"]["embedding/token"][
+                                                      "mean_score_vs_matrices"]}
+        arch = e["architecture"]
+        # With them competing: the model-wide top-k of all 292,800 weights, the apart share read off its tables.
+        assert arch["n_scored"] == 292_800 and arch["k"] == -(-2 * 292_800 // 1000)
+        comp = arch["component"]
+        assert e["global_topk_share"] * arch["k"] == pytest.approx(comp["embedding"]["selected"]
+                                                                   + comp["norm"]["selected"])
+        rows = e["rows"]["model/embed_tokens/embedding"]
+        assert rows["k"] == e["k"] == -(-2 * 512 * 64 // 1000) and 1 <= rows["rows_holding"] <= rows["k"]
+        assert rows["rows"] == 512 and 0 < rows["seen_rows_share"] < 1
+        pt = e["perturb"]
+        assert pt["kind"] == "sign_flip" and pt["dose"] == 1.0 and pt["random_k"]["n"] == 4
+        assert pt["topk"]["n"] == (1 if m == "magnitude" else 2)
+    # Magnitude's group figures from the weights themselves: mean |w| of the group over that of the matrices.
+    kept_mean = np.mean(np.concatenate([np.abs(v).ravel() for p, v in flat.items() if p.endswith("kernel")]))
+    mag = ap["magnitude"]
+    assert mag["groups"]["embedding/token"]["mean_score_vs_matrices"] == pytest.approx(
+        np.abs(flat["model/embed_tokens/embedding"]).mean() / kept_mean, rel=1e-5)
+    final = mag["groups"]["norm/final_norm"]
+    assert final["mean_score_vs_matrices"] == pytest.approx(np.abs(flat["model/norm/weight"]).mean() / kept_mean,
+                                                            rel=1e-5)
+    assert np.isnan(mag["jaccard_mean"]) and 0 <= ap["grad_x_weight"]["jaccard_mean"] <= 1
+    # Gradient scores of the embedding fall only on rows of tokens the calibration windows hold (tied or not, an
+    # untied head gives the others no gradient): every selected entry lies in a seen row.
+    assert ap["grad_x_weight"]["rows"]["model/embed_tokens/embedding"]["seen_share_of_topk"] == 1.0
+
+
+def _check_family_figures(workdir, s):
+    """experiments/esa_families.py's reading of one finished analysis: its per-layer statistics and claims."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("esa_families", os.path.join(helpers.REPO, "experiments",
+                                                                               "esa_families.py"))
+    fam = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fam)
+    fig = fam.family_figures(fam.load(str(workdir)), None)
+    prog = s["architecture"]["grad_x_weight"]["progression"]
+    avm = fig["attention_vs_mlp"]["grad_x_weight"]
+    assert avm["layers"] == 5 and avm["layers_attention_higher"] == sum(
+        a > m for a, m in zip(prog["attention"]["mean_score"], prog["mlp"]["mean_score"], strict=True))
+    assert avm["mean_score_ratio"] == s["architecture"]["grad_x_weight"]["attention_vs_mlp"]["mean_score_ratio"]
+    d = fig["depth"]["grad_x_weight"]
+    layer = s["architecture"]["grad_x_weight"]["layer"]
+    scores_by_layer = [layer[str(i)]["mean_score"] for i in range(5)]
+    assert d["first_rank"] == 1 + sum(v > scores_by_layer[0] for v in scores_by_layer)
+    assert fig["sliding_vs_global"] is None and fig["sign_flip"]["magnitude"]["n"] == 1
+    rows = {r["claim"]: r for r in fam.claims({"stories260k": fig})}
+    norm = rows["every norm weight group scores higher per weight than the matrices (grad_x_weight)"]
+    lowest = min(v["mean_score_vs_matrices"] for g, v in s["apart"]["grad_x_weight"]["groups"].items()
+                 if g.startswith("norm/"))
+    assert norm["verdict"] == ("holds in all" if lowest > 1 else "holds in none")
+    assert rows["global-attention layers differ from sliding-window ones (grad_x_weight mean score per layer; "
+                "Mann–Whitney)"]["verdict"] == "–"
 
 
 def test_a_refused_run_leaves_its_workdir_as_it_found_it(tmp_path):
@@ -207,3 +277,17 @@ def test_two_processes_give_the_same_scores(tmp_path, micro):
     two = np.load(out, allow_pickle=True)
     assert int(two["n_processes"]) == 2 and int(two["n_devices"]) == 8
     _same(one, two)
+
+
+def test_apart_paths_are_outside_the_competing_ones_and_a_regex_matching_none_is_one_error():
+    from wa.esa import apart
+    flat = {"e/embedding": np.zeros((4, 2)), "l/kernel": np.zeros((2, 2)), "l/norm/weight": np.zeros(2)}
+    kept = ["l/kernel"]
+    assert apart.paths(flat, kept, "") == []
+    assert apart.paths(flat, kept, "embed|norm|kernel") == ["e/embedding", "l/norm/weight"]
+    assert apart.matrices(flat, ["e/embedding", "l/norm/weight"]) == ["e/embedding"]
+    with pytest.raises(errors.ConfigError, match=r"--config.apart='kernel' matches no parameter outside "
+                                                 r"--config.param_filter; those look like \['e/embedding', "):
+        apart.paths(flat, kept, "kernel")
+    with pytest.raises(errors.ConfigError, match=r"--config.apart='\(' is not a valid regex"):
+        apart.paths(flat, kept, "(")

@@ -41,3 +41,12 @@ def rss_gib() -> float | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
     except (OSError, ValueError, IndexError):
         return None
+
+
+def peak_rss_gib() -> float | None:
+    """The most resident memory this process has held so far, in GiB (Linux reports ru_maxrss in KiB)."""
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    except (ImportError, OSError):
+        return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 import time
 
 import jax
@@ -22,6 +23,7 @@ from absl import logging
 
 from wa import errors, hostmem, models, parallel
 from wa.data import paths, text, tokenizers
+from wa.esa import apart as apart_lib
 from wa.esa import architecture, evaluate, perturb, saliency, scores, select, stats, superweights, timing
 from wa.parallel import rules as rules_lib
 
@@ -149,6 +151,7 @@ class Data:
     eval_mask: np.ndarray
     documents: int
     heldout_documents: int
+    decode: object = None   # token id -> its text (the apart report names embedding rows by their token)
 
 
 def check_bos(cfg) -> None:
@@ -193,7 +196,8 @@ def prepare_data(cfg, loaded, ckpt) -> Data:
     bos, first = cfg.get("bos", True), window_start(cfg, tok, cfg.model)
     cal_ids, cal_mask = text.lm_windows(text.token_stream(docs[:-n_eval], tok, bos=bos), cfg.seq_len, first)
     ev_ids, ev_mask = text.lm_windows(text.token_stream(docs[-n_eval:], tok, bos=bos), cfg.seq_len, first)
-    return Data(cal_ids, cal_mask, ev_ids[:cfg.eval_windows], ev_mask[:cfg.eval_windows], len(docs), n_eval)
+    return Data(cal_ids, cal_mask, ev_ids[:cfg.eval_windows], ev_mask[:cfg.eval_windows], len(docs), n_eval,
+                lambda i: tok.decode([i]))
 
 
 def _deltas(loaded, kept, data, cfg, base_ppl, sets, bar=None, clock=None) -> list[float]:
@@ -371,6 +375,7 @@ class Setup:
     loaded: models.Loaded
     flat: dict            # path -> sharded parameter
     kept: list            # the paths that compete for selection (``param_filter``)
+    apart: list           # the paths scored and reported apart (``apart``; ``wa.esa.apart``)
     data: Data
     windows: dict         # seed -> its calibration windows (disjoint between seeds)
     base: dict            # ``evaluate.evaluate`` of the unperturbed model on the held-out windows
@@ -390,6 +395,8 @@ class Scores:
     heavy: dict       # metric -> [``select.heavy_tail`` figures, one per seed]
     seconds: dict     # metric -> seconds spent scoring it (a shared gradient pass split evenly)
     batches: list     # the first seed's calibration batches (the super-weight study reads their activations)
+    apart_first: dict = dataclasses.field(default_factory=dict)  # metric -> ``apart.figures`` of the first seed
+    apart_top: dict = dataclasses.field(default_factory=dict)    # (metric, seed) -> the apart matrices' own top-k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,6 +423,7 @@ class Perturbations:
     pruning: dict | None      # sparsity -> saliency -> mode -> perplexity
     faults: dict | None       # encoding -> bit -> {"field", "topk": {metric: ΔPPL}, "random_k": [ΔPPL]}
     super_weights: dict | None
+    apart: dict | None = None  # metric -> {"kind", "dose", "topk": [ΔPPL], "random_k": [ΔPPL]} (apart matrices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,6 +450,7 @@ def setup(cfg, progress: bool = True) -> Setup:
     flat = rules_lib.flatten(loaded.params)
     kept = select.filter_paths(list(flat), cfg.param_filter)  # regex matching nothing fails here
     check_topk(cfg, {p: int(np.prod(flat[p].shape)) for p in kept})
+    apart = apart_lib.paths(flat, kept, cfg.get("apart", ""))
     data = prepare_data(cfg, loaded, ckpt)
     windows = seed_windows(len(data.cal_ids), cfg.max_samples, plan.seeds)  # before any compute
     t0 = time.time()
@@ -451,7 +460,7 @@ def setup(cfg, progress: bool = True) -> Setup:
     clock.eval_positions = -(-len(data.eval_ids) // cfg.batch_size) * cfg.batch_size * data.eval_ids.shape[1]
     clock.stage("load, data and base perplexity", clock.eval_positions, "reading and converting the checkpoint "
                 "has no floor here; the one evaluation includes compiling it")
-    return Setup(cfg, plan, loaded, flat, kept, data, windows, base, t0, clock)
+    return Setup(cfg, plan, loaded, flat, kept, apart, data, windows, base, t0, clock)
 
 
 def score(s: Setup, progress: bool = True) -> tuple[Scores, Selections]:
@@ -466,6 +475,14 @@ def score(s: Setup, progress: bool = True) -> tuple[Scores, Selections]:
     positions = 0.0   # forward-pass work, for the stage's floor
     points = stability_points(cfg)
     curve_sels: dict = {}
+    apart_first: dict = {}
+    apart_top: dict = {}
+    apart_mats = apart_lib.matrices(s.flat, s.apart)
+    counts = None
+    if apart_lib.has_token_rows(loaded.describe, s.apart):
+        vocab = max(s.flat[p].shape[0] for p in apart_mats if apart_lib.is_token_rows(loaded.describe, p))
+        pick = s.windows[plan.seeds[0]]
+        counts = apart_lib.token_counts(s.data.cal_ids[pick], s.data.cal_mask[pick], vocab)
     for seed in plan.seeds:
         batches = calibration_batches(loaded, s.data, cfg, s.windows[seed])
         first_batches = first_batches or batches
@@ -484,10 +501,11 @@ def score(s: Setup, progress: bool = True) -> tuple[Scores, Selections]:
             t = time.time()
 
             def reduce(metric, n, means):
-                # Earlier points keep only their top-k (the stability curve's input); the last, the scores.
-                means = {p: means[p] for p in kept if p in means}
+                # Earlier points keep only their top-k (the stability curve's input); the last, the scores (of the
+                # apart tensors too).
                 if n == cfg.max_samples:
-                    return jax.block_until_ready(means)
+                    return jax.block_until_ready({p: means[p] for p in kept + s.apart if p in means})
+                means = {p: means[p] for p in kept if p in means}
                 return select.top_k(means, cfg.topk, cfg.mode, cfg.param_filter, scores.SCORES[metric].signed)[0]
 
             if len(points) > 1:
@@ -512,16 +530,28 @@ def score(s: Setup, progress: bool = True) -> tuple[Scores, Selections]:
                 sels[metric, seed] = sels[metric, plan.seeds[0]]
                 if "bottom_k" in plan.controls:
                     bottoms[metric, seed] = bottoms[metric, plan.seeds[0]]
+                if (metric, plan.seeds[0]) in apart_top:
+                    apart_top[metric, seed] = apart_top[metric, plan.seeds[0]]
                 continue
             if metric in pass_scores:
                 sc = pass_scores.pop(metric)
             else:
                 sc = scores.compute(metric, loaded.params, cal)
-                sc = jax.block_until_ready({p: sc[p] for p in kept if p in sc})
+                sc = jax.block_until_ready({p: sc[p] for p in kept + s.apart if p in sc})
                 timing[metric] += time.time() - t
             missing = [p for p in kept if p not in sc]
             if missing:
                 raise ConfigError(f"metric {metric!r} does not score {missing[:3]}; narrow --config.param_filter")
+            if s.apart and all(p in sc for p in s.apart):   # act_mag scores linear-layer inputs only
+                t = time.time()
+                if apart_mats:
+                    apart_top[metric, seed] = apart_lib.top(sc, apart_mats, cfg.topk, signed)
+                if seed == plan.seeds[0]:
+                    apart_first[metric] = apart_lib.figures(sc, kept, s.apart, apart_top.get((metric, seed), {}),
+                                                            cfg.topk, signed, loaded.describe, loaded.parts,
+                                                            counts, s.data.decode)
+                logging.info("%s: the apart tensors' figures in %.1f s", metric, time.time() - t)
+            sc = {p: sc[p] for p in kept}
             sel = select.top_k(sc, cfg.topk, cfg.mode, cfg.param_filter, signed)[0]
             sels[metric, seed] = sel
             if (metric, seed) in curve_sels:
@@ -535,7 +565,7 @@ def score(s: Setup, progress: bool = True) -> tuple[Scores, Selections]:
             del sc
         _stage_done(f"scores of seed {seed}", s.t0)
     s.clock.stage(f"scores ({len(plan.seeds)} seeds)", positions)
-    return (Scores(first, heavy, timing, first_batches),
+    return (Scores(first, heavy, timing, first_batches, apart_first, apart_top),
             Selections(sels, bottoms, curve_sels, points, select.size(next(iter(sels.values())))))
 
 
@@ -627,6 +657,56 @@ def perturb_sets(s: Setup, sel: Selections, progress: bool = True) -> dict:
     return results
 
 
+def apart_perturbations(s: Setup, sc: Scores, progress: bool = True) -> dict | None:
+    """ΔPPL of the first perturbation at its largest dose on the apart matrices' own top-k of every metric and seed
+    (a set evaluated once however many seeds pick it, as in ``perturb_sets``), against ``random_draws`` random-k
+    draws per seed of the same per-tensor sizes within them."""
+    mats = apart_lib.matrices(s.flat, s.apart)
+    if not mats or not sc.apart_top:
+        return None
+    cfg, plan = s.cfg, s.plan
+    kind, dose = plan.kinds[0], max(plan.scales)
+    bits = plan.bits if perturb.PERTURBATIONS[kind].uses_bits else ()
+    kw = dict(kind=kind, scale=dose, prob=cfg.perturb_prob, bits=bits, noise_ref=cfg.noise_ref)
+    keyed = perturb.uses_key(kind, bits)
+    jobs: dict = {}
+    cells = []
+    for (m, seed), sel in sc.apart_top.items():
+        fp = (select.fingerprint(sel), seed if keyed else None)
+        cells.append((m, fp))
+        jobs.setdefault(fp, (sel, dict(kw, key=jax.random.key(seed))))
+    for seed in plan.seeds:
+        for r in range(cfg.random_draws):
+            draw = seed * 1000 + 700 + r
+            cells.append((None, ("random", draw)))
+            jobs[("random", draw)] = (("random", draw), dict(kw, key=jax.random.key(draw)))
+    k = select.size(next(iter(sc.apart_top.values())))
+
+    def materialize(todo):
+        for one, kw in todo:
+            if isinstance(one, tuple):
+                one = select.random_k(s.flat, cfg.topk, "per_layer", "|".join(
+                    f"^{re.escape(p)}$" for p in mats), one[1])
+                assert select.size(one) == k
+            yield one, kw
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(jobs), desc="perturb apart", disable=not progress or jax.process_index() > 0)
+    deltas = dict(zip(jobs, _deltas(s.loaded, mats, s.data, cfg, s.base["ppl"],
+                                    _applied(s.flat, materialize(jobs.values())), bar, s.clock), strict=True))
+    bar.close()
+    out = {m: {"kind": kind, "dose": dose, "topk": [], "random_k": []} for m, _ in sc.apart_top}
+    rand = [deltas[fp] for m, fp in cells if m is None]
+    seen = set()
+    for m, fp in cells:
+        if m is not None and (m, fp) not in seen:
+            seen.add((m, fp))
+            out[m]["topk"].append(deltas[fp])
+    for r in out.values():
+        r["random_k"] = list(rand)
+    return out
+
+
 def run(cfg, progress: bool = True) -> Analysis:
     """Every stage, in order; host memory is handed back between them."""
     s = setup(cfg, progress)
@@ -640,6 +720,9 @@ def run(cfg, progress: bool = True) -> Analysis:
     s.clock.stage("agreement")
     results = perturb_sets(s, sel, progress)
     _stage_done("perturbations", s.t0, s.clock)
+    apart_results = apart_perturbations(s, sc, progress)
+    if apart_results is not None:
+        _stage_done("apart perturbations", s.t0, s.clock)
     pruning = None
     if cfg.prune_sparsity:
         pruning = prune_study(s.loaded, s.flat, sc.first, s.data, cfg, s.base["ppl"], s.plan, progress, s.clock)
@@ -653,7 +736,7 @@ def run(cfg, progress: bool = True) -> Analysis:
             for m in s.plan.metrics} if cfg.get("architecture", True) else None
     if arch is not None:
         s.clock.stage("architecture")
-    return Analysis(s, sc, sel, agreement, Perturbations(results, pruning, faults, super_w), arch,
+    return Analysis(s, sc, sel, agreement, Perturbations(results, pruning, faults, super_w, apart_results), arch,
                     time.time() - s.t0)
 
 
@@ -672,11 +755,15 @@ def summarize(a: Analysis) -> dict:
         "ppl_base": st.base["ppl"], "nll_base": st.base["nll"],
         "heldout_tokens": st.base["tokens"], "calibration_tokens_per_seed": int(cfg.max_samples * (cfg.seq_len - 1)),
         "agreement_overlap": a.agreement.overlap, "seconds_total": round(a.seconds_total, 1),
+        "peak_host_memory_gib": hostmem.peak_rss_gib(),
         "timing": st.clock.table(),
         "super_weights": pt.super_weights,
         "pruning_ppl": pt.pruning,
         "faults": pt.faults,
         "architecture": a.architecture,
+        "apart_regex": cfg.get("apart", ""), "apart_paths": st.apart,
+        "apart": apart_lib.summarize(a.scores.apart_first, a.scores.apart_top, plan.seeds, pt.apart,
+                                     {m: scores.SCORES[m].needs_data for m in plan.metrics}) if st.apart else None,
         "per_metric": {},
     }
     main_kind, main_scale = plan.kinds[0], max(plan.scales)

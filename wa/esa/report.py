@@ -263,6 +263,86 @@ divides the weight by 2^(2^j), so for j ≥ 4 the weight is in effect zeroed (eq
 {plot}"""
 
 
+def _peak(summary) -> str:
+    peak = summary.get("peak_host_memory_gib")
+    return f" from the base perplexity on; the process's peak resident host memory {peak:.1f} GiB" if peak else ""
+
+
+def _mean_ci(c) -> str:
+    return f"{_fmt(c['mean'])} [{_fmt(c['ci95'][0])}, {_fmt(c['ci95'][1])}] (n = {c['n']})"
+
+
+def _apart_section(summary, figures=()) -> str:
+    ap = summary.get("apart")
+    if not ap:
+        return ""
+    n_mat = next(iter(ap.values()))["matrices_weights"]
+    n_ap = next(iter(ap.values()))["weights"]
+    group_rows, with_rows = [], []
+    for m, e in ap.items():
+        group_rows.append({"metric": m, **{g: _fmt(v["mean_score_vs_matrices"], 3) for g, v in e["groups"].items()}})
+        comp = e["architecture"]["component"]
+        with_rows.append({"metric": m, "apart tensors' share of the top-k": f"{100 * e['global_topk_share']:.1f}%",
+                          **{c: f"{_fmt(v['enrichment'], 2)} ({100 * v['share']:.0f}%)" for c, v in comp.items()}})
+    parts = [f"""## Reported apart: {', '.join(sorted({g.split('/')[0] for e in ap.values() for g in e['groups']}))}
+{n_ap:,} weights (`apart = {summary.get('apart_regex', '')}`: {len(summary['apart_paths'])} tensors) are scored
+in the same passes as the {n_mat:,} competing matrix weights but kept out of their top-k, perturbations, pruning and
+bit flips: a token embedding's row is touched only where its token occurs, so its gradient scores read token
+frequency in the calibration text as much as the network's computation, and on a large vocabulary it would decide a
+model-wide top-k alone; a norm weight is one entry of a vector that scales a whole channel, so it is read by its
+score, not by a top-k of its own. `act_mag` scores linear-layer inputs only and has no figures here.
+
+Mean score per weight of each apart group over the competing matrices' mean score per weight (1: as sensitive per
+weight as the average matrix weight):
+
+{report.markdown_table(group_rows)}
+
+The top-k figures **with** them: the top {summary['topk']} of all {n_mat + n_ap:,} weights chosen model-wide (the
+apart tensors hold {100 * n_ap / (n_mat + n_ap):.1f}% of them), by component — enrichment (share of the top-k). The
+architecture section below reads the matrices alone (**without** them).
+
+{report.markdown_table(with_rows)}
+"""]
+    row_rows, stab_rows, pert_rows = [], [], []
+    for m, e in ap.items():
+        for p, r in (e.get("rows") or {}).items():
+            tops = ", ".join(f"#{t['row']} {t['token']!r} ({t['selected']}; seen {t['calibration_count']}×)"
+                             for t in r["top_rows"][:6])
+            row_rows.append({"metric": m, "tensor": p, "top-k": f"{r['k']:,}",
+                             "rows holding it": f"{r['rows_holding']:,} of {r['rows']:,}",
+                             "share in rows of calibration tokens (their share of rows)":
+                                 f"{100 * r['seen_share_of_topk']:.1f}% ({100 * r['seen_rows_share']:.1f}%)",
+                             "mean score, those rows / the others": _fmt(r["seen_over_unseen_mean_score"], 1),
+                             "ρ(row mean score, token count) over those rows":
+                                 f"{_fmt(r['spearman_seen_rows_score_vs_count'])} (p {_fmt(r['spearman_p'])})",
+                             "rows with most (id token: count; calibration count)": tops})
+        stab_rows.append({"metric": m, "own top-k": f"{e['k']:,}", "Jaccard (seeds)": _fmt(e["jaccard_mean"])})
+        pt = e.get("perturb")
+        if pt:
+            pert_rows.append({"metric": m, "perturbation": f"{pt['kind']} {pt['dose']}",
+                              "top-k ΔPPL [95% CI]": _mean_ci(pt["topk"]),
+                              "random-k ΔPPL [95% CI]": _mean_ci(pt["random_k"]),
+                              "top/random": _fmt(pt["ratio_topk_vs_random"], 1),
+                              "p (top > random)": _fmt(pt["p_value_topk_vs_random"])})
+    if row_rows:
+        parts.append(f"""The token embedding's own top-k ({summary['topk']} of its entries, first seed) by vocabulary
+row; calibration counts are the first seed's windows:
+
+{report.markdown_table(row_rows)}
+""")
+    parts.append(f"""Stability of the apart matrices' own top-k across seeds (disjoint calibration windows):
+
+{report.markdown_table(stab_rows)}
+""")
+    if pert_rows:
+        parts.append(f"""Perturbing the apart matrices' own top-k (each seed's set, evaluated once however many seeds
+pick it) against random-k draws of the same sizes within them:
+
+{report.markdown_table(pert_rows)}
+""")
+    return "\n".join(parts)
+
+
 def _one_set_note(summary) -> str:
     same = [m for m, e in summary["per_metric"].items() if not e.get("reads_data", True)]
     if not same:
@@ -370,6 +450,7 @@ Agreement between metrics (share of the smaller top-k set the other also picked,
 
 {_prune_section(summary, figures)}
 {_super_section(summary)}
+{_apart_section(summary, figures)}
 {_architecture_section(summary, figures)}
 {_fault_section(summary, figures)}
 {_timing_section(summary)}
@@ -379,8 +460,8 @@ Agreement between metrics (share of the smaller top-k set the other also picked,
 ## Figures
 {figs}
 
-Total time {summary['seconds_total']} s. Files: `summary.json` (all figures), `topk.csv` (first seed's top-k of
-every metric: path, flat index, coordinates, value, score), `config.json` (resolved config).
+Total time {summary['seconds_total']} s{_peak(summary)}. Files: `summary.json` (all figures), `topk.csv` (first
+seed's top-k of every metric: path, flat index, coordinates, value, score), `config.json` (resolved config).
 """
 
 

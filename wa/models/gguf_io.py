@@ -486,5 +486,5 @@ def quantization_note(quantization: dict | None) -> str:
     kinds = "; ".join(f"{k} ({_LEVELS.get(k, 'a ggml block format')}): {v['tensors']} tensor{'s' * (v['tensors'] != 1)}"
                       f", {v['weights']:,} weights" for k, v in quantization.items())
     return ("The weights were stored quantized and are read dequantized to float32 — " + kinds + ". Magnitudes "
-            "and bit patterns are those of the dequantized values (a Q4_1 block of 32 weights holds at most 16 "
-            "distinct values), so magnitude rankings and bit-flip results describe the dequantized model.")
+            "and bit patterns are those of the dequantized values (a block holds no more distinct values than its "
+            "type has levels), so magnitude rankings and bit-flip results describe the dequantized model.")
