@@ -30,7 +30,7 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     # Tensors outside param_filter that are scored in the same passes and reported apart (the token embedding,
     # norm weights; "" = none): their own top-k by vocabulary row, the model-wide top-k with them competing,
     # their mean score per weight, and their top-k perturbed against random-k (wa/esa/apart.py says why apart).
-    c.apart = r"embed|norm"
+    c.apart = r"embed|norm|/ln_"      # Llama/Gemma names, and GPT-2's wte, wpe, ln_1, ln_2, ln_f
     # Calibration sequences per seed (seeds draw disjoint sets): 64 × 255 ≈ 16k tokens, where per-window
     # grad×weight's top-0.2% sets first agree across seeds at Jaccard > 0.4 on stories260K.
     c.max_samples = 64

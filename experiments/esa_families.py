@@ -73,7 +73,8 @@ def load(wd: str) -> dict:
 
 
 def layer_types(s: dict) -> list[str] | None:
-    """The per-layer attention type of a model with sliding-window layers (from its checkpoint's config)."""
+    """The per-layer attention type of a model with sliding-window layers (from its checkpoint's config); [] for a
+    model whose layers are all of one type, None where its config cannot be read here."""
     from wa import models
     from wa.data import paths
     try:
@@ -81,7 +82,7 @@ def layer_types(s: dict) -> list[str] | None:
     except Exception:   # noqa: BLE001 - a checkpoint not on this machine: the comparison goes on without types
         return None
     types = getattr(cfg, "layer_types", None)
-    return list(types) if types and len(set(types)) > 1 else None
+    return list(types) if types and len(set(types)) > 1 else []
 
 
 def _f(x, nd=3):
@@ -112,9 +113,11 @@ def attention_vs_mlp(s, metric=MAIN) -> dict:
     layers, att, mlp, _, _ = per_layer(s, metric)
     w = stats.wilcoxon(att, mlp, alternative="two-sided") if len(layers) >= 5 else None
     r = s["architecture"][metric]["attention_vs_mlp"]
+    # The exact two-sided test over n pairs cannot go below 2 / 2^n (5 layers: 0.0625), whatever the data.
     return {"mean_score_ratio": r["mean_score_ratio"], "enrichment_ratio": r["enrichment_ratio"],
             "layers_attention_higher": int((att > mlp).sum()), "layers": len(layers),
-            "wilcoxon_p": float(w.pvalue) if w is not None else float("nan")}
+            "wilcoxon_p": float(w.pvalue) if w is not None else float("nan"),
+            "smallest_possible_p": 2.0 / 2 ** len(layers)}
 
 
 def depth(s, metric=MAIN) -> dict:
@@ -131,16 +134,35 @@ def depth(s, metric=MAIN) -> dict:
 
 
 def sliding_vs_global(s, types, metric=MAIN) -> dict | None:
+    if types is None:
+        return {"unknown": True}
     if not types:
         return None
     layers, att, _, score, enrich = per_layer(s, metric)
     glob = np.asarray([types[L] == "full_attention" for L in layers])
-    out = {"global_layers": [int(L) for L, g in zip(layers, glob, strict=True) if g]}
+    out = {"global_layers": [int(L) for L, g in zip(layers, glob, strict=True) if g],
+           "seq_len": s["_config"]["seq_len"], "sliding_window": _window(s)}
     for name, v in (("layer_mean_score", score), ("attention_mean_score", att), ("layer_enrichment", enrich)):
         u = stats.mannwhitneyu(v[glob], v[~glob], alternative="two-sided")
         out[name] = {"global_median": float(np.median(v[glob])), "sliding_median": float(np.median(v[~glob])),
                      "mannwhitney_p": float(u.pvalue)}
     return out
+
+
+def _window(s) -> int | None:
+    from wa import models
+    from wa.data import paths
+    try:
+        return getattr(models.read_config(paths.checkpoint(s["model"])), "sliding_window", None)
+    except Exception:   # noqa: BLE001 - see layer_types
+        return None
+
+
+def _seen_rows(e) -> float:
+    from wa.esa import apart
+    rows = next(iter((e.get("rows") or {}).values()), None)
+    g = e["groups"].get("embedding/token")
+    return apart.seen_rows_vs_matrices(g["mean_score_vs_matrices"], rows) if rows and g else float("nan")
 
 
 def norms(s, metric=MAIN) -> dict:
@@ -178,6 +200,7 @@ def family_figures(s: dict, types) -> dict:
                            for c, v in s["architecture"][m]["component"].items()} for m in metrics
                        if m in (s.get("architecture") or {})},
         "apart": {m: {"groups": norms(s, m), "global_topk_share": e["global_topk_share"],
+                      "seen_rows_vs_matrices": _seen_rows(e),
                       "weights_share": e["weights_share"], "jaccard": e["jaccard_mean"],
                       "rows": next(iter((e.get("rows") or {}).values()), None),
                       "perturb": e.get("perturb")} for m, e in (s.get("apart") or {}).items()},
@@ -229,22 +252,25 @@ def claims(fig: dict) -> list[dict]:
         for n, f in fig.items():
             try:
                 out[n] = fn(f)
-            except (KeyError, TypeError, IndexError):
+            except (KeyError, TypeError, IndexError, ValueError):   # a family without the figure (no norms, ...)
                 out[n] = ("–", None)
         return out
 
-    add(f"sign-flipping the top 0.2% by {MAIN} hurts more than random-k (Mann–Whitney, p < {ALPHA})",
+    add(f"sign-flipping the top 0.2% by {MAIN} hurts more than random-k (one-sided Mann–Whitney, p < {ALPHA})",
         "Perturbation", each(lambda f: (f"{_f(f['sign_flip'][MAIN]['ratio'], 1)}× random, p "
                                         f"{_p(f['sign_flip'][MAIN]['p'])}",
                                         f["sign_flip"][MAIN]["p"] < ALPHA)))
-    add("…and so does every other metric that reads data", "Perturbation", each(lambda f: (
+    add("…and so does every other metric that reads data (one-sided)", "Perturbation", each(lambda f: (
         ", ".join(f"{m} p {_p(f['sign_flip'][m]['p'])}" for m in f["reads_data"]),
         all(f["sign_flip"][m]["p"] < ALPHA for m in f["reads_data"]))))
     add(f"attention weights score higher per weight than MLP weights ({MAIN}; Wilcoxon over layers)",
         "Attention vs MLP", each(lambda f: (
             f"{_f(f['attention_vs_mlp'][MAIN]['mean_score_ratio'], 2)}×, "
             f"{f['attention_vs_mlp'][MAIN]['layers_attention_higher']}"
-            f"/{f['attention_vs_mlp'][MAIN]['layers']} layers, p {_p(f['attention_vs_mlp'][MAIN]['wilcoxon_p'])}",
+            f"/{f['attention_vs_mlp'][MAIN]['layers']} layers, p {_p(f['attention_vs_mlp'][MAIN]['wilcoxon_p'])}"
+            + (f" (cannot go below {_p(f['attention_vs_mlp'][MAIN]['smallest_possible_p'])} with "
+               f"{f['attention_vs_mlp'][MAIN]['layers']} layers)"
+               if f["attention_vs_mlp"][MAIN]["smallest_possible_p"] >= ALPHA else ""),
             f["attention_vs_mlp"][MAIN]["mean_score_ratio"] > 1 and f["attention_vs_mlp"][MAIN]["wilcoxon_p"] < ALPHA)))
     add(f"mean score per weight falls with depth ({MAIN}; Spearman ρ < 0, p < {ALPHA})", "Depth", each(lambda f: (
         f"ρ {_f(f['depth'][MAIN]['spearman_rho_depth'], 2)}, p {_p(f['depth'][MAIN]['spearman_p'])}",
@@ -255,9 +281,11 @@ def claims(fig: dict) -> list[dict]:
     add(f"the last layer scores above the middle layers' median ({MAIN})", "Depth", each(lambda f: (
         f"rank {f['depth'][MAIN]['last_rank']} of {f['depth'][MAIN]['layers']}",
         f["depth"][MAIN]["last_mean_score"] > f["depth"][MAIN]["middle_median_mean_score"])))
-    add(f"global-attention layers differ from sliding-window ones ({MAIN} mean score per layer; Mann–Whitney)",
+    add(f"global-attention layers differ from sliding-window ones ({MAIN} mean score per layer; Mann–Whitney; at "
+        "these windows' length, see the section)",
         "Sliding-window vs global layers", each(lambda f: (
             ("only global layers", None) if not f["sliding_vs_global"] else
+            ("layer types unknown here", None) if f["sliding_vs_global"].get("unknown") else
             (f"global {_f(f['sliding_vs_global']['layer_mean_score']['global_median'], 2)} vs sliding "
              f"{_f(f['sliding_vs_global']['layer_mean_score']['sliding_median'], 2)}, p "
              f"{_p(f['sliding_vs_global']['layer_mean_score']['mannwhitney_p'])}",
@@ -266,9 +294,14 @@ def claims(fig: dict) -> list[dict]:
         each(lambda f: (
             f"{_f(min(v for g, v in f['apart'][MAIN]['groups'].items() if g.startswith('norm/')), 2)}× (lowest group)",
             min(v for g, v in f["apart"][MAIN]["groups"].items() if g.startswith("norm/")) > 1)))
-    add(f"the token embedding scores lower per weight than the matrices ({MAIN})", "Norms and embedding",
-        each(lambda f: (f"{_f(f['apart'][MAIN]['groups']['embedding/token'], 3)}×",
+    add(f"averaged over its whole vocabulary, the token embedding scores lower per weight than the matrices ({MAIN}; "
+        "mostly a reading of how much of the vocabulary the text covers)", "Norms and embedding",
+        each(lambda f: (f"{_f(f['apart'][MAIN]['groups']['embedding/token'], 3)}× "
+                        f"({100 * f['apart'][MAIN]['rows']['seen_rows_share']:.1f}% of rows seen)",
                         f["apart"][MAIN]["groups"]["embedding/token"] < 1)))
+    add(f"the embedding's rows of tokens in the calibration text score lower per weight than the matrices ({MAIN})",
+        "Norms and embedding", each(lambda f: (f"{_f(f['apart'][MAIN]['seen_rows_vs_matrices'], 3)}×",
+                                               f["apart"][MAIN]["seen_rows_vs_matrices"] < 1)))
     add(f"among tokens in the calibration text, an embedding row's mean score follows the token's count ({MAIN}; "
         "Spearman)",
         "Norms and embedding", each(lambda f: (
@@ -276,7 +309,8 @@ def claims(fig: dict) -> list[dict]:
             f"{_p(f['apart'][MAIN]['rows']['spearman_p'])}",
             f["apart"][MAIN]["rows"]["spearman_seen_rows_score_vs_count"] > 0
             and f["apart"][MAIN]["rows"]["spearman_p"] < ALPHA)))
-    add(f"sign-flipping the embedding's own top 0.2% by {MAIN} hurts more than random-k there", "Norms and embedding",
+    add(f"sign-flipping the embedding's own top 0.2% by {MAIN} hurts more than random-k drawn over the whole "
+        "vocabulary (one-sided; not matched in token frequency)", "Norms and embedding",
         each(lambda f: (f"{_f(f['apart'][MAIN]['perturb']['ratio_topk_vs_random'], 1)}× random, p "
                         f"{_p(f['apart'][MAIN]['perturb']['p_value_topk_vs_random'])}",
                         f["apart"][MAIN]["perturb"]["p_value_topk_vs_random"] < ALPHA)))
@@ -435,14 +469,20 @@ def render(fig: dict, claim_rows: list, files: list, command: str, seconds: dict
     for n in names:
         sg = fig[n]["sliding_vs_global"]
         if sg:
+            if sg.get("unknown"):
+                continue
             for what in ("layer_mean_score", "attention_mean_score", "layer_enrichment"):
-                svg_rows.append({"model": FAMILIES[n], "figure (per layer)": what.replace("_", " "),
+                svg_rows.append({"model": FAMILIES[n], "windows / sliding window": f"{sg['seq_len']} / "
+                                 f"{sg['sliding_window']} tokens", "figure (per layer)": what.replace("_", " "),
                                  "global layers (median)": _f(sg[what]["global_median"], 3),
                                  "sliding-window layers (median)": _f(sg[what]["sliding_median"], 3),
                                  "Mann–Whitney p": _p(sg[what]["mannwhitney_p"])})
     groups = sorted({g for n in names for g in fig[n]["apart"].get(MAIN, {}).get("groups", {})})
     norm_rows = [{"group": g, **{short[n]: _f(fig[n]["apart"].get(MAIN, {}).get("groups", {}).get(g), 3)
                                  for n in names}} for g in groups]
+    norm_rows.insert(1, {"group": "embedding/token, rows of tokens in the calibration text",
+                         **{short[n]: _f(fig[n]["apart"].get(MAIN, {}).get("seen_rows_vs_matrices"), 3)
+                            for n in names}})
     emb_rows = []
     for n in names:
         for m, e in fig[n]["apart"].items():
@@ -547,7 +587,10 @@ Spearman's ρ of a layer's mean score per weight with its depth, and the first a
 
 ## Sliding-window vs global layers
 Only Gemma-3 has both (five sliding-window layers of 512 tokens to one global; stories260K and SmolLM2 attend
-globally in every layer). Per layer, global against sliding-window (Mann–Whitney U over layers, two-sided):
+globally in every layer). Per layer, global against sliding-window (Mann–Whitney U over layers, two-sided). Read
+with the window length: where the analysis' windows are no longer than the sliding window, both kinds of layer see
+the same context and differ only in their rotary base, so this cannot find an effect of attention span — a longer
+`seq_len` can:
 
 {_table(svg_rows) if svg_rows else "No model here has both layer types."}
 

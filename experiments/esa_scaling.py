@@ -65,6 +65,7 @@ def esa_config(variant):
     e.seq_len, e.max_samples, e.eval_windows, e.seeds, e.random_draws = 128, 16, 16, "1,2,3", 4
     e.batch_size, e.window_chunk = 8, 2
     e.perturb_scale, e.prune_sparsity, e.super_weights, e.save_plots, e.fault_metrics = "1.0", "", False, False, ""
+    e.apart = ""   # the scaling figures are the matrices'; the embedding's test would add evaluations to every model
     return e
 
 

@@ -128,9 +128,8 @@ def _check_apart(s, sizes):
     n_apart = 512 * 64 + 11 * 64
     for m, e in ap.items():
         assert e["weights"] == n_apart and e["matrices_weights"] == sum(sizes)
-        assert e["groups"]["embedding/token"] == {"tensors": 1, "weights": 512 * 64,
-                                                  "mean_score_vs_matrices": e["groups"]["embedding/token"][
-                                                      "mean_score_vs_matrices"]}
+        emb = e["groups"]["embedding/token"]
+        assert (emb["tensors"], emb["weights"]) == (1, 512 * 64) and e["groups"]["norm/attn_norm"]["tensors"] == 5
         arch = e["architecture"]
         # With them competing: the model-wide top-k of all 292,800 weights, the apart share read off its tables.
         assert arch["n_scored"] == 292_800 and arch["k"] == -(-2 * 292_800 // 1000)
@@ -152,8 +151,8 @@ def _check_apart(s, sizes):
     assert final["mean_score_vs_matrices"] == pytest.approx(np.abs(flat["model/norm/weight"]).mean() / kept_mean,
                                                             rel=1e-5)
     assert np.isnan(mag["jaccard_mean"]) and 0 <= ap["grad_x_weight"]["jaccard_mean"] <= 1
-    # Gradient scores of the embedding fall only on rows of tokens the calibration windows hold (tied or not, an
-    # untied head gives the others no gradient): every selected entry lies in a seen row.
+    # stories260K's head is untied, so only rows of tokens the calibration windows hold get a gradient: every selected
+    # entry lies in a seen row (a tied head would give every row a softmax term).
     assert ap["grad_x_weight"]["rows"]["model/embed_tokens/embedding"]["seen_share_of_topk"] == 1.0
 
 
@@ -164,7 +163,7 @@ def _check_family_figures(workdir, s):
                                                                                "esa_families.py"))
     fam = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fam)
-    fig = fam.family_figures(fam.load(str(workdir)), None)
+    fig = fam.family_figures(fam.load(str(workdir)), [])   # [] = every layer of one type
     prog = s["architecture"]["grad_x_weight"]["progression"]
     avm = fig["attention_vs_mlp"]["grad_x_weight"]
     assert avm["layers"] == 5 and avm["layers_attention_higher"] == sum(
@@ -180,8 +179,8 @@ def _check_family_figures(workdir, s):
     lowest = min(v["mean_score_vs_matrices"] for g, v in s["apart"]["grad_x_weight"]["groups"].items()
                  if g.startswith("norm/"))
     assert norm["verdict"] == ("holds in all" if lowest > 1 else "holds in none")
-    assert rows["global-attention layers differ from sliding-window ones (grad_x_weight mean score per layer; "
-                "Mann–Whitney)"]["verdict"] == "–"
+    sliding = next(r for c, r in rows.items() if c.startswith("global-attention layers differ"))
+    assert sliding["verdict"] == "–" and sliding["stories260K"] == "only global layers"
 
 
 def test_a_refused_run_leaves_its_workdir_as_it_found_it(tmp_path):
@@ -279,15 +278,35 @@ def test_two_processes_give_the_same_scores(tmp_path, micro):
     _same(one, two)
 
 
-def test_apart_paths_are_outside_the_competing_ones_and_a_regex_matching_none_is_one_error():
+def test_apart_paths_are_outside_the_competing_ones_and_a_regex_matching_nothing_is_one_error():
     from wa.esa import apart
     flat = {"e/embedding": np.zeros((4, 2)), "l/kernel": np.zeros((2, 2)), "l/norm/weight": np.zeros(2)}
     kept = ["l/kernel"]
     assert apart.paths(flat, kept, "") == []
     assert apart.paths(flat, kept, "embed|norm|kernel") == ["e/embedding", "l/norm/weight"]
     assert apart.matrices(flat, ["e/embedding", "l/norm/weight"]) == ["e/embedding"]
-    with pytest.raises(errors.ConfigError, match=r"--config.apart='kernel' matches no parameter outside "
-                                                 r"--config.param_filter; those look like \['e/embedding', "):
-        apart.paths(flat, kept, "kernel")
+    assert apart.paths(flat, kept, "kernel") == []     # what competes is not apart (param_filter=. and the default)
+    with pytest.raises(errors.ConfigError, match=r"--config.apart='bias' matches no parameter; paths look like "
+                                                 r"\['e/embedding', "):
+        apart.paths(flat, kept, "bias")
     with pytest.raises(errors.ConfigError, match=r"--config.apart='\(' is not a valid regex"):
         apart.paths(flat, kept, "(")
+
+
+def test_embedding_rows_are_read_by_vocabulary_row_and_seen_rows_apart():
+    from wa.esa import apart
+    # 4 rows of 3: rows 0 and 2 seen (counts 5 and 1), rows 1 and 3 unseen with zero score (an untied head).
+    score = np.array([[3., 2., 1.], [0., 0., 0.], [1., 1., 1.], [0., 0., 0.]], np.float32)
+    counts = np.array([5, 0, 1, 0])
+    r = apart._rows(score, np.array([0, 1, 6]), counts, lambda i: f"t{i}", signed=False)
+    assert (r["rows"], r["k"], r["rows_holding"], r["seen_rows"]) == (4, 3, 2, 2)
+    assert r["top_rows"][0] == {"row": 0, "token": "t0", "selected": 2, "calibration_count": 5}
+    assert r["seen_share_of_topk"] == 1.0 and r["seen_rows_share"] == 0.5
+    assert r["seen_over_unseen_mean_score"] == float("inf")
+    # The whole table's mean (9/12) over the matrices' mean 0.5 is 1.5; its seen rows' mean (9/6) over it is 3.
+    assert apart.seen_rows_vs_matrices(1.5, r) == pytest.approx(3.0)
+    r2 = dict(r, seen_over_unseen_mean_score=2.0)   # mean = f·m_s + (1 - f)·m_s/2 -> m_s = mean / 0.75
+    assert apart.seen_rows_vs_matrices(1.5, r2) == pytest.approx(2.0)
+    # Apart vectors only (no matrix of their own): no own top-k, no stability, no crash.
+    out = apart.summarize({"magnitude": {"groups": {}}}, {}, [1, 2], None, {"magnitude": False})
+    assert out["magnitude"]["k"] == 0 and np.isnan(out["magnitude"]["jaccard_mean"])

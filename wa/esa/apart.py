@@ -2,9 +2,11 @@
 paths ``param_filter`` leaves out): the token embedding — with a tied head, also the output matrix — and the norm
 weights.
 
-Why apart, not in the competition. A token embedding is a lookup table whose row r is touched only where token r
-occurs: its gradient scores measure how often a token appears in the calibration text (and, tied, how much
-probability the head gives it) as much as what the network computes. On a model with a large vocabulary it also
+Why apart, not in the competition. A token embedding is a lookup table whose row r gets an input gradient only
+where token r occurs (a tied head adds a smaller softmax term for every row): its gradient scores measure how often
+a token appears in the calibration text as much as what the network computes, and its mean score per weight over
+the whole vocabulary mostly says how much of the vocabulary the text covers (``seen_rows_vs_matrices`` reads the
+rows of tokens that occur). On a model with a large vocabulary it also
 holds most of the weights (Gemma-3-270M: 168M of 268M), so a global top-k over everything would be decided by
 it and per-matrix perturbations would spend a third of their budget on one table. Norm weights are vectors:
 0.2% of a 640-entry vector is one weight, and one norm weight scales a whole channel. Both are scored in the same
@@ -45,11 +47,10 @@ def paths(flat: dict, kept: list, regex: str) -> list[str]:
     except re.error as e:
         raise ConfigError(f"--config.apart={regex!r} is not a valid regex ({e})") from e
     inside = set(kept)
-    out = [p for p in flat if p not in inside and pat.search(p)]
-    if not out:
-        raise ConfigError(f"--config.apart={regex!r} matches no parameter outside --config.param_filter; those look "
-                          f"like {[p for p in flat if p not in inside][:3]}")
-    return out
+    if not any(pat.search(p) for p in flat):
+        raise ConfigError(f"--config.apart={regex!r} matches no parameter; paths look like {list(flat)[:3]}")
+    # What param_filter already lets compete is not apart (e.g. --config.param_filter=. leaves nothing apart).
+    return [p for p in flat if p not in inside and pat.search(p)]
 
 
 def matrices(flat: dict, apart: list) -> list[str]:
@@ -64,6 +65,16 @@ def top(scores: dict, mats: list, topk, signed: bool) -> dict:
     for p in mats:
         sel.update(select.top_k({p: scores[p]}, topk, "global", r".", signed)[0])
     return sel
+
+
+def seen_rows_vs_matrices(group_vs_matrices: float, rows: dict) -> float:
+    """The mean score per weight of a token embedding's rows of tokens seen in the calibration windows, over the
+    matrices' mean score per weight, from the whole table's figure and the seen rows' share and their mean score
+    over the unseen rows' (mean = f·m_seen + (1 - f)·m_unseen, r = m_seen / m_unseen)."""
+    f, r = rows["seen_rows_share"], rows["seen_over_unseen_mean_score"]
+    if not f:
+        return float("nan")
+    return group_vs_matrices / f if np.isinf(r) else group_vs_matrices * r / (f * r + 1 - f)
 
 
 def token_counts(ids: np.ndarray, mask: np.ndarray, vocab: int) -> np.ndarray:
@@ -148,8 +159,10 @@ def summarize(first: dict, tops: dict, seeds: list, results: dict | None, reads_
     -> whether its sets can differ between seeds (a stability across data is undefined for one that cannot)."""
     out = {}
     for m, fig in first.items():
-        pairs = [select.jaccard(tops[m, a], tops[m, b]) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
-        entry = dict(fig, k=select.size(tops[m, seeds[0]]),
+        own = (m, seeds[0]) in tops    # apart vectors only: no top-k of their own
+        pairs = [select.jaccard(tops[m, a], tops[m, b]) for i, a in enumerate(seeds) for b in seeds[i + 1:]] if own \
+            else []
+        entry = dict(fig, k=select.size(tops[m, seeds[0]]) if own else 0,
                      jaccard_mean=float(np.mean(pairs)) if pairs and reads_data[m] else float("nan"))
         if results and m in results:
             r = results[m]

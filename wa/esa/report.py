@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from wa import report
-from wa.esa import perturb, pipeline, saliency, verdicts
+from wa.esa import apart, perturb, pipeline, saliency, verdicts
 from wa.models import gguf_io
 from wa.report import plots
 
@@ -287,10 +287,11 @@ def _apart_section(summary, figures=()) -> str:
     parts = [f"""## Reported apart: {', '.join(sorted({g.split('/')[0] for e in ap.values() for g in e['groups']}))}
 {n_ap:,} weights (`apart = {summary.get('apart_regex', '')}`: {len(summary['apart_paths'])} tensors) are scored
 in the same passes as the {n_mat:,} competing matrix weights but kept out of their top-k, perturbations, pruning and
-bit flips: a token embedding's row is touched only where its token occurs, so its gradient scores read token
-frequency in the calibration text as much as the network's computation, and on a large vocabulary it would decide a
-model-wide top-k alone; a norm weight is one entry of a vector that scales a whole channel, so it is read by its
-score, not by a top-k of its own. `act_mag` scores linear-layer inputs only and has no figures here.
+bit flips: a token embedding's row gets an input gradient only where its token occurs (a tied head adds a smaller
+term for every row), so its gradient scores read token frequency in the calibration text as much as the network's
+computation, and on a large vocabulary it would decide a model-wide top-k alone; a norm weight is one entry of a
+vector that scales a whole channel, so it is read by its score, not by a top-k of its own. `act_mag` scores
+linear-layer inputs only and has no figures here.
 
 Mean score per weight of each apart group over the competing matrices' mean score per weight (1: as sensitive per
 weight as the average matrix weight):
@@ -313,6 +314,9 @@ architecture section below reads the matrices alone (**without** them).
                              "share in rows of calibration tokens (their share of rows)":
                                  f"{100 * r['seen_share_of_topk']:.1f}% ({100 * r['seen_rows_share']:.1f}%)",
                              "mean score, those rows / the others": _fmt(r["seen_over_unseen_mean_score"], 1),
+                             "those rows' mean score per weight / the matrices'": _fmt(apart.seen_rows_vs_matrices(
+                                 e["groups"]["embedding/token"]["mean_score_vs_matrices"], r), 3)
+                             if "embedding/token" in e["groups"] else "–",
                              "ρ(row mean score, token count) over those rows":
                                  f"{_fmt(r['spearman_seen_rows_score_vs_count'])} (p {_fmt(r['spearman_p'])})",
                              "rows with most (id token: count; calibration count)": tops})
@@ -326,7 +330,8 @@ architecture section below reads the matrices alone (**without** them).
                               "p (top > random)": _fmt(pt["p_value_topk_vs_random"])})
     if row_rows:
         parts.append(f"""The token embedding's own top-k ({summary['topk']} of its entries, first seed) by vocabulary
-row; calibration counts are the first seed's windows:
+row; calibration counts are the first seed's windows. The table above averages the embedding over every row, most of
+them tokens the text never holds; its rows of tokens that occur are read here:
 
 {report.markdown_table(row_rows)}
 """)
@@ -336,7 +341,9 @@ row; calibration counts are the first seed's windows:
 """)
     if pert_rows:
         parts.append(f"""Perturbing the apart matrices' own top-k (each seed's set, evaluated once however many seeds
-pick it) against random-k draws of the same sizes within them:
+pick it) against random-k draws of the same sizes within them. The draws are not matched in token frequency: in a
+large vocabulary most of them fall in rows of tokens the held-out text never holds, so this shows that the top-k
+matters, not how much better it is than any set of frequent tokens' rows:
 
 {report.markdown_table(pert_rows)}
 """)
