@@ -116,9 +116,9 @@ def figures(scores: dict, kept: list, apart: list, own: dict, topk, signed: bool
     every = {p: scores[p] for p in kept + apart}
     arch = architecture.analyze(every, describe, topk, signed, parts)
 
-    def total(ps):
-        return sum(float(np.abs(np.asarray(scores[p], np.float64)).sum() if signed
-                         else np.asarray(scores[p], np.float64).sum()) for p in ps)
+    def total(ps):   # summed in float64 without a float64 copy of a 168M-entry table
+        return sum(float((np.abs(np.asarray(scores[p])) if signed else np.asarray(scores[p])).sum(dtype=np.float64))
+                   for p in ps)
 
     n_kept = sum(int(np.prod(scores[p].shape)) for p in kept)
     kept_mean = total(kept) / n_kept

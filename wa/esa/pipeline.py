@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import re
 import time
 
 import jax
@@ -685,8 +684,7 @@ def apart_perturbations(s: Setup, sc: Scores, progress: bool = True) -> dict | N
     def materialize(todo):
         for one, kw in todo:
             if isinstance(one, tuple):
-                one = select.random_k(s.flat, cfg.topk, "per_layer", "|".join(
-                    f"^{re.escape(p)}$" for p in mats), one[1])
+                one = select.random_k({p: s.flat[p] for p in mats}, cfg.topk, "per_layer", r".", one[1])
                 assert select.size(one) == k
             yield one, kw
 
