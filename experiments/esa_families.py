@@ -22,6 +22,7 @@ relative to each model's own base (ΔPPL ratios, perplexity over base, enrichmen
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -72,14 +73,22 @@ def load(wd: str) -> dict:
     return s
 
 
-def layer_types(s: dict) -> list[str] | None:
-    """The per-layer attention type of a model with sliding-window layers (from its checkpoint's config); [] for a
-    model whose layers are all of one type, None where its config cannot be read here."""
+@functools.cache
+def _model_config(name: str):
+    """The checkpoint's config (read once per model), or None where it cannot be read on this machine."""
     from wa import models
     from wa.data import paths
     try:
-        cfg = models.read_config(paths.checkpoint(s["model"]))
-    except Exception:   # noqa: BLE001 - a checkpoint not on this machine: the comparison goes on without types
+        return models.read_config(paths.checkpoint(name))
+    except Exception:   # noqa: BLE001 - a checkpoint not on this machine: the comparison goes on without it
+        return None
+
+
+def layer_types(s: dict) -> list[str] | None:
+    """The per-layer attention type of a model with sliding-window layers (from its checkpoint's config); [] for a
+    model whose layers are all of one type, None where its config cannot be read here."""
+    cfg = _model_config(s["model"])
+    if cfg is None:
         return None
     types = getattr(cfg, "layer_types", None)
     return list(types) if types and len(set(types)) > 1 else []
@@ -141,21 +150,13 @@ def sliding_vs_global(s, types, metric=MAIN) -> dict | None:
     layers, att, _, score, enrich = per_layer(s, metric)
     glob = np.asarray([types[L] == "full_attention" for L in layers])
     out = {"global_layers": [int(L) for L, g in zip(layers, glob, strict=True) if g],
-           "seq_len": s["_config"]["seq_len"], "sliding_window": _window(s)}
+           "seq_len": s["_config"]["seq_len"],
+           "sliding_window": getattr(_model_config(s["model"]), "sliding_window", None)}
     for name, v in (("layer_mean_score", score), ("attention_mean_score", att), ("layer_enrichment", enrich)):
         u = stats.mannwhitneyu(v[glob], v[~glob], alternative="two-sided")
         out[name] = {"global_median": float(np.median(v[glob])), "sliding_median": float(np.median(v[~glob])),
                      "mannwhitney_p": float(u.pvalue)}
     return out
-
-
-def _window(s) -> int | None:
-    from wa import models
-    from wa.data import paths
-    try:
-        return getattr(models.read_config(paths.checkpoint(s["model"])), "sliding_window", None)
-    except Exception:   # noqa: BLE001 - see layer_types
-        return None
 
 
 def _seen_rows(e) -> float:
