@@ -88,6 +88,51 @@ def test_gguf_from_llama_cpp_gives_the_same_model(name):
             np.testing.assert_allclose(got[p], want[p], err_msg=p, rtol=1e-6, atol=1e-7)
 
 
+def test_mixtral_router_balance_loss_equals_transformers():
+    # transformers' load_balancing_loss_func over the real tokens (the padded row's tail left out), scanned (the
+    # grouped-matmul experts, the router's values leaving the scan as its outputs) and not; a dense model's is 0.
+    loaded, ref = _load("mixtral"), _ref("mixtral")
+    scanned = models.build_model(loaded.config, scan=True, remat="full")[0]
+    for model in (loaded.model, scanned):
+        for n in (12, 20):
+            batch = {"input_ids": jnp.asarray(ref[f"ids_{n}"]), "attention_mask": jnp.asarray(ref[f"mask_{n}"])}
+            (nll, count), balance = jax.jit(model.nll_and_balance)(loaded.params, batch)
+            assert float(balance) == pytest.approx(float(ref[f"aux_{n}"]), rel=1e-6)
+            assert float(nll / count) == pytest.approx(float(ref[f"loss_{n}"]), rel=1e-6)
+    dense = _load("llama")
+    batch = {"input_ids": jnp.asarray(ref["ids_12"]), "attention_mask": jnp.asarray(ref["mask_12"])}
+    assert float(dense.model.nll_and_balance(dense.params, batch)[1]) == 0.0
+
+
+def test_mixtral_experts_are_named_in_the_taxonomy_and_split_like_a_dense_mlp():
+    from jax.sharding import PartitionSpec as P
+
+    from wa.models import families
+    from wa.parallel import rules
+    m = _load("mixtral")
+    layer = "model/layers/1/block_sparse_moe/"
+    assert m.describe(layer + "experts/3/w1/kernel") == families.ParamInfo(1, "mlp", "gate", 3)
+    assert m.describe(layer + "experts/0/w3/kernel") == families.ParamInfo(1, "mlp", "up", 0)
+    assert m.describe(layer + "experts/2/w2/kernel") == families.ParamInfo(1, "mlp", "down", 2)
+    assert m.describe(layer + "gate/kernel") == families.ParamInfo(1, "router", "router")
+    assert m.describe("model/layers/1/self_attn/q_proj/kernel").expert is None
+    specs = {p: rules.match(m.family.partition_rules, p)[2] for p in
+             (layer + "experts/3/w1/kernel", layer + "experts/3/w2/kernel", layer + "gate/kernel")}
+    assert list(specs.values()) == [P("fsdp", "model"), P("model", "fsdp"), P()]
+
+
+def test_a_gguf_whose_expert_count_disagrees_with_its_stacks_is_refused():
+    from wa.models import gguf_io
+    f = gguf_io.GGUFFile(os.path.join(HERE, "mixtral", "model.gguf"))
+    assert (f.config().num_local_experts, f.config().num_experts_per_tok) == (4, 2)
+    f.fields["llama.expert_count"] = 3
+    model = models.build_model(f.config())[0]
+    paths = helpers.flat(model.params_shape_tree)
+    with pytest.raises(gguf_io.GGUFError, match=r"blk\.0\.ffn_gate_exps\.weight has shape \[4, 64, 32\], a "
+                       r"stack of \[out, in\] matrices, one per expert; the metadata says llama.expert_count=3$"):
+        f.mapping(paths)
+
+
 SENTENCE = "To be, or not to be: that is the question. Whether 'tis nobler in the mind to suffer"
 
 

@@ -277,11 +277,15 @@ class _GGUFTensor:
 def _from_gguf(file: gguf_io.GGUFFile, flax_paths) -> dict[str, _Tensor]:
     mapping = file.mapping(flax_paths)
     fetch = _CurrentTensor()
+    tensors: dict[str, _GGUFTensor] = {}   # one per file tensor: an expert stack is read once for all experts
     out = {}
-    for path, (name, transpose) in mapping.items():
-        t = _GGUFTensor(file, name)
-        out[path] = _Tensor(file.path, name, file.stored_shape(name), (lambda idx, t=t: fetch(t, idx)),
-                            np.dtype(np.float32), transpose)
+    for path, src in mapping.items():
+        t = tensors.setdefault(src.name, _GGUFTensor(file, src.name))
+        shape = file.stored_shape(src.name)
+        # An expert reads its slice of the stack (file.mapping checked the stack holds exactly the model's experts).
+        lead = () if src.expert is None else (src.expert,)
+        out[path] = _Tensor(file.path, src.name, shape[len(lead):], (lambda idx, t=t, lead=lead: fetch(t, lead + idx)),
+                            np.dtype(np.float32), src.transpose)
     return out
 
 

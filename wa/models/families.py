@@ -2,8 +2,8 @@
 
 Adding a family is adding one ``register(Family(...))`` call. Taxonomy rules are ordered
 ``(regex, component, role)``; the named group ``layer`` gives the block index, and ``role`` the role where
-the rule's own is None. Components
-are ``embedding / attention / mlp / norm / head``; roles say which matrix inside
+the rule's own is None, and ``expert`` the expert of a mixture-of-experts block. Components
+are ``embedding / attention / mlp / router / norm / head``; roles say which matrix inside
 (``q, k, v, qkv, o, up, gate, down, token, position, ...``).
 
 Kernel layouts differ: GPT-2 stores Conv1D kernels as [out, in]; every other family here
@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
-COMPONENTS = ("embedding", "attention", "mlp", "norm", "head")
+COMPONENTS = ("embedding", "attention", "mlp", "router", "norm", "head")
 
 FAN_OUT = P("fsdp", "model")   # [in, out] matrices that widen: q, k, v, up, gate
 FAN_IN = P("model", "fsdp")    # [in, out] matrices that narrow: o, down
@@ -39,6 +39,7 @@ class ParamInfo:
     layer: int | None
     component: str
     role: str
+    expert: int | None = None   # the expert of an MoE block's matrix (component mlp), else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +85,9 @@ class Family:
             m = re.search(regex, path)
             if m:
                 groups = m.groupdict()
-                layer = groups.get("layer")
-                return ParamInfo(None if layer is None else int(layer), component, role or groups["role"])
+                layer, expert = groups.get("layer"), groups.get("expert")
+                return ParamInfo(None if layer is None else int(layer), component, role or groups["role"],
+                                 None if expert is None else int(expert))
         return ParamInfo(None, "other", "other")
 
     def token_nll(self, model, params, batch, rng=None):
@@ -350,6 +352,19 @@ register(Family(name="phi3", kind="causal_lm", model_types=("phi3",),
                                            mlp=r"mlp/(?P<role>gate_up|down)_proj/"),
                 partition_rules=_DECODER_RULES, pt_buffers=_ROTARY_BUFFERS,
                 fused=((r"self_attn/qkv_proj/", _qkv_blocks), (r"mlp/gate_up_proj/", _gate_up))))
+
+# Mixtral: Mistral's attention; each layer's MLP a sparse mixture of SwiGLU experts (w1 gate, w3 up, w2 down) under
+# a router. Each expert's matrices are split as a dense MLP's (FSDP and tensor parallel within the expert); the
+# router ([hidden, experts]: 8 columns rarely divide a mesh) is replicated.
+_EXPERT = r"layers/(?P<layer>\d+)/block_sparse_moe/experts/(?P<expert>\d+)/"
+register(Family(name="mixtral", kind="causal_lm", model_types=("mixtral",),
+                taxonomy=_decoder_taxonomy(extra=((_EXPERT + "w1/", "mlp", "gate"), (_EXPERT + "w3/", "mlp", "up"),
+                                                  (_EXPERT + "w2/", "mlp", "down"),
+                                                  (r"layers/(?P<layer>\d+)/block_sparse_moe/gate/", "router",
+                                                   "router"))),
+                partition_rules=((r"experts/\d+/(w1|w3)/kernel$", FAN_OUT), (r"experts/\d+/w2/kernel$", FAN_IN),
+                                 (r"block_sparse_moe/gate/kernel$", REPLICATED), *_DECODER_RULES),
+                pt_buffers=_ROTARY_BUFFERS))
 
 # GPT-NeoX (Pythia): its own names; query_key_value holds each head's q, k and v rows side by side.
 register(Family(

@@ -33,6 +33,7 @@ import functools
 import math
 import os
 import re
+import typing
 from collections.abc import Callable
 
 import numpy as np
@@ -110,6 +111,14 @@ COMMON_KEYS = {"context_length": "max_position_embeddings", "embedding_length": 
                "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
                "rope.freq_base": "rope_theta", "attention.layer_norm_rms_epsilon": "rms_norm_eps",
                "attention.key_length": "head_dim"}
+
+
+class Source(typing.NamedTuple):
+    """Where one Flax parameter lives in a GGUF file: the tensor, whether the Flax kernel is its 2-D matrix
+    transposed, and for an MoE expert, its index along the stacked tensor's first axis."""
+    name: str
+    transpose: bool
+    expert: int | None = None
 
 
 class GGUFFile:
@@ -206,7 +215,7 @@ class GGUFFile:
                                     "YaRN follows transformers, which has no such setting")
         kw["tie_word_embeddings"] = "output.weight" not in self.tensors and not self.arch.untie
         self.arch.config(self, kw)
-        return transformers.CONFIG_MAPPING[self.arch.model_type](**kw)
+        return transformers.CONFIG_MAPPING[kw.pop("model_type", self.arch.model_type)](**kw)
 
     def sentencepiece_model(self) -> bytes | None:
         """A SentencePiece vocabulary (``tokenizer.ggml.model`` "llama": Llama-2, Gemma) as a serialized
@@ -320,9 +329,12 @@ class GGUFFile:
     def stored_shape(self, name: str) -> tuple:
         return tuple(int(n) for n in reversed(self.tensors[name].shape))
 
-    def mapping(self, flax_paths) -> dict:
-        """Flax path -> (GGUF tensor name, transpose) for the model's parameters ``flax_paths``. A tensor of the
-        file that is neither one of them nor known configuration is an error."""
+    def mapping(self, flax_paths) -> dict[str, Source]:
+        """Flax path -> its ``Source`` in the file, for the model's parameters ``flax_paths``. A tensor of the
+        file that is neither one of them nor known configuration is an error.
+
+        An MoE layer's experts are stacked in one tensor per matrix (``blk.N.ffn_gate_exps``: [experts, out, in]
+        in PyTorch order, the expert outermost); each expert's parameter reads its slice."""
         import gguf
         arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == self.arch.name)
         names = gguf.get_tensor_name_map(arch_id, max(self.blocks(), 0))
@@ -331,12 +343,24 @@ class GGUFFile:
             parts = path.split("/")
             leaf = "bias" if parts[-1] == "bias" else "weight"
             hf = ".".join(parts[:-1])
+            expert = re.search(r"\.experts\.(\d+)\.", hf)
+            if expert:   # the stacked tensor's name is the experts' HF name without the index
+                hf = hf[:expert.start()] + ".experts." + hf[expert.end():]
             name = names.get_name(hf)
             if name is not None and f"{name}.{leaf}" in self.tensors:
-                out[path] = (f"{name}.{leaf}", parts[-1] == "kernel")
+                out[path] = Source(f"{name}.{leaf}", parts[-1] == "kernel", int(expert.group(1)) if expert else None)
         if self.arch.untie and "lm_head/kernel" in flax_paths and "lm_head/kernel" not in out:
-            out["lm_head/kernel"] = ("token_embd.weight", True)   # the tied classifier, written out
-        used = {n for n, _ in out.values()} | set(self.arch.consumed)
+            out["lm_head/kernel"] = Source("token_embd.weight", True)   # the tied classifier, written out
+        stacks = collections.defaultdict(set)
+        for src in out.values():
+            if src.expert is not None:
+                stacks[src.name].add(src.expert)
+        for name, experts in stacks.items():
+            shape = self.stored_shape(name)
+            if len(shape) != 3 or set(range(shape[0])) != experts:
+                raise GGUFError(f"{self.path}: {name} has shape {list(shape)}, a stack of [out, in] matrices, one "
+                                f"per expert; the metadata says {self.arch.name}.expert_count={len(experts)}")
+        used = {s.name for s in out.values()} | set(self.arch.consumed)
         unknown = sorted(set(self.tensors) - used)
         if unknown:
             raise GGUFError(f"{self.path}: {len(unknown)} tensors are not parameters of wa's {self.arch.model_type} "
@@ -362,6 +386,20 @@ def _rope_freqs(f: GGUFFile, kw: dict) -> None:
                         f"has {rot // 2} frequencies")
     kw["rope_scaling"] = {"rope_type": "longrope", "short_factor": factors, "long_factor": factors,
                           "attention_factor": 1.0, "factor": 1.0}
+
+
+def _llama(f: GGUFFile, kw: dict) -> None:
+    """llama.cpp writes Mixtral as a llama with ``expert_count`` experts, ``expert_used_count`` per token
+    (``feed_forward_length``: each expert's width), routed as Mixtral's router routes."""
+    _rope_freqs(f, kw)
+    experts = f.field("expert_count")
+    if not experts:
+        return
+    used = f.field("expert_used_count")
+    for key, v in (("expert_count", experts), ("expert_used_count", used)):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or not 1 <= v <= 4096:
+            raise GGUFError(f"{f.path}: metadata gives llama.{key}={v!r}; expected an integer in [1, 4096]")
+    kw.update(model_type="mixtral", num_local_experts=int(experts), num_experts_per_tok=int(used))
 
 
 def _gemma(f: GGUFFile, kw: dict, pattern: int, gemma3: bool) -> None:
@@ -427,7 +465,7 @@ def _gptneox(f: GGUFFile, kw: dict) -> None:
 # A file without output.weight shares the embedding as classifier. For llama files wa writes that out as its own
 # lm_head/kernel (the embedding transposed) with tie_word_embeddings=False, as for stories260K, so SmolLM2's tree
 # and every figure measured on it stay as they were; the other architectures tie, as their HF configs do.
-register(Arch("llama", "llama", "llama", _rope_freqs, permute_qk=True, consumed=("rope_freqs.weight",), untie=True))
+register(Arch("llama", "llama", "llama", _llama, permute_qk=True, consumed=("rope_freqs.weight",), untie=True))
 register(Arch("qwen2", "qwen2", "qwen2"))
 register(Arch("qwen3", "qwen3", "qwen3"))
 register(Arch("gemma", "gemma", "gemma2", lambda f, kw: _gemma(f, kw, 0, False), norm_shift=1.0))

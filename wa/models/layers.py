@@ -190,7 +190,10 @@ class Model:
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         mask = jnp.ones_like(ids) if mask is None else mask
-        h = self._apply(params, ids, mask, method="hidden")
+        return self.nll_of_hidden(params, self._apply(params, ids, mask, method="hidden"), ids, mask)
+
+    def nll_of_hidden(self, params, h, ids, mask):
+        """``token_nll`` from the final hidden states ``h`` of ``ids``."""
         w = _at(params, self.head).astype(self.dtype)
         weights = (mask[:, 1:] * mask[:, :-1]).astype(jnp.float32)
         return chunked_nll(h[:, :-1], w, ids[:, 1:], weights, self.loss_chunk, self.tied,

@@ -66,6 +66,12 @@ class Names:
     up: str = "up_proj"
     gate_up: str = "gate_up_proj"
     down: str = "down_proj"
+    moe: str = "block_sparse_moe"         # a sparse MoE block (Mixtral), its router and experts
+    router: str = "gate"
+    experts: str = "experts"
+    w_gate: str = "w1"
+    w_up: str = "w3"
+    w_down: str = "w2"
     final_norm: str = "norm"
     head: str = "lm_head"
 
@@ -108,6 +114,9 @@ class Spec:
     query_scale: float | None = None      # None: 1/√head_dim
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    num_experts: int = 0                  # > 0: every layer's MLP is a sparse mixture of this many experts
+    experts_per_token: int = 0
+    norm_topk: bool = True                # renormalise the chosen experts' router weights to sum to 1 (Mixtral)
     names: Names = Names()
 
     @classmethod
@@ -252,6 +261,13 @@ def _phi3(config) -> Spec:
     return Spec(**_common(config, activation=config.hidden_act, attention="fused", mlp="gated_fused"))
 
 
+def _mixtral(config) -> Spec:
+    e, k = int(config.num_local_experts), int(config.num_experts_per_tok)
+    if not 0 < k <= e:
+        raise errors.CheckpointError(f"num_experts_per_tok={k}: expected 1..num_local_experts ({e})")
+    return Spec(**_common(config, activation=config.hidden_act, num_experts=e, experts_per_token=k))
+
+
 def _gpt_neox(config) -> Spec:
     head_dim = config.hidden_size // config.num_attention_heads
     return Spec(**_common(config, activation=config.hidden_act, attention="neox", mlp="plain", norm="layer",
@@ -263,7 +279,8 @@ def _gpt_neox(config) -> Spec:
 
 
 READERS = {"llama": _llama, "mistral": _llama, "qwen2": _qwen, "qwen3": _qwen, "gemma": _gemma,
-           "gemma2": _gemma, "gemma3_text": _gemma, "phi3": _phi3, "gpt_neox": _gpt_neox}
+           "gemma2": _gemma, "gemma3_text": _gemma, "phi3": _phi3, "gpt_neox": _gpt_neox,
+           "mixtral": _mixtral}
 MODEL_TYPES = tuple(READERS)
 
 
@@ -414,37 +431,160 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The family's MLP; ``expert``: one expert of an MoE block, Mixtral's SwiGLU ``w2(act(w1 x) · w3 x)``."""
     spec: Spec
     dtype: jnp.dtype = jnp.float32
+    expert: bool = False
 
     @nn.compact
     def __call__(self, x):
         s, n = self.spec, self.spec.names
         act = ACTIVATIONS[s.activation]
+        gate, up, down = (n.w_gate, n.w_up, n.w_down) if self.expert else (n.gate, n.up, n.down)
 
         def dense(size, name):
-            return nn.Dense(size, use_bias=s.mlp_bias, dtype=self.dtype, name=name)
+            return nn.Dense(size, use_bias=s.mlp_bias and not self.expert, dtype=self.dtype, name=name)
 
-        if s.mlp == "plain":
-            inner = act(dense(s.intermediate_size, n.up)(x))
-        elif s.mlp == "gated_fused":   # Phi-3: gate rows first, then up
+        if s.mlp == "plain" and not self.expert:
+            inner = act(dense(s.intermediate_size, up)(x))
+        elif s.mlp == "gated_fused" and not self.expert:   # Phi-3: gate rows first, then up
             gu = dense(2 * s.intermediate_size, n.gate_up)(x)
             inner = act(gu[..., :s.intermediate_size]) * gu[..., s.intermediate_size:]
         else:
-            inner = act(dense(s.intermediate_size, n.gate)(x)) * dense(s.intermediate_size, n.up)(x)
-        return dense(s.hidden_size, n.down)(inner)
+            inner = act(dense(s.intermediate_size, gate)(x)) * dense(s.intermediate_size, up)(x)
+        return dense(s.hidden_size, down)(inner)
+
+
+def route(logits, k: int, renormalise: bool = True):
+    """Mixtral's router (transformers' ``MixtralSparseMoeBlock``): softmax over the experts in float32, the ``k``
+    most probable, their weights renormalised to sum to one. Returns (probabilities [..., E], weights [..., k],
+    experts [..., k]); ties go to the lower expert index."""
+    p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    w, idx = jax.lax.top_k(p, k)
+    if renormalise:
+        w = w / jnp.sum(w, axis=-1, keepdims=True)
+    return p, w, idx
+
+
+class Experts(nn.Module):
+    """The experts "0".."E-1" of a sparse MoE block, each its own parameters under HF's names
+    (``block_sparse_moe/experts/3/w1/kernel``, [in, out]), so every per-matrix analysis reads an expert as it
+    reads a dense MLP.
+
+    Two ways to compute the same sum Σ_k w_k · expert_{i_k}(x):
+
+    * ``grouped=False`` (unscanned): every expert is its own module call over every token, its input zeroed
+      where the router did not pick it (an expert has no bias, so it adds exactly zero there). E/k times the
+      active FLOPs, but what activation capture (Wanda's input norms, super weights) records for an expert is
+      then its own routed tokens' inputs.
+    * ``grouped=True`` (scanned): the (token, slot) pairs sorted by expert and multiplied with
+      ``jax.lax.ragged_dot`` against the stacked kernels, the grouped matmul of MoE training on accelerators:
+      the active FLOPs only. XLA's CPU backend lowers it densely, so on CPU it is slower than the above
+      (``experiments/moe_bench.py``).
+    """
+    spec: Spec
+    dtype: jnp.dtype = jnp.float32
+    grouped: bool = False
+
+    def setup(self):
+        self.each = [MLP(self.spec, self.dtype, expert=True, name=str(i)) for i in range(self.spec.num_experts)]
+
+    def __call__(self, x, weights, experts):
+        e = self.spec.num_experts
+        if not self.grouped or self.is_initializing():
+            comb = jnp.einsum("...k,...ke->...e", weights, jax.nn.one_hot(experts, e, dtype=jnp.float32))
+            out = jnp.zeros(x.shape, jnp.float32)
+            for i, expert in enumerate(self.each):
+                g = comb[..., i:i + 1]
+                out = out + g * expert(x * (g > 0).astype(x.dtype)).astype(jnp.float32)
+            return out.astype(self.dtype)
+        return self._grouped(x, weights, experts)
+
+    def _grouped(self, x, weights, experts):
+        s, n = self.spec, self.spec.names
+        e, k = s.num_experts, s.experts_per_token
+        p = self.variables["params"]
+
+        def stacked(name):
+            return jnp.stack([p[str(i)][name]["kernel"] for i in range(e)]).astype(self.dtype)
+
+        xt = x.reshape(-1, x.shape[-1]).astype(self.dtype)
+        flat = experts.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        rows = order // k                              # the token of each (token, slot) pair, sorted by expert
+        sizes = jnp.bincount(flat, length=e).astype(jnp.int32)
+        xs = xt[rows]
+        act = ACTIVATIONS[s.activation]
+        inner = act(jax.lax.ragged_dot(xs, stacked(n.w_gate), sizes)) * jax.lax.ragged_dot(xs, stacked(n.w_up),
+                                                                                          sizes)
+        y = jax.lax.ragged_dot(inner, stacked(n.w_down), sizes).astype(jnp.float32)
+        y = y * weights.reshape(-1)[order][:, None]
+        out = jnp.zeros(xt.shape, jnp.float32).at[rows].add(y)
+        return out.reshape(x.shape).astype(self.dtype)
+
+
+class MoE(nn.Module):
+    """Mixtral's sparse MoE block: the router (``gate``, [hidden, experts], no bias) picks ``experts_per_token``
+    experts per token; the output is their weighted sum. Sows ("intermediates", "router") the router's
+    probabilities [..., E] and how many of the token's slots chose each expert [..., E], which the load-balancing
+    loss (``balance_loss``) and the routing counts of an analysis read."""
+    spec: Spec
+    dtype: jnp.dtype = jnp.float32
+    grouped: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        s, n = self.spec, self.spec.names
+        logits = nn.Dense(s.num_experts, use_bias=False, dtype=self.dtype, name=n.router)(x)
+        p, w, idx = route(logits, s.experts_per_token, s.norm_topk)
+        self.sow("intermediates", "router", (p, jax.nn.one_hot(idx, s.num_experts, dtype=jnp.float32).sum(-2)))
+        return Experts(s, self.dtype, self.grouped, name=n.experts)(x, w, idx)
+
+
+def balance_loss(probs, chosen, mask):
+    """The router's auxiliary load-balancing loss (Fedus et al. 2021, Switch Transformer eq. 4, with top-k as
+    transformers' ``load_balancing_loss_func``): E · Σ_e f_e · P_e, f_e the share of (token, slot) pairs sent to
+    expert e and P_e its mean router probability, both over every layer and real token. ``probs`` and ``chosen``:
+    [layers, batch, seq, E] (``MoE``'s sown values); ``mask`` [batch, seq]. Equals k when routing is uniform."""
+    m = mask.astype(jnp.float32)[None, :, :, None]
+    n = jnp.maximum(jnp.sum(m) * probs.shape[0], 1.0)
+    f = jnp.sum(chosen * m, axis=(0, 1, 2)) / n
+    pm = jnp.sum(probs * m, axis=(0, 1, 2)) / n
+    return probs.shape[-1] * jnp.sum(f * pm)
+
+
+def router_values(intermediates) -> tuple | None:
+    """(probabilities, chosen) stacked [layers, batch, seq, E] from a forward pass's ("intermediates") collection,
+    scanned (one stacked entry) or not (one entry per layer, in layer order); None without experts."""
+    found = []
+
+    def visit(tree, path):
+        for key in sorted(tree, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)):
+            v = tree[key]
+            if key == "router":
+                found.append(v[0])
+            elif isinstance(v, dict):
+                visit(v, path + (key,))
+
+    visit(intermediates, ())
+    if not found:
+        return None
+    if len(found) == 1 and found[0][0].ndim == 4:
+        return found[0]
+    return tuple(jnp.stack(xs) for xs in zip(*found, strict=True))
 
 
 class DecoderLayer(nn.Module):
     spec: Spec
     dtype: jnp.dtype = jnp.float32
+    grouped: bool = False   # MoE layers: the grouped-matmul expert path
 
     @nn.compact
     def __call__(self, h, bias, sin, cos):
         s = self.spec
         norm = lambda name: Norm(s, s.hidden_size, self.dtype, name=name)  # noqa: E731
         attn = Attention(s, self.dtype, name=s.names.attn)
-        mlp = MLP(s, self.dtype, name="mlp")
+        mlp = MoE(s, self.dtype, self.grouped, name=s.names.moe) if s.num_experts else MLP(s, self.dtype, name="mlp")
         if s.parallel_residual:   # GPT-NeoX: both branches read the same input
             return h + attn(norm("input_layernorm")(h), bias, sin, cos) + mlp(norm("post_attention_layernorm")(h))
         a = attn(norm("input_layernorm")(h), bias, sin, cos)
@@ -495,7 +635,8 @@ class Layers(_Stacked):
             return h
         params = self.variables["params"]
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[str(i)] for i in range(self.spec.num_layers)])
-        layer = DecoderLayer(self.spec, self.dtype, parent=None)
+        moe = bool(self.spec.num_experts)
+        layer = DecoderLayer(self.spec, self.dtype, grouped=moe, parent=None)
         mixed = len(set(sliding)) > 1
 
         def body(h, xs):
@@ -504,11 +645,18 @@ class Layers(_Stacked):
             # rotary tables (both precomputed once outside the scan).
             args = jax.tree.map(lambda a, b: jnp.where(kind, a, b), ctx[True], ctx[False]) if mixed \
                 else ctx[sliding[0]]
-            return _constrain(layer.apply({"params": p}, h, *args), self.act_sharding), None
+            if not moe:
+                return _constrain(layer.apply({"params": p}, h, *args), self.act_sharding), None
+            # The router's values leave the scan as its per-layer outputs (re-sown below, stacked).
+            out, state = layer.apply({"params": p}, h, *args, mutable=["intermediates"])
+            return _constrain(out, self.act_sharding), state["intermediates"][self.spec.names.moe]["router"][0]
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_policy(self.remat), prevent_cse=False)
-        return jax.lax.scan(body, h, (stacked, jnp.asarray(sliding)))[0]
+        h, routed = jax.lax.scan(body, h, (stacked, jnp.asarray(sliding)))
+        if moe:
+            self.sow("intermediates", "router", routed)
+        return h
 
 
 class Backbone(_Stacked):
@@ -573,3 +721,19 @@ class Model(layers.Model):
         head = (s.names.backbone, s.names.embed, "embedding") if s.tie_word_embeddings else (s.names.head, "kernel")
         super().__init__(config, CausalLM(s, dtype, scan, remat, act), s.names.backbone, dtype, loss_chunk, head,
                          s.tie_word_embeddings, s.final_softcap)
+
+    @property
+    def experts(self) -> int:
+        return self.spec.num_experts
+
+    def nll_and_balance(self, params, batch):
+        """``token_nll``'s (Σ NLL, count) and the router's ``balance_loss`` over the real tokens, from one forward
+        pass (the balance loss is 0.0 for a dense model)."""
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        mask = jnp.ones_like(ids) if mask is None else mask
+        h, state = self.module.apply({"params": params}, ids, mask, method="hidden", mutable=["intermediates"])
+        routed = router_values(state.get("intermediates", {}))
+        balance = jnp.zeros((), jnp.float32) if routed is None else balance_loss(*routed, mask)
+        return self.nll_of_hidden(params, h, ids, mask), balance
+
