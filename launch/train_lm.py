@@ -39,10 +39,17 @@ def main(argv):
         plots.training_curve([x["step"] for x in h["train"]], [x["loss"] for x in h["train"]],
                              [x["step"] for x in h["val"]], [x["nll"] for x in h["val"]],
                              os.path.join(workdir, "training_curve.png"))
+        active = "" if r["n_active_params"] == r["n_params"] else \
+            f" ({r['n_active_params']:,} multiplied per token: {cfg.experts_per_token} of {cfg.experts} experts routed)"
+        balance = [x["balance"] for x in h["train"] if "balance" in x]
+        if balance:
+            active += (f"; router load-balancing loss {balance[-1]:.4f} at the last step (k = "
+                       f"{cfg.experts_per_token} when routing is uniform), weighted {cfg.router_aux_loss_coef} in the "
+                       "objective")
         report.write_text(os.path.join(workdir, "report.md"), f"""# {r['arch']} on {r['corpus']}
 
-{r['n_params']:,} parameters, tokenizer `{r['tokenizer']}` (vocabulary {r['vocab_size']}), trained {r['steps']} steps
-on {r['tokens_seen']:,} tokens drawn from a {r['train_tokens']:,}-token training stream.
+{r['n_params']:,} parameters{active}, tokenizer `{r['tokenizer']}` (vocabulary {r['vocab_size']}),
+trained {r['steps']} steps on {r['tokens_seen']:,} tokens drawn from a {r['train_tokens']:,}-token training stream.
 
 **Validation: {r['val_nll']:.4f} nats/token, perplexity {r['val_ppl']:.3f}** on {r['val_tokens']:,} held-out tokens
 (the last {100 * cfg.val_fraction:.0f}% of documents, never trained on).

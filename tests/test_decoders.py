@@ -265,3 +265,18 @@ def test_rope_settings_read_alike_from_both_transformers_lines():
     (inv_a, fa), (inv_b, fb) = llama.inverse_frequencies(a, 20), llama.inverse_frequencies(b, 20)
     np.testing.assert_array_equal(inv_a, inv_b)
     assert fa == fb and a.original_max_position_embeddings == b.original_max_position_embeddings == 16
+
+
+def test_routing_counts_agree_scanned_and_not():
+    # Each real token sends experts_per_token (token, slot) pairs through each layer; the grouped (scanned) and
+    # per-expert (unscanned) paths route alike.
+    loaded, ref = _load("mixtral"), _ref("mixtral")
+    batch = {"input_ids": jnp.asarray(ref["ids_12"]), "attention_mask": jnp.asarray(ref["mask_12"])}
+    pairs, probs, tokens = jax.jit(loaded.model.routing)(loaded.params, batch)
+    scanned = models.build_model(loaded.config, scan=True)[0]
+    again = jax.jit(scanned.routing)(loaded.params, batch)
+    assert int(tokens) == int(ref["mask_12"].sum()) == 21
+    assert np.asarray(pairs).sum(axis=1).tolist() == [42.0, 42.0]
+    np.testing.assert_allclose(np.asarray(probs).sum(axis=1), [21.0, 21.0], rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(again[0]), np.asarray(pairs))
+    np.testing.assert_allclose(np.asarray(again[1]), np.asarray(probs), rtol=1e-6)

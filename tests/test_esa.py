@@ -310,3 +310,52 @@ def test_embedding_rows_are_read_by_vocabulary_row_and_seen_rows_apart():
     # Apart vectors only (no matrix of their own): no own top-k, no stability, no crash.
     out = apart.summarize({"magnitude": {"groups": {}}}, {}, [1, 2], None, {"magnitude": False})
     assert out["magnitude"]["k"] == 0 and np.isnan(out["magnitude"]["jaccard_mean"])
+
+
+def test_esa_on_a_mixture_of_experts_reads_routing_and_each_expert(tmp_path):
+    # llama.cpp's conversion of the tiny Mixtral fixture (4 experts, 2 per token), read with its own vocabulary.
+    import csv
+
+    from flax import traverse_util
+
+    from wa.esa import evaluate
+    cfg = esa_configs.get_config("smoke")
+    cfg.model = os.path.join(helpers.REPO, "tests", "fixtures", "decoders", "mixtral", "model.gguf")
+    cfg.corpus, cfg.doc_split, cfg.seq_len = "tinyshakespeare", "blank_lines", 32
+    cfg.metric, cfg.perturb_scale, cfg.seeds = "grad_x_weight,act_mag", "1.0", "1,2"
+    cfg.mode = "global"
+    cfg.prune_sparsity, cfg.fault_metrics, cfg.super_weights = "", "", False
+    a, s = job.run(cfg, str(tmp_path))
+    ex = s["experts"]
+    assert (ex["experts"], ex["experts_per_token"]) == (4, 2)
+    # Every real calibration token of the first seed sends 2 (token, slot) pairs through every layer.
+    batches = a.scores.batches
+    tokens = int(sum(np.asarray(b["attention_mask"]).sum() for b in batches))
+    assert ex["routing"]["tokens"] == tokens
+    assert [sum(row) for row in ex["routing"]["pairs"]] == [2 * tokens] * 2
+    np.testing.assert_allclose(np.sum(ex["routing"]["share"], axis=1), 1.0)
+    np.testing.assert_allclose(np.sum(ex["routing"]["prob_mean"], axis=1), 1.0, rtol=1e-6)
+    # An ablation cell is the held-out ΔPPL with that expert's w2 zeroed, as a direct evaluation gives it.
+    flat = dict(a.setup.flat)
+    path = "model/layers/1/block_sparse_moe/experts/2/w2/kernel"
+    flat[path] = 0 * flat[path]
+    tree = traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})
+    r = evaluate.evaluate(a.setup.loaded, tree, a.setup.data.eval_ids, a.setup.data.eval_mask, cfg.batch_size,
+                          progress=False)
+    assert ex["ablation"]["dppl"][1][2] == pytest.approx(r["ppl"] - s["ppl_base"], rel=1e-5, abs=1e-9)
+    for m in ("grad_x_weight", "act_mag"):
+        pm = ex["per_metric"][m]
+        arch = s["architecture"][m]
+        assert set(arch["expert"]) == {"-", "0", "1", "2", "3"} and len(arch["layer_expert"]) == 9
+        assert pm["topk_share_in_experts"] == pytest.approx(sum(v["share"] for g, v in arch["expert"].items()
+                                                                if g != "-"))
+        assert pm["router"] == arch["component"]["router"]
+        assert np.asarray(pm["mean_score"]).shape == (2, 4)
+        counts = s["per_metric"][m]["topk_counts"]["expert"]
+        assert sum(counts.values()) == s["k_selected"]
+    rows = list(csv.DictReader(open(tmp_path / "topk.csv")))
+    assert rows and all((r["expert"] == r["path"].split("/experts/")[1].split("/")[0]) if "/experts/" in r["path"]
+                        else r["expert"] == "" for r in rows)
+    text = open(tmp_path / "report.md").read()
+    assert "## Experts: routing, where the top-k sits, and each expert removed" in text
+    assert os.path.exists(tmp_path / "experts.png")

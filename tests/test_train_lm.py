@@ -42,3 +42,19 @@ def test_train_save_load_and_resume(tmp_path):
     assert isinstance(tokenizers.get(hf), tokenizers.Bytes)
     for f in ("report.md", "training_curve.png", "history.json"):
         assert os.path.getsize(tmp_path / "a" / f) > 0
+
+
+def test_a_mixtral_trains_with_its_router_balance_loss_and_loads_back(tmp_path):
+    from configs import train_lm as configs
+    from wa.train import lm
+    cfg = configs.get_config("smoke_moe")
+    cfg.steps, cfg.warmup, cfg.eval_every, cfg.checkpoint_every = 4, 1, 4, 4
+    r = lm.train(cfg, str(tmp_path), progress=False)
+    # 4 experts of 3 × 32 × 16 in each of 2 layers, 2 of them routed per token.
+    assert (r["n_params"], r["n_active_params"]) == (37_408, 37_408 - 2 * 2 * 3 * 32 * 16)
+    last = r["history"]["train"][-1]
+    # The logged loss is the cross entropy alone; the balance loss (k = 2 when routing is uniform) beside it.
+    assert last["step"] == 4 and 1.5 < last["balance"] < 4 and last["loss"] > 5
+    m = models.load(r["hf_dir"])
+    assert m.config.model_type == "mixtral" and m.model.experts == 4 and m.config.router_aux_loss_coef == 0.01
+    assert m.config.rope_parameters["rope_theta"] == 10000.0

@@ -2,7 +2,8 @@
 
 In ``per_layer`` mode every matrix contributes its k, so counts follow the matrix sizes and say nothing about
 the architecture. Here the top-k is chosen over all scored weights at once (``global`` mode), and each group
-(a layer, a component such as attention or MLP, a role such as q or down) is read three ways:
+(a layer, a component such as attention or MLP, a role such as q or down; in a mixture-of-experts model also an
+expert index over layers and each layer's expert) is read three ways:
 
 - ``share``: its fraction of the top-k;
 - ``enrichment``: that share over its share of the scored weights (1 = as many as its size predicts);
@@ -24,11 +25,18 @@ GROUPS = ("layer", "component", "role")
 def _label(info, key: str) -> str:
     if key == "layer":
         return "-" if info.layer is None else str(info.layer)
+    if key == "expert":   # an MoE expert's index, over layers; "-" for every matrix outside the experts
+        return "-" if info.expert is None else str(info.expert)
+    if key == "layer_expert":
+        return "-" if info.expert is None else f"{info.layer}/{info.expert}"
     return getattr(info, key)
 
 
 def _order(labels):
-    return sorted(labels, key=lambda x: (not x.isdigit(), int(x) if x.isdigit() else 0, x))
+    def key(x):
+        nums = x.split("/")
+        return (not all(n.isdigit() for n in nums), [int(n) for n in nums if n.isdigit()], x)
+    return sorted(labels, key=key)
 
 
 def analyze(scores: dict, describe, topk, signed: bool = False, parts=None) -> dict:
@@ -58,7 +66,8 @@ def analyze(scores: dict, describe, topk, signed: bool = False, parts=None) -> d
     n_all, s_all = sum(sizes.values()), sum(sums.values())
     mean_all = s_all / n_all if n_all else 0.0
     out: dict = {"k": k, "n_scored": n_all}
-    for key in GROUPS:
+    moe = any(describe(p).expert is not None for p in scores)
+    for key in GROUPS + (("expert", "layer_expert") if moe else ()):
         rows: dict = {}
         for p, role, n, total, chosen in pieces:
             g = role if key == "role" else _label(describe(p), key)

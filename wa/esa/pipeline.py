@@ -24,6 +24,7 @@ from wa import errors, hostmem, models, parallel
 from wa.data import paths, text, tokenizers
 from wa.esa import apart as apart_lib
 from wa.esa import architecture, evaluate, perturb, saliency, scores, select, stats, superweights, timing
+from wa.esa import experts as experts_lib
 from wa.parallel import rules as rules_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -435,6 +436,7 @@ class Analysis:
     perturbations: Perturbations
     architecture: dict | None
     seconds_total: float
+    experts: dict | None = None   # an MoE model: {"routing", "ablation"} (``wa.esa.experts``)
 
 
 def setup(cfg, progress: bool = True) -> Setup:
@@ -734,8 +736,30 @@ def run(cfg, progress: bool = True) -> Analysis:
             for m in s.plan.metrics} if cfg.get("architecture", True) else None
     if arch is not None:
         s.clock.stage("architecture")
+    moe = expert_study(s, sc, progress) if experts_lib.count(s.loaded) else None
     return Analysis(s, sc, sel, agreement, Perturbations(results, pruning, faults, super_w, apart_results), arch,
-                    time.time() - s.t0)
+                    time.time() - s.t0, moe)
+
+
+def expert_study(s: Setup, sc: Scores, progress: bool = True) -> dict:
+    """An MoE model's routing on the first seed's calibration windows, and (``expert_ablation``) the held-out
+    ΔPPL with each expert removed in turn."""
+    route = experts_lib.routing(s.loaded, s.loaded.params, sc.batches)
+    s.clock.stage("routing", len(s.windows[s.plan.seeds[0]]) * s.cfg.seq_len)
+    ablation = None
+    if s.cfg.get("expert_ablation", True):
+        from tqdm import tqdm
+        downs = experts_lib.down_paths(s.loaded, s.flat)
+        bar = tqdm(total=len(downs), desc="expert ablation", disable=not progress or jax.process_index() > 0)
+        deltas = _deltas(s.loaded, list(downs.values()), s.data, s.cfg, s.base["ppl"],
+                         (experts_lib.zeroed(s.flat, p) for p in downs.values()), bar, s.clock)
+        bar.close()
+        grid = np.full((1 + max(L for L, _ in downs), experts_lib.count(s.loaded)), np.nan)
+        for (layer, e), d in zip(downs, deltas, strict=True):
+            grid[layer, e] = d
+        ablation = {"dppl": grid.tolist(), "base_ppl": s.base["ppl"], "how": "w2 zeroed"}
+        _stage_done("expert ablation", s.t0, s.clock)
+    return {"routing": route, "ablation": ablation}
 
 
 def summarize(a: Analysis) -> dict:
@@ -762,6 +786,8 @@ def summarize(a: Analysis) -> dict:
         "apart_regex": cfg.get("apart", ""), "apart_paths": st.apart,
         "apart": apart_lib.summarize(a.scores.apart_first, a.scores.apart_top, plan.seeds, pt.apart,
                                      {m: scores.SCORES[m].needs_data for m in plan.metrics}) if st.apart else None,
+        "experts": experts_lib.summarize(a.architecture, a.experts["routing"], a.experts["ablation"],
+                                         experts_lib.count(loaded)) if a.experts else None,
         "per_metric": {},
     }
     main_kind, main_scale = plan.kinds[0], max(plan.scales)

@@ -24,10 +24,11 @@ def write_topk_csv(path, a: pipeline.Analysis):
     loaded = a.setup.loaded
     flat = {p: np.asarray(v) for p, v in a.setup.flat.items()}
     seed = a.setup.plan.seeds[0]
+    moe = any(loaded.describe(p).expert is not None for p in a.setup.kept)   # an MoE model: an expert column
     with report.atomic(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["metric", "rank", "path", "flat_index", "coordinates", "layer", "component", "role", "value",
-                    "score"])
+        w.writerow(["metric", "rank", "path", "flat_index", "coordinates", "layer", "component", "role",
+                    *["expert"] * moe, "value", "score"])
         for m in a.setup.plan.metrics:
             sel = a.selections.top[m, seed]
             sc = a.scores.first[m]
@@ -37,7 +38,8 @@ def write_topk_csv(path, a: pipeline.Analysis):
                 idx = np.asarray(idx, np.int64)
                 info = loaded.describe(p)
                 coords = np.stack(np.unravel_index(idx, flat[p].shape), axis=-1).tolist()
-                where[p] = ("" if info.layer is None else info.layer, info.component, info.role)
+                where[p] = ("" if info.layer is None else info.layer, info.component, info.role,
+                            *[("" if info.expert is None else info.expert)] * moe)
                 rows += zip(np.asarray(sc[p]).ravel()[idx].tolist(), [p] * len(idx), idx.tolist(),
                             flat[p].ravel()[idx].tolist(), coords, strict=True)
             rows.sort(key=lambda t: (-abs(t[0]), t[1], t[2]))
@@ -111,6 +113,17 @@ def write_plots(workdir, a: pipeline.Analysis, summary):
                 c: (prog["layers"], prog[c]["enrichment"]) for c in comps})
         files.append(plots.curve_panels(panels, "layer", os.path.join(workdir, "architecture.png"),
                                         cols=min(3, len(panels)), marker="o"))
+    ex = summary.get("experts")
+    if ex:
+        cols = [str(i) for i in range(ex["experts"])]
+        rows = [f"layer {L}" for L in range(len(ex["routing"]["share"]))]
+        tables = {"routing share": (rows, cols, np.asarray(ex["routing"]["share"]))}
+        for m, pm in ex["per_metric"].items():
+            tables[f"{m}: mean score per weight"] = (rows, cols, np.asarray(pm["mean_score"], np.float64))
+        if ex.get("ablation"):
+            tables["ΔPPL, expert removed"] = (rows, cols, np.asarray(ex["ablation"]["dppl"], np.float64))
+        files.append(plots.heatmaps(tables, os.path.join(workdir, "experts.png"),
+                                    "per layer (rows) and expert (columns), log10 colour scale"))
     faults = summary.get("faults")
     if faults:
         panels = {}
@@ -237,6 +250,67 @@ By layer — enrichment:
 
 {report.markdown_table(layer_rows)}
 {plot}"""
+
+
+def _rho(r) -> str:
+    """A Spearman ρ with its p-value; "–" where undefined (a constant side, fewer than 3 pairs)."""
+    return f"{_fmt(r['rho'], 2)} (p {_fmt(r['p_value'])}, n {r['n']})" if np.isfinite(r["rho"]) else "–"
+
+
+def _experts_section(summary, figures=()) -> str:
+    ex = summary.get("experts")
+    if not ex:
+        return ""
+    e, k = ex["experts"], ex["experts_per_token"]
+    route = ex["routing"]
+    share = np.asarray(route["share"])
+    route_rows = [{"layer": str(L), **{f"expert {i}": f"{100 * v:.1f}%" for i, v in enumerate(row)},
+                   "largest / even": _fmt(ex["routing_spread"]["max_over_even"][L], 2),
+                   "entropy (1 = even)": _fmt(ex["routing_spread"]["entropy_norm"][L], 3)}
+                  for L, row in enumerate(share)]
+    metric_rows = []
+    for m, pm in ex["per_metric"].items():
+        router = pm.get("router") or {}
+        spread = [x for x in pm["topk_spread"]["max_over_even"] if np.isfinite(x)]
+        metric_rows.append({
+            "metric": m, "top-k share in experts": f"{100 * pm['topk_share_in_experts']:.1f}%",
+            "largest expert's share of its layer's expert top-k / even (mean over layers)":
+                _fmt(float(np.mean(spread)), 2) if spread else "–",
+            "router: share of top-k, mean score per weight vs all": (
+                f"{100 * router['share']:.2f}%, {_fmt(router['mean_score'], 3)}" if router else "–"),
+            "ρ(routing, mean score)": _rho(pm["mean_score_vs_routing"]),
+            "ρ(routing, top-k share)": _rho(pm["topk_share_vs_routing"]),
+            **({"ρ(mean score, ablation ΔPPL)": _rho(pm["mean_score_vs_ablation"])}
+               if "mean_score_vs_ablation" in pm else {})})
+    abl = ex.get("ablation")
+    abl_text = ""
+    if abl:
+        d = np.asarray(abl["dppl"])
+        rows = [{"layer": str(L), **{f"expert {i}": _fmt(v) for i, v in enumerate(row)}} for L, row in enumerate(d)]
+        worst = ", ".join(f"layer {w['layer']} expert {w['expert']} (ΔPPL {_fmt(w['dppl'])}, routed "
+                          f"{100 * w['routing_share']:.1f}%)" for w in abl["worst"][:3])
+        abl_text = f"""
+Each expert removed in turn (its `w2` zeroed: the router still picks it, it adds nothing), held-out ΔPPL against
+the base perplexity {_fmt(abl['base_ppl'])}; Spearman ρ against its routing share {_rho(abl['vs_routing'])}.
+Costliest: {worst}.
+
+{report.markdown_table(rows)}
+"""
+    plot = "\n![experts](experts.png)\n" if "experts.png" in figures else ""
+    return f"""## Experts: routing, where the top-k sits, and each expert removed
+{e} experts per layer, {k} routed per token (weights renormalised over the {k}). Routing on the first seed's
+{route['tokens']:,} calibration tokens — each expert's share of its layer's (token, slot) pairs ({100 / e:.1f}% each
+if even):
+
+{report.markdown_table(route_rows)}
+
+Per metric, from the model-wide top-k (`global`, as in the architecture section): the experts' share of it, how
+unevenly it spreads over a layer's experts, the router's own matrix, and whether an expert's sensitivity follows
+how often it is routed (Spearman ρ over the {share.size} (layer, expert) pairs). A busier expert's weights see more
+inputs, so gradient scores grow with routing by construction; the ablation is the test that does not.
+
+{report.markdown_table(metric_rows)}
+{abl_text}{plot}"""
 
 
 def _fault_section(summary, figures=()) -> str:
@@ -459,6 +533,7 @@ Agreement between metrics (share of the smaller top-k set the other also picked,
 {_super_section(summary)}
 {_apart_section(summary, figures)}
 {_architecture_section(summary, figures)}
+{_experts_section(summary, figures)}
 {_fault_section(summary, figures)}
 {_timing_section(summary)}
 ## Verdict against the ESA success criteria

@@ -240,13 +240,18 @@ def heavy_tail(scores: dict, param_filter: str = DEFAULT_FILTER, signed: bool = 
 
 
 def counts(sel: dict, classify) -> dict:
-    """Selected weights by layer, component and role (``classify(path) -> ParamInfo``)."""
+    """Selected weights by layer, component and role (``classify(path) -> ParamInfo``); in an MoE model also by
+    expert index ("-": outside the experts)."""
     out = {"layer": {}, "component": {}, "role": {}, "layer_component": {}}
+    moe = any(classify(p).expert is not None for p in sel)
+    if moe:
+        out["expert"] = {}
     for p, idx in sel.items():
         info = classify(p)
         n = len(idx)
         layer = "-" if info.layer is None else str(info.layer)
         for k, v in (("layer", layer), ("component", info.component), ("role", info.role),
-                     ("layer_component", f"{layer}/{info.component}")):
+                     ("layer_component", f"{layer}/{info.component}")) + \
+                (("expert", "-" if info.expert is None else str(info.expert)),) * moe:
             out[k][v] = out[k].get(v, 0) + n
     return out

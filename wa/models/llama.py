@@ -726,6 +726,17 @@ class Model(layers.Model):
     def experts(self) -> int:
         return self.spec.num_experts
 
+    def routing(self, params, batch):
+        """How the router spread the real tokens of ``batch``: per layer and expert the (token, slot) pairs routed
+        [L, E] and the summed router probability [L, E], and the number of real tokens."""
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        mask = jnp.ones_like(ids) if mask is None else mask
+        _, state = self.module.apply({"params": params}, ids, mask, method="hidden", mutable=["intermediates"])
+        probs, chosen = router_values(state["intermediates"])
+        m = mask.astype(jnp.float32)[None, :, :, None]
+        return jnp.sum(chosen * m, axis=(1, 2)), jnp.sum(probs * m, axis=(1, 2)), jnp.sum(mask)
+
     def nll_and_balance(self, params, batch):
         """``token_nll``'s (Σ NLL, count) and the router's ``balance_loss`` over the real tokens, from one forward
         pass (the balance loss is 0.0 for a dense model)."""

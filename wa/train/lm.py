@@ -1,4 +1,5 @@
-"""Train a causal LM from scratch: wa's GPT-2 / Llama modules (HF configs), optax AdamW, orbax resume, save_pretrained.
+"""Train a causal LM from scratch: wa's GPT-2 / Llama / Mixtral modules (HF configs), optax AdamW, orbax resume,
+save_pretrained.
 
 Data: the corpus is split into documents; the last ``val_fraction`` of them are validation
 (never trained on). Each step draws ``batch_size`` random windows of ``seq_len`` tokens from the
@@ -45,7 +46,20 @@ def hf_config(cfg, vocab_size: int, bos: int | None, eos: int | None):
                                         num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
                                         intermediate_size=cfg.intermediate, max_position_embeddings=cfg.seq_len,
                                         bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=False)
-    raise TrainError(f"--config.arch={cfg.arch!r}: expected gpt2 or llama")
+    if cfg.arch == "mixtral":
+        # Llama's settings but the MLP: the same rotary base and norm epsilon, so a Mixtral and a Llama whose
+        # intermediate size is experts_per_token × the expert's differ in nothing but the sparse MLP.
+        return transformers.MixtralConfig(vocab_size=vocab_size, hidden_size=cfg.hidden, num_hidden_layers=cfg.layers,
+                                          num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
+                                          intermediate_size=cfg.intermediate, max_position_embeddings=cfg.seq_len,
+                                          num_local_experts=cfg.experts, num_experts_per_tok=cfg.experts_per_token,
+                                          router_aux_loss_coef=cfg.router_aux_loss_coef, rope_theta=10000.0,
+                                          rms_norm_eps=1e-6, bos_token_id=bos, eos_token_id=eos,
+                                          tie_word_embeddings=False, sliding_window=None)
+    raise TrainError(f"--config.arch={cfg.arch!r}: expected one of {', '.join(ARCHS)}")
+
+
+ARCHS = ("gpt2", "llama", "mixtral")
 
 
 def save_tokenizer(tok, name: str, out_dir: str):
@@ -69,8 +83,14 @@ def check(cfg) -> None:
         "layers": errors.COUNT, "heads": errors.COUNT, "kv_heads": errors.COUNT, "intermediate": errors.COUNT,
         "val_fraction": (lambda v: 0 < v < 1, "a fraction in (0, 1): the share of documents held out"),
     })
-    if cfg.arch not in ("gpt2", "llama"):
-        raise TrainError(f"--config.arch={cfg.arch!r}: expected gpt2 or llama")
+    if cfg.arch not in ARCHS:
+        raise TrainError(f"--config.arch={cfg.arch!r}: expected one of {', '.join(ARCHS)}")
+    if cfg.arch == "mixtral":
+        errors.check_values(cfg, {"experts": (lambda v: int(v) == v and v >= 2, "an integer >= 2"),
+                                  "router_aux_loss_coef": errors.NON_NEGATIVE})
+        if not 1 <= cfg.experts_per_token <= cfg.experts or int(cfg.experts_per_token) != cfg.experts_per_token:
+            raise TrainError(f"--config.experts_per_token={cfg.experts_per_token}: expected an integer in "
+                             f"1..--config.experts ({cfg.experts})")
     if cfg.warmup >= cfg.steps:
         raise TrainError(f"--config.warmup={cfg.warmup}: the warmup must end before the run's last step "
                          f"(--config.steps={cfg.steps}); the cosine decay needs steps after it")
@@ -123,12 +143,24 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
     state, start, history = ckpts.resume(state, {"train": [], "val": []})
     nll = jax.jit(lambda params, batch: family.token_nll(model, params, batch))
 
+    experts = getattr(model, "experts", 0)
+
+    def objective(p, batch):
+        """The mean next-token loss; for an MoE model plus router_aux_loss_coef × the router's load-balancing
+        loss (Fedus et al. 2021), as transformers' Mixtral adds it. Returns (objective, (mean nll, balance))."""
+        if not experts:
+            loss = family.loss(model, p, batch)
+            return loss, (loss, jnp.zeros((), jnp.float32))
+        (total, count), balance = model.nll_and_balance(p, batch)
+        nll = total / jnp.maximum(count, 1)
+        return nll + cfg.router_aux_loss_coef * balance, (nll, balance)
+
     @jax.jit
     def step_fn(state, batch):
-        loss, grads = jax.value_and_grad(lambda p: family.loss(model, p, batch))(state["params"])
+        (_, (loss, balance)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"], batch)
         updates, opt_state = opt.update(grads, state["opt_state"], state["params"])
         return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-                "step": state["step"] + 1}, loss
+                "step": state["step"] + 1}, loss, balance
 
     def batch_for(step):
         rng = np.random.default_rng([cfg.seed, step])
@@ -142,10 +174,11 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train",
                disable=not progress or jax.process_index() > 0)
     for step in bar:
-        state, loss = step_fn(state, batch_for(step))
+        state, loss, balance = step_fn(state, batch_for(step))
         done = step + 1
         if done % 10 == 0 or done == cfg.steps:
-            history["train"].append({"step": done, "loss": float(loss)})
+            history["train"].append({"step": done, "loss": float(loss)} |
+                                    ({"balance": float(balance)} if experts else {}))
             bar.set_postfix(loss=f"{float(loss):.3f}")
         if done % cfg.eval_every == 0 or done == cfg.steps:
             r = evaluate.nll(nll, mesh, state["params"], val_ids, val_mask, cfg.batch_size, progress=False)
@@ -169,4 +202,14 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
             "tokens_seen": int(state["step"]) * cfg.batch_size * cfg.seq_len, "val_tokens": int(val_mask[:, 1:].sum()),
             "val_nll": final["nll"], "val_ppl": final["ppl"], "seconds_this_run": round(seconds, 1),
             "resumed_from": start, "hf_dir": hf_dir, "history": history,
-            "family": family.name}
+            "family": family.name, "n_active_params": active_params(config, n_params)}
+
+
+def active_params(config, n_params: int) -> int:
+    """Parameters one token's forward pass multiplies: all of a dense model's; an MoE model's without the
+    experts the router leaves out (experts - experts_per_token of them per layer)."""
+    experts = getattr(config, "num_local_experts", 0) or 0
+    if not experts:
+        return n_params
+    per_expert = 3 * config.hidden_size * config.intermediate_size
+    return n_params - config.num_hidden_layers * (experts - config.num_experts_per_tok) * per_expert
