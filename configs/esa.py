@@ -6,6 +6,7 @@ r"""Critical weight analysis (ESA): score every weight, pick the top-k, prove th
   python -m launch.esa --config configs/esa.py:shakespeare_char --workdir runs/esa-shakespeare
   python -m launch.esa --config configs/esa.py:smollm2 --workdir runs/esa-smollm2   # ~15 min on 2 CPU cores
   python -m launch.esa --config configs/esa.py:gemma3 --workdir runs/esa-gemma3     # ~26 min on 2 CPU cores
+  python -m launch.esa --config configs/esa.py:stories_moe --workdir runs/esa-moe    # after launch.train_lm's pair
   python -m launch.esa --config configs/esa.py --config.metric=grad_x_weight,grad_squared \
       --config.perturb=sign_flip,gauss_noise --config.perturb_scale=0.25,0.5,1.0
 
@@ -105,6 +106,12 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
         c.corpus = "tinyshakespeare"
         c.doc_split = "blank_lines"
         c.heldout_fraction = 0.1
+    elif arg in ("stories_moe", "stories_llama"):
+        # The matched pair launch.train_lm trains (configs/train_lm.py:stories_moe and :stories_llama): a Mixtral
+        # (8 experts, 2 per token) and a dense Llama with as many weights multiplied per token, same tokens and
+        # schedule. Held out: the last 10% of TinyStories documents, the part neither was trained on.
+        c.model = f"runs/{arg}/hf"
+        c.heldout_fraction = 0.1
     elif arg == "minilm":
         c.model = "minilm"
         c.apart = ""
@@ -143,5 +150,5 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
         c.fault_random_draws = 2
     else:
         raise ValueError(f"configs/esa.py: unknown variant {arg!r}; use stories260k, dose, smoke, minilm, "
-                         "shakespeare_char, smollm2 or gemma3")
+                         "shakespeare_char, smollm2, gemma3, stories_moe or stories_llama")
     return c

@@ -44,7 +44,8 @@ def main(argv):
     errors.check_values(cfg, {"loss_chunk": errors.COUNT, "hvp_probes": errors.NON_NEGATIVE})
     result = plan.plan(plan.hf_config(cfg.hf_config.to_dict()), mesh, cfg.batch_size, cfg.seq_len,
                        DTYPES[cfg.param_dtype], DTYPES[cfg.compute_dtype], cfg.remat, scan=cfg.scan,
-                       loss_chunk=cfg.loss_chunk, hvp_probes=cfg.hvp_probes, capture=cfg.capture)
+                       loss_chunk=cfg.loss_chunk, hvp_probes=cfg.hvp_probes, capture=cfg.capture,
+                       moe=cfg.get("moe", "dense"))
     if common.is_chief():
         line = json.dumps(result)
         print(line)

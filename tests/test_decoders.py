@@ -61,7 +61,9 @@ def test_logits_loss_and_gradient_equal_transformers(name):
     # With the loss in chunks of 5 (11 targets: a padded chunk), and scanned and rematerialized where the module
     # scans (the llama-like decoder), the same loss and gradient: they pass through every layer, so the logits need
     # no second check.
-    chunked = models.build_model(loaded.config, scan=True, remat="full", loss_chunk=5)[0]
+    # An MoE model's scanned copy takes the grouped-matmul expert path.
+    chunked = models.build_model(loaded.config, scan=True, remat="full", loss_chunk=5,
+                                 moe="grouped" if name == "mixtral" else "dense")[0]
     for model in (loaded.model, chunked):
         loss, grads = jax.jit(jax.value_and_grad(lambda p: loaded.family.loss(model, p, batch)))(loaded.params)
         assert float(loss) == pytest.approx(float(ref["loss_12"]), rel=1e-6)
@@ -92,7 +94,7 @@ def test_mixtral_router_balance_loss_equals_transformers():
     # transformers' load_balancing_loss_func over the real tokens (the padded row's tail left out), scanned (the
     # grouped-matmul experts, the router's values leaving the scan as its outputs) and not; a dense model's is 0.
     loaded, ref = _load("mixtral"), _ref("mixtral")
-    scanned = models.build_model(loaded.config, scan=True, remat="full")[0]
+    scanned = models.build_model(loaded.config, scan=True, remat="full", moe="grouped")[0]
     for model in (loaded.model, scanned):
         for n in (12, 20):
             batch = {"input_ids": jnp.asarray(ref[f"ids_{n}"]), "attention_mask": jnp.asarray(ref[f"mask_{n}"])}
@@ -268,12 +270,12 @@ def test_rope_settings_read_alike_from_both_transformers_lines():
 
 
 def test_routing_counts_agree_scanned_and_not():
-    # Each real token sends experts_per_token (token, slot) pairs through each layer; the grouped (scanned) and
-    # per-expert (unscanned) paths route alike.
+    # Each real token sends experts_per_token (token, slot) pairs through each layer; the grouped (here scanned)
+    # and per-expert (unscanned) paths route alike.
     loaded, ref = _load("mixtral"), _ref("mixtral")
     batch = {"input_ids": jnp.asarray(ref["ids_12"]), "attention_mask": jnp.asarray(ref["mask_12"])}
     pairs, probs, tokens = jax.jit(loaded.model.routing)(loaded.params, batch)
-    scanned = models.build_model(loaded.config, scan=True)[0]
+    scanned = models.build_model(loaded.config, scan=True, moe="grouped")[0]
     again = jax.jit(scanned.routing)(loaded.params, batch)
     assert int(tokens) == int(ref["mask_12"].sum()) == 21
     assert np.asarray(pairs).sum(axis=1).tolist() == [42.0, 42.0]

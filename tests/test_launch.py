@@ -81,3 +81,16 @@ def test_plan_prints_one_json_line(variant):
     assert p["hvp"]["probes"] == 1 and p["hvp"]["temp_bytes_per_device"] > 0
     # The capture pass needs no logits, so the compiled pass drops lm_head (64 × 256 floats over 8 devices).
     assert p["capture"]["compiled_argument_bytes_per_device"] == p["compiled_argument_bytes_per_device"] - 8192
+
+
+@pytest.mark.slow
+def test_plan_of_a_mixture_of_experts():
+    r = _run("launch.plan", "--config", "configs/plan.py:tiny_moe")
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][0])
+    # 4 experts of 3 × 64 × 32 per layer split 8 ways like a dense MLP; the routers (64 × 4 per layer) and the norms
+    # replicated.
+    assert p["n_params"] == 107_328 and p["experts"] == 4
+    assert p["params_bytes_per_device"] == (107_328 - 320 - 2 * 256) * 4 // 8 + (320 + 2 * 256) * 4
+    assert (p["moe_gradient_step"], p["moe_hvp_and_capture_steps"]) == ("grouped", "dense")
+    assert p["temp_bytes_per_device"] > 0 and p["hvp"]["temp_bytes_per_device"] > 0

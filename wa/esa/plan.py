@@ -40,15 +40,18 @@ def _memory(compiled) -> dict:
 
 def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
          compute_dtype=jnp.bfloat16, remat: str = "none", rules=None, scan: bool = False, loss_chunk: int = 512,
-         hvp_probes: int = 0, capture: bool = False) -> dict:
+         hvp_probes: int = 0, capture: bool = False, moe: str = "dense") -> dict:
     """Per-device bytes for parameters, gradients and temporaries of one loss-and-gradient step; with
     ``hvp_probes`` also of ESA's Hutchinson step (that many Hessian-vector products vmapped), with ``capture`` of
     its activation-capture pass (the per-input-channel sums of squares Wanda scores need).
 
     ``scan`` and ``remat`` ("none", "full", "dots") configure the llama-like decoder (``wa.models.llama``);
-    ``loss_chunk`` every causal LM.
+    ``loss_chunk`` every causal LM; ``moe`` ("dense", "grouped") an MoE model's expert path in the gradient step
+    (the HVP step vmaps its probes, which only the dense path supports; capture needs the dense path's module
+    calls).
     """
-    model, family = build_model(config, compute_dtype, scan=scan, remat=remat, loss_chunk=loss_chunk, mesh=mesh)
+    model, family = build_model(config, compute_dtype, scan=scan, remat=remat, loss_chunk=loss_chunk, mesh=mesh,
+                                moe=moe)
     if (scan or remat != "none") and not isinstance(model, llama.Model):
         raise ValueError(f"scan/remat: wa's {config.model_type} module runs layer by layer; they apply to the "
                          f"llama-like decoder ({', '.join(llama.MODEL_TYPES)}); plan with scan=False, remat='none'")
@@ -70,8 +73,11 @@ def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
 
     steps = {"gradient": (grad_step, (replicated, p_shard))}
     if hvp_probes:
+        dense = model if moe == "dense" else build_model(config, compute_dtype, scan=scan, remat=remat,
+                                                          loss_chunk=loss_chunk, mesh=mesh)[0]
+
         def hvp_step(params, batch):
-            return scores.hvp_diag_chunk(lambda p: family.loss(model, p, batch), params, jax.random.key(0),
+            return scores.hvp_diag_chunk(lambda p: family.loss(dense, p, batch), params, jax.random.key(0),
                                          hvp_probes, jnp.ones((hvp_probes,), jnp.float32))
         steps["hvp"] = (hvp_step, p_shard)
     if capture:
@@ -100,6 +106,8 @@ def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
         "param_dtype": jnp.dtype(param_dtype).name,
         "compute_dtype": jnp.dtype(compute_dtype).name,
         "scan": scan, "remat": remat, "loss_chunk": loss_chunk,
+        **({"experts": model.experts, "moe_gradient_step": moe, "moe_hvp_and_capture_steps": "dense"}
+           if getattr(model, "experts", 0) else {}),
         "params_bytes_per_device": param_bytes,
         "grads_bytes_per_device": param_bytes,  # gradients take the parameters' shardings
         "total_params_bytes": sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in flat.values()),

@@ -162,17 +162,17 @@ def read_config(path: str) -> transformers.PretrainedConfig:
 
 
 def build_model(config, dtype=None, family: fam.Family | None = None, scan: bool = False, remat: str = "none",
-                loss_chunk: int = 512, mesh=None):
+                loss_chunk: int = 512, mesh=None, moe: str = "dense"):
     """wa's own model for ``config``, no parameters materialised: the llama-like decoder
-    (``wa.models.llama.MODEL_TYPES``: ``scan`` and ``remat`` apply there), GPT-2, GPT-Neo and OPT
-    (``wa.models.gpt``), BERT and RoBERTa (``wa.models.bert``); ``loss_chunk`` for every causal LM."""
+    (``wa.models.llama.MODEL_TYPES``: ``scan``, ``remat`` and ``moe``, the expert path, apply there), GPT-2, GPT-Neo
+    and OPT (``wa.models.gpt``), BERT and RoBERTa (``wa.models.bert``); ``loss_chunk`` for every causal LM."""
     family = family or fam.for_model_type(config.model_type)
     if family is None:
         raise CheckpointError(f"model_type {config.model_type!r} is not a family wa knows; known: "
                               f"{', '.join(sorted(fam.model_types()))}")
     dtype = jnp.float32 if dtype is None else dtype
     if config.model_type in llama.MODEL_TYPES:
-        return llama.Model(config, dtype, scan, remat, loss_chunk, mesh), family
+        return llama.Model(config, dtype, scan, remat, loss_chunk, mesh, moe), family
     if config.model_type in gpt.MODEL_TYPES:
         return gpt.model(config, dtype, loss_chunk), family
     return bert.model(config, dtype), family

@@ -47,6 +47,7 @@ from wa.models.layers import ACTIVATIONS, softcap
 from wa.parallel import batch as batch_lib
 
 REMAT = ("none", "full", "dots")
+MOE_PATHS = ("dense", "grouped")
 SLIDING, FULL = "sliding_attention", "full_attention"
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
@@ -471,16 +472,18 @@ class Experts(nn.Module):
     (``block_sparse_moe/experts/3/w1/kernel``, [in, out]), so every per-matrix analysis reads an expert as it
     reads a dense MLP.
 
-    Two ways to compute the same sum Σ_k w_k · expert_{i_k}(x):
+    Two ways to compute the same sum Σ_k w_k · expert_{i_k}(x) (``Model(moe=...)``):
 
-    * ``grouped=False`` (unscanned): every expert is its own module call over every token, its input zeroed
-      where the router did not pick it (an expert has no bias, so it adds exactly zero there). E/k times the
-      active FLOPs, but what activation capture (Wanda's input norms, super weights) records for an expert is
-      then its own routed tokens' inputs.
-    * ``grouped=True`` (scanned): the (token, slot) pairs sorted by expert and multiplied with
-      ``jax.lax.ragged_dot`` against the stacked kernels, the grouped matmul of MoE training on accelerators:
-      the active FLOPs only. XLA's CPU backend lowers it densely, so on CPU it is slower than the above
-      (``experiments/moe_bench.py``).
+    * ``grouped=False`` ("dense", the default): every expert is its own module call over every token, its input
+      zeroed where the router did not pick it (an expert has no bias, so it adds exactly zero there). E/k times
+      the active FLOPs, but what activation capture (Wanda's input norms, super weights) records for an expert
+      is then its own routed tokens' inputs, and it runs under every transformation (``vmap``: per-window
+      gradients, Hutchinson probes).
+    * ``grouped=True`` ("grouped"): the (token, slot) pairs sorted by expert and multiplied with
+      ``jax.lax.ragged_dot`` against the stacked kernels, the grouped matmul of MoE training on accelerators: the
+      active FLOPs only. jax's ``ragged_dot`` cannot be ``vmap``-ped unless every operand carries the batch axis
+      (parameters never do), and XLA's CPU backend lowers it densely, slower than the above
+      (``experiments/moe_bench.py``): for one gradient or forward pass at a time, on accelerators.
     """
     spec: Spec
     dtype: jnp.dtype = jnp.float32
@@ -618,6 +621,7 @@ class _Stacked(nn.Module):
     scan: bool = False
     remat: str = "none"
     act_sharding: object = None
+    moe: str = "dense"       # MoE layers' expert path (``Experts``): "dense" or "grouped"
 
 
 class Layers(_Stacked):
@@ -625,7 +629,8 @@ class Layers(_Stacked):
     ``ctx`` maps a layer's kind (sliding: True, global: False) to its (mask bias, sin, cos)."""
 
     def setup(self):
-        self.blocks = [DecoderLayer(self.spec, self.dtype, name=str(i)) for i in range(self.spec.num_layers)]
+        grouped = self.moe == "grouped"
+        self.blocks = [DecoderLayer(self.spec, self.dtype, grouped, name=str(i)) for i in range(self.spec.num_layers)]
 
     def __call__(self, h, ctx):
         sliding = self.spec.sliding_layers
@@ -635,8 +640,8 @@ class Layers(_Stacked):
             return h
         params = self.variables["params"]
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[str(i)] for i in range(self.spec.num_layers)])
-        moe = bool(self.spec.num_experts)
-        layer = DecoderLayer(self.spec, self.dtype, grouped=moe, parent=None)
+        routed = bool(self.spec.num_experts)
+        layer = DecoderLayer(self.spec, self.dtype, grouped=self.moe == "grouped", parent=None)
         mixed = len(set(sliding)) > 1
 
         def body(h, xs):
@@ -645,7 +650,7 @@ class Layers(_Stacked):
             # rotary tables (both precomputed once outside the scan).
             args = jax.tree.map(lambda a, b: jnp.where(kind, a, b), ctx[True], ctx[False]) if mixed \
                 else ctx[sliding[0]]
-            if not moe:
+            if not routed:
                 return _constrain(layer.apply({"params": p}, h, *args), self.act_sharding), None
             # The router's values leave the scan as its per-layer outputs (re-sown below, stacked).
             out, state = layer.apply({"params": p}, h, *args, mutable=["intermediates"])
@@ -654,7 +659,7 @@ class Layers(_Stacked):
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_policy(self.remat), prevent_cse=False)
         h, routed = jax.lax.scan(body, h, (stacked, jnp.asarray(sliding)))
-        if moe:
+        if routed:
             self.sow("intermediates", "router", routed)
         return h
 
@@ -679,7 +684,7 @@ class Backbone(_Stacked):
             near = layers.window_allowed(allowed, s.sliding_window)
             local = rotary(pos, s, local=True) if s.rope_local_theta else rot
             ctx[True] = (layers.mask_bias(near), *local)
-        h = Layers(s, self.dtype, self.scan, self.remat, self.act_sharding, name="layers")(h, ctx)
+        h = Layers(s, self.dtype, self.scan, self.remat, self.act_sharding, self.moe, name="layers")(h, ctx)
         return Norm(s, s.hidden_size, self.dtype, name=n.final_norm)(h), embed
 
 
@@ -689,7 +694,8 @@ class CausalLM(_Stacked):
     @nn.compact
     def __call__(self, ids, mask, hidden_only: bool = False):
         s = self.spec
-        h, embed = Backbone(s, self.dtype, self.scan, self.remat, self.act_sharding, name=s.names.backbone)(ids, mask)
+        h, embed = Backbone(s, self.dtype, self.scan, self.remat, self.act_sharding, self.moe,
+                            name=s.names.backbone)(ids, mask)
         if hidden_only:
             return h
         if s.tie_word_embeddings:
@@ -706,9 +712,11 @@ class Model(layers.Model):
     """``layers.Model`` over ``CausalLM``: the HF Flax model interface, and ``token_nll`` with the chunked loss."""
 
     def __init__(self, config, dtype=jnp.float32, scan: bool = False, remat: str = "none", loss_chunk: int = 512,
-                 mesh=None):
+                 mesh=None, moe: str = "dense"):
         if remat not in REMAT:
             raise errors.ConfigError(f"remat={remat!r}: expected one of {', '.join(REMAT)}")
+        if moe not in MOE_PATHS:
+            raise errors.ConfigError(f"moe={moe!r}: expected one of {', '.join(MOE_PATHS)}")
         self.spec = s = Spec.from_hf(config)
         self.scan, self.remat = scan, remat
         # Scanned on a mesh, hidden states are kept split by batch rows over the data axes (wa.parallel.batch):
@@ -719,7 +727,7 @@ class Model(layers.Model):
         if mesh is not None and scan:
             act = batch_lib.batch_sharding(mesh, 3)
         head = (s.names.backbone, s.names.embed, "embedding") if s.tie_word_embeddings else (s.names.head, "kernel")
-        super().__init__(config, CausalLM(s, dtype, scan, remat, act), s.names.backbone, dtype, loss_chunk, head,
+        super().__init__(config, CausalLM(s, dtype, scan, remat, act, moe), s.names.backbone, dtype, loss_chunk, head,
                          s.tie_word_embeddings, s.final_softcap)
 
     @property
