@@ -65,6 +65,18 @@ def run_or_reuse(variant: str, wd: str) -> float | None:
     return None
 
 
+def run_folders(runs: str, names, workdir: str) -> dict:
+    """name -> its ESA folder: the finished one ``--runs`` (name=folder,...) names, else ``<workdir>/<name>``."""
+    given = dict(kv.split("=", 1) for kv in runs.split(",") if kv)
+    unknown = set(given) - set(names)
+    if unknown:
+        raise SystemExit(f"error: --runs names {sorted(unknown)}; expected some of {', '.join(names)}")
+    for n, wd in given.items():
+        if not _finished(wd):
+            raise SystemExit(f"error: --runs {n}={wd}: no finished ESA there (summary.json and DONE.json)")
+    return {n: given.get(n, os.path.join(workdir, n)) for n in names}
+
+
 def load(wd: str) -> dict:
     with open(os.path.join(wd, "summary.json")) as f:
         s = json.load(f)
@@ -645,14 +657,7 @@ def main():
     a = ap.parse_args()
     from wa import report
 
-    given = dict(kv.split("=", 1) for kv in a.runs.split(",") if kv)
-    unknown = set(given) - set(FAMILIES)
-    if unknown:
-        raise SystemExit(f"error: --runs names {sorted(unknown)}; expected some of {', '.join(FAMILIES)}")
-    for n, wd in given.items():
-        if not _finished(wd):
-            raise SystemExit(f"error: --runs {n}={wd}: no finished ESA there (summary.json and DONE.json)")
-    folders = {n: given.get(n, os.path.join(a.workdir, n)) for n in FAMILIES}
+    folders = run_folders(a.runs, FAMILIES, a.workdir)
     seconds = {}
     for n, wd in folders.items():
         print(f"{n}: {'reusing' if _finished(wd) else 'running'} the ESA in {wd}", file=sys.stderr, flush=True)

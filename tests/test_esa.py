@@ -359,3 +359,15 @@ def test_esa_on_a_mixture_of_experts_reads_routing_and_each_expert(tmp_path):
     text = open(tmp_path / "report.md").read()
     assert "## Experts: routing, where the top-k sits, and each expert removed" in text
     assert os.path.exists(tmp_path / "experts.png")
+    # experiments/esa_moe.py's reading of it: the MoE-only claims come from these figures.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("esa_moe", os.path.join(helpers.REPO, "experiments", "esa_moe.py"))
+    moe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(moe)
+    fig = moe.expert_figures(moe.fam.load(str(tmp_path)))
+    assert fig["routing_share"] == ex["routing"]["share"] and fig["ablation"] == ex["ablation"]
+    one = moe.fam.family_figures(moe.fam.load(str(tmp_path)), [])
+    rows = {r["claim"]: r for r in moe.claims({"dense": one, "moe": one}, {"dense": {}, "moe": {}}, fig)}
+    busy = rows["removing a busier expert costs more (held-out ΔPPL vs routing share, Spearman)"]
+    r = ex["ablation"]["vs_routing"]
+    assert busy["verdict"] == ("holds" if r["rho"] > 0 and r["p_value"] < 0.05 else "does not hold")

@@ -60,7 +60,12 @@ def spikes(loaded, params, batches, paths) -> dict:
     for batch in batches:
         for p, v in step(params, batch).items():
             y, o, x, i = float(v[0]), int(v[1]), float(v[2]), int(v[3])
-            ymed, xmed = float(np.median(np.asarray(v[4]))), float(np.median(np.asarray(v[5])))
+            # The median over the tokens the layer computed on: padding (masked to zero) and, for an MoE expert,
+            # the tokens the router sent elsewhere (zero input, zero output) are not outputs of the layer.
+            ys = np.asarray(v[4])
+            ys = ys[ys.max(axis=-1) > 0]
+            ymed = float(np.median(ys)) if ys.size else 0.0
+            xmed = float(np.median(np.asarray(v[5])))
             if p not in best or y > best[p]["max_out"]:
                 best[p] = {"max_out": y, "out_channel": o, "max_in": x, "in_channel": i,
                            "input_axis": loaded.family.input_axis(p), "out_over_median": y / max(ymed, 1e-30),
