@@ -48,14 +48,15 @@ def get_config(arg: str = "llama3_8b") -> ml_collections.ConfigDict:
     c.loss_chunk = 512
     c.hvp_probes = 1                  # also plan ESA's Hutchinson step with this many probes vmapped (0 = skip)
     c.capture = True                  # also plan ESA's activation-capture pass (Wanda norms)
-    c.moe = "dense"                   # an MoE model's expert path in the gradient step: dense or grouped
+    c.moe = "dense"                   # an MoE model's expert path in the gradient step: dense, grouped or auto
     if arg == "llama3_8b":
         c.hf_config = LLAMA3_8B
     elif arg == "mixtral_8x7b":
         # FSDP over 8 devices: each expert's matrices split like a dense MLP's (no expert-parallel axis: wa keeps
-        # every expert its own parameters); the scanned layers run the experts as grouped matmuls (ragged_dot).
+        # every expert its own parameters). The gradient step's experts as grouped matmuls (ragged_dot) on an
+        # accelerator, every expert on every token on CPU, whose compiler expands ragged_dot densely ("auto").
         c.hf_config = MIXTRAL_8X7B
-        c.moe = "grouped"
+        c.moe = "auto"
     elif arg in ("tiny", "tiny_moe"):
         c.hf_config = TINY if arg == "tiny" else dict(TINY, model_type="mixtral", num_local_experts=4,
                                                       num_experts_per_tok=2, intermediate_size=32)

@@ -46,10 +46,14 @@ def plan(config, mesh, batch_size: int, seq_len: int, param_dtype=jnp.bfloat16,
     its activation-capture pass (the per-input-channel sums of squares Wanda scores need).
 
     ``scan`` and ``remat`` ("none", "full", "dots") configure the llama-like decoder (``wa.models.llama``);
-    ``loss_chunk`` every causal LM; ``moe`` ("dense", "grouped") an MoE model's expert path in the gradient step
-    (the HVP step vmaps its probes, which only the dense path supports; capture needs the dense path's module
-    calls).
+    ``loss_chunk`` every causal LM; ``moe`` ("dense", "grouped", "auto") an MoE model's expert path in the gradient
+    step (the HVP step vmaps its probes, which only the dense path supports; capture needs the dense path's module
+    calls). "auto" is "dense" on CPU: XLA's CPU backend lowers ``ragged_dot`` densely, every expert for every row,
+    so a CPU plan of the grouped path counts temporaries no accelerator holds (Mixtral-8x7B: 68 GiB at 2 layers
+    against the dense path's 13 GiB); "grouped" elsewhere.
     """
+    if moe == "auto":
+        moe = "dense" if jax.default_backend() == "cpu" else "grouped"
     model, family = build_model(config, compute_dtype, scan=scan, remat=remat, loss_chunk=loss_chunk, mesh=mesh,
                                 moe=moe)
     if (scan or remat != "none") and not isinstance(model, llama.Model):
