@@ -85,7 +85,9 @@ def test_plan_prints_one_json_line(variant):
 
 @pytest.mark.slow
 def test_plan_of_a_mixture_of_experts():
-    r = _run("launch.plan", "--config", "configs/plan.py:tiny_moe")
+    # The HVP step left out: it compiles for 15 s here, and the experts' dense path it runs is the one every ESA
+    # test's per-window gradients already vmap.
+    r = _run("launch.plan", "--config", "configs/plan.py:tiny_moe", "--config.hvp_probes=0")
     assert r.returncode == 0, r.stderr[-3000:]
     p = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][0])
     # 4 experts of 3 × 64 × 32 per layer split 8 ways like a dense MLP; the routers (64 × 4 per layer) and the norms
@@ -93,4 +95,4 @@ def test_plan_of_a_mixture_of_experts():
     assert p["n_params"] == 107_328 and p["experts"] == 4
     assert p["params_bytes_per_device"] == (107_328 - 320 - 2 * 256) * 4 // 8 + (320 + 2 * 256) * 4
     assert (p["moe_gradient_step"], p["moe_hvp_and_capture_steps"]) == ("grouped", "dense")
-    assert p["temp_bytes_per_device"] > 0 and p["hvp"]["temp_bytes_per_device"] > 0
+    assert p["temp_bytes_per_device"] > 0 and p["capture"]["temp_bytes_per_device"] > 0 and "hvp" not in p
