@@ -57,6 +57,10 @@ def get_config(arg: str = "shakespeare_char") -> ml_collections.ConfigDict:
         c.kv_heads = 4
         c.intermediate = 172 if arg == "stories_moe" else 344
         c.lr = 2e-3
+        # The TinyStories text here holds 341k training tokens: at 16 × 256 tokens a step the dense model's
+        # held-out loss is lowest near step 750 of a 1,500-step run (2.137 nats; 2.273 at 1,500, where its training
+        # loss, 0.98, says it memorised the text), so the pair trains 750 steps (9 passes).
+        c.steps = 750
     elif arg in ("smoke", "smoke_moe"):
         c.hidden = 32
         c.layers = 2
