@@ -114,7 +114,7 @@ def test_unknown_family(tmp_path):
     json.dump(cfg, open(cfg_path, "w"))
     with pytest.raises(CheckpointError, match=r"config.json: model_type 'mamba' is not a family wa knows; "
                                               r"known model types: bert, gemma, gemma2, gemma3_text, gpt2, gpt_neo, "
-                                              r"gpt_neox, llama, mistral, opt, phi3, qwen2, qwen3, roberta$"):
+                                              r"gpt_neox, llama, mistral, mixtral, opt, phi3, qwen2, qwen3, roberta$"):
         models.load(d)
 
 
