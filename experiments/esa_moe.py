@@ -52,6 +52,10 @@ def expert_figures(s: dict) -> dict | None:
            "routing_entropy": ex["routing_spread"]["entropy_norm"],
            "routing_share": share.tolist(),
            "per_metric": {m: {"mean_score_vs_routing": e["mean_score_vs_routing"],
+                              "mean_score_vs_routing_within_layers":
+                                  e.get("mean_score_vs_routing_within_layers"),
+                              "mean_score_vs_ablation_within_layers":
+                                  e.get("mean_score_vs_ablation_within_layers"),
                               "topk_share_vs_routing": e["topk_share_vs_routing"],
                               "mean_score_vs_ablation": e.get("mean_score_vs_ablation"),
                               "topk_share_in_experts": e["topk_share_in_experts"],
@@ -161,11 +165,22 @@ def claims(fig: dict, comp: dict, ex: dict | None) -> list[dict]:
             only_moe("removing a busier expert costs more (held-out ΔPPL vs routing share, Spearman)", "Experts",
                      f"ρ {_f(r['rho'], 2)}, p {_p(r['p_value'])}",
                      None if not np.isfinite(r["rho"]) else r["rho"] > 0 and r["p_value"] < ALPHA)
+            w = (ab.get("vs_routing_within_layers") or {}).get("pooled_ranks")
+            if w:
+                only_moe("…within each layer too (each layer's experts ranked among themselves, pooled)", "Experts",
+                         f"ρ {_f(w['rho'], 2)}, p {_p(w['p_value'])}; per layer "
+                         + ", ".join(_f(x, 2) for x in ab["vs_routing_within_layers"]["per_layer"]),
+                         None if not np.isfinite(w["rho"]) else w["rho"] > 0 and w["p_value"] < ALPHA)
             if e and e.get("mean_score_vs_ablation"):
                 r = e["mean_score_vs_ablation"]
                 only_moe(f"an expert's mean {MAIN} score predicts what removing it costs (Spearman)", "Experts",
                          f"ρ {_f(r['rho'], 2)}, p {_p(r['p_value'])}",
                          None if not np.isfinite(r["rho"]) else r["rho"] > 0 and r["p_value"] < ALPHA)
+                w = (e.get("mean_score_vs_ablation_within_layers") or {}).get("pooled_ranks")
+                if w:
+                    only_moe("…within each layer too (pooled within-layer ranks)", "Experts",
+                             f"ρ {_f(w['rho'], 2)}, p {_p(w['p_value'])}",
+                             None if not np.isfinite(w["rho"]) else w["rho"] > 0 and w["p_value"] < ALPHA)
         sw = ex.get("super_weights")
         if sw and sw["candidates"]:
             top = sw["candidates"][0]
@@ -230,8 +245,31 @@ def plot_all(fig: dict, ex: dict | None, out: str) -> list[str]:
     return files
 
 
-def render(fig, comp, ex, claim_rows, files, command, seconds, compare_seconds) -> str:
+def training(s: dict) -> dict | None:
+    """launch.train_lm's train.json beside the analysed checkpoint (``<workdir>/hf``), where it is on this machine."""
+    path = os.path.join(os.path.dirname(os.path.normpath(s["_config"]["model"])), "train.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        t = json.load(f)
+    balance = [x["balance"] for x in t["history"]["train"] if "balance" in x]
+    return {"n_params": t["n_params"], "n_active_params": t.get("n_active_params", t["n_params"]),
+            "steps": t["steps_done"], "tokens_seen": t["tokens_seen"], "train_tokens": t["train_tokens"],
+            "val_ppl": t["val_ppl"], "val_nll": t["val_nll"], "seconds": t["seconds_this_run"],
+            "last_train_loss": t["history"]["train"][-1]["loss"], "balance_last": balance[-1] if balance else None}
+
+
+def render(fig, comp, ex, claim_rows, files, command, seconds, compare_seconds, trained=None) -> str:
     names = ("dense", "moe")
+    trained = trained or {}
+    train_rows = [{"model": MODELS[n][1], "parameters / multiplied per token":
+                   f"{t['n_params']:,} / {t['n_active_params']:,}", "steps (tokens seen)":
+                   f"{t['steps']} ({t['tokens_seen']:,} of a {t['train_tokens']:,}-token text)",
+                   "last training loss": _f(t["last_train_loss"], 3),
+                   "held-out perplexity (launch.train_lm)": _f(t["val_ppl"], 4),
+                   "router balance loss, last step": _f(t["balance_last"], 3) if t["balance_last"] else "–",
+                   "training time (s, 2 CPU cores)": f"{t['seconds']:,.0f}"}
+                  for n in names if (t := trained.get(n))]
     model_rows = [{"model": MODELS[n][1], "parameters": f"{fig[n]['n_params']:,}",
                    "matrix weights scored": f"{fig[n]['n_scored']:,}",
                    "held-out perplexity": _f(fig[n]["ppl_base"], 4),
@@ -267,9 +305,13 @@ def render(fig, comp, ex, claim_rows, files, command, seconds, compare_seconds) 
                        "busiest / even": _f(ex["routing_max_over_even"][L], 2)} for L, row in enumerate(share)]
         corr_rows = [{"metric": m, "experts' share of the top-k": f"{100 * e['topk_share_in_experts']:.1f}%",
                       "ρ(routing, mean score)": _rho(e["mean_score_vs_routing"]),
+                      "within layers": _rho((e.get("mean_score_vs_routing_within_layers") or {}).get(
+                          "pooled_ranks")),
                       "ρ(routing, top-k share)": _rho(e["topk_share_vs_routing"]),
                       "ρ(mean score, ablation ΔPPL)": _rho(e["mean_score_vs_ablation"])
                       if e.get("mean_score_vs_ablation") else "–",
+                      "within layers ": _rho((e.get("mean_score_vs_ablation_within_layers") or {}).get(
+                          "pooled_ranks")),
                       "router: mean score / share of top-k": (f"{_f(e['router']['mean_score'], 2)} / "
                                                               f"{100 * e['router']['share']:.2f}%"
                                                               if e["router"] else "–")}
@@ -281,8 +323,8 @@ def render(fig, comp, ex, claim_rows, files, command, seconds, compare_seconds) 
             abl_rows = [{"layer": str(L), **{f"expert {i}": _f(v) for i, v in enumerate(row)}} for L, row in
                         enumerate(d)]
             abl = (f"\nEach expert removed in turn (its `w2` zeroed), held-out ΔPPL (base {_f(ab['base_ppl'], 4)}); "
-                   f"against routing share: {_rho(ab['vs_routing'])}. For scale, the dense model's MLP in a layer "
-                   f"is one block the MoE splits into {ex['experts']}:\n\n{_table(abl_rows)}\n")
+                   f"against routing share: {_rho(ab['vs_routing'])}, within layers "
+                   f"{_rho(ab['vs_routing_within_layers']['pooled_ranks'])}:\n\n{_table(abl_rows)}\n")
         sw = ex.get("super_weights")
         sw_text = ""
         if sw:
@@ -323,6 +365,14 @@ two cases, not a sample of architectures.
 {_table(claim_rows)}
 
 ## Models
+Trained by launch.train_lm (`python -m launch.train_lm --config configs/train_lm.py:<stories_llama|stories_moe>`;
+its held-out perplexity over the last 10% of documents, 16k tokens):
+
+{_table(train_rows) if train_rows else "Training records not found beside the checkpoints."}
+
+Analysed (ESA time from the base perplexity on; the ESA's held-out set is the first 32 windows of the same
+documents):
+
 {_table(model_rows)}
 
 ## Perturbation: sign-flipping the top 0.2% (largest dose) against random-k
@@ -384,12 +434,14 @@ def main():
     files = plot_all(fig, ex, a.out)
     report.write_json(os.path.join(a.out, "comparison.json"), {
         "models": {n: {k: v for k, v in f.items() if k != "_summary"} for n, f in fig.items()},
-        "components": comp, "experts": ex, "claims": rows, "runs": folders, "esa_seconds": seconds})
+        "components": comp, "experts": ex, "claims": rows, "runs": folders, "esa_seconds": seconds,
+        "training": {n: training(s) for n, s in summaries.items()}})
     command = "python experiments/esa_moe.py" + "".join(
         f" --{k} {v}" for k, v in (("workdir", a.workdir), ("runs", a.runs), ("out", a.out)) if v and (
             k != "workdir" or not a.runs))
+    trained = {n: training(s) for n, s in summaries.items()}
     report.write_text(os.path.join(a.out, "report.md"), render(fig, comp, ex, rows, files, command, seconds,
-                                                                time.time() - t))
+                                                                time.time() - t, trained))
     print(json.dumps({"claims": {r["claim"][:60]: r["verdict"] for r in rows}}))
 
 

@@ -12,9 +12,11 @@ analysis groups them by expert too. What only an MoE model has is read here:
 - **ablation**: held-out ΔPPL with one expert removed (its ``w2`` zeroed, so it adds nothing where the router
   picks it, the router itself unchanged): what each expert is worth as a whole;
 - **does sensitivity follow routing**: Spearman ρ over the (layer, expert) pairs between the routing share and
-  each of the mean score per weight, the top-k share and the ablation ΔPPL. An expert the router sends more tokens
-  gathers more gradient by construction (its weights see more inputs), so a high ρ for the gradient metrics is
-  expected; the ablation says whether the experts that matter are the busy ones.
+  each of the mean score per weight, the top-k share and the ablation ΔPPL; and within layers (each layer's
+  experts ranked among themselves), so that a layer whose experts all matter more does not make the correlation.
+  An expert the router sends more tokens gathers more gradient by construction (its weights see more inputs), so
+  a high ρ for the gradient metrics is expected; the ablation says whether the experts that matter are the busy
+  ones.
 
 The router's own matrix (component ``router``) competes in the top-k like any matrix; its row in the
 architecture tables is its sensitivity.
@@ -77,6 +79,20 @@ def _spearman(x, y) -> dict:
     return {"rho": float(r.statistic), "p_value": float(r.pvalue), "n": int(ok.sum())}
 
 
+def _within_layers(x, y) -> dict:
+    """Spearman ρ of ``x`` and ``y`` [layers, experts] within each layer: its mean over the layers where it is
+    defined, and ρ over every pair of the two within-layer ranks pooled (a layer-wide effect, e.g. every expert of
+    the first layer mattering more, cancels)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    per = [_spearman(a, b)["rho"] for a, b in zip(x, y, strict=True)]
+    rank = lambda v: np.argsort(np.argsort(v, axis=1), axis=1)  # noqa: E731
+    ok = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1)
+    pooled = _spearman(rank(x[ok]).ravel(), rank(y[ok]).ravel()) if ok.any() else _spearman([], [])
+    defined = [r for r in per if np.isfinite(r)]
+    return {"per_layer": per, "mean_rho": float(np.mean(defined)) if defined else float("nan"),
+            "pooled_ranks": pooled}
+
+
 def _spread(shares: np.ndarray) -> dict:
     """How unevenly the rows of ``shares`` [layers, experts] (each layer's expert top-k counts) spread."""
     out = {"max_over_even": [], "entropy_norm": []}
@@ -104,6 +120,7 @@ def summarize(architecture: dict | None, route: dict, ablation: dict | None, exp
     if ablation is not None:
         d = np.asarray(ablation["dppl"], np.float64)
         out["ablation"] = {**ablation, "vs_routing": _spearman(share.ravel(), d.ravel()),
+                           "vs_routing_within_layers": _within_layers(share, d),
                            "worst": [{"layer": int(i // experts), "expert": int(i % experts),
                                       "dppl": float(d.ravel()[i]), "routing_share": float(share.ravel()[i])}
                                      for i in np.argsort(-d.ravel())[:5]]}
@@ -122,9 +139,11 @@ def summarize(architecture: dict | None, route: dict, ablation: dict | None, exp
                  "by_expert": arch.get("expert", {}),
                  "router": arch.get("component", {}).get("router"),
                  "mean_score_vs_routing": _spearman(share.ravel(), mean.ravel()),
+                 "mean_score_vs_routing_within_layers": _within_layers(share, mean),
                  "topk_share_vs_routing": _spearman(share.ravel(), sel.ravel())}
         if ablation is not None:
             entry["mean_score_vs_ablation"] = _spearman(mean.ravel(), np.asarray(ablation["dppl"]).ravel())
+            entry["mean_score_vs_ablation_within_layers"] = _within_layers(mean, ablation["dppl"])
         out["per_metric"][m] = entry
     return out
 

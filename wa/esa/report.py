@@ -279,8 +279,11 @@ def _experts_section(summary, figures=()) -> str:
             "router: share of top-k, mean score per weight vs all": (
                 f"{100 * router['share']:.2f}%, {_fmt(router['mean_score'], 3)}" if router else "–"),
             "ρ(routing, mean score)": _rho(pm["mean_score_vs_routing"]),
+            "within layers": _rho(pm["mean_score_vs_routing_within_layers"]["pooled_ranks"])
+            if "mean_score_vs_routing_within_layers" in pm else "–",
             "ρ(routing, top-k share)": _rho(pm["topk_share_vs_routing"]),
-            **({"ρ(mean score, ablation ΔPPL)": _rho(pm["mean_score_vs_ablation"])}
+            **({"ρ(mean score, ablation ΔPPL)": _rho(pm["mean_score_vs_ablation"]),
+                "within layers ": _rho(pm["mean_score_vs_ablation_within_layers"]["pooled_ranks"])}
                if "mean_score_vs_ablation" in pm else {})})
     abl = ex.get("ablation")
     abl_text = ""
@@ -291,7 +294,8 @@ def _experts_section(summary, figures=()) -> str:
                           f"{100 * w['routing_share']:.1f}%)" for w in abl["worst"][:3])
         abl_text = f"""
 Each expert removed in turn (its `w2` zeroed: the router still picks it, it adds nothing), held-out ΔPPL against
-the base perplexity {_fmt(abl['base_ppl'])}; Spearman ρ against its routing share {_rho(abl['vs_routing'])}.
+the base perplexity {_fmt(abl['base_ppl'])}; Spearman ρ against its routing share {_rho(abl['vs_routing'])}, within
+layers (each layer's experts ranked among themselves, pooled) {_rho(abl['vs_routing_within_layers']['pooled_ranks'])}.
 Costliest: {worst}.
 
 {report.markdown_table(rows)}
@@ -306,8 +310,10 @@ if even):
 
 Per metric, from the model-wide top-k (`global`, as in the architecture section): the experts' share of it, how
 unevenly it spreads over a layer's experts, the router's own matrix, and whether an expert's sensitivity follows
-how often it is routed (Spearman ρ over the {share.size} (layer, expert) pairs). A busier expert's weights see more
-inputs, so gradient scores grow with routing by construction; the ablation is the test that does not.
+how often it is routed (Spearman ρ over the {share.size} (layer, expert) pairs; "within layers": over each layer's
+experts ranked among themselves, pooled, so a layer whose experts all matter more does not make the correlation). A
+busier expert's weights see more inputs, so gradient scores grow with routing by construction; the ablation is the
+test that does not.
 
 {report.markdown_table(metric_rows)}
 {abl_text}{plot}"""
