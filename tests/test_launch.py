@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import pytest
 
 from tests import helpers
@@ -83,16 +84,17 @@ def test_plan_prints_one_json_line(variant):
     assert p["capture"]["compiled_argument_bytes_per_device"] == p["compiled_argument_bytes_per_device"] - 8192
 
 
-@pytest.mark.slow
 def test_plan_of_a_mixture_of_experts():
-    # The HVP step left out: it compiles for 15 s here, and the experts' dense path it runs is the one every ESA
-    # test's per-window gradients already vmap.
-    r = _run("launch.plan", "--config", "configs/plan.py:tiny_moe", "--config.hvp_probes=0")
-    assert r.returncode == 0, r.stderr[-3000:]
-    p = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][0])
-    # 4 experts of 3 × 64 × 32 per layer split 8 ways like a dense MLP; the routers (64 × 4 per layer) and the norms
-    # replicated.
-    assert p["n_params"] == 107_328 and p["experts"] == 4
-    assert p["params_bytes_per_device"] == (107_328 - 320 - 2 * 256) * 4 // 8 + (320 + 2 * 256) * 4
+    # In process on this one device (the 8-device split of experts and router is test_decoders'): the grouped
+    # gradient step and the dense capture pass plan; the HVP step, whose probes vmap the dense path every ESA test's
+    # per-window gradients vmap too, is left out (15 s of compile).
+    from configs import plan as plan_configs
+    from wa.esa import plan
+    from wa.parallel import mesh as mesh_lib
+    c = plan_configs.get_config("tiny_moe")
+    p = plan.plan(plan.hf_config(c.hf_config.to_dict()), mesh_lib.make_mesh("data:1,fsdp:-1"), c.batch_size,
+                  c.seq_len, remat=c.remat, scan=c.scan, loss_chunk=c.loss_chunk, capture=True, moe=c.moe,
+                  param_dtype=jnp.float32, compute_dtype=jnp.float32)
+    assert p["n_params"] == 107_328 and p["experts"] == 4 and p["params_bytes_per_device"] == 107_328 * 4
     assert (p["moe_gradient_step"], p["moe_hvp_and_capture_steps"]) == ("grouped", "dense")
     assert p["temp_bytes_per_device"] > 0 and p["capture"]["temp_bytes_per_device"] > 0 and "hvp" not in p
