@@ -322,7 +322,7 @@ def test_esa_on_a_mixture_of_experts_reads_routing_and_each_expert(tmp_path):
     cfg = esa_configs.get_config("smoke")
     cfg.model = os.path.join(helpers.REPO, "tests", "fixtures", "decoders", "mixtral", "model.gguf")
     cfg.corpus, cfg.doc_split, cfg.seq_len = "tinyshakespeare", "blank_lines", 32
-    cfg.metric, cfg.perturb_scale, cfg.seeds = "grad_x_weight,act_mag", "1.0", "1,2"
+    cfg.metric, cfg.perturb_scale, cfg.seeds, cfg.stability_check = "grad_x_weight,act_mag", "1.0", "1", False
     cfg.mode = "global"
     cfg.prune_sparsity, cfg.fault_metrics, cfg.super_weights = "", "", False
     a, s = job.run(cfg, str(tmp_path))

@@ -58,3 +58,6 @@ def test_a_mixtral_trains_with_its_router_balance_loss_and_loads_back(tmp_path):
     m = models.load(r["hf_dir"])
     assert m.config.model_type == "mixtral" and m.model.experts == 4 and m.config.router_aux_loss_coef == 0.01
     assert m.config.rope_parameters["rope_theta"] == 10000.0
+    # A dense model's run folder is fingerprinted without the MoE settings it never reads (older runs resume).
+    assert "experts" in lm.fingerprint(cfg)["config"]
+    assert "experts" not in lm.fingerprint(configs.get_config("smoke"))["config"]

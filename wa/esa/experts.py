@@ -81,11 +81,12 @@ def _spearman(x, y) -> dict:
 
 def _within_layers(x, y) -> dict:
     """Spearman ρ of ``x`` and ``y`` [layers, experts] within each layer: its mean over the layers where it is
-    defined, and ρ over every pair of the two within-layer ranks pooled (a layer-wide effect, e.g. every expert of
-    the first layer mattering more, cancels)."""
+    defined, and ρ over every pair of the two within-layer ranks pooled (ties share their mean rank; a layer-wide
+    effect, e.g. every expert of the first layer mattering more, cancels). The pooled p-value treats the pairs as
+    independent, though each layer's ranks are fixed up to order: read it as optimistic."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     per = [_spearman(a, b)["rho"] for a, b in zip(x, y, strict=True)]
-    rank = lambda v: np.argsort(np.argsort(v, axis=1), axis=1)  # noqa: E731
+    rank = lambda v: sp_stats.rankdata(v, axis=1)  # noqa: E731
     ok = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1)
     pooled = _spearman(rank(x[ok]).ravel(), rank(y[ok]).ravel()) if ok.any() else _spearman([], [])
     defined = [r for r in per if np.isfinite(r)]

@@ -121,7 +121,7 @@ def write_plots(workdir, a: pipeline.Analysis, summary):
         for m, pm in ex["per_metric"].items():
             tables[f"{m}: mean score per weight"] = (rows, cols, np.asarray(pm["mean_score"], np.float64))
         if ex.get("ablation"):
-            tables["ΔPPL, expert removed"] = (rows, cols, np.asarray(ex["ablation"]["dppl"], np.float64))
+            tables["ΔPPL, expert removed (blank: ≤ 0)"] = (rows, cols, np.asarray(ex["ablation"]["dppl"], np.float64))
         files.append(plots.heatmaps(tables, os.path.join(workdir, "experts.png"),
                                     "per layer (rows) and expert (columns), log10 colour scale"))
     faults = summary.get("faults")

@@ -276,8 +276,10 @@ class _GGUFTensor:
 
 def _from_gguf(file: gguf_io.GGUFFile, flax_paths) -> dict[str, _Tensor]:
     mapping = file.mapping(flax_paths)
-    fetch = _CurrentTensor()
-    tensors: dict[str, _GGUFTensor] = {}   # one per file tensor: an expert stack is read once for all experts
+    # Placement visits experts/0/w1, w2, w3, experts/1/w1, ...: holding a layer's three stacks dequantizes each
+    # once for all its experts (Mixtral-8x7B: 96 stacks instead of 768 reads).
+    fetch = _CurrentTensor(keep=3 if any(src.expert is not None for src in mapping.values()) else 1)
+    tensors: dict[str, _GGUFTensor] = {}   # one per file tensor, so the fetch above recognises a stack
     out = {}
     for path, src in mapping.items():
         t = tensors.setdefault(src.name, _GGUFTensor(file, src.name))
@@ -383,15 +385,19 @@ def _from_safetensors(files, shape_tree, family, prefix) -> tuple[dict[str, _Ten
 
 
 class _CurrentTensor:
-    """Placement visits tensors one at a time: read a storage once for all of its slices."""
+    """Placement visits tensors one at a time: read a storage once for all of its slices. ``keep`` > 1 holds that
+    many recent storages: a GGUF file's expert stacks (gate, up, down) are visited interleaved, expert by expert."""
 
-    def __init__(self):
-        self.tensor, self.array = None, None
+    def __init__(self, keep: int = 1):
+        self.keep, self.arrays = keep, {}
 
     def __call__(self, tensor, index):
-        if self.tensor is not tensor:
-            self.tensor, self.array = tensor, tensor.numpy()
-        return self.array[index]
+        key = id(tensor)
+        if key not in self.arrays:
+            while len(self.arrays) >= self.keep:
+                self.arrays.pop(next(iter(self.arrays)))
+            self.arrays[key] = tensor.numpy()
+        return self.arrays[key][index]
 
 
 def _from_torch_bin(files, shape_tree, family, prefix) -> tuple[dict[str, _Tensor], list]:

@@ -103,6 +103,9 @@ def fingerprint(cfg) -> dict:
     """What a trained LM depends on: the config (but ``halt_at``, a simulated preemption) and the corpus's bytes."""
     c = cfg.to_dict()
     c.pop("halt_at", None)
+    if c.get("arch") != "mixtral":   # settings a dense model does not read: runs from before they existed resume
+        for k in ("experts", "experts_per_token", "router_aux_loss_coef"):
+            c.pop(k, None)
     return {"config": c, "corpus": runs.file_digest(text.corpus_path(cfg.corpus))}
 
 
