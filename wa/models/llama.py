@@ -659,9 +659,9 @@ class Layers(_Stacked):
 
         if self.remat != "none":
             body = jax.checkpoint(body, policy=_policy(self.remat), prevent_cse=False)
-        h, routed = jax.lax.scan(body, h, (stacked, jnp.asarray(sliding)))
-        if routed:
-            self.sow("intermediates", "router", routed)
+        h, router = jax.lax.scan(body, h, (stacked, jnp.asarray(sliding)))
+        if router is not None:
+            self.sow("intermediates", "router", router)
         return h
 
 
