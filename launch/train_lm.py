@@ -44,8 +44,8 @@ def main(argv):
         balance = [x["balance"] for x in h["train"] if "balance" in x]
         if balance:
             active += (f"; router load-balancing loss {balance[-1]:.4f} at the last step (k = "
-                       f"{cfg.experts_per_token} when routing is uniform), weighted {cfg.router_aux_loss_coef} in the "
-                       "objective")
+                       f"{cfg.experts_per_token} when the router's probabilities are uniform; the layers pooled, as "
+                       f"transformers computes it), weighted {cfg.router_aux_loss_coef} in the objective")
         report.write_text(os.path.join(workdir, "report.md"), f"""# {r['arch']} on {r['corpus']}
 
 {r['n_params']:,} parameters{active}, tokenizer `{r['tokenizer']}` (vocabulary {r['vocab_size']}),

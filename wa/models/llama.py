@@ -549,7 +549,9 @@ def balance_loss(probs, chosen, mask):
     transformers' ``load_balancing_loss_func``): E · Σ_e f_e · P_e, f_e the (token, slot) pairs sent to expert e
     per real token (Σ_e f_e = k) and P_e its mean router probability, both over every layer and real token.
     ``probs`` and ``chosen``: [layers, batch, seq, E] (``MoE``'s sown values); ``mask`` [batch, seq]. Equals k when
-    the router's probabilities are uniform, however its top-k picks fall."""
+    the router's probabilities are uniform, however its top-k picks fall. The layers are pooled before f and P are
+    formed, as transformers does: layers that favour different experts cancel (the Switch Transformer sums a loss
+    per layer)."""
     m = mask.astype(jnp.float32)[None, :, :, None]
     n = jnp.maximum(jnp.sum(m) * probs.shape[0], 1.0)
     f = jnp.sum(chosen * m, axis=(0, 1, 2)) / n
