@@ -29,6 +29,9 @@ def get_config(arg: str = "shakespeare_char") -> ml_collections.ConfigDict:
     # The router's load-balancing loss weight: 0.01 as the Switch Transformer (Fedus et al. 2021) trains with from
     # scratch (transformers' Mixtral default, 0.001, is for fine-tuning a balanced model).
     c.router_aux_loss_coef = 0.01
+    # "pooled": every layer's tokens pooled before the loss is formed, as transformers' Mixtral computes it (layers
+    # favouring different experts cancel); "per_layer": each layer's loss, averaged, as the Switch Transformer.
+    c.balance = "pooled"
     c.seq_len = 256
     c.batch_size = 16
     c.steps = 1500

@@ -104,6 +104,11 @@ def test_mixtral_router_balance_loss_equals_transformers():
     dense = _load("llama")
     batch = {"input_ids": jnp.asarray(ref["ids_12"]), "attention_mask": jnp.asarray(ref["mask_12"])}
     assert float(dense.model.nll_and_balance(dense.params, batch)[1]) == 0.0
+    # Per layer: each layer's E · Σ_e f_e · P_e from its own routing counts and probabilities, averaged.
+    pairs, probs, tokens = (np.asarray(x, np.float64) for x in loaded.model.routing(loaded.params, batch))
+    want = np.mean(4 * np.sum((pairs / tokens) * (probs / tokens), axis=1))
+    got = float(loaded.model.nll_and_balance(loaded.params, batch, per_layer=True)[1])
+    assert got == pytest.approx(want, rel=1e-5)
 
 
 def test_mixtral_experts_are_named_in_the_taxonomy_and_split_like_a_dense_mlp():

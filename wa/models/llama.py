@@ -544,19 +544,21 @@ class MoE(nn.Module):
         return Experts(s, self.dtype, self.grouped, name=n.experts)(x, w, idx)
 
 
-def balance_loss(probs, chosen, mask):
+def balance_loss(probs, chosen, mask, per_layer: bool = False):
     """The router's auxiliary load-balancing loss (Fedus et al. 2021, Switch Transformer eq. 4, with top-k as
     transformers' ``load_balancing_loss_func``): E · Σ_e f_e · P_e, f_e the (token, slot) pairs sent to expert e
     per real token (Σ_e f_e = k) and P_e its mean router probability, both over every layer and real token.
     ``probs`` and ``chosen``: [layers, batch, seq, E] (``MoE``'s sown values); ``mask`` [batch, seq]. Equals k when
     the router's probabilities are uniform, however its top-k picks fall. The layers are pooled before f and P are
-    formed, as transformers does: layers that favour different experts cancel (the Switch Transformer sums a loss
-    per layer)."""
+    formed, as transformers does: layers that favour different experts cancel. ``per_layer``: the loss of each layer
+    on its own, averaged over the layers (the Switch Transformer adds one per layer; the mean keeps k as the
+    uniform value, so one coefficient means the same for either)."""
     m = mask.astype(jnp.float32)[None, :, :, None]
-    n = jnp.maximum(jnp.sum(m) * probs.shape[0], 1.0)
-    f = jnp.sum(chosen * m, axis=(0, 1, 2)) / n
-    pm = jnp.sum(probs * m, axis=(0, 1, 2)) / n
-    return probs.shape[-1] * jnp.sum(f * pm)
+    axes = (1, 2) if per_layer else (0, 1, 2)
+    n = jnp.maximum(jnp.sum(m) * (1 if per_layer else probs.shape[0]), 1.0)
+    f = jnp.sum(chosen * m, axis=axes) / n
+    pm = jnp.sum(probs * m, axis=axes) / n
+    return probs.shape[-1] * jnp.mean(jnp.sum(f * pm, axis=-1))
 
 
 def router_values(intermediates) -> tuple | None:
@@ -748,14 +750,14 @@ class Model(layers.Model):
         m = mask.astype(jnp.float32)[None, :, :, None]
         return jnp.sum(chosen * m, axis=(1, 2)), jnp.sum(probs * m, axis=(1, 2)), jnp.sum(mask)
 
-    def nll_and_balance(self, params, batch):
-        """``token_nll``'s (Σ NLL, count) and the router's ``balance_loss`` over the real tokens, from one forward
-        pass (the balance loss is 0.0 for a dense model)."""
+    def nll_and_balance(self, params, batch, per_layer: bool = False):
+        """``token_nll``'s (Σ NLL, count) and the router's ``balance_loss`` over the real tokens (``per_layer``: each
+        layer's, averaged), from one forward pass (the balance loss is 0.0 for a dense model)."""
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         mask = jnp.ones_like(ids) if mask is None else mask
         h, state = self.module.apply({"params": params}, ids, mask, method="hidden", mutable=["intermediates"])
         routed = router_values(state.get("intermediates", {}))
-        balance = jnp.zeros((), jnp.float32) if routed is None else balance_loss(*routed, mask)
+        balance = jnp.zeros((), jnp.float32) if routed is None else balance_loss(*routed, mask, per_layer)
         return self.nll_of_hidden(params, h, ids, mask), balance
 

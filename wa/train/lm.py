@@ -88,6 +88,8 @@ def check(cfg) -> None:
     if cfg.arch == "mixtral":
         errors.check_values(cfg, {"experts": (lambda v: int(v) == v and v >= 2, "an integer >= 2"),
                                   "router_aux_loss_coef": errors.NON_NEGATIVE})
+        if cfg.get("balance", "pooled") not in ("pooled", "per_layer"):
+            raise TrainError(f"--config.balance={cfg.balance!r}: expected pooled or per_layer")
         if not 1 <= cfg.experts_per_token <= cfg.experts or int(cfg.experts_per_token) != cfg.experts_per_token:
             raise TrainError(f"--config.experts_per_token={cfg.experts_per_token}: expected an integer in "
                              f"1..--config.experts ({cfg.experts})")
@@ -104,7 +106,7 @@ def fingerprint(cfg) -> dict:
     c = cfg.to_dict()
     c.pop("halt_at", None)
     if c.get("arch") != "mixtral":   # settings a dense model does not read: runs from before they existed resume
-        for k in ("experts", "experts_per_token", "router_aux_loss_coef"):
+        for k in ("experts", "experts_per_token", "router_aux_loss_coef", "balance"):
             c.pop(k, None)
     return {"config": c, "corpus": runs.file_digest(text.corpus_path(cfg.corpus))}
 
@@ -154,7 +156,7 @@ def train(cfg, workdir: str, progress: bool = True) -> dict:
         if not experts:
             loss = family.loss(model, p, batch)
             return loss, (loss, jnp.zeros((), jnp.float32))
-        (total, count), balance = model.nll_and_balance(p, batch)
+        (total, count), balance = model.nll_and_balance(p, batch, cfg.get("balance", "pooled") == "per_layer")
         nll = total / jnp.maximum(count, 1)
         return nll + cfg.router_aux_loss_coef * balance, (nll, balance)
 
