@@ -73,13 +73,9 @@ def expert_figures(s: dict) -> dict | None:
         cands.sort(key=lambda c: -c["out_over_median"])
         spikes = np.asarray([c["out_over_median"] for c in cands])
         routed = np.asarray([c["routing_share"] for c in cands])
-        out["super_weights"] = {"candidates": cands, "spike_vs_routing": _spearman(routed, spikes)}
+        from wa.esa import experts
+        out["super_weights"] = {"candidates": cands, "spike_vs_routing": experts._spearman(routed, spikes)}
     return out
-
-
-def _spearman(x, y) -> dict:
-    from wa.esa import experts
-    return experts._spearman(x, y)
 
 
 def components(s: dict, metric=MAIN) -> dict:

@@ -739,25 +739,24 @@ class Model(layers.Model):
     def experts(self) -> int:
         return self.spec.num_experts
 
-    def routing(self, params, batch):
-        """How the router spread the real tokens of ``batch``: per layer and expert the (token, slot) pairs routed
-        [L, E] and the summed router probability [L, E], and the number of real tokens."""
+    def _hidden_and_router(self, params, batch):
+        """(final hidden states, ``router_values`` or None, ids, mask) of one forward pass."""
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         mask = jnp.ones_like(ids) if mask is None else mask
-        _, state = self.module.apply({"params": params}, ids, mask, method="hidden", mutable=["intermediates"])
-        probs, chosen = router_values(state["intermediates"])
+        h, state = self.module.apply({"params": params}, ids, mask, method="hidden", mutable=["intermediates"])
+        return h, router_values(state.get("intermediates", {})), ids, mask
+
+    def routing(self, params, batch):
+        """How the router spread the real tokens of ``batch``: per layer and expert the (token, slot) pairs routed
+        [L, E] and the summed router probability [L, E], and the number of real tokens."""
+        _, (probs, chosen), _, mask = self._hidden_and_router(params, batch)
         m = mask.astype(jnp.float32)[None, :, :, None]
         return jnp.sum(chosen * m, axis=(1, 2)), jnp.sum(probs * m, axis=(1, 2)), jnp.sum(mask)
 
     def nll_and_balance(self, params, batch, per_layer: bool = False):
         """``token_nll``'s (Σ NLL, count) and the router's ``balance_loss`` over the real tokens (``per_layer``: each
         layer's, averaged), from one forward pass (the balance loss is 0.0 for a dense model)."""
-        ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        mask = jnp.ones_like(ids) if mask is None else mask
-        h, state = self.module.apply({"params": params}, ids, mask, method="hidden", mutable=["intermediates"])
-        routed = router_values(state.get("intermediates", {}))
+        h, routed, ids, mask = self._hidden_and_router(params, batch)
         balance = jnp.zeros((), jnp.float32) if routed is None else balance_loss(*routed, mask, per_layer)
         return self.nll_of_hidden(params, h, ids, mask), balance
-
