@@ -7,7 +7,7 @@ r"""Learn from weights: train one learner on a zoo and evaluate it on held-out f
 
 Variants: nwpa, weightnet, nfn (each also ``<name>_stats``: with the per-layer statistics fused in), weightnet_flat,
 weightnet_canonical, weightnet_no_layer_types, stats_gbt, stats_mlp, pca_linear, flat_mlp; add ``,smoke`` for a
-seconds-long run. The zoo is the digits zoo
+seconds-long run, ``,nfn_protocol`` for NFN's Small CNN Zoo protocol on an imported zoo. The zoo is the digits zoo
 (``python -m launch.make_zoo --config configs/zoo.py:digits --workdir runs/zoo_digits``).
 Re-running with the same workdir resumes training from the last finished epoch. Model sizes are set for a
 2-core CPU (an NWPA step on 32 digits-zoo networks takes ~40 ms there, bucketed); on a GPU raise
@@ -42,7 +42,9 @@ def get_config(arg: str = "nwpa") -> ml_collections.ConfigDict:
     # epoch >= 1: untrained roots and each child's epoch-0 copy of its parent are left out.
     c.data = ml_collections.ConfigDict(dict(min_epoch=1, final_only=False, families=(), max_models=0, seed=0))
     # Whole family trees go to one side: a child starts from its parent's weights.
-    c.split = ml_collections.ConfigDict(dict(kind="tree", fractions=(0.7, 0.15, 0.15), seed=0, held_out=""))
+    # kind "column": a split recorded in the zoo (split.column's values train / val / test).
+    c.split = ml_collections.ConfigDict(dict(kind="tree", fractions=(0.7, 0.15, 0.15), seed=0, held_out="",
+                                             column="split"))
     c.tasks = ml_collections.ConfigDict(dict(architecture=1.0, test_acc=1.0, gen_gap=1.0, disparity=1.0,
                                              vulnerable=1.0, train_fraction=0.5, label_noise=0.5, imbalance=0.5,
                                              augment=0.5))
@@ -59,4 +61,12 @@ def get_config(arg: str = "nwpa") -> ml_collections.ConfigDict:
         c.train.update(epochs=2, batch_size=8)
         c.permutation.networks = 4
         c.model.update(learners.LEARNERS[c.learner].smoke)
+    if "nfn_protocol" in flags:
+        # NFN's protocol on the Small CNN Zoo (Zhou et al. 2023; as imported by launch.import_zoo with its split
+        # file): final checkpoints, NFN's fixed split, test accuracy alone, the epoch with the best validation τ.
+        c.data.final_only = True
+        c.split.update(kind="column", column="nfn_split")
+        c.tasks = ml_collections.ConfigDict(dict(test_acc=1.0))
+        c.train.criterion = "tau:test_acc"
+        c.train.balance = "none"
     return c

@@ -60,22 +60,27 @@ def test_population_equals_members_trained_alone(digits):
     assert not np.allclose(w[0], w[1])
 
 
-@pytest.mark.parametrize("name,reference", [("sgd", lambda lr: optax.sgd(lr, momentum=0.9)),
-                                            ("adam", optax.adam), ("rmsprop", optax.rmsprop)])
-def test_switchable_optimizer_is_optax(name, reference):
+@pytest.mark.parametrize("name,reference,decay", [("sgd", lambda lr: optax.sgd(lr, momentum=0.9), "all"),
+                                                  ("adam", optax.adam, "all"), ("rmsprop", optax.rmsprop, "all"),
+                                                  ("sgd_plain", optax.sgd, "kernels"), ("adam", optax.adam, "kernels")])
+def test_switchable_optimizer_is_optax(name, reference, decay):
     rng = np.random.default_rng(0)
-    params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+    params = {"w": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+                    "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}}
     hp = {"lr": 0.01, "weight_decay": 1e-2, "optimizer": pop_lib.OPTIMIZER_NAMES.index(name)}
-    mine = pop_lib.optimizer(hp)
-    ref = optax.chain(optax.add_decayed_weights(1e-2), reference(0.01))
+    mine = pop_lib.optimizer(hp, decay)
+    # Keras' kernel_regularizer: decay on kernels only.
+    mask = {"w": {"kernel": True, "bias": decay == "all"}}
+    ref = optax.chain(optax.add_decayed_weights(1e-2, mask=mask), reference(0.01))
     p1 = p2 = params
     s1, s2 = mine.init(params), ref.init(params)
     for _ in range(5):
-        g = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+        g = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), jnp.float32), params)
         u1, s1 = mine.update(g, s1, p1)
         u2, s2 = ref.update(g, s2, p2)
         p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
-    np.testing.assert_allclose(p1["w"], p2["w"], rtol=1e-6, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_init_scheme_and_scale(digits):
@@ -187,6 +192,22 @@ def test_properties_match_independent_computation(digits):
         pgd = (_np_logits(params, i, xa).argmax(-1) == yr).mean()
         assert r["pgd_acc_0.1"] == pytest.approx(pgd, abs=0.011)
         assert r["pgd_acc_0.1"] <= r["fgsm_acc_0"]
+        # Every property again on each half of the evaluation images (disjoint, class-stratified).
+        for h, name in enumerate(("a", "b")):
+            te_h, tr_h = ed.halves["test"][h], ed.halves["train"][h]
+            assert r[f"test_acc_half_{name}"] == pytest.approx(accuracy_score(y[te_h], pred[te_h]), abs=1e-12)
+            rec_h = recall_score(y[te_h], pred[te_h], average=None, labels=range(10), zero_division=0)
+            assert r[f"disparity_std_half_{name}"] == pytest.approx(rec_h.std(), abs=1e-12)
+            own = (tp == labels[i, ed.train_index])[tr_h][tm[tr_h]]
+            assert r[f"train_acc_half_{name}"] == pytest.approx(own.mean())
+            rob_h = ed.halves["robust"][h]
+            assert r[f"fgsm_acc_0_half_{name}"] == pytest.approx(
+                (_np_logits(params, i, xr).argmax(-1) == yr)[rob_h].mean())
+        assert r["test_acc"] == pytest.approx((r["test_acc_half_a"] * len(ed.halves["test"][0]) + r["test_acc_half_b"]
+                                               * len(ed.halves["test"][1])) / len(y))
+    a, b = ed.halves["test"]
+    assert not set(a) & set(b) and len(a) + len(b) == len(y)
+    assert max(abs((y[a] == c).sum() - (y[b] == c).sum()) for c in range(10)) <= 1
 
 
 def test_eval_spec_rejects_negative_epsilon():

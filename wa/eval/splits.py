@@ -38,3 +38,17 @@ def cross_architecture(metadata: pd.DataFrame, held_out: str, column: str = "fam
     s = by_group(rest, (1 - val_fraction, val_fraction, 0.0), seed)
     idx = np.flatnonzero(values != held_out)
     return {"train": idx[s["train"]], "val": idx[s["val"]], "test": np.flatnonzero(values == held_out)}
+
+
+def by_column(metadata: pd.DataFrame, column: str) -> dict[str, np.ndarray]:
+    """A fixed split recorded with the zoo: rows whose ``column`` is "train", "val" or "test" (others are left out),
+    e.g. NFN's split of the Small CNN Zoo (``wa.zoo.imports``, column ``nfn_split``)."""
+    if column not in metadata:
+        raise SplitError(f"split column {column!r} is not in the zoo's metadata (an imported zoo has it where its "
+                         "split file was given)")
+    v = metadata[column].astype(str).to_numpy()
+    out = {k: np.flatnonzero(v == k) for k in ("train", "val", "test")}
+    empty = [k for k, idx in out.items() if not len(idx)]
+    if empty:
+        raise SplitError(f"split column {column!r} marks no row {empty[0]!r}; its values: {sorted(set(v))[:6]}")
+    return out

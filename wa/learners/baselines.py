@@ -1,7 +1,9 @@
 """Baselines that ignore the structure of a network: weight statistics (StatNN) and flattened weights.
 
 ``stats_gbt``: per-layer statistics → scikit-learn histogram gradient-boosted trees, one per task (the
-published Small-CNN-Zoo baseline). ``stats_mlp``: the same features → an MLP with the shared multi-task heads.
+published Small-CNN-Zoo baseline). ``spectral_gbt``: WeightWatcher's per-layer spectral metrics (power-law α, α̂,
+stable rank, log spectral and Frobenius norms; no data needed) → the same trees; ``stats_spectral_gbt``: both.
+``stats_mlp``: the statistics → an MLP with the shared multi-task heads.
 ``pca_linear``: flattened weights → PCA → ridge / logistic regression. ``flat_mlp``: flattened weights → MLP.
 Inputs of the neural and linear baselines are scaled robustly (``base.RobustClip``, statistics of the training rows);
 the trees need no scaling. Networks of different sizes are zero-padded to the largest one's length (flat) or
@@ -16,7 +18,7 @@ import numpy as np
 from sklearn import decomposition, ensemble, linear_model, pipeline
 
 from wa.learners import base, heads
-from wa.weights import canonical, stats
+from wa.weights import canonical, spectral, stats
 
 
 def flat(params) -> np.ndarray:
@@ -29,9 +31,15 @@ class _Features:
     width = None
 
     def _matrix(self, params, families):
-        if self.kind == "stats":
-            x, self.width = stats.matrix(params, families, self.width)
-            return x
+        if self.kind in ("stats", "spectral", "stats_spectral"):
+            parts = []
+            if "stats" in self.kind:
+                x, self.width = stats.matrix(params, families, self.width)
+                parts.append(x)
+            if "spectral" in self.kind:
+                x, self.width = spectral.matrix(params, families, self.width)
+                parts.append(x)
+            return np.concatenate(parts, axis=1)
         vecs = [flat(p) for p in params]
         if self.width is None:
             self.width = max(len(v) for v in vecs)
@@ -108,15 +116,22 @@ class _Fitted(_Features, base.Learner):
     def preprocessor(self, seed: int):
         return None
 
+    keep = None
+
     def fit(self, feats, train_idx, val_idx, seed: int):
         # The validation rows are not needed: these estimators carry their own regularization.
         self.pre = self.preprocessor(seed)
-        x = feats[train_idx] if self.pre is None else self.pre.fit_transform(feats[train_idx])
+        # A feature missing (NaN) on every training network says nothing, and scikit-learn's binning fails on it
+        # (a layer slot only deeper networks have; an α no layer of that slot can fit).
+        self.keep = ~np.isnan(feats[train_idx]).all(axis=0)
+        x = feats[train_idx][:, self.keep]
+        x = x if self.pre is None else self.pre.fit_transform(x)
         self.models = {task: self.estimator(spec["kind"], seed).fit(x, self.targets.y[task][train_idx])
                        for task, spec in self.targets.spec.items()}
 
     def predict(self, feats, idx):
-        x = feats[idx] if self.pre is None else self.pre.transform(feats[idx])
+        x = feats[idx][:, self.keep]
+        x = x if self.pre is None else self.pre.transform(x)
         out = {"embedding": x if self.pre is not None else None}
         for task, m in self.models.items():
             if self.targets.spec[task]["kind"] == "class":
@@ -137,6 +152,16 @@ class StatsGBT(_Fitted):
         return cls(max_iter=c.iters, learning_rate=c.lr, min_samples_leaf=c.min_leaf, random_state=seed)
 
 
+class SpectralGBT(StatsGBT):
+    """WeightWatcher's data-free per-layer metrics (``wa.weights.spectral``) -> the same trees (NaN where a layer
+    has no fitted power law: the trees route missing values themselves)."""
+    name, kind = "spectral_gbt", "spectral"
+
+
+class StatsSpectralGBT(StatsGBT):
+    name, kind = "stats_spectral_gbt", "stats_spectral"
+
+
 class PCALinear(_Fitted):
     name, kind = "pca_linear", "flat"
 
@@ -151,6 +176,10 @@ class PCALinear(_Fitted):
 
 
 base.register(base.Entry("stats_gbt", StatsGBT, config=dict(iters=300, lr=0.05, min_leaf=20),
+                         smoke=dict(iters=10, min_leaf=2)))
+base.register(base.Entry("spectral_gbt", SpectralGBT, config=dict(iters=300, lr=0.05, min_leaf=20),
+                         smoke=dict(iters=10, min_leaf=2)))
+base.register(base.Entry("stats_spectral_gbt", StatsSpectralGBT, config=dict(iters=300, lr=0.05, min_leaf=20),
                          smoke=dict(iters=10, min_leaf=2)))
 base.register(base.Entry("stats_mlp", StatsMLP, config=dict(dim=256, layers=2, dropout=0.1, clip=8.0,
                                                             permute_augment=False), smoke=dict(dim=16, layers=1)))

@@ -19,7 +19,7 @@ from absl import logging
 
 from wa import errors, learners, report, runs
 from wa.eval import metrics as metrics_lib
-from wa.eval import permutation, splits
+from wa.eval import permutation, reliability, splits
 from wa.learners import data as data_lib
 from wa.train import loop as loop_lib
 from wa.zoo import store as store_lib
@@ -36,7 +36,9 @@ def split(rows: pd.DataFrame, cfg) -> dict[str, np.ndarray]:
         return splits.by_group(rows, tuple(cfg.fractions), cfg.seed, "root_id")
     if cfg.kind == "cross_arch":
         return splits.cross_architecture(rows, cfg.held_out, "family", cfg.fractions[1], cfg.seed)
-    raise ProbeError(f"--config.split.kind={cfg.kind!r}: expected model, tree or cross_arch")
+    if cfg.kind == "column":
+        return splits.by_column(rows, cfg.get("column", "split"))
+    raise ProbeError(f"--config.split.kind={cfg.kind!r}: expected model, tree, cross_arch or column")
 
 
 def readable(ws: data_lib.WeightSet, parts: dict, families, learner: str):
@@ -65,6 +67,8 @@ def check(cfg) -> None:
     if unknown or not cfg.tasks:
         raise ProbeError(f"--config.tasks has unknown tasks {sorted(unknown)} (or none); "
                          f"known: {sorted(data_lib.TASKS)}")
+    if cfg.split.kind not in ("model", "tree", "cross_arch", "column"):
+        raise ProbeError(f"--config.split.kind={cfg.split.kind!r}: expected model, tree, cross_arch or column")
     if cfg.split.kind == "cross_arch" and not cfg.split.held_out:
         raise ProbeError("--config.split.kind=cross_arch needs --config.split.held_out=<family>")
     errors.check_values(cfg, {
@@ -166,6 +170,13 @@ def run(cfg, workdir: str, progress: bool = True, ws: data_lib.WeightSet | None 
                       "split": cfg.split.to_dict(), "zoo": cfg.zoo, "families": sorted(set(ws.families))}
     result["targets"] = targets.spec
     result["skipped_tasks"] = targets.skipped
+    # What each target's measurement allows (split-half reliability over every network read; see
+    # wa.eval.reliability) and the range the test accuracy spans, printed beside every figure.
+    result["ceilings"] = reliability.ceilings(ws.rows, {t: data_lib.TASKS[t] for t in targets.spec})
+    if "test_acc" in ws.rows:
+        acc = ws.rows["test_acc"]
+        result["data"]["test_acc_range"] = {q: float(acc.quantile(v)) for q, v in
+                                            (("min", 0.0), ("q05", 0.05), ("q50", 0.5), ("q95", 0.95), ("max", 1.0))}
     result.update(facts)
     if folder is not None and jax.process_index() == 0:
         # Every file atomically, metrics.json after the files it describes, and the completion marker last.

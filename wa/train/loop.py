@@ -142,11 +142,16 @@ class Loop:
             raise LoopError("--config.train.epochs and batch_size must be >= 1")
         if not 0 <= cfg.warmup < 1:
             raise LoopError(f"--config.train.warmup={cfg.warmup}: expected a fraction of the steps in [0, 1)")
-        if cfg.get("balance", "none") not in BALANCES or cfg.get("criterion", "weighted") not in CRITERIA:
-            raise LoopError(f"--config.train.balance={cfg.get('balance')!r} / criterion={cfg.get('criterion')!r}: "
-                            f"expected one of {BALANCES} / {CRITERIA}")
+        crit = cfg.get("criterion", "weighted")
+        self.tau_task = crit[4:] if crit.startswith("tau:") else None
+        if cfg.get("balance", "none") not in BALANCES or (crit not in CRITERIA and self.tau_task is None):
+            raise LoopError(f"--config.train.balance={cfg.get('balance')!r} / criterion={crit!r}: "
+                            f"expected one of {BALANCES} / {CRITERIA} or tau:<task>")
+        if self.tau_task is not None and targets.spec.get(self.tau_task, {}).get("kind") != "regression":
+            raise LoopError(f"--config.train.criterion={crit!r}: {self.tau_task!r} is not a regression task of this "
+                            f"run (its tasks: {sorted(targets.spec)})")
         self.balance = cfg.get("balance", "none") == "uncertainty"
-        self.relative = cfg.get("criterion", "weighted") == "relative"
+        self.relative = crit == "relative"
         self.learner, self.targets, self.cfg = learner, targets, cfg
         self.module = learner.module()
         self.mesh = mesh(learner.n_devices)
@@ -218,6 +223,9 @@ class Loop:
                 loss = float(((pred[task] - y) ** 2).mean())
                 out[task] = {"loss": loss, **metrics_lib.regression(y, pred[task])}
             total += s["weight"] * loss / (max(reference[task]["loss"], 1e-8) if reference else 1.0)
+        if self.tau_task is not None:
+            # Model selection on one task's validation Kendall τ (NFN's protocol): the criterion is −τ.
+            total = -out[self.tau_task]["kendall_tau"]
         return {"loss": total, "tasks": out}
 
     def fit(self, feats, train_idx, val_idx, workdir: str | None = None, progress: bool = True) -> Fit:

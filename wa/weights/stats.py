@@ -31,17 +31,22 @@ def n_layers(params: dict, family: str) -> int:
     return len(tensors(params, family))
 
 
-def features(params: dict, family: str, n_layers: int | None = None) -> tuple[np.ndarray, list[str]]:
-    """(vector, names). ``n_layers`` pads (zeros) or refuses to truncate, so that networks of different depth
-    share one feature space: the last layer (the head) always comes last."""
+def slots(params: dict, family: str, n_layers: int | None = None) -> list[tuple[str, tuple | None]]:
+    """(tag, (name, kernel, bias) or None) per layer slot: the network's layers, padded with None to ``n_layers``
+    (refusing to truncate) before the head, which is always last (tag "head"), so that networks of different depth
+    share one feature space."""
     ls = tensors(params, family)
     n = n_layers or len(ls)
     if len(ls) > n:
         raise ValueError(f"{family} network has {len(ls)} layers, more than n_layers={n}")
-    slots = ls[:-1] + [None] * (n - len(ls)) + ls[-1:]
+    padded = ls[:-1] + [None] * (n - len(ls)) + ls[-1:]
+    return [("head" if i == n - 1 else f"layer{i}", t) for i, t in enumerate(padded)]
+
+
+def features(params: dict, family: str, n_layers: int | None = None) -> tuple[np.ndarray, list[str]]:
+    """(vector, names) over ``slots`` (padding: zeros)."""
     vec, names = [], []
-    for i, layer in enumerate(slots):
-        tag = "head" if i == n - 1 else f"layer{i}"
+    for tag, layer in slots(params, family, n_layers):
         for j, part in enumerate(("kernel", "bias")):
             v = np.zeros(len(STATS)) if layer is None else _stats(layer[1 + j])
             vec.append(v)

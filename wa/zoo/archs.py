@@ -39,8 +39,12 @@ ACTIVATIONS = {
     "leaky_relu": nn.leaky_relu,
 }
 
-# Kernel initialisers by scheme name; every one is a variance-scaling law, so multiplying a sample by
-# ``init_scale`` multiplies the standard deviation of that law by exactly ``init_scale``.
+# Kernel initialisers by scheme name; multiplying a sample by ``init_scale`` multiplies the standard deviation of
+# the law by exactly ``init_scale``. The variance-scaling laws set their own standard deviation (``init_scale`` is
+# a multiplier of it); ``random_normal`` and ``truncated_normal`` have standard deviation 1 before the scale (the
+# truncated one: a unit normal cut at ±2, as Keras' TruncatedNormal), so their ``init_scale`` is the std itself
+# (the Small CNN Zoo's ``init_std``); ``orthogonal`` (gain 1) is Keras' Orthogonal: the kernel reshaped to
+# [fan_in·taps, fan_out] has orthonormal columns (or rows).
 INIT_SCHEMES = {
     "he_normal": nn.initializers.he_normal(),
     "he_uniform": nn.initializers.he_uniform(),
@@ -48,7 +52,11 @@ INIT_SCHEMES = {
     "glorot_uniform": nn.initializers.glorot_uniform(),
     "lecun_normal": nn.initializers.lecun_normal(),
     "lecun_uniform": nn.initializers.lecun_uniform(),
+    "random_normal": nn.initializers.normal(1.0),
+    "truncated_normal": nn.initializers.truncated_normal(1.0),
+    "orthogonal": nn.initializers.orthogonal(),
 }
+NORMAL_SCHEMES = ("random_normal", "truncated_normal")   # their scale is their standard deviation
 
 
 def dropout(x, rate, train: bool, module: nn.Module):
@@ -68,6 +76,7 @@ class Conv(nn.Module):
     kernel_size: int = 3
     stride: int = 2
     kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    padding: str = "SAME"     # or "VALID" (no zero padding: Keras' Conv2D default)
 
     @nn.compact
     def __call__(self, x):
@@ -75,8 +84,12 @@ class Conv(nn.Module):
         b, h, w, c = x.shape
         kernel = self.param("kernel", self.kernel_init, (k, k, c, self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        ho, wo = -(-h // s), -(-w // s)
-        ph, pw = max((ho - 1) * s + k - h, 0), max((wo - 1) * s + k - w, 0)
+        if self.padding == "VALID":
+            ho, wo = (h - k) // s + 1, (w - k) // s + 1
+            ph = pw = 0
+        else:
+            ho, wo = -(-h // s), -(-w // s)
+            ph, pw = max((ho - 1) * s + k - h, 0), max((wo - 1) * s + k - w, 0)
         xp = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
         patches = jnp.stack([xp[:, i: i + (ho - 1) * s + 1: s, j: j + (wo - 1) * s + 1: s, :]
                              for i in range(k) for j in range(k)], axis=3).reshape(b, ho, wo, k * k * c)
@@ -105,13 +118,16 @@ class MLP(Net):
 
 class CNN(Net):
     """Unterthiner et al. 2020's Small CNN Zoo net: ``depth`` 3x3 stride-2 convs of ``width`` channels, global
-    average pooling, one dense layer to the classes."""
+    average pooling, one dense layer to the classes. ``valid=1``: convolutions without zero padding, as their
+    Keras ``Conv2D`` layers (28x28 -> 13 -> 6 -> 2); 0 (default): "SAME" padding (28 -> 14 -> 7 -> 4)."""
+    valid: int = 0
 
     @nn.compact
     def __call__(self, x, train: bool = False, rate=0.0):
         act = ACTIVATIONS[self.activation]
         for i in range(self.depth):
-            x = act(Conv(self.width, kernel_init=self.kernel_init, name=f"conv_{i}")(x))
+            x = act(Conv(self.width, kernel_init=self.kernel_init, padding="VALID" if self.valid else "SAME",
+                         name=f"conv_{i}")(x))
             x = dropout(x, rate, train, self)
         x = x.mean(axis=(1, 2))
         return nn.Dense(self.n_classes, kernel_init=self.kernel_init, name="head")(x)
@@ -164,10 +180,13 @@ def numbered(params: dict, prefix: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Knob:
-    """A shape knob of one family beyond depth, width and activation."""
+    """A shape knob of one family beyond depth, width and activation. ``shown``: always written in layout ids
+    (``transformer-d1-w16-p4``); otherwise only where it differs from its default (``cnn-d3-w16-v1``), so a
+    knob added later leaves the ids of existing layouts alone."""
     name: str
     default: int
-    tag: str    # its letter in layout ids (``transformer-d1-w16-p4``)
+    tag: str    # its letter in layout ids
+    shown: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,6 +321,19 @@ def _transformer_graph(g, params: dict, act: int) -> None:
     g.dense(ln, head, params["head"]["kernel"])
 
 
+def _cnn_check(arch: Arch, shape) -> str | None:
+    if arch.knob("valid") not in (0, 1):
+        return f"{arch.layout_id}: valid must be 0 (SAME padding) or 1 (no padding)"
+    if shape is not None and arch.knob("valid"):
+        side = min(shape[0], shape[1])
+        for _ in range(arch.depth):
+            side = (side - 3) // 2 + 1
+        if side < 1:
+            return f"{arch.layout_id}: {arch.depth} unpadded 3x3 stride-2 convolutions leave nothing of a " \
+                   f"{shape[0]}x{shape[1]} image"
+    return None
+
+
 def _transformer_check(arch: Arch, shape) -> str | None:
     patch = arch.knob("patch")
     if arch.width % 2:
@@ -312,7 +344,8 @@ def _transformer_check(arch: Arch, shape) -> str | None:
 
 
 register(ZooFamily("mlp", MLP, layers=chain_layers("hidden", "dense"), permutable=("dense",), min_depth=0))
-register(ZooFamily("cnn", CNN, layers=chain_layers("conv", "conv"), permutable=("conv",)))
+register(ZooFamily("cnn", CNN, layers=chain_layers("conv", "conv"), permutable=("conv",),
+                   knobs=(Knob("valid", 0, "v", shown=False),), check=_cnn_check))
 # The transformer's permutable units are its MLP hidden units; it has more symmetries (residual-stream
 # dimensions, dimensions inside an attention head) that wa leaves alone.
 register(ZooFamily(
@@ -350,8 +383,9 @@ class Arch:
     def layout_id(self) -> str:
         """Names the parameter layout: models with equal ids store into one weight array."""
         fam = FAMILIES.get(self.family)
-        tags = {k.name: k.tag for k in fam.knobs} if fam else {}
-        return f"{self.family}-d{self.depth}-w{self.width}" + "".join(f"-{tags[n]}{v}" for n, v in self.knobs)
+        knobs = {k.name: k for k in fam.knobs} if fam else {}
+        return f"{self.family}-d{self.depth}-w{self.width}" + "".join(
+            f"-{knobs[n].tag}{v}" for n, v in self.knobs if knobs[n].shown or v != knobs[n].default)
 
     @property
     def id(self) -> str:

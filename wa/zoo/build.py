@@ -69,6 +69,13 @@ class Builder:
             raise pop_lib.PopulationError(f"population = {cfg.population} does not divide over the {self.n_devices} "
                                           "devices the population axis is sharded on")
         plan = plan_lib.make_plan(cfg, self.data.n_classes, self.n_devices)
+        if cfg.get("epoch", "set") == "pool":
+            n = len(self.data.y_train)
+            small = [f for f in sorted(set(plan["train_fraction"])) if round(f * n) < cfg.batch_size]
+            if small:
+                raise pop_lib.PopulationError(
+                    f"epoch = 'pool': train fraction {small[0]} of {n} images is {round(small[0] * n)} images, less "
+                    f"than one batch of batch_size = {cfg.batch_size}; lower --config.batch_size")
         self.plan = plan_lib.assign_rows(plan, cfg.store.chunk_models)
         self._pops: dict[str, pop_lib.Population] = {}
         self._evals: dict[str, props_lib.Evaluator] = {}
@@ -90,7 +97,9 @@ class Builder:
         if arch.id not in self._pops:
             self._pops[arch.id] = pop_lib.Population(arch, self.data.n_classes, self.data.shape,
                                                      len(self.data.y_train), self.cfg.batch_size,
-                                                     self.cfg.max_shift, self.mesh)
+                                                     self.cfg.max_shift, self.mesh,
+                                                     tuple(self.cfg.get("input_range", (0.0, 1.0))),
+                                                     self.cfg.hparams.get("decay", "all"))
             self._evals[arch.id] = props_lib.Evaluator(self._pops[arch.id], self.spec)
         return self._pops[arch.id]
 
@@ -141,6 +150,12 @@ class Builder:
         opt = pop.shard(pop.opt_init(params))
         keys, d_hp, d_mask, d_labels = pop.shard((k_train, hp, mask, labels))
         ckpts = plan_lib.checkpoints(cfg, gen)
+        steps = None
+        if cfg.get("epoch", "set") == "pool":
+            steps = int(mask.sum(1).max()) // cfg.batch_size
+            if steps < 1:
+                raise pop_lib.PopulationError(f"unit {unit}: training pools of {int(mask.sum(1).max())} images hold "
+                                              f"no full batch of {cfg.batch_size}; lower batch_size")
         records: list[dict] = []
         epoch_loss = np.full(n, np.nan)
         crash = cfg.get("debug", {}).get("crash_unit", -1) == unit
@@ -157,7 +172,7 @@ class Builder:
                     logging.warning("debug.crash_unit: killing the process after unit %d checkpoint %d", unit, ci)
                     os._exit(17)
             if epoch < ckpts[-1]:
-                params, opt, keys, loss = pop.epoch(params, opt, keys, d_hp, d_mask, d_labels, self.images)
+                params, opt, keys, loss = pop.epoch(params, opt, keys, d_hp, d_mask, d_labels, self.images, steps)
                 epoch_loss = np.asarray(loss)
         zoo.commit(unit, records)
         return records

@@ -36,6 +36,7 @@ class PlanError(errors.ConfigError):
 
 
 MUTATIONS = ("data", "classes", "hparams")
+EPOCHS = ("set", "pool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,15 +81,31 @@ def _choice(rng, values):
 def _optim_hparams(rng, h) -> dict:
     opt = _choice(rng, h.optimizers)
     lo, hi = h.lr[opt]
-    wd = 0.0 if rng.uniform() < h.weight_decay_zero else _log_uniform(rng, *h.weight_decay)
-    return {"optimizer": opt, "lr": _log_uniform(rng, lo, hi), "weight_decay": wd,
-            "dropout": 0.0 if rng.uniform() < h.dropout_zero else float(rng.uniform(*h.dropout))}
+    out = {"optimizer": opt, "lr": _log_uniform(rng, lo, hi)}
+    if h.get("l2"):
+        # A Keras-style L2 penalty λ·Σw² on the kernels: weight decay 2λ (``population.optimizer``).
+        out["l2reg"] = _log_uniform(rng, *h.l2)
+        out["weight_decay"] = 2.0 * out["l2reg"]
+    else:
+        out["weight_decay"] = 0.0 if rng.uniform() < h.weight_decay_zero else _log_uniform(rng, *h.weight_decay)
+    out["dropout"] = 0.0 if rng.uniform() < h.dropout_zero else float(rng.uniform(*h.dropout))
+    return out
+
+
+def _init(rng, h) -> dict:
+    scheme = _choice(rng, h.init_schemes)
+    if h.get("init_std"):
+        # Drawn for every model (as the Small CNN Zoo records it); only the normal laws use it, as their std.
+        std = _log_uniform(rng, *h.init_std)
+        return {"init_scheme": scheme, "init_std": std,
+                "init_scale": std if scheme in archs_lib.NORMAL_SCHEMES else _log_uniform(rng, *h.init_scale)}
+    return {"init_scheme": scheme, "init_scale": _log_uniform(rng, *h.init_scale)}
 
 
 def _root(rng, cfg, n_classes) -> dict:
     h, d = cfg.hparams, cfg.data_characteristics
     row = _optim_hparams(rng, h)
-    row.update(init_scheme=_choice(rng, h.init_schemes), init_scale=_log_uniform(rng, *h.init_scale),
+    row.update(**_init(rng, h),
                augment=int(_choice(rng, d.augment)), train_fraction=float(_choice(rng, d.train_fraction)),
                label_noise=float(_choice(rng, d.label_noise)), imbalance=float(_choice(rng, d.imbalance)),
                classes=",".join(str(c) for c in range(n_classes)))
@@ -96,8 +113,9 @@ def _root(rng, cfg, n_classes) -> dict:
 
 
 def _mutate(rng, cfg, parent: dict, kind: str, n_classes: int) -> dict:
-    child = {k: parent[k] for k in ("optimizer", "lr", "weight_decay", "dropout", "init_scheme", "init_scale",
-                                    "augment", "train_fraction", "label_noise", "imbalance", "classes")}
+    child = {k: parent[k] for k in ("optimizer", "lr", "weight_decay", "l2reg", "dropout", "init_scheme",
+                                    "init_scale", "init_std", "augment", "train_fraction", "label_noise", "imbalance",
+                                    "classes") if k in parent}
     if kind == "data":
         child["train_fraction"] = float(_choice(rng, cfg.data_characteristics.train_fraction))
     elif kind == "classes":
@@ -110,7 +128,8 @@ def _mutate(rng, cfg, parent: dict, kind: str, n_classes: int) -> dict:
 
 
 def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
-    """One row per model, in training order: generation, then group, then unit."""
+    """One row per model, in training order: generation, then group, then unit (with ``epoch = "pool"`` a group's
+    units follow its train fractions, so model ids, numbered in drawing order, need not ascend down the table)."""
     groups = groups_from_config(cfg)
     lin = cfg.lineage
     if lin.generations < 1 or lin.children < 0:
@@ -124,6 +143,9 @@ def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
                             f"{name} is empty")
     if cfg.population < 1:
         raise PlanError(f"population = {cfg.population}: must be >= 1")
+    if cfg.get("epoch", "set") not in EPOCHS:
+        raise PlanError(f"epoch = {cfg.epoch!r}: choose 'set' (every model takes len(train set) // batch_size steps "
+                        "per epoch) or 'pool' (one pass over its own training pool)")
     errors.check_values(cfg, {
         "batch_size": errors.COUNT, "epochs": errors.COUNT, "max_shift": errors.NON_NEGATIVE,
         "store.chunk_models": errors.COUNT, "eval.pgd_steps": errors.NON_NEGATIVE, "eval.batch": errors.COUNT,
@@ -179,8 +201,14 @@ def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
                 m["tree"] = i < lin.trees_per_group if gen == 0 else True
                 m["root_id"] = m["model_id"] if gen == 0 else rows_by_id[m["parent_id"]]["root_id"]
                 rows_by_id[m["model_id"]] = m
-            for s in range(0, len(models), cfg.population):
-                chunk = models[s: s + cfg.population]
+            runs = [models]
+            if cfg.get("epoch", "set") == "pool":
+                # One epoch is one pass over a model's pool, so a unit (one compiled epoch of fixed length) holds
+                # models of one train fraction.
+                fractions = sorted({m["train_fraction"] for m in models})
+                runs = [[m for m in models if m["train_fraction"] == f] for f in fractions]
+            chunks = [run[s: s + cfg.population] for run in runs for s in range(0, len(run), cfg.population)]
+            for chunk in chunks:
                 if len(chunk) % n_devices:
                     raise PlanError(f"group {g.arch.id}, generation {gen}: a population of {len(chunk)} models does "
                                     f"not divide over {n_devices} devices; make roots, lineage.trees_per_group and "
@@ -188,7 +216,7 @@ def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
                 for m in chunk:
                     m["unit"] = unit
                 unit += 1
-            rows.extend(models)
+            rows.extend(m for chunk in chunks for m in chunk)   # the table in unit order
             per_group.append(models)
         by_gen.append(per_group)
     df = pd.DataFrame(rows)

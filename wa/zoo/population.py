@@ -8,8 +8,10 @@ pixels), its training pool (a boolean mask over the training set: train fraction
 subsets) and its training labels (label noise). Initialisation scheme and scale are applied once, at init.
 
 An *epoch* is ``len(train set) // batch_size`` steps for every model, whatever the size of its pool: models
-with a smaller pool revisit its examples more often. Within an epoch a model walks a fresh random order
-of its own pool (cycled to fill the epoch), drawn from its own key.
+with a smaller pool revisit its examples more often. With ``epoch = "pool"`` (``wa.zoo.build``) it is one pass
+over the model's own pool instead (``pool // batch_size`` steps, the last partial batch dropped, as Keras with
+``drop_remainder``); such zoos train models of one train fraction per unit. Within an epoch a model walks a fresh
+random order of its own pool (cycled to fill the epoch), drawn from its own key.
 
 Weight decay is L2 added to the gradient (``optax.add_decayed_weights`` before the optimizer), the classic
 form every optimizer here shares.
@@ -32,6 +34,7 @@ from wa.zoo import archs as archs_lib
 
 OPTIMIZERS = {
     "sgd": lambda: optax.trace(decay=0.9),
+    "sgd_plain": optax.identity,      # no momentum: Keras' "sgd", the Small CNN Zoo's
     "adam": lambda: optax.scale_by_adam(),
     "rmsprop": lambda: optax.scale_by_rms(decay=0.9),
 }
@@ -61,9 +64,17 @@ def select_transform(kind, transforms: list[optax.GradientTransformation]) -> op
     return optax.GradientTransformation(init, update)
 
 
-def optimizer(hp: dict) -> optax.GradientTransformation:
-    """The update rule of one model; ``hp`` values may be traced."""
-    return optax.chain(optax.add_decayed_weights(hp["weight_decay"]),
+DECAY = ("all", "kernels")
+
+
+def _kernels(params):
+    return jax.tree_util.tree_map_with_path(lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def optimizer(hp: dict, decay: str = "all") -> optax.GradientTransformation:
+    """The update rule of one model; ``hp`` values may be traced. ``decay="kernels"``: weight decay on the kernels
+    only, as a Keras ``kernel_regularizer`` adds it (an L2 penalty λ·Σw² is weight decay 2λ on the kernels)."""
+    return optax.chain(optax.add_decayed_weights(hp["weight_decay"], mask=_kernels if decay == "kernels" else None),
                        select_transform(hp["optimizer"], [OPTIMIZERS[n]() for n in OPTIMIZER_NAMES]),
                        optax.scale(-hp["lr"]))
 
@@ -93,11 +104,18 @@ class Population:
     batch_size: int = 32
     max_shift: int = 2
     mesh: Mesh | None = None
+    input_range: tuple[float, float] = (0.0, 1.0)   # the networks see images mapped from [0, 1] to this range
+    decay: str = "all"                              # weight decay on every parameter, or "kernels" only
 
     def __post_init__(self):
         self.arch.check(self.image_shape)
         if self.batch_size > self.n_train:
             raise PopulationError(f"batch_size {self.batch_size} exceeds the {self.n_train} training images")
+        if self.decay not in DECAY:
+            raise PopulationError(f"decay {self.decay!r}: choose one of {DECAY}")
+        lo, hi = self.input_range
+        if not lo < hi:
+            raise PopulationError(f"input_range {tuple(self.input_range)}: expected (low, high) with low < high")
         self.steps_per_epoch = self.n_train // self.batch_size
         self.module = self.arch.module(self.n_classes)
         if self.mesh is None:
@@ -105,8 +123,9 @@ class Population:
         self._pop = NamedSharding(self.mesh, P("pop"))
         self._rep = NamedSharding(self.mesh, P())
         self._init = {}
-        self._opt_init = jax.jit(jax.vmap(optimizer({"weight_decay": 0.0, "optimizer": 0, "lr": 0.0}).init))
-        self._epoch = jax.jit(jax.vmap(self._epoch_one, in_axes=(0, 0, 0, 0, 0, 0, None)), donate_argnums=(0, 1, 2))
+        self._opt_init = jax.jit(jax.vmap(optimizer({"weight_decay": 0.0, "optimizer": 0, "lr": 0.0}, self.decay).init))
+        self._epoch = jax.jit(jax.vmap(self._epoch_one, in_axes=(0, 0, 0, 0, 0, 0, None, None)),
+                              donate_argnums=(0, 1, 2), static_argnums=(7,))
 
     # ---- placement ---------------------------------------------------------------------------------
     @property
@@ -157,18 +176,24 @@ class Population:
         return self._opt_init(params)
 
     # ---- one epoch of one model (vmapped by the caller) --------------------------------------------------
+    def apply(self, params, x, train=False, rate=0.0, rngs=None):
+        """Logits of one model on images in [0, 1] (mapped to ``input_range`` first)."""
+        lo, hi = self.input_range
+        if (lo, hi) != (0.0, 1.0):
+            x = lo + (hi - lo) * x
+        return self.module.apply({"params": params}, x, train=train, rate=rate, rngs=rngs)
+
     def loss(self, params, x, y, train=False, rate=0.0, key=None):
         rngs = {"dropout": key} if train else None
-        logits = self.module.apply({"params": params}, x, train=train, rate=rate, rngs=rngs)
-        return cross_entropy(logits, y).mean()
+        return cross_entropy(self.apply(params, x, train, rate, rngs), y).mean()
 
-    def _epoch_one(self, params, opt_state, key, hp, mask, labels, images):
-        s, b = self.steps_per_epoch, self.batch_size
+    def _epoch_one(self, params, opt_state, key, hp, mask, labels, images, steps):
+        s, b = steps, self.batch_size
         key, k_order = jax.random.split(key)
         order = jnp.argsort(jnp.where(mask, jax.random.uniform(k_order, mask.shape), 2.0))
         pool = jnp.maximum(mask.sum(), 1)
         idx = order[jnp.arange(s * b) % pool].reshape(s, b)
-        tx = optimizer(hp)
+        tx = optimizer(hp, self.decay)
 
         def step(carry, ib):
             params, opt_state, key = carry
@@ -181,9 +206,10 @@ class Population:
         (params, opt_state, key), losses = jax.lax.scan(step, (params, opt_state, key), idx)
         return params, opt_state, key, losses.mean()
 
-    def epoch(self, params, opt_state, keys, hp: dict, mask, labels, images):
-        """One epoch for every model. All but ``images`` (replicated) carry the model axis first."""
-        return self._epoch(params, opt_state, keys, hp, mask, labels, images)
+    def epoch(self, params, opt_state, keys, hp: dict, mask, labels, images, steps: int | None = None):
+        """One epoch for every model: ``steps`` batches (default ``steps_per_epoch``, a pass over the whole training
+        set). All but ``images`` (replicated) carry the model axis first."""
+        return self._epoch(params, opt_state, keys, hp, mask, labels, images, steps or self.steps_per_epoch)
 
 
 def hparams_arrays(rows: list[dict]) -> dict:

@@ -73,7 +73,7 @@ class Evaluator:
 
     def __init__(self, pop: Population, spec: EvalSpec):
         self.pop, self.spec = pop, spec
-        apply = lambda p, x: pop.module.apply({"params": p}, x)  # noqa: E731
+        apply = pop.apply
 
         def clean(p, x, y):
             logits = apply(p, x)
@@ -147,7 +147,12 @@ class Evaluator:
 
 @dataclasses.dataclass(eq=False)
 class EvalData:
-    """The fixed images every checkpoint is evaluated on (shared by all models of a data set)."""
+    """The fixed images every checkpoint is evaluated on (shared by all models of a data set).
+
+    ``halves``: for the training images evaluated, the test images and the robustness images, two disjoint
+    halves (test and robustness halves stratified by class), drawn once with the zoo's seed: every property is
+    also recorded on each half (``<property>_half_a`` / ``_half_b``), so the reliability of a target on this zoo
+    (split-half agreement, Spearman–Brown corrected: ``wa.eval.reliability``) can be measured."""
     x_train: np.ndarray
     train_index: np.ndarray      # which training images (into the full training set)
     x_test: np.ndarray
@@ -155,6 +160,7 @@ class EvalData:
     noisy: dict[float, np.ndarray]
     n_classes: int
     robust_n: int
+    halves: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def build(cls, data, spec: EvalSpec, seed: int = 0) -> EvalData:
@@ -164,8 +170,25 @@ class EvalData:
             rng.choice(n, spec.train_examples, replace=False))
         noisy = {s: np.clip(data.x_test + s * rng.standard_normal(data.x_test.shape).astype(np.float32), 0, 1)
                  for s in spec.noise_sigma}
-        return cls(data.x_train[idx], idx, data.x_test, data.y_test, noisy, data.n_classes,
-                   min(spec.robust_examples, len(data.y_test)) if spec.robust_examples else len(data.y_test))
+        robust_n = min(spec.robust_examples, len(data.y_test)) if spec.robust_examples else len(data.y_test)
+        # Drawn from their own generator, so the images above stay what they were before halves existed.
+        hr = np.random.default_rng([seed, 1])
+        halves = {"train": halves_of(np.zeros(len(idx), np.int64), hr), "test": halves_of(data.y_test, hr),
+                  "robust": halves_of(data.y_test[:robust_n], hr)}
+        return cls(data.x_train[idx], idx, data.x_test, data.y_test, noisy, data.n_classes, robust_n, halves)
+
+
+def halves_of(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Two disjoint halves of ``range(len(labels))``, each holding half of every class (rounded alternately)."""
+    a, b = [], []
+    flip = 0
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        cut = (len(members) + flip) // 2
+        flip ^= len(members) % 2
+        a.append(members[:cut])
+        b.append(members[cut:])
+    return np.sort(np.concatenate(a)), np.sort(np.concatenate(b))
 
 
 def evaluate(ev: Evaluator, params, ed: EvalData, mask: np.ndarray, labels: np.ndarray, keys) -> list[dict]:
@@ -179,7 +202,7 @@ def evaluate(ev: Evaluator, params, ed: EvalData, mask: np.ndarray, labels: np.n
     r = ed.robust_n
     rob = ev.robust(params, ed.x_test[:r], ed.y_test[:r], keys)
     return summarize(tr, mask[:, ed.train_index], train_labels, te, ed.y_test, noise, rob, ev.spec,
-                     ed.n_classes)
+                     ed.n_classes, ed.halves)
 
 
 def ece(conf: np.ndarray, correct: np.ndarray, bins: int) -> float:
@@ -193,34 +216,49 @@ def ece(conf: np.ndarray, correct: np.ndarray, bins: int) -> float:
     return float(total)
 
 
-def summarize(tr, train_mask, train_labels, te, y_test, noise, rob, spec: EvalSpec, n_classes: int) -> list[dict]:
+HALVES = ("a", "b")
+
+
+def _measure(i, tr, m, train_labels, te, y_test, noise, rob, spec: EvalSpec, n_classes: int, t=slice(None),
+             e=slice(None), r=slice(None)) -> dict:
+    """Model ``i``'s properties on the training images ``t``, test images ``e`` and robustness images ``r``."""
+    m = m[t]
+    tr_correct = tr["pred"][i][t][m] == train_labels[i][t][m]
+    y = y_test[e]
+    correct = te["pred"][i][e] == y
+    class_acc = np.array([correct[y == c].mean() if (y == c).any() else np.nan for c in range(n_classes)])
+    row = {
+        "train_acc": float(tr_correct.mean()) if m.any() else float("nan"),
+        "train_loss": float(tr["loss"][i][t][m].mean()) if m.any() else float("nan"),
+        "test_acc": float(correct.mean()),
+        "test_loss": float(te["loss"][i][e].mean()),
+        "ece": ece(te["conf"][i][e], correct, spec.ece_bins),
+        "class_acc": class_acc.tolist(),
+        "disparity_range": float(np.nanmax(class_acc) - np.nanmin(class_acc)),
+        "disparity_std": float(np.nanstd(class_acc)),
+    }
+    row["gen_gap"] = row["train_acc"] - row["test_acc"]
+    row["loss_gap"] = row["test_loss"] - row["train_loss"]
+    for s, c in noise.items():
+        row[f"noise_acc_{_key(s)}"] = float(c[i][e].mean())
+    for j, eps in enumerate(spec.fgsm_eps):
+        row[f"fgsm_acc_{_key(eps)}"] = float(rob["fgsm"][i, j][r].mean())
+    for j, eps in enumerate(spec.pgd_eps):
+        row[f"pgd_acc_{_key(eps)}"] = float(rob["pgd"][i, j][r].mean())
+    return row
+
+
+def summarize(tr, train_mask, train_labels, te, y_test, noise, rob, spec: EvalSpec, n_classes: int,
+              halves: dict | None = None) -> list[dict]:
     rows = []
     for i in range(train_mask.shape[0]):
-        m = train_mask[i]
-        if not m.any():
+        if not train_mask[i].any():
             raise PropertyError(f"model {i} has an empty training pool among the evaluated training images")
-        tr_correct = tr["pred"][i][m] == train_labels[i][m]
-        correct = te["pred"][i] == y_test
-        class_acc = np.array([correct[y_test == c].mean() if (y_test == c).any() else np.nan
-                              for c in range(n_classes)])
-        row = {
-            "train_acc": float(tr_correct.mean()),
-            "train_loss": float(tr["loss"][i][m].mean()),
-            "test_acc": float(correct.mean()),
-            "test_loss": float(te["loss"][i].mean()),
-            "ece": ece(te["conf"][i], correct, spec.ece_bins),
-            "class_acc": class_acc.tolist(),
-            "disparity_range": float(np.nanmax(class_acc) - np.nanmin(class_acc)),
-            "disparity_std": float(np.nanstd(class_acc)),
-        }
-        row["gen_gap"] = row["train_acc"] - row["test_acc"]
-        row["loss_gap"] = row["test_loss"] - row["train_loss"]
-        for s, c in noise.items():
-            row[f"noise_acc_{_key(s)}"] = float(c[i].mean())
-        for j, e in enumerate(spec.fgsm_eps):
-            row[f"fgsm_acc_{_key(e)}"] = float(rob["fgsm"][i, j].mean())
-        for j, e in enumerate(spec.pgd_eps):
-            row[f"pgd_acc_{_key(e)}"] = float(rob["pgd"][i, j].mean())
+        row = _measure(i, tr, train_mask[i], train_labels, te, y_test, noise, rob, spec, n_classes)
+        for h, name in enumerate(HALVES if halves else ()):
+            part = _measure(i, tr, train_mask[i], train_labels, te, y_test, noise, rob, spec, n_classes,
+                            halves["train"][h], halves["test"][h], halves["robust"][h])
+            row.update({f"{k}_half_{name}": v for k, v in part.items() if k != "class_acc"})
         rows.append(row)
     return rows
 

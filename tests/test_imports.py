@@ -1,0 +1,165 @@
+"""Importing public model zoos: small files in each released format, built here."""
+
+import os
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from wa.eval import splits
+from wa.learners import data as data_lib
+from wa.zoo import imports, store
+
+# Keras variables of the Small CNN Zoo CNN in the released column order (bias before kernel in each layer).
+KERAS = [("sequential/conv2d/bias:0", (16,)), ("sequential/conv2d/kernel:0", (3, 3, 1, 16)),
+         ("sequential/conv2d_1/bias:0", (16,)), ("sequential/conv2d_1/kernel:0", (3, 3, 16, 16)),
+         ("sequential/conv2d_2/bias:0", (16,)), ("sequential/conv2d_2/kernel:0", (3, 3, 16, 16)),
+         ("sequential/dense/bias:0", (10,)), ("sequential/dense/kernel:0", (16, 10))]
+STEPS = (0, 1, 86)
+
+
+def small_cnn_files(folder, runs: int = 12, seed: int = 0, drop_final: int = 1):
+    """A Small CNN Zoo folder: ``runs`` runs with checkpoints at STEPS (the last ``drop_final`` runs lack step 86,
+    as crashed runs do), rows shuffled like the released files; returns (weights, metrics)."""
+    rng = np.random.default_rng(seed)
+    rows, meta = [], []
+    for r in range(runs):
+        hp = {"config.activation": ["relu", "tanh"][r % 2], "config.b_init": "zeros", "config.dataset": "fashion_mnist",
+              "config.dnn_architecture": "cnn", "config.dropout": 0.1 * (r % 3), "config.epochs": 86,
+              "config.epochs_between_checkpoints": 20, "config.init_std": 0.01 * (r + 1),
+              "config.l2reg": 1e-6 * (r + 1), "config.learning_rate": 1e-3 * (r + 1), "config.num_layers": 3,
+              "config.num_units": 16, "config.optimizer": ["sgd", "adam", "rmsprop"][r % 3],
+              "config.random_seed": 42, "config.train_fraction": [0.1, 0.25, 0.5, 1.0][r % 4],
+              "config.w_init": ["he_normal", "RandomNormal", "TruncatedNormal", "orthogonal"][r % 4],
+              "modeldir": f"/zoo/run_{r:03d}"}
+        for s in STEPS[:len(STEPS) - (1 if r >= runs - drop_final else 0)]:
+            rows.append(rng.normal(0, 0.1, 4970).astype(np.float32))
+            acc = 0.1 + 0.8 * rng.uniform()
+            meta.append({**hp, "step": s, "test_accuracy": acc, "test_loss": 2 - acc, "train_accuracy": acc + 0.01,
+                         "train_loss": 1.9 - acc})
+    perm = rng.permutation(len(rows))
+    weights = np.stack(rows)[perm]
+    metrics = pd.DataFrame(meta).iloc[perm].reset_index(drop=True)
+    os.makedirs(folder, exist_ok=True)
+    np.save(os.path.join(folder, "weights.npy"), weights)
+    metrics.to_csv(os.path.join(folder, "metrics.csv.gz"), index=False, compression="gzip")
+    off, lay = 0, []
+    for name, shape in KERAS:
+        n = int(np.prod(shape))
+        lay.append({"varname": name, "start_idx": off, "end_idx": off + n, "shape": str(shape), "size": n})
+        off += n
+    pd.DataFrame(lay).to_csv(os.path.join(folder, "layout.csv"), index=False)
+    return weights, metrics
+
+
+def nfn_split_file(path, n_rows: int, seed: int = 1):
+    """NFN's split file as released: a permutation of the rows after a stray leading 0 (a header read as data)."""
+    order = np.random.default_rng(seed).permutation(n_rows)
+    pd.Series(np.concatenate([[0], order])).to_csv(path, index=False, header=False)
+    return np.concatenate([[0], order])
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small_cnn")
+    weights, metrics = small_cnn_files(root / "src")
+    order = nfn_split_file(root / "split.csv", len(weights))
+    zoo = imports.run("small_cnn_zoo", str(root / "src"), str(root / "out"), str(root / "split.csv"), progress=False)
+    return zoo, weights, metrics, order
+
+
+def test_small_cnn_zoo_weights_land_in_wa_layout(imported):
+    zoo, weights, metrics, _ = imported
+    final = zoo.final()
+    assert len(final) == 12 and len(zoo.metadata) == len(weights)
+    assert set(final["arch_id"]) == {"cnn-d3-w16-v1-relu", "cnn-d3-w16-v1-tanh"}
+    for _, r in zoo.metadata.iterrows():
+        src = weights[int(r["source_row"])]
+        p = zoo.load(int(r["model_id"]), int(r["epoch"]))
+        # Released columns: conv2d/bias 0:16, conv2d/kernel 16:160, ..., dense/bias 4800:4810, dense/kernel 4810:.
+        np.testing.assert_array_equal(p["conv_0"]["bias"], src[0:16])
+        np.testing.assert_array_equal(p["conv_0"]["kernel"], src[16:160].reshape(3, 3, 1, 16))
+        np.testing.assert_array_equal(p["conv_2"]["kernel"], src[2496:4800].reshape(3, 3, 16, 16))
+        np.testing.assert_array_equal(p["head"]["kernel"], src[4810:].reshape(16, 10))
+        m = metrics.iloc[int(r["source_row"])]
+        assert r["test_acc"] == m["test_accuracy"] and r["epoch"] == m["step"]
+        assert r["gen_gap"] == pytest.approx(m["train_accuracy"] - m["test_accuracy"])
+        assert r["optimizer"] == {"sgd": "sgd_plain", "adam": "adam", "rmsprop": "rmsprop"}[m["config.optimizer"]]
+        assert r["l2reg"] == m["config.l2reg"] and r["weight_decay"] == 2 * m["config.l2reg"]
+    # The run whose final checkpoint is missing keeps its other checkpoints and has no NFN split.
+    crashed = zoo.metadata.groupby("model_id")["epoch"].max()
+    assert (crashed == 1).sum() == 1
+    assert final.loc[final["epoch"] == 1, "nfn_split"].tolist() == ["none"]
+
+
+def test_small_cnn_zoo_nfn_split_is_nfn_s(imported):
+    zoo, weights, metrics, order = imported
+    # NFN's ZooDataset, written out: rows in the file's order, the final ones kept, the second half test, the
+    # first shuffled by random.Random(0) and cut 80/20.
+    final_rows = [int(i) for i in order if metrics["step"].iloc[i] == 86]
+    half = int(0.5 * len(final_rows))
+    tv = list(range(half))
+    random.Random(0).shuffle(tv)
+    cut = int(0.8 * len(tv))
+    expect = {}
+    for pos, part in [(p, "train") for p in tv[:cut]] + [(p, "val") for p in tv[cut:]] + [
+            (p, "test") for p in range(half, len(final_rows))]:
+        expect.setdefault(final_rows[pos], part)
+    final = zoo.final()
+    got = dict(zip(final["final_source_row"], final["nfn_split"], strict=True))
+    assert {r: got[r] for r in expect} == expect
+    ws = data_lib.load(zoo.path, final_only=True)
+    parts = splits.by_column(ws.rows, "nfn_split")
+    assert sum(len(v) for v in parts.values()) == 11 and len(parts["test"]) >= 5
+
+
+def test_probe_reads_an_imported_zoo_under_nfn_protocol(imported, tmp_path):
+    from configs import probe as probe_configs
+    from wa.learners import probe
+    zoo, *_ = imported
+    cfg = probe_configs.get_config("stats_gbt,smoke,nfn_protocol")
+    cfg.zoo = zoo.path
+    r = probe.run(cfg, str(tmp_path / "probe"), progress=False)
+    assert set(r["tasks"]) == {"test_acc"} and r["data"]["split"]["kind"] == "column"
+    assert r["data"]["test_networks"] == int((zoo.final()["nfn_split"] == "test").sum())
+    assert r["ceilings"]["test_acc"] == {"measured": False, "why": "the zoo recorded no split halves of test_acc"}
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("drop_column", r"metrics.csv.gz: lacks column 'config.l2reg'"),
+    ("short_weights", r"metrics.csv.gz has 35 rows but .*weights.npy has 34"),
+    ("layout_gap", r"layout.csv: its variables leave 144 of the 4970 columns of a weight row uncovered"),
+    ("bad_init", r"config.w_init 'zeros' is not one wa knows"),
+    ("bad_npy", r"weights.npy: not a NumPy .npy file"),
+])
+def test_small_cnn_zoo_bad_files_one_error_nothing_written(tmp_path, damage, message):
+    src = tmp_path / "src"
+    weights, metrics = small_cnn_files(src, runs=12)
+    if damage == "drop_column":
+        metrics.drop(columns=["config.l2reg"]).to_csv(src / "metrics.csv.gz", index=False, compression="gzip")
+    elif damage == "short_weights":
+        np.save(src / "weights.npy", weights[:-1])
+    elif damage == "layout_gap":
+        lay = pd.read_csv(src / "layout.csv")
+        lay.drop(index=1).to_csv(src / "layout.csv", index=False)
+    elif damage == "bad_init":
+        metrics.loc[3, "config.w_init"] = "zeros"
+        metrics.to_csv(src / "metrics.csv.gz", index=False, compression="gzip")
+    elif damage == "bad_npy":
+        (src / "weights.npy").write_bytes(b"not numpy")
+    with pytest.raises(imports.ImportZooError, match=message):
+        imports.run("small_cnn_zoo", str(src), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out" / "zoo").exists() and not (tmp_path / "out" / "zoo.partial").exists()
+
+
+def test_import_refuses_an_existing_zoo_and_a_foreign_split(imported, tmp_path):
+    zoo, weights, *_ = imported
+    out = os.path.dirname(zoo.path)
+    with pytest.raises(imports.ImportZooError, match=r"zoo exists; import into another --workdir"):
+        imports.run("small_cnn_zoo", os.path.join(os.path.dirname(out), "src"), out, progress=False)
+    nfn_split_file(tmp_path / "other.csv", len(weights) + 5)
+    with pytest.raises(imports.ImportZooError, match=r"other.csv: expected row indices in \[0, 35\)"):
+        imports.run("small_cnn_zoo", os.path.join(os.path.dirname(out), "src"), str(tmp_path / "o"),
+                    str(tmp_path / "other.csv"), progress=False)
+    assert store.Zoo.open(zoo.path).final().shape[0] == 12

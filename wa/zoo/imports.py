@@ -1,0 +1,329 @@
+"""Public model zoos into wa's zoo store, so that every learner and benchmark reads them as it reads wa's own.
+
+A format is one ``register(Format(...))``: a reader that checks the source folder and returns an ``Imported``
+(the plan table, the parameter layout, the metadata rows, and the weights row by row); ``write`` stores it.
+Everything is checked before anything is written, and the store is written into ``<workdir>/zoo.partial`` and
+renamed to ``<workdir>/zoo`` only once complete: a bad file gives one error naming it, and a failed import leaves
+no zoo behind.
+
+``small_cnn_zoo`` — the Small CNN Zoo of Unterthiner et al. 2020 ("Predicting Neural Network Accuracy from
+Weights"; files as released with ``google-research/dnn_predict_accuracy``, CC-BY 4.0): ``weights.npy`` (one row
+of 4,970 weights per checkpoint), ``metrics.csv.gz`` (row i describes row i of the weights: the run's
+``config.*`` hyperparameters, its ``modeldir``, the ``step`` (epoch) and train/test accuracy and loss) and
+``layout.csv`` (``varname, start_idx, end_idx, shape`` per Keras variable, kernels in Keras' [kh, kw, in, out] /
+[in, out] order, as wa's Flax modules hold them). A run (``modeldir``) is one model, its steps its checkpoints.
+Given NFN's split file (``predict_gen_data_splits/<dataset>_split.csv`` of ``AllanYangZhou/nfn``: one row index
+per line, a permutation of the rows read without a header), every model gets the split NFN's ``ZooDataset`` puts
+its final checkpoint (step 86) in — the rows in that order, the final ones kept, the second half test, the first
+half shuffled by Python's ``random.Random(0)`` and cut 80/20 into train and val — as metadata column
+``nfn_split``, which ``configs/probe.py:nfn_protocol`` splits by.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+from absl import logging
+
+from wa import errors, report
+from wa.zoo import archs
+from wa.zoo import store as store_lib
+
+
+class ImportZooError(errors.DataError):
+    pass
+
+
+@dataclasses.dataclass
+class Imported:
+    """A zoo read from public files, ready to store. ``weights(rows)`` yields, for a block of plan rows, the
+    float32 array [len(rows), n_checkpoints, P] in the layout's order (NaN where a checkpoint is missing)."""
+    plan: pd.DataFrame           # one row per model (model_id, layout_id, row, unit, architecture, hyperparameters)
+    layouts: dict[str, list[dict]]
+    n_checkpoints: int
+    metadata: pd.DataFrame       # one row per stored (model, checkpoint): model_id, checkpoint, epoch, properties
+    weights: Callable[[np.ndarray], np.ndarray]
+    info: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    name: str
+    read: Callable[..., Imported]
+    about: str
+
+
+FORMATS: dict[str, Format] = {}
+
+
+def register(f: Format) -> Format:
+    FORMATS[f.name] = f
+    return f
+
+
+def _need(path: str, what: str) -> str:
+    if not os.path.exists(path):
+        raise ImportZooError(f"{path} does not exist: {what}")
+    return path
+
+
+# ---- the Small CNN Zoo --------------------------------------------------------------------------------------
+SMALL_CNN_COLUMNS = ("config.activation", "config.w_init", "config.optimizer", "config.learning_rate",
+                     "config.l2reg", "config.dropout", "config.init_std", "config.train_fraction", "modeldir", "step",
+                     "test_accuracy", "test_loss", "train_accuracy", "train_loss")
+# Keras initializer and optimizer names -> wa's (``wa.zoo.archs.INIT_SCHEMES``, ``wa.zoo.population.OPTIMIZERS``).
+KERAS_INITS = {"he_normal": "he_normal", "orthogonal": "orthogonal", "glorot_normal": "glorot_normal",
+               "glorot_uniform": "glorot_uniform", "he_uniform": "he_uniform", "randomnormal": "random_normal",
+               "truncatednormal": "truncated_normal", "lecun_normal": "lecun_normal"}
+KERAS_OPTIMIZERS = {"sgd": "sgd_plain", "adam": "adam", "rmsprop": "rmsprop"}
+_VAR = re.compile(r"(?:.*/)?(conv2d|dense)(?:_(\d+))?/(kernel|bias):0$")
+
+
+def _small_cnn_layout(path: str, n_params: int) -> tuple[list[dict], np.ndarray, int, int, int]:
+    """(wa layout, column order that turns a released row into wa's flat vector, depth, width, classes)."""
+    lay = pd.read_csv(path)
+    missing = [c for c in ("varname", "start_idx", "end_idx", "shape") if c not in lay]
+    if missing:
+        raise ImportZooError(f"{path}: lacks column {missing[0]!r}; expected varname, start_idx, end_idx, shape")
+    layers: dict[tuple[str, int], dict[str, tuple]] = {}
+    covered = np.zeros(n_params, np.int64)
+    for _, r in lay.iterrows():
+        m = _VAR.match(str(r["varname"]))
+        if not m:
+            raise ImportZooError(f"{path}: variable {r['varname']!r} is not a Conv2D or Dense kernel or bias")
+        try:
+            shape = tuple(int(v) for v in re.findall(r"\d+", str(r["shape"])))
+        except ValueError:
+            shape = ()
+        s, e = int(r["start_idx"]), int(r["end_idx"])
+        if not 0 <= s < e <= n_params or int(np.prod(shape)) != e - s:
+            raise ImportZooError(f"{path}: {r['varname']} spans columns {s}:{e} with shape {r['shape']}, which does "
+                                 f"not fit rows of {n_params} weights")
+        covered[s:e] += 1
+        layers.setdefault((m.group(1), int(m.group(2) or 0)), {})[m.group(3)] = (s, e, shape)
+    if (covered != 1).any():
+        raise ImportZooError(f"{path}: its variables leave {int((covered == 0).sum())} of the {n_params} columns of a "
+                             f"weight row uncovered and cover {int((covered > 1).sum())} twice")
+    convs = sorted(k for k in layers if k[0] == "conv2d")
+    dense = sorted(k for k in layers if k[0] == "dense")
+    if len(dense) != 1 or not convs:
+        raise ImportZooError(f"{path}: expected Conv2D layers then one Dense layer (the Small CNN Zoo CNN); found "
+                             f"{len(convs)} Conv2D and {len(dense)} Dense")
+    names = {k: f"conv_{i}" for i, k in enumerate(convs)} | {dense[0]: "head"}
+    entries = []
+    width, prev = None, 1
+    for k in [*convs, dense[0]]:
+        parts = layers[k]
+        if set(parts) != {"kernel", "bias"}:
+            raise ImportZooError(f"{path}: layer {k[0]}{'_' + str(k[1]) if k[1] else ''} lacks its "
+                                 f"{({'kernel', 'bias'} - set(parts)).pop()}")
+        ks = parts["kernel"][2]
+        conv = k[0] == "conv2d"
+        if (len(ks) != 4 if conv else len(ks) != 2) or parts["bias"][2] != ks[-1:]:
+            raise ImportZooError(f"{path}: {names[k]} has kernel shape {ks} and bias shape {parts['bias'][2]}")
+        if conv and (ks[0], ks[1]) != (3, 3):
+            raise ImportZooError(f"{path}: {names[k]} has a {ks[0]}x{ks[1]} kernel; wa's CNN reads 3x3 kernels")
+        if ks[-2] != prev and not (conv and k == convs[0]):
+            raise ImportZooError(f"{path}: {names[k]} reads {ks[-2]} channels but the layer before gives {prev}")
+        if conv:
+            width = width or ks[-1]
+            if ks[-1] != width:
+                raise ImportZooError(f"{path}: convolutions of {width} and {ks[-1]} channels; wa's CNN has one width")
+        prev = ks[-1]
+        for part in ("bias", "kernel"):
+            s, e, shape = parts[part]
+            entries.append((f"{names[k]}/{part}", s, e, list(shape)))
+    in_ch = layers[convs[0]]["kernel"][2][2]
+    if in_ch != 1:
+        raise ImportZooError(f"{path}: the first convolution reads {in_ch} channels; the Small CNN Zoo's are grayscale")
+    entries.sort(key=lambda t: t[0])          # wa's layout order: sorted parameter paths
+    layout, order, off = [], [], 0
+    for name, s, e, shape in entries:
+        layout.append({"path": name, "offset": off, "size": e - s, "shape": shape})
+        order.append(np.arange(s, e))
+        off += e - s
+    return layout, np.concatenate(order), len(convs), int(width), int(prev)
+
+
+def _nfn_splits(split_file: str, metrics: pd.DataFrame) -> dict[int, str]:
+    """Row (of the released files) -> "train" / "val" / "test", as NFN's ZooDataset assigns its final rows."""
+    try:
+        order = pd.read_csv(split_file, header=None).to_numpy().ravel()
+    except (OSError, ValueError, pd.errors.ParserError) as e:
+        raise ImportZooError(f"{split_file}: not a split file (one row index per line): {e}") from None
+    if not np.issubdtype(order.dtype, np.integer) or order.min() < 0 or order.max() >= len(metrics):
+        raise ImportZooError(f"{split_file}: expected row indices in [0, {len(metrics)}), found values "
+                             f"{order.min() if len(order) else 'none'}..{order.max() if len(order) else ''}")
+    if len(set(order.tolist())) != len(metrics):
+        raise ImportZooError(f"{split_file}: lists {len(set(order.tolist()))} distinct rows; metrics.csv.gz has "
+                             f"{len(metrics)} (a split file belongs to one data set's zoo)")
+    final = order[metrics["step"].to_numpy()[order] == metrics["step"].max()]
+    half = int(0.5 * len(final))
+    trainval = list(range(half))
+    cut = int(0.8 * len(trainval))
+    random.Random(0).shuffle(trainval)
+    which = {}
+    for pos, part in [(p, "train") for p in trainval[:cut]] + [(p, "val") for p in trainval[cut:]] + [
+            (p, "test") for p in range(half, len(final))]:
+        # NFN's files list row 0 twice (a header line read as data); the first place it takes counts.
+        which.setdefault(int(final[pos]), part)
+    return which
+
+
+def read_small_cnn_zoo(src: str, split_file: str = "") -> Imported:
+    wpath = _need(os.path.join(src, "weights.npy"), "the Small CNN Zoo's weight matrix")
+    mpath = _need(os.path.join(src, "metrics.csv.gz"), "the Small CNN Zoo's per-row metrics")
+    lpath = _need(os.path.join(src, "layout.csv"), "the Small CNN Zoo's column layout")
+    try:
+        weights = np.load(wpath, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise ImportZooError(f"{wpath}: not a NumPy .npy file: {e}") from None
+    if weights.ndim != 2 or not np.issubdtype(weights.dtype, np.floating):
+        raise ImportZooError(f"{wpath}: expected a 2-D float matrix (checkpoints x weights), found {weights.dtype} "
+                             f"{weights.shape}")
+    try:
+        metrics = pd.read_csv(mpath)
+    except (OSError, ValueError, EOFError, pd.errors.ParserError) as e:
+        raise ImportZooError(f"{mpath}: cannot be read as a gzipped CSV: {e}") from None
+    missing = [c for c in SMALL_CNN_COLUMNS if c not in metrics]
+    if missing:
+        raise ImportZooError(f"{mpath}: lacks column {missing[0]!r} (the Small CNN Zoo's metrics hold "
+                             f"{', '.join(SMALL_CNN_COLUMNS)})")
+    if len(metrics) != len(weights):
+        raise ImportZooError(f"{mpath} has {len(metrics)} rows but {wpath} has {len(weights)}: row i of one "
+                             "describes row i of the other, so the files are from different zoos or truncated")
+    layout, order, depth, width, n_classes = _small_cnn_layout(lpath, weights.shape[1])
+    for col, known in (("config.w_init", KERAS_INITS), ("config.optimizer", KERAS_OPTIMIZERS)):
+        bad = sorted(set(metrics[col].astype(str).str.lower()) - set(known))
+        if bad:
+            raise ImportZooError(f"{mpath}: {col} {bad[0]!r} is not one wa knows ({sorted(known)})")
+    bad_act = sorted(set(metrics["config.activation"]) - set(archs.ACTIVATIONS))
+    if bad_act:
+        raise ImportZooError(f"{mpath}: config.activation {bad_act[0]!r} is not one wa knows "
+                             f"({sorted(archs.ACTIVATIONS)})")
+    splits = _nfn_splits(split_file, metrics) if split_file else {}
+    steps = sorted(int(s) for s in metrics["step"].unique())
+    ck_of = {s: i for i, s in enumerate(steps)}
+
+    runs = metrics.groupby("modeldir", sort=True)
+    plan_rows, md_rows, sources = [], [], []
+    lid = archs.Arch("cnn", depth, width, "relu", (("valid", 1),)).layout_id
+    for model_id, (modeldir, g) in enumerate(runs):
+        first = g.iloc[0]
+        hp_cols = [c for c in SMALL_CNN_COLUMNS if c.startswith("config.")]
+        if (g[hp_cols].nunique(dropna=False) > 1).any():
+            raise ImportZooError(f"{mpath}: run {modeldir!r} has rows with different hyperparameters")
+        if g["step"].duplicated().any():
+            dup = int(g["step"][g["step"].duplicated()].iloc[0])
+            raise ImportZooError(f"{mpath}: run {modeldir!r} lists step {dup} "
+                                 "twice")
+        arch = archs.Arch("cnn", depth, width, str(first["config.activation"]), (("valid", 1),))
+        final_row = int(g.index[g["step"] == steps[-1]][0]) if (g["step"] == steps[-1]).any() else -1
+        l2 = float(first["config.l2reg"])
+        plan_rows.append({
+            "model_id": model_id, "modeldir": str(modeldir), "family": "cnn", "arch_id": arch.id, "layout_id": lid,
+            "activation": arch.activation, "arch_depth": depth, "arch_width": width, "valid": 1,
+            **{k.name: 0 for f in archs.FAMILIES.values() for k in f.knobs if k.name != "valid"},
+            "optimizer": KERAS_OPTIMIZERS[str(first["config.optimizer"]).lower()],
+            "lr": float(first["config.learning_rate"]), "l2reg": l2, "weight_decay": 2 * l2,
+            "dropout": float(first["config.dropout"]),
+            "init_scheme": KERAS_INITS[str(first["config.w_init"]).lower()],
+            "init_std": float(first["config.init_std"]),
+            "train_fraction": float(first["config.train_fraction"]), "label_noise": 0.0, "imbalance": 0.0,
+            "augment": 0, "dataset": str(first.get("config.dataset", "")), "generation": 0, "parent_id": -1,
+            "root_id": model_id, "mutation": "", "epochs": int(first.get("config.epochs", steps[-1])),
+            "n_params": int(weights.shape[1]), "final_source_row": final_row,
+            "nfn_split": splits.get(final_row, "none") if splits else "none"})
+        for idx, r in g.iterrows():
+            md_rows.append({"model_id": model_id, "checkpoint": ck_of[int(r["step"])], "epoch": int(r["step"]),
+                            "source_row": int(idx), "test_acc": float(r["test_accuracy"]),
+                            "test_loss": float(r["test_loss"]), "train_acc": float(r["train_accuracy"]),
+                            "train_loss": float(r["train_loss"])})
+        sources.append(g.index.to_numpy())
+    plan = pd.DataFrame(plan_rows)
+    md = pd.DataFrame(md_rows)
+    md["gen_gap"] = md["train_acc"] - md["test_acc"]
+    md["loss_gap"] = md["test_loss"] - md["train_loss"]
+    src_of = {(int(m), int(c)): int(s) for m, c, s in zip(md["model_id"], md["checkpoint"], md["source_row"],
+                                                        strict=True)}
+
+    def read(models: np.ndarray) -> np.ndarray:
+        out = np.full((len(models), len(steps), len(order)), np.nan, np.float32)
+        for i, m in enumerate(models):
+            for c in range(len(steps)):
+                s = src_of.get((int(m), c))
+                if s is not None:
+                    out[i, c] = np.asarray(weights[s], np.float32)[order]
+        return out
+
+    info = {"source": {"format": "small_cnn_zoo", "path": os.path.abspath(src), "split_file": split_file or None,
+                       "rows": int(len(weights)), "steps": steps},
+            "data": {"name": str(metrics.get("config.dataset", pd.Series([""])).iloc[0]), "n_classes": n_classes}}
+    return Imported(plan, {lid: layout}, len(steps), md, read, info)
+
+
+register(Format("small_cnn_zoo", read_small_cnn_zoo, "Unterthiner et al. 2020's Small CNN Zoo (weights.npy, "
+                "metrics.csv.gz, layout.csv; optional NFN split file)"))
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+def write(imp: Imported, workdir: str, chunk_models: int = 256, progress: bool = True) -> store_lib.Zoo:
+    """Stores ``imp`` as ``<workdir>/zoo``. Checkpoints whose weights are not all finite are left out of the
+    metadata (counted in ``zoo.json``'s ``source.dropped_checkpoints``); a model left with none is dropped."""
+    final = os.path.join(workdir, "zoo")
+    if os.path.exists(final):
+        raise ImportZooError(f"{final} exists; import into another --workdir, or delete it to import again")
+    tmp = os.path.join(workdir, "zoo.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plan = imp.plan.copy()
+    plan["unit"] = np.arange(len(plan)) // chunk_models
+    plan["row"] = np.arange(len(plan))
+    plan["seed"] = 0
+    plan = plan.set_index("model_id", drop=False)
+    info = dict(imp.info, config={"imported": imp.info["source"]["format"]}, properties=[
+        c for c in imp.metadata.columns if c not in ("model_id", "checkpoint", "epoch", "source_row")])
+    zoo = store_lib.Zoo.create(tmp, plan, imp.layouts, imp.n_checkpoints, chunk_models, info)
+    dropped = 0
+    md = imp.metadata.set_index(["model_id", "checkpoint"], drop=False)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(plan), unit="model", desc="import", disable=None)
+    for unit, rows in plan.groupby("unit", sort=True):
+        lid = rows["layout_id"].iloc[0]
+        w = imp.weights(rows["model_id"].to_numpy())
+        for c in range(imp.n_checkpoints):
+            zoo.write(lid, int(rows["row"].iloc[0]), c, w[:, c])
+        ok = np.isfinite(w).all(axis=2)            # [models, checkpoints]
+        keep = [(int(m), c) for i, m in enumerate(rows["model_id"]) for c in range(imp.n_checkpoints)
+                if ok[i, c] and (int(m), c) in md.index]
+        dropped += sum(1 for i, m in enumerate(rows["model_id"]) for c in range(imp.n_checkpoints)
+                       if not ok[i, c] and (int(m), c) in md.index)
+        zoo.commit(int(unit), md.loc[keep].reset_index(drop=True).to_dict("records") if keep else [])
+        if bar is not None:
+            bar.update(len(rows))
+    if bar is not None:
+        bar.close()
+    zinfo = dict(zoo.info)
+    zinfo["source"] = dict(zinfo["source"], dropped_checkpoints=dropped)
+    report.write_json(os.path.join(tmp, "zoo.json"), zinfo)
+    os.replace(tmp, final)
+    logging.info("imported %d models (%d checkpoints left out for non-finite weights) into %s", len(plan), dropped,
+                 final)
+    return store_lib.Zoo.open(final)
+
+
+def run(fmt: str, src: str, workdir: str, split_file: str = "", progress: bool = True) -> store_lib.Zoo:
+    if fmt not in FORMATS:
+        raise ImportZooError(f"unknown format {fmt!r}; choose one of {sorted(FORMATS)}")
+    if not os.path.isdir(src):
+        raise ImportZooError(f"--src {src}: not a folder")
+    imp = FORMATS[fmt].read(src, split_file) if split_file else FORMATS[fmt].read(src)
+    return write(imp, workdir, progress=progress)
