@@ -163,3 +163,24 @@ def test_import_refuses_an_existing_zoo_and_a_foreign_split(imported, tmp_path):
         imports.run("small_cnn_zoo", os.path.join(os.path.dirname(out), "src"), str(tmp_path / "o"),
                     str(tmp_path / "other.csv"), progress=False)
     assert store.Zoo.open(zoo.path).final().shape[0] == 12
+
+
+@pytest.mark.slow
+def test_benchmark_on_an_imported_small_cnn_zoo_under_nfn_protocol(imported, tmp_path):
+    """The command a user runs on the released Small CNN Zoo (after launch.import_zoo with NFN's split file)."""
+    import json
+
+    from tests import helpers
+    zoo, *_ = imported
+    bench = tmp_path / "bench"
+    r = helpers.run_launch("experiments.nwa_benchmark", f"--zoo={zoo.path}", "--config_flags=nfn_protocol", "--smoke",
+                           f"--workdir={bench}", "--learners=stats_gbt,spectral_gbt", "--cross_arch=",
+                           "--published=small_cnn_fmnist")
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["networks"] == 12 and line["reliability"] == {}     # the crashed run is read, in no split
+    res = json.load(open(bench / "results.json"))
+    assert res["data"]["split"] == {**res["data"]["split"], "kind": "column", "column": "nfn_split"}
+    assert res["data"]["test_networks"] == int((zoo.final()["nfn_split"] == "test").sum())
+    text = open(bench / "report.md").read()
+    assert "## Calibration against the published figure" in text and "| published | 0.920 | 0.9931 | 0.887 |" in text
+    assert "| test_acc | not measured (the zoo recorded no split halves of test_acc) | | |" in text

@@ -374,9 +374,10 @@ def test_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path, smoke_zoo):
 
     bench = tmp_path / "bench"
     r = helpers.run_launch("experiments.nwa_benchmark", f"--zoo={store}", "--smoke", f"--workdir={bench}",
-                           "--learners=stats_gbt,pca_linear", "--seeds=0,1", "--cross_arch=")
+                           "--learners=stats_gbt,spectral_gbt,pca_linear", "--seeds=0,1", "--cross_arch=")
     line = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(line) >= {"stats_gbt", "pca_linear"} and line["pca_linear"]["perm_gap"] > 0
+    assert set(line) >= {"stats_gbt", "spectral_gbt", "pca_linear"} and line["pca_linear"]["perm_gap"] > 0
+    assert set(line["reliability"]) == {"test_acc", "gen_gap", "disparity"}
     res = json.load(open(bench / "results.json"))
     # Histogram GBT does not use its seed: it runs once (--single_seed); the other learners once per seed.
     assert len(res["headline"]["stats_gbt"]["test_acc"]["kendall_tau"]["values"]) == 1
@@ -384,3 +385,8 @@ def test_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path, smoke_zoo):
     assert res["cross_arch"] == {} and len(res["lineage"]["weights_all"]) == 3
     text = open(bench / "report.md").read()
     assert "## Targets" in text and "DESIGN" not in text and "| architecture accuracy ≥ 0.99 |" in text
+    # Every R² and τ has its label ceiling beside it; the accuracy range is stated.
+    c = res["ceilings"]["test_acc"]
+    assert f"| test_acc | {c['half_r']:.3f} | {c['reliability']:.3f} | {c['tau_ceiling']:.3f} |" in text
+    assert f"| *label ceiling* | {c['r2_ceiling']:.3f} | {c['tau_ceiling']:.3f} | — |" in text
+    assert "Test accuracy of the networks read (min / 5% / median / 95% / max)" in text

@@ -50,10 +50,17 @@ def test_spectral_metrics_against_direct_computation():
     np.testing.assert_allclose(spectral.esd(k), pooled, rtol=1e-9, atol=1e-12)
     # A power law's exponent is recovered: p(x) ∝ x^-3.
     assert spectral.fit_alpha(rng.pareto(2.0, 4000) + 1)["alpha"] == pytest.approx(3.0, abs=0.15)
-    # Vectors have no spectrum; fewer than 10 eigenvalues are not fitted.
+    # Vectors have no spectrum; fewer than 8 eigenvalues are not fitted.
     assert np.isnan(spectral.layer(np.ones(5))["log_norm"])
-    small = spectral.layer(rng.normal(size=(3, 3, 1, 16)))    # 9 eigenvalues
+    small = spectral.layer(rng.normal(size=(7, 20)))    # 7 eigenvalues
     assert np.isnan(small["alpha"]) and np.isfinite(small["stable_rank"])
+    # 9 eigenvalues (the Small CNN's first convolution: 1 input channel, 3x3 taps): the small-sample fit, tails of
+    # at least 8, the bias-corrected exponent.
+    ev = spectral.esd(rng.normal(size=(3, 3, 1, 16)))
+    x = np.sort(ev)
+    cands = [(1 + (n - 1) / np.log(x[i:] / x[i]).sum(), i, n) for i, n in ((0, 9), (1, 8))]
+    ks = [np.abs(1 - (x[i:] / x[i]) ** (1 - a) - np.arange(n) / n).max() for a, i, n in cands]
+    assert spectral.fit_alpha(ev)["alpha"] == pytest.approx(cands[int(np.argmin(ks))][0], rel=1e-12)
 
 
 def test_spectral_features_share_the_statistics_layer_slots():

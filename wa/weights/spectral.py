@@ -1,6 +1,7 @@
 """Data-free spectral metrics per layer, as WeightWatcher computes them (Martin & Mahoney 2021, "Predicting
 trends in the quality of state-of-the-art neural networks without access to training or testing data", Nature
-Communications 12:4122; the ``weightwatcher`` package, version 0.7.5, ``analyze()`` with its defaults).
+Communications 12:4122; the ``weightwatcher`` package, version 0.7.7, ``analyze()`` with its defaults;
+``experiments/spectral_crosscheck.py`` compares the two on the same matrices).
 
 A layer's empirical spectral density (ESD) is the set of eigenvalues λ of WᵀW, i.e. its squared singular values,
 with no 1/N normalisation. A dense kernel is one matrix; a k×k convolution kernel [k, k, in, out] is k·k matrices
@@ -13,8 +14,9 @@ Per layer:
   every candidate x_min among the sorted eigenvalues (all but the largest), the continuous maximum-likelihood
   α = 1 + n / Σ ln(λ_i / x_min) over the n eigenvalues ≥ x_min, and the Kolmogorov–Smirnov distance of that
   fit to the tail's empirical distribution; the candidate with the smallest distance wins (Clauset, Shalizi &
-  Newman 2009, as the package's own fitter does). NaN where the ESD holds fewer than ``MIN_EVALS`` eigenvalues
-  (the package skips such layers).
+  Newman 2009, as the package's own fitter does). Below ``SMALL_N`` nonzero eigenvalues the package (and wa)
+  fits only tails of at least ``SMALL_N_TAIL`` eigenvalues with the bias-corrected α = 1 + (n − 1) / Σ ln(λ_i /
+  x_min). NaN where the ESD holds fewer than ``MIN_EVALS`` eigenvalues (the package skips such layers).
 - ``alpha_weighted`` = α · log10 λ_max (the paper's α̂);
 - ``stable_rank`` = Σλ / λ_max;
 - ``log_spectral_norm`` = log10 λ_max (λ_max = σ_max²);
@@ -27,12 +29,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from wa.weights import stats as stats_lib
-
 FEATURES = ("alpha", "alpha_weighted", "stable_rank", "log_spectral_norm", "log_norm")
-MIN_EVALS = 10        # the package's default min_evals: smaller ESDs are not fitted
+MIN_EVALS = 8         # the package's default min_evals (0.7.7; 10 in earlier releases): smaller ESDs are not fitted
 EVALS_THRESH = 1e-5   # eigenvalues at or below this are left out of the fit (numerically zero)
 CONV_SCALE = 0.5      # conv2d_norm: each tap's matrix times 1/√2, so its eigenvalues times 1/2
+SMALL_N = 20          # fewer nonzero eigenvalues than this: the small-sample fit
+SMALL_N_TAIL = 8      # its shortest tail
 
 
 def matrices(kernel) -> tuple[list[np.ndarray], float]:
@@ -65,13 +67,14 @@ def fit_alpha(evals: np.ndarray) -> dict:
         return nan
     logx = np.log(x)
     tail_log_sum = np.cumsum(logx[::-1])[::-1]     # Σ_{j >= i} ln x_j
+    small = len(x) < SMALL_N
     best = (np.inf, None)
     for i in range(len(x) - 1):
         n = len(x) - i
         denom = tail_log_sum[i] - n * logx[i]
-        if denom <= 0:
+        if denom <= (1e-12 if small else 0) or (small and n < SMALL_N_TAIL):
             continue
-        a = 1.0 + n / denom
+        a = 1.0 + (n - 1 if small else n) / denom
         if a <= 1.0:
             continue
         cdf = 1.0 - np.exp((1.0 - a) * (logx[i:] - logx[i]))
@@ -98,6 +101,8 @@ def layer(kernel) -> dict:
 def features(params: dict, family: str, n_layers: int | None = None) -> tuple[np.ndarray, list[str]]:
     """(vector, names) of every layer's metrics in forward order, padded (NaN) to ``n_layers`` with the head last,
     in the same layer slots as ``wa.weights.stats.features``."""
+    from wa.weights import stats as stats_lib  # here, so that the metrics above need numpy alone
+
     vec, names = [], []
     for tag, t in stats_lib.slots(params, family, n_layers):
         m = layer(t[1]) if t is not None else {f: float("nan") for f in FEATURES}
@@ -108,5 +113,7 @@ def features(params: dict, family: str, n_layers: int | None = None) -> tuple[np
 
 def matrix(params: list, families, n_layers: int | None = None) -> tuple[np.ndarray, int]:
     """``features`` of many networks as one [networks, F] matrix (NaN where a metric is undefined)."""
+    from wa.weights import stats as stats_lib
+
     n = n_layers or max(stats_lib.n_layers(p, f) for p, f in zip(params, families, strict=True))
     return np.stack([features(p, f, n)[0] for p, f in zip(params, families, strict=True)]), n
