@@ -73,6 +73,7 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.fault_bits_bfloat16 = "15,14,13,11,7,6,0"
     c.fault_random_draws = 4
     c.architecture = True             # where the global top-k land by layer, component and role
+    c.spectral = True                 # WeightWatcher's data-free metrics per matrix beside the scores (an SVD each)
     c.save_plots = True
     c.mesh = "data:1,fsdp:-1"
     if arg == "stories260k":

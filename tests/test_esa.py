@@ -88,6 +88,7 @@ def test_esa_smoke_writes_every_output(tmp_path):
     assert arch["attention_vs_mlp"]["mean_score_ratio"] == pytest.approx(
         arch["component"]["attention"]["mean_score"] / arch["component"]["mlp"]["mean_score"])
     _check_apart(s, sizes)
+    _check_spectral(s, report)
     _check_family_figures(tmp_path, s)
     rows = open(tmp_path / "topk.csv").read().splitlines()
     assert rows[0] == "metric,rank,path,flat_index,coordinates,layer,component,role,value,score"
@@ -181,6 +182,26 @@ def _check_family_figures(workdir, s):
     assert norm["verdict"] == ("holds in all" if lowest > 1 else "holds in none")
     sliding = next(r for c, r in rows.items() if c.startswith("global-attention layers differ"))
     assert sliding["verdict"] == "–" and sliding["stories260K"] == "only global layers"
+
+
+def _check_spectral(s, report):
+    """Every scored matrix's spectral metrics, as computed from the checkpoint's own weights, beside its scores."""
+    from wa import models
+    from wa.weights import spectral
+    sp = s["spectral"]
+    assert len(sp["matrices"]) == 36 and set(sp["by_layer"]) == {"0", "1", "2", "3", "4"}
+    from wa.parallel import rules
+    flat = rules.flatten(models.load("third_party/stories260k/hf").params)
+    head = next(r for r in sp["matrices"] if r["path"] == "lm_head/kernel")
+    for f, v in spectral.layer(np.asarray(flat["lm_head/kernel"], np.float32)).items():
+        assert head[f] == pytest.approx(v, rel=1e-6, nan_ok=True)
+    # Relative mean score per weight: its size-weighted mean over the scored matrices (all of them 2-D here) is 1.
+    size = np.array([np.prod(flat[r["path"]].shape) for r in sp["matrices"]])
+    for m in s["metrics"]:
+        rel = np.array([r[f"score/{m}"] for r in sp["matrices"]])
+        assert (size * rel).sum() / size.sum() == pytest.approx(1.0, rel=1e-6)
+    assert set(sp["correlation"]) == set(s["metrics"])
+    assert "## The weights' spectra, read without data, beside the scores" in report
 
 
 def test_a_refused_run_leaves_its_workdir_as_it_found_it(tmp_path):

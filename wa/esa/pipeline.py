@@ -23,7 +23,18 @@ from absl import logging
 from wa import errors, hostmem, models, parallel
 from wa.data import paths, text, tokenizers
 from wa.esa import apart as apart_lib
-from wa.esa import architecture, evaluate, perturb, saliency, scores, select, stats, superweights, timing
+from wa.esa import (
+    architecture,
+    evaluate,
+    perturb,
+    saliency,
+    scores,
+    select,
+    spectra,
+    stats,
+    superweights,
+    timing,
+)
 from wa.esa import experts as experts_lib
 from wa.parallel import rules as rules_lib
 
@@ -437,6 +448,7 @@ class Analysis:
     architecture: dict | None
     seconds_total: float
     experts: dict | None = None   # an MoE model: {"routing", "ablation"} (``wa.esa.experts``)
+    spectra: dict | None = None   # every scored matrix's spectral metrics beside its scores (``wa.esa.spectra``)
 
 
 def setup(cfg, progress: bool = True) -> Setup:
@@ -737,8 +749,13 @@ def run(cfg, progress: bool = True) -> Analysis:
     if arch is not None:
         s.clock.stage("architecture")
     moe = expert_study(s, sc, progress) if experts_lib.count(s.loaded) else None
+    spec = None
+    if cfg.get("spectral", True):
+        spec = spectra.study(s.flat, s.kept, s.loaded.describe, sc.first,
+                             {m: scores.SCORES[m].signed for m in s.plan.metrics})
+        s.clock.stage("spectral", note=f"{len(spec['matrices'])} matrices, an SVD each")
     return Analysis(s, sc, sel, agreement, Perturbations(results, pruning, faults, super_w, apart_results), arch,
-                    time.time() - s.t0, moe)
+                    time.time() - s.t0, moe, spec)
 
 
 def expert_study(s: Setup, sc: Scores, progress: bool = True) -> dict:
@@ -783,6 +800,7 @@ def summarize(a: Analysis) -> dict:
         "pruning_ppl": pt.pruning,
         "faults": pt.faults,
         "architecture": a.architecture,
+        "spectral": a.spectra,
         "apart_regex": cfg.get("apart", ""), "apart_paths": st.apart,
         "apart": apart_lib.summarize(a.scores.apart_first, a.scores.apart_top, plan.seeds, pt.apart,
                                      {m: scores.SCORES[m].needs_data for m in plan.metrics}) if st.apart else None,

@@ -252,6 +252,33 @@ By layer — enrichment:
 {plot}"""
 
 
+def _spectral_section(summary) -> str:
+    sp = summary.get("spectral")
+    if not sp or not sp["matrices"]:
+        return ""
+    metrics = list(sp["correlation"])
+    layer_rows = [{"layer": L, "α": _fmt(v["alpha"], 2), "α̂": _fmt(v["alpha_weighted"], 2),
+                   "stable rank": _fmt(v["stable_rank"], 1), "log10 λmax": _fmt(v["log_spectral_norm"], 2),
+                   **{f"{m} per weight": _fmt(v[f"score/{m}"], 2) for m in metrics}}
+                  for L, v in sp["by_layer"].items()]
+    corr_rows = [{"score": m, **{f: (_fmt(c["spearman"]) if c else "–") for f, c in by.items()}}
+                 for m, by in sp["correlation"].items()]
+    n = next((c["matrices"] for by in sp["correlation"].values() for c in by.values() if c), 0)
+    return f"""## The weights' spectra, read without data, beside the scores
+WeightWatcher's metrics (Martin & Mahoney 2021, computed as its `analyze()` does): α, the power-law exponent of the
+tail of each matrix's eigenvalues of WᵀW (their reading: below 2 over-trained, 2–6 well trained, above 6
+under-trained), α̂ = α·log10 λmax, the stable rank and log10 λmax; per layer the mean over its matrices, and each
+score's mean per weight relative to its mean over all scored weights (1 = average).
+
+{report.markdown_table(layer_rows)}
+
+Does the spectrum say where the model is sensitive? Spearman correlation over the {n} matrices (of every layer)
+between each spectral metric and each score's mean per weight:
+
+{report.markdown_table(corr_rows)}
+"""
+
+
 def _rho(r) -> str:
     """A Spearman ρ with its p-value; "–" where undefined (a constant side, fewer than 3 pairs)."""
     return f"{_fmt(r['rho'], 2)} (p {_fmt(r['p_value'])}, n {r['n']})" if np.isfinite(r["rho"]) else "–"
@@ -540,6 +567,7 @@ Agreement between metrics (share of the smaller top-k set the other also picked,
 {_apart_section(summary, figures)}
 {_architecture_section(summary, figures)}
 {_experts_section(summary, figures)}
+{_spectral_section(summary)}
 {_fault_section(summary, figures)}
 {_timing_section(summary)}
 ## Verdict against the ESA success criteria
