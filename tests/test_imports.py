@@ -184,3 +184,128 @@ def test_benchmark_on_an_imported_small_cnn_zoo_under_nfn_protocol(imported, tmp
     text = open(bench / "report.md").read()
     assert "## Calibration against the published figure" in text and "| published | 0.920 | 0.9931 | 0.887 |" in text
     assert "| test_acc | not measured (the zoo recorded no split halves of test_acc) | | |" in text
+
+
+# ---- the Model Zoos of Schürholt et al. 2022 ----------------------------------------------------------------------
+def model_zoos_folder(root, models: int = 4, epochs=(0, 1, 2), dropout_every: int = 2, seed: int = 0):
+    """A zoo as released: per model params.json, result.json (JSON lines) and checkpoint_<epoch>/checkpoints
+    (torch.save zip archives of the state dict; a model with dropout has its layers at shifted module indices)."""
+    import json
+
+    from tests.test_hostile import _bin
+    rng = np.random.default_rng(seed)
+    shapes = [(8, 1, 5, 5), (6, 8, 5, 5), (4, 6, 2, 2), (20, 36), (10, 20)]
+    truth = {}
+    for m in range(models):
+        d = root / f"NN_tune_trainable_abcde_{m:05d}_{m}_seed={m + 1}_2021-07-01_16-59-53"
+        d.mkdir(parents=True)
+        drop = 0.5 if m % dropout_every else 0.0
+        params = {"model::type": "CNN", "model::nlin": ["tanh", "relu", "leakyrelu", "gelu"][m % 4],
+                  "model::init_type": "uniform", "model::dropout": drop, "optim::optimizer": "adam",
+                  "optim::lr": 3e-4, "optim::wd": 0.0, "seed": m + 1, "training::batchsize": 10, "model::o_dim": 4}
+        (d / "params.json").write_text(json.dumps(params))
+        lines = []
+        for e in epochs:
+            lines.append(json.dumps({"training_iteration": e, "train_acc": 0.5 + 0.01 * e + 0.1 * m,
+                                     "test_acc": 0.45 + 0.01 * e + 0.1 * m, "train_loss": 1.0, "test_loss": 1.1}))
+            idx = [0, 3, 6, 9, 11] if not drop else [0, 4, 8, 11, 14]
+            tensors, storages, ws = {}, {}, []
+            for j, (i, shape) in enumerate(zip(idx, shapes, strict=True)):
+                w = rng.normal(size=shape).astype(np.float32)
+                b = rng.normal(size=shape[0]).astype(np.float32)
+                ws.append((w, b))
+                for part, a in (("weight", w), ("bias", b)):
+                    key = f"{j}{part[0]}"
+                    stride = tuple(int(np.prod(a.shape[k + 1:])) for k in range(a.ndim))
+                    tensors[f"module_list.{i}.{part}"] = (key, a.size, 0, a.shape, stride)
+                    storages[key] = a.tobytes()
+            (d / f"checkpoint_{e:06d}").mkdir()
+            _bin(d / f"checkpoint_{e:06d}" / "checkpoints", tensors, storages)
+            truth[(m, e)] = ws
+        (d / "result.json").write_text("\n".join(lines) + "\n")
+    return truth
+
+
+def test_model_zoos_import_and_the_pool_cnn_computes_as_torch_would(tmp_path):
+    truth = model_zoos_folder(tmp_path / "src")
+    zoo = imports.run("model_zoos", str(tmp_path / "src"), str(tmp_path / "out"), progress=False)
+    final = zoo.final()
+    assert len(final) == 4 and set(final["family"]) == {"cnn_pool"} and set(final["epoch"]) == {2}
+    assert final["activation"].tolist() == ["tanh", "relu", "leaky_relu", "gelu"]
+    assert zoo.metadata["test_acc"].tolist()[:3] == pytest.approx([0.45, 0.46, 0.47])
+    for (m, e), ws in truth.items():
+        p = zoo.load(m, e)
+        for name, (w, b) in zip(("conv_0", "conv_1", "conv_2", "hidden_0", "head"), ws, strict=True):
+            np.testing.assert_array_equal(p[name]["kernel"], w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T)
+            np.testing.assert_array_equal(p[name]["bias"], b)
+    # wa's PoolCNN against the same network written out in numpy as PyTorch computes it (NCHW, cross-correlation,
+    # 2x2 max-pool, flatten channel-major).
+    from wa.zoo import archs
+    ws = truth[(0, 2)]
+    x = np.random.default_rng(3).normal(size=(2, 1, 28, 28)).astype(np.float32)
+
+    def conv(x, w, b):
+        k = w.shape[-1]
+        h = x.shape[-1] - k + 1
+        patches = np.stack([x[:, :, i:i + h, j:j + h] for i in range(k) for j in range(k)], -1)  # N C H W kk
+        return np.einsum("nchwk,ock->nohw", patches, w.reshape(*w.shape[:2], -1)) + b[None, :, None, None]
+
+    def pool(x):
+        n, c, h, w = x.shape
+        return x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+    h = pool(np.tanh(conv(x, *ws[0])))
+    h = pool(np.tanh(conv(h, *ws[1])))
+    h = np.tanh(conv(h, *ws[2])).reshape(2, -1)
+    h = np.tanh(h @ ws[3][0].T + ws[3][1])
+    ref = h @ ws[4][0].T + ws[4][1]
+    out = archs.Arch("cnn_pool", 3, 8, "tanh").module(10).apply({"params": zoo.load(0, 2)}, x.transpose(0, 2, 3, 1))
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    # The statistics and spectral learners read it as any chain (its dense layer over the 3x3x4 map as a 3x3 conv).
+    from wa.weights import spectral, stats
+    params = [zoo.load(int(m)) for m in final["model_id"]]
+    assert stats.matrix(params, ["cnn_pool"] * 4)[0].shape == (4, 5 * 2 * 7)
+    assert spectral.matrix(params, ["cnn_pool"] * 4)[0].shape == (4, 5 * 5)
+    # launch.probe reads it with its default tasks: those the zoo cannot answer are skipped, each with its reason.
+    from configs import probe as probe_configs
+    from wa.learners import probe
+    cfg = probe_configs.get_config("stats_gbt,smoke")
+    cfg.zoo = zoo.path
+    r = probe.run(cfg, str(tmp_path / "probe"), progress=False)
+    assert set(r["tasks"]) == {"architecture", "test_acc", "gen_gap"}     # architecture: the activation here
+    assert r["skipped_tasks"]["disparity"] == "the zoo has no metadata column 'disparity_std'"
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("type", r"params.json: model::type 'CNN3'; wa reads the Model Zoos' small CNN"),
+    ("shape", r"checkpoints: conv_1 has weight \(6, 8, 3, 3\)"),
+    ("json", r"result.json: line 2 is not JSON"),
+    ("zip", r"checkpoints: not a torch zip archive"),
+])
+def test_model_zoos_bad_files_one_error_nothing_written(tmp_path, damage, message):
+    import json
+    model_zoos_folder(tmp_path / "src", models=2)
+    d = sorted((tmp_path / "src").iterdir())[1]
+    if damage == "type":
+        p = json.loads((d / "params.json").read_text())
+        (d / "params.json").write_text(json.dumps({**p, "model::type": "CNN3"}))
+    elif damage == "shape":
+        from tests.test_hostile import _bin
+        w = np.zeros((6, 8, 3, 3), np.float32)
+        t = {"module_list.0.weight": ("a", 200, 0, (8, 1, 5, 5), (25, 25, 5, 1)),
+             "module_list.0.bias": ("b", 8, 0, (8,), (1,)),
+             "module_list.3.weight": ("c", w.size, 0, w.shape, (72, 9, 3, 1)),
+             "module_list.3.bias": ("d", 6, 0, (6,), (1,)),
+             "module_list.6.weight": ("e", 96, 0, (4, 6, 2, 2), (24, 4, 2, 1)),
+             "module_list.6.bias": ("f", 4, 0, (4,), (1,)),
+             "module_list.9.weight": ("g", 720, 0, (20, 36), (36, 1)), "module_list.9.bias": ("h", 20, 0, (20,), (1,)),
+             "module_list.11.weight": ("i", 200, 0, (10, 20), (20, 1)),
+             "module_list.11.bias": ("j", 10, 0, (10,), (1,))}
+        _bin(d / "checkpoint_000001" / "checkpoints", t,
+             {k: np.zeros(n, np.float32).tobytes() for k, n, *_ in t.values()})
+    elif damage == "json":
+        (d / "result.json").write_text('{"training_iteration": 0, "test_acc": 0.1}\n{oops\n')
+    elif damage == "zip":
+        (d / "checkpoint_000002" / "checkpoints").write_bytes(b"PK not really")
+    with pytest.raises(imports.ImportZooError, match=message):
+        imports.run("model_zoos", str(tmp_path / "src"), str(tmp_path / "out"), progress=False)
+    assert not (tmp_path / "out" / "zoo").exists() and not (tmp_path / "out" / "zoo.partial").exists()

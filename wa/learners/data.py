@@ -117,15 +117,19 @@ class Targets:
 
 
 def targets(rows: pd.DataFrame, tasks: dict[str, float], train_idx: np.ndarray) -> Targets:
-    """``tasks``: task name → loss weight. Scales and thresholds come from the training rows only. A class task
-    whose training rows hold a single class is skipped (``Targets.skipped`` says why)."""
+    """``tasks``: task name → loss weight. Scales and thresholds come from the training rows only. A task whose
+    column the zoo lacks, or a class task whose training rows hold a single class, is skipped (``Targets.skipped``
+    says why)."""
     y, spec, skipped = {}, {}, {}
     for name, weight in tasks.items():
         if name not in TASKS:
             raise DataError(f"unknown task {name!r}; known: {sorted(TASKS)}")
         t = TASKS[name]
         if t.column not in rows:
-            raise DataError(f"task {name!r} needs metadata column {t.column!r}, which this zoo lacks")
+            # An imported zoo records fewer properties (the Small CNN Zoo: accuracy and loss only).
+            skipped[name] = f"the zoo has no metadata column {t.column!r}"
+            logging.info("task %s skipped: %s", name, skipped[name])
+            continue
         col = rows[t.column]
         if t.kind == "class" and col.iloc[train_idx].nunique() < 2:
             # Nothing to learn (e.g. the architecture in a single-architecture zoo), and scikit-learn's

@@ -133,6 +133,26 @@ class CNN(Net):
         return nn.Dense(self.n_classes, kernel_init=self.kernel_init, name="head")(x)
 
 
+class PoolCNN(Net):
+    """The small CNN of Schürholt et al. 2022's Model Zoos (their ``CNN``): 5x5 convolution to 8 channels, 2x2
+    max-pool, activation; 5x5 to 6, max-pool, activation; 2x2 to 4, activation; flatten (channel-major, as
+    PyTorch flattens NCHW); dense to 20, activation; dense to the classes; all convolutions unpadded, stride 1
+    (28x28 -> 24 -> 12 -> 8 -> 4 -> 3: 36 features). Dropout after every activation but the last. ``depth`` and
+    ``width`` are fixed (3 and 8) and only name it."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False, rate=0.0):
+        act = ACTIVATIONS[self.activation]
+        for i, (ch, k, pool) in enumerate(((8, 5, True), (6, 5, True), (4, 2, False))):
+            x = Conv(ch, kernel_size=k, stride=1, kernel_init=self.kernel_init, padding="VALID", name=f"conv_{i}")(x)
+            if pool:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = dropout(act(x), rate, train, self)
+        x = x.transpose(0, 3, 1, 2).reshape(x.shape[0], -1)
+        x = dropout(act(nn.Dense(20, kernel_init=self.kernel_init, name="hidden_0")(x)), rate, train, self)
+        return nn.Dense(self.n_classes, kernel_init=self.kernel_init, name="head")(x)
+
+
 class Block(nn.Module):
     width: int
     heads: int
@@ -343,7 +363,29 @@ def _transformer_check(arch: Arch, shape) -> str | None:
     return None
 
 
+def _pool_cnn_layers(params: dict) -> list:
+    """The chain of ``PoolCNN``: its dense layer over the flattened 3x3x4 map reads, per input channel, a 3x3
+    patch, i.e. it is a 3x3 convolution covering the whole map; given as such ([3, 3, 4, 20]), so the statistics,
+    graph and NFN views see its input channels (a permutation of conv_2's channels moves them)."""
+    k = params["hidden_0"]["kernel"]
+    c = params["conv_2"]["kernel"].shape[-1]
+    side = int(round((k.shape[0] // c) ** 0.5))
+    as_conv = np.asarray(k).reshape(c, side, side, k.shape[1]).transpose(1, 2, 0, 3)
+    return [(f"conv_{i}", "conv", params[f"conv_{i}"]["kernel"], params[f"conv_{i}"]["bias"]) for i in range(3)] + [
+        ("hidden_0", "conv", as_conv, params["hidden_0"]["bias"]),
+        ("head", "dense", params["head"]["kernel"], params["head"]["bias"])]
+
+
+def _pool_cnn_check(arch, shape) -> str | None:
+    if (arch.depth, arch.width) != (3, 8):
+        return f"{arch.layout_id}: the Model Zoos CNN has fixed shapes (depth 3, width 8)"
+    if shape is not None and shape[:2] != (28, 28):
+        return f"{arch.layout_id}: reads 28x28 images, not {shape[0]}x{shape[1]}"
+    return None
+
+
 register(ZooFamily("mlp", MLP, layers=chain_layers("hidden", "dense"), permutable=("dense",), min_depth=0))
+register(ZooFamily("cnn_pool", PoolCNN, layers=_pool_cnn_layers, permutable=("conv",), check=_pool_cnn_check))
 register(ZooFamily("cnn", CNN, layers=chain_layers("conv", "conv"), permutable=("conv",),
                    knobs=(Knob("valid", 0, "v", shown=False),), check=_cnn_check))
 # The transformer's permutable units are its MLP hidden units; it has more symmetries (residual-stream

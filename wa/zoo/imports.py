@@ -17,11 +17,15 @@ per line, a permutation of the rows read without a header), every model gets the
 its final checkpoint (step 86) in — the rows in that order, the final ones kept, the second half test, the first
 half shuffled by Python's ``random.Random(0)`` and cut 80/20 into train and val — as metadata column
 ``nfn_split``, which ``configs/probe.py:nfn_protocol`` splits by.
+
+``model_zoos`` — the Model Zoos of Schürholt et al. 2022 (their small CNN: ``read_model_zoos``), stored as wa's
+``cnn_pool`` family.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import re
@@ -273,6 +277,163 @@ register(Format("small_cnn_zoo", read_small_cnn_zoo, "Unterthiner et al. 2020's 
                 "metrics.csv.gz, layout.csv; optional NFN split file)"))
 
 
+# ---- the Model Zoos of Schürholt et al. 2022 -----------------------------------------------------------------------
+MZ_ACTIVATIONS = {"tanh": "tanh", "relu": "relu", "sigmoid": "sigmoid", "gelu": "gelu", "leakyrelu": "leaky_relu",
+                  "silu": "silu"}
+# Their small CNN's tensors in forward order (PyTorch shapes; c = input channels), as wa's PoolCNN names them.
+MZ_CNN = (("conv_0", (8, None, 5, 5)), ("conv_1", (6, 8, 5, 5)), ("conv_2", (4, 6, 2, 2)), ("hidden_0", (20, 36)),
+          ("head", (10, 20)))
+_CKPT = re.compile(r"checkpoint_(\d+)$")
+
+
+def _mz_tensors(path: str) -> list[tuple[str, object, object]]:
+    """(wa name, weight, bias) lazy tensors of one Model Zoos checkpoint, checked against their small CNN."""
+    from wa.models import torch_bin
+    try:
+        t = torch_bin.TorchBin(path).tensors
+    except torch_bin.TorchBinError as e:
+        raise ImportZooError(str(e)) from None
+    idx = {}
+    for k in t:
+        m = re.fullmatch(r"module_list\.(\d+)\.(weight|bias)", k)
+        if not m:
+            raise ImportZooError(f"{path}: tensor {k!r} is not module_list.<i>.weight/bias (the Model Zoos' CNN)")
+        idx.setdefault(int(m.group(1)), {})[m.group(2)] = t[k]
+    mods = [idx[i] for i in sorted(idx)]
+    if len(mods) != len(MZ_CNN) or any(set(m) != {"weight", "bias"} for m in mods):
+        raise ImportZooError(f"{path}: {len(mods)} layers with weights; the Model Zoos' small CNN has {len(MZ_CNN)} "
+                             "(3 convolutions, 2 linear), each with weight and bias")
+    out = []
+    for (name, shape), m in zip(MZ_CNN, mods, strict=True):
+        got = tuple(m["weight"].shape)
+        if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got, strict=True)) or \
+                tuple(m["bias"].shape) != (got[0],):
+            raise ImportZooError(f"{path}: {name} has weight {got} and bias {tuple(m['bias'].shape)}; the small CNN's "
+                                 f"is {tuple('c' if s is None else s for s in shape)}")
+        out.append((name, m["weight"], m["bias"]))
+    return out
+
+
+def read_model_zoos(src: str, split_file: str = "") -> Imported:
+    """A zoo of Schürholt et al. 2022 (``ModelZoos/ModelZooDataset``; the MNIST, Fashion-MNIST, SVHN seed and
+    hyperparameter zoos of their small CNN): one folder per model holding ``params.json`` (its config:
+    ``model::type``, ``model::nlin``, ``model::init_type``, ``model::dropout``, ``optim::optimizer``,
+    ``optim::lr``, ``optim::wd``, ``seed``, ...), ``result.json`` (one JSON object per line and epoch:
+    ``training_iteration``, ``train_acc``, ``test_acc``, ``train_loss``, ``test_loss``, perhaps ``val_acc``) and
+    ``checkpoint_<epoch>/checkpoints`` (``torch.save`` of the state dict, read without torch). A checkpoint's
+    properties are the result line with ``training_iteration`` equal to its epoch, else the epoch-th line, as the
+    dataset's own loader reads them; a checkpoint with no such line is left out."""
+    if split_file:
+        raise ImportZooError("--split is for small_cnn_zoo; the Model Zoos carry no fixed split file (split by model "
+                             "or by seed with configs/probe.py)")
+    folders = sorted(d for d in os.listdir(src) if os.path.isfile(os.path.join(src, d, "params.json")))
+    if not folders:
+        raise ImportZooError(f"{src}: no model folders (a folder holding params.json) in it; point --src at an "
+                             "unzipped Model Zoos zoo")
+    plan_rows, md_rows, files, epochs_all = [], [], {}, set()
+    for model_id, d in enumerate(folders):
+        folder = os.path.join(src, d)
+        ppath = os.path.join(folder, "params.json")
+        try:
+            params = json.load(open(ppath))
+        except (OSError, ValueError) as e:
+            raise ImportZooError(f"{ppath}: not JSON ({e})") from None
+        mtype = params.get("model::type")
+        if mtype != "CNN":
+            raise ImportZooError(f"{ppath}: model::type {mtype!r}; wa reads the Model Zoos' small CNN ('CNN')")
+        act = MZ_ACTIVATIONS.get(str(params.get("model::nlin", "")).lower())
+        if act is None:
+            raise ImportZooError(f"{ppath}: model::nlin {params.get('model::nlin')!r} is not one of "
+                                 f"{sorted(MZ_ACTIVATIONS)}")
+        rpath = _need(os.path.join(folder, "result.json"), "the model's per-epoch results")
+        lines = []
+        with open(rpath) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        lines.append(json.loads(line))
+                    except ValueError as e:
+                        raise ImportZooError(f"{rpath}: line {n} is not JSON ({e})") from None
+        by_iter = {int(r["training_iteration"]): r for r in lines if "training_iteration" in r}
+        ckpts = {}
+        for c in os.listdir(folder):
+            m = _CKPT.match(c)
+            if m and os.path.isfile(os.path.join(folder, c, "checkpoints")):
+                ckpts[int(m.group(1))] = os.path.join(folder, c, "checkpoints")
+        if not ckpts:
+            raise ImportZooError(f"{folder}: no checkpoint_<epoch>/checkpoints file")
+        tensors = {e: _mz_tensors(p) for e, p in ckpts.items()}   # every file checked before anything is written
+        c_in = {int(t[0][1].shape[1]) for t in tensors.values()}
+        if len(c_in) != 1:
+            raise ImportZooError(f"{folder}: checkpoints with different input channels {sorted(c_in)}")
+        arch = archs.Arch("cnn_pool", 3, 8, act)
+        for e in sorted(ckpts):
+            r = by_iter.get(e) or (lines[e] if e < len(lines) else None)
+            if r is None or "test_acc" not in r:
+                continue
+            row = {"model_id": model_id, "epoch": e, "test_acc": float(r["test_acc"])}
+            for k in ("train_acc", "test_loss", "train_loss", "val_acc", "val_loss"):
+                if k in r:
+                    row[k] = float(r[k])
+            md_rows.append(row)
+            files[(model_id, e)] = ckpts[e]
+            epochs_all.add(e)
+        plan_rows.append({
+            "model_id": model_id, "folder": d, "family": "cnn_pool", "arch_id": arch.id, "layout_id": arch.layout_id,
+            "activation": act, "arch_depth": 3, "arch_width": 8, "channels_in": c_in.pop(),
+            **{k.name: 0 for f in archs.FAMILIES.values() for k in f.knobs},
+            "optimizer": str(params.get("optim::optimizer", "")), "lr": float(params.get("optim::lr", np.nan)),
+            "weight_decay": float(params.get("optim::wd", np.nan)), "dropout": float(params.get("model::dropout", 0)),
+            "init_scheme": str(params.get("model::init_type", "")), "seed": int(params.get("seed", -1)),
+            "batch_size": int(params.get("training::batchsize", -1)), "generation": 0, "parent_id": -1,
+            "root_id": model_id, "mutation": "", "label_noise": 0.0, "imbalance": 0.0, "augment": 0})
+    if not md_rows:
+        raise ImportZooError(f"{src}: no checkpoint has a result line with test_acc")
+    plan = pd.DataFrame(plan_rows)
+    if plan["channels_in"].nunique() > 1:
+        raise ImportZooError(f"{src}: models read {sorted(set(plan['channels_in']))} input channels; one zoo has one")
+    epochs = sorted(epochs_all)
+    ck_of = {e: i for i, e in enumerate(epochs)}
+    md = pd.DataFrame(md_rows)
+    md.insert(1, "checkpoint", md["epoch"].map(ck_of))
+    if {"train_acc", "test_acc"} <= set(md):
+        md["gen_gap"] = md["train_acc"] - md["test_acc"]
+    lid = plan["layout_id"].iloc[0]
+    c = int(plan["channels_in"].iloc[0])
+    shapes = {"conv_0": (5, 5, c, 8), "conv_1": (5, 5, 8, 6), "conv_2": (2, 2, 6, 4), "hidden_0": (36, 20),
+              "head": (20, 10)}
+    layout, off = [], 0
+    for path in sorted(f"{n}/{p}" for n in shapes for p in ("bias", "kernel")):
+        n, part = path.split("/")
+        shape = list(shapes[n]) if part == "kernel" else [shapes[n][-1]]
+        layout.append({"path": path, "offset": off, "size": int(np.prod(shape)), "shape": shape})
+        off += int(np.prod(shape))
+    plan["n_params"] = off
+
+    def read(models: np.ndarray) -> np.ndarray:
+        out = np.full((len(models), len(epochs), off), np.nan, np.float32)
+        for i, m in enumerate(models):
+            for e, ci in ck_of.items():
+                f = files.get((int(m), e))
+                if f is None:
+                    continue
+                vals = {}
+                for name, w, b in _mz_tensors(f):
+                    w = w.numpy().astype(np.float32)
+                    vals[f"{name}/kernel"] = w.transpose(2, 3, 1, 0) if w.ndim == 4 else w.T
+                    vals[f"{name}/bias"] = b.numpy().astype(np.float32)
+                out[i, ci] = np.concatenate([vals[e_["path"]].ravel() for e_ in layout])
+        return out
+
+    info = {"source": {"format": "model_zoos", "path": os.path.abspath(src), "models": len(plan), "epochs": epochs},
+            "data": {"name": "", "n_classes": 10, "channels": c}}
+    return Imported(plan, {lid: layout}, len(epochs), md, read, info)
+
+
+register(Format("model_zoos", read_model_zoos, "Schürholt et al. 2022's Model Zoos, small CNN (a folder per model: "
+                "params.json, result.json, checkpoint_<epoch>/checkpoints)"))
+
+
 # ---- writing ---------------------------------------------------------------------------------------------------
 def write(imp: Imported, workdir: str, chunk_models: int = 256, progress: bool = True) -> store_lib.Zoo:
     """Stores ``imp`` as ``<workdir>/zoo``. Checkpoints whose weights are not all finite are left out of the
@@ -285,7 +446,8 @@ def write(imp: Imported, workdir: str, chunk_models: int = 256, progress: bool =
     plan = imp.plan.copy()
     plan["unit"] = np.arange(len(plan)) // chunk_models
     plan["row"] = np.arange(len(plan))
-    plan["seed"] = 0
+    if "seed" not in plan:
+        plan["seed"] = 0
     plan = plan.set_index("model_id", drop=False)
     info = dict(imp.info, config={"imported": imp.info["source"]["format"]}, properties=[
         c for c in imp.metadata.columns if c not in ("model_id", "checkpoint", "epoch", "source_row")])
