@@ -344,6 +344,8 @@ def test_probe_cli_resumes_and_refuses_another_run(tmp_path, smoke_zoo):
     out = helpers.run_launch("launch.probe", *args).stdout
     m = json.load(open(wd / "metrics.json"))
     assert set(m["tasks"]) == set(_cfg("nwpa").tasks) and "permutation gap" in out
+    c = m["ceilings"]["test_acc"]
+    assert f"(label ceiling: R² {c['r2_ceiling']:.3f}, τ {c['tau_ceiling']:.3f})" in out
     assert m["permutation"]["max"] <= 1e-5 and m["epochs_run"] == 2
     assert {"accuracy", "f1"} <= set(m["tasks"]["architecture"]) and "kendall_tau" in m["tasks"]["test_acc"]
     assert m["data"]["test_networks"] == len(pd.read_parquet(wd / "predictions.parquet"))
