@@ -265,6 +265,10 @@ def test_model_zoos_import_and_the_pool_cnn_computes_as_torch_would(tmp_path):
     params = [zoo.load(int(m)) for m in final["model_id"]]
     assert stats.matrix(params, ["cnn_pool"] * 4)[0].shape == (4, 5 * 2 * 7)
     assert spectral.matrix(params, ["cnn_pool"] * 4)[0].shape == (4, 5 * 5)
+    # The graph views carry 3x3 kernels at most: its 5x5 ones are one clear error.
+    from wa.weights import graph
+    with pytest.raises(graph.GraphError, match=r"a 5x5 kernel \(25 taps\).*statistics or spectral learners"):
+        graph.to_blocks(params[0], "cnn_pool", "tanh")
     # launch.probe reads it with its default tasks: those the zoo cannot answer are skipped, each with its reason.
     from configs import probe as probe_configs
     from wa.learners import probe

@@ -85,7 +85,9 @@ class Builder:
         s, r = np.meshgrid(src, dst, indexing="ij")
         vec = kernel.reshape(-1, fan_in, fan_out).transpose(1, 2, 0).reshape(fan_in * fan_out, -1)
         if vec.shape[1] > EDGE_DIM:
-            raise GraphError(f"kernel of {vec.shape[1]} taps exceeds EDGE_DIM={EDGE_DIM}")
+            raise GraphError(f"a {'x'.join(map(str, kernel.shape[:-2]))} kernel ({vec.shape[1]} taps): the graph and "
+                             f"token views carry at most {EDGE_DIM} taps per edge (3x3 kernels); read such networks "
+                             "with the statistics or spectral learners (stats_gbt, spectral_gbt, stats_mlp)")
         self._edges(s.reshape(-1), r.reshape(-1), vec, kind)
         self._block(src, dst, kind, False, vec.reshape(fan_in, fan_out, -1).transpose(1, 0, 2))
 
