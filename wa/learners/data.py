@@ -83,13 +83,14 @@ def load(zoo_path: str, min_epoch: int = 1, final_only: bool = False, families=(
         md = md[md["model_id"].isin(keep)]
     md = md.reset_index(drop=True)
     params = [None] * len(md)
-    for lid, sub in md.groupby("layout_id"):
-        arr = zoo.array(lid)
-        rows = np.sort(sub["row"].unique())
-        block = arr[int(rows[0]): int(rows[-1]) + 1].read().result()   # [rows, checkpoints, P]
+    for (lid, ck), sub in md.groupby(["layout_id", "checkpoint"]):
+        # One checkpoint of many models at a time: an imported zoo of 30,000 models x 9 checkpoints read for its
+        # final checkpoints costs one ninth of the array in memory, not all of it.
         layout = zoo.info["arrays"][lid]["layout"]
-        for i, r, c in zip(sub.index, sub["row"], sub["checkpoint"], strict=True):
-            params[i] = store.from_flat(np.asarray(block[int(r) - int(rows[0]), int(c)]), layout)
+        block = zoo.weights(lid, np.sort(sub["row"].to_numpy()), int(ck))   # [rows, P]
+        pos = {r: j for j, r in enumerate(np.sort(sub["row"].to_numpy()))}
+        for i, r in zip(sub.index, sub["row"], strict=True):
+            params[i] = store.from_flat(np.asarray(block[pos[r]]), layout)
     logging.info("loaded %d networks (%d models) from %s", len(md), md["model_id"].nunique(), zoo_path)
     return WeightSet(md, params)
 
