@@ -184,6 +184,7 @@ def test_benchmark_on_an_imported_small_cnn_zoo_under_nfn_protocol(imported, tmp
     text = open(bench / "report.md").read()
     assert "## Calibration against the published figure" in text and "| published | 0.920 | 0.9931 | 0.887 |" in text
     assert "| test_acc | not measured (the zoo recorded no split halves of test_acc) | | |" in text
+    assert "stats_gbt fitted on nested subsets of this zoo's training networks" in text and res["gbt_curve"]
 
 
 # ---- the Model Zoos of Schürholt et al. 2022 ----------------------------------------------------------------------

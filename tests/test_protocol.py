@@ -113,6 +113,7 @@ def test_split_half_reliability_and_ceilings():
     assert reliability.describe(c["test_acc"], "r2") == f"{r['r2_ceiling']:.3f}"
     assert reliability.describe(c["gen_gap"], "r2") == "n/a" and reliability.describe(c["train_fraction"], "f1") == \
         "exact"
+    assert reliability.describe(c["test_acc"], "accuracy") == f"ρ {r['reliability']:.3f} (test_acc)"
     assert np.isnan(reliability.split_half([1, 1, 1], [1, 2, 3])["reliability"])
 
 

@@ -303,6 +303,7 @@ def test_make_zoo_smoke_store_and_queries(smoke_zoo):
     assert s["test_acc"]["q00"] <= s["test_acc"]["q50"] <= s["test_acc"]["q100"]
     for f in ("report.md", "distributions.png", "train_vs_test.png", "development.png"):
         assert (wd / f).exists()
+    assert "## How reliably each property is measured" in (wd / "report.md").read_text()
     z = store.Zoo.open(str(wd / "zoo"))
     md = z.metadata
     assert len(md) == 72 and not md.duplicated(["model_id", "checkpoint"]).any()

@@ -72,6 +72,8 @@ def describe(c: dict | None, metric: str) -> str:
         return "exact"
     if not c.get("measured"):
         return "n/a"
-    key = {"r2": "r2_ceiling", "kendall_tau": "tau_ceiling"}.get(metric, "reliability")
+    key = {"r2": "r2_ceiling", "kendall_tau": "tau_ceiling"}.get(metric)
+    if key is None:   # a class task cut from a measured number: the reliability of that number
+        return "nan" if not np.isfinite(c["reliability"]) else f"ρ {c['reliability']:.3f} ({c['column']})"
     v = c[key]
     return "nan" if not np.isfinite(v) else f"{v:.3f}"

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from wa import report
+from wa.eval import reliability
 from wa.report import plots
 
 
@@ -32,6 +33,19 @@ def write(zoo, summary: dict, out_dir: str) -> str:
             rows.append({"property": col, **{q: f"{s.quantile(v):.3f}" for q, v in
                                              (("min", 0), ("5%", .05), ("25%", .25), ("median", .5), ("75%", .75),
                                               ("95%", .95), ("max", 1))}})
+    rel_rows = []
+    for col in ("test_acc", "gen_gap", "disparity_std", "ece", "fgsm_acc_0.1", "pgd_acc_0.1", "noise_acc_0.3",
+                "train_acc"):
+        r = reliability.of_column(final, col)
+        if r is not None:
+            rel_rows.append({"property": col, "half-half r": f"{r['half_r']:.3f}",
+                             "reliability ρ (R² ceiling)": f"{r['reliability']:.3f}",
+                             "τ ceiling": f"{r['tau_ceiling']:.3f}"})
+    rel = ("" if not rel_rows else "\n## How reliably each property is measured\nEvery property measured again on "
+           "each of two disjoint, class-stratified halves of the evaluation images; r is their correlation across the "
+           "final checkpoints, ρ = 2r / (1 + r) (Spearman–Brown) the reliability of the full measurement: no learner "
+           "can explain more than ρ of its variance (R²) or rank it better than τ = (2/π)·arcsin(√ρ).\n\n"
+           + report.markdown_table(rel_rows) + "\n")
     arch_rows = [{"architecture": a, "models": int(len(g)), "params": int(g["n_params"].iloc[0]),
                   "test acc median": f"{g['test_acc'].median():.3f}",
                   "gen gap median": f"{g['gen_gap'].median():.3f}"} for a, g in final.groupby("arch_id")]
@@ -56,7 +70,7 @@ This run trained {summary.get('trained_this_run')} models in {summary.get('secon
 ![distributions](distributions.png)
 ![train vs test](train_vs_test.png)
 ![development](development.png)
-
+{rel}
 ## Architectures
 {report.markdown_table(arch_rows)}
 
