@@ -135,7 +135,8 @@ def targets(rows: pd.DataFrame, tasks: dict[str, float], train_idx: np.ndarray) 
         if t.kind == "class" and col.iloc[train_idx].nunique() < 2:
             # Nothing to learn (e.g. the architecture in a single-architecture zoo), and scikit-learn's
             # classifiers cannot be fitted on one class.
-            skipped[name] = f"its training rows hold one class ({col.iloc[train_idx].iloc[0]!r})"
+            only = col.iloc[train_idx].iloc[0]
+            skipped[name] = f"its training rows hold one class ({getattr(only, 'item', lambda: only)()!r})"
             logging.info("task %s skipped: %s", name, skipped[name])
             continue
         if t.kind == "class":
