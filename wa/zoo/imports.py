@@ -464,10 +464,14 @@ def write(imp: Imported, workdir: str, chunk_models: int = 256, progress: bool =
         for c in range(imp.n_checkpoints):
             zoo.write(lid, int(rows["row"].iloc[0]), c, w[:, c])
         ok = np.isfinite(w).all(axis=2)            # [models, checkpoints]
-        keep = [(int(m), c) for i, m in enumerate(rows["model_id"]) for c in range(imp.n_checkpoints)
-                if ok[i, c] and (int(m), c) in md.index]
-        dropped += sum(1 for i, m in enumerate(rows["model_id"]) for c in range(imp.n_checkpoints)
-                       if not ok[i, c] and (int(m), c) in md.index)
+        keep = []
+        for i, m in enumerate(rows["model_id"]):
+            for c in range(imp.n_checkpoints):
+                if (int(m), c) in md.index:
+                    if ok[i, c]:
+                        keep.append((int(m), c))
+                    else:
+                        dropped += 1
         zoo.commit(int(unit), md.loc[keep].reset_index(drop=True).to_dict("records") if keep else [])
         if bar is not None:
             bar.update(len(rows))
