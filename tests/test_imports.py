@@ -314,3 +314,13 @@ def test_model_zoos_bad_files_one_error_nothing_written(tmp_path, damage, messag
     with pytest.raises(imports.ImportZooError, match=message):
         imports.run("model_zoos", str(tmp_path / "src"), str(tmp_path / "out"), progress=False)
     assert not (tmp_path / "out" / "zoo").exists() and not (tmp_path / "out" / "zoo.partial").exists()
+
+
+def test_checkpoints_with_non_finite_weights_are_left_out_and_counted(tmp_path):
+    weights, metrics = small_cnn_files(tmp_path / "src", runs=4, drop_final=0)
+    bad = int(np.flatnonzero(metrics["step"].to_numpy() == 86)[0])
+    weights[bad, 7] = np.nan
+    np.save(tmp_path / "src" / "weights.npy", weights)
+    zoo = imports.run("small_cnn_zoo", str(tmp_path / "src"), str(tmp_path / "out"), progress=False)
+    assert zoo.info["source"]["dropped_checkpoints"] == 1 and len(zoo.metadata) == len(weights) - 1
+    assert bad not in set(zoo.metadata["source_row"]) and zoo.final()["epoch"].tolist().count(1) == 1
