@@ -147,13 +147,19 @@ def _small_cnn_layout(path: str, n_params: int) -> tuple[list[dict], np.ndarray,
     in_ch = layers[convs[0]]["kernel"][2][2]
     if in_ch != 1:
         raise ImportZooError(f"{path}: the first convolution reads {in_ch} channels; the Small CNN Zoo's are grayscale")
-    entries.sort(key=lambda t: t[0])          # wa's layout order: sorted parameter paths
-    layout, order, off = [], [], 0
-    for name, s, e, shape in entries:
-        layout.append({"path": name, "offset": off, "size": e - s, "shape": shape})
-        order.append(np.arange(s, e))
-        off += e - s
-    return layout, np.concatenate(order), len(convs), int(width), int(prev)
+    layout = _layout_of({name: shape for name, _, _, shape in entries})
+    span = {name: (s, e) for name, s, e, _ in entries}
+    order = np.concatenate([np.arange(*span[e["path"]]) for e in layout])
+    return layout, order, len(convs), int(width), int(prev)
+
+
+def _layout_of(shapes: dict[str, list]) -> list[dict]:
+    """wa's store layout (``store.layout_of``) of parameters given as {"layer/part": shape}."""
+    tree: dict = {}
+    for path, shape in shapes.items():
+        layer, part = path.split("/")
+        tree.setdefault(layer, {})[part] = np.empty(shape, np.float32)
+    return store_lib.layout_of(tree)
 
 
 def _nfn_splits(split_file: str, metrics: pd.DataFrame) -> dict[int, str]:
@@ -402,12 +408,9 @@ def read_model_zoos(src: str, split_file: str = "") -> Imported:
     c = int(plan["channels_in"].iloc[0])
     shapes = {"conv_0": (5, 5, c, 8), "conv_1": (5, 5, 8, 6), "conv_2": (2, 2, 6, 4), "hidden_0": (36, 20),
               "head": (20, 10)}
-    layout, off = [], 0
-    for path in sorted(f"{n}/{p}" for n in shapes for p in ("bias", "kernel")):
-        n, part = path.split("/")
-        shape = list(shapes[n]) if part == "kernel" else [shapes[n][-1]]
-        layout.append({"path": path, "offset": off, "size": int(np.prod(shape)), "shape": shape})
-        off += int(np.prod(shape))
+    layout = _layout_of({f"{n}/{part}": (list(s) if part == "kernel" else [s[-1]]) for n, s in shapes.items()
+                         for part in ("bias", "kernel")})
+    off = store_lib.n_params(layout)
     plan["n_params"] = off
 
     def read(models: np.ndarray) -> np.ndarray:
