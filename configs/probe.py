@@ -7,7 +7,8 @@ r"""Learn from weights: train one learner on a zoo and evaluate it on held-out f
 
 Variants: nwpa, weightnet, nfn (each also ``<name>_stats``: with the per-layer statistics fused in), weightnet_flat,
 weightnet_canonical, weightnet_no_layer_types, stats_gbt, stats_mlp, pca_linear, flat_mlp; add ``,smoke`` for a
-seconds-long run, ``,nfn_protocol`` for NFN's Small CNN Zoo protocol on an imported zoo. The zoo is the digits zoo
+seconds-long run, ``,nfn_protocol`` for NFN's Small CNN Zoo protocol on an imported zoo, ``,per_task`` to
+predict each task from its own best validation epoch. The zoo is the digits zoo
 (``python -m launch.make_zoo --config configs/zoo.py:digits --workdir runs/zoo_digits``).
 Re-running with the same workdir resumes training from the last finished epoch. Model sizes are set for a
 2-core CPU (an NWPA step on 32 digits-zoo networks takes ~40 ms there, bucketed); on a GPU raise
@@ -49,10 +50,11 @@ def get_config(arg: str = "nwpa") -> ml_collections.ConfigDict:
                                              vulnerable=1.0, train_fraction=0.5, label_noise=0.5, imbalance=0.5,
                                              augment=0.5))
     # balance: learned per-task uncertainty weights (or "none"); criterion: early stopping on the sum of each task's
-    # validation loss relative to its value at initialization (or "weighted": the plain weighted sum).
+    # validation loss relative to its value at initialization (or "weighted": the plain weighted sum); select
+    # "per_task": every task predicted from its own best validation epoch, training on while any task improves.
     c.train = ml_collections.ConfigDict(dict(epochs=40, batch_size=32, lr=1e-3, weight_decay=1e-4, warmup=0.05,
                                              clip=1.0, patience=8, seed=0, devices=1, halt_at=0,
-                                             balance="uncertainty", criterion="relative"))
+                                             balance="uncertainty", criterion="relative", select="joint"))
     c.permutation = ml_collections.ConfigDict(dict(networks=64, seed=0))
     if "smoke" in flags:
         c.data.min_epoch = 0
@@ -61,6 +63,8 @@ def get_config(arg: str = "nwpa") -> ml_collections.ConfigDict:
         c.train.update(epochs=2, batch_size=8)
         c.permutation.networks = 4
         c.model.update(learners.LEARNERS[c.learner].smoke)
+    if "per_task" in flags:
+        c.train.select = "per_task"
     if "nfn_protocol" in flags:
         # NFN's protocol on the Small CNN Zoo (Zhou et al. 2023; as imported by launch.import_zoo with its split
         # file): final checkpoints, NFN's fixed split, test accuracy alone, the epoch with the best validation τ.

@@ -233,6 +233,31 @@ def test_early_stopping_keeps_the_best_epoch():
     assert f.best_epoch == int(np.argmin(losses)) + 1 and f.epochs_run == f.best_epoch + 2 < 30
 
 
+def test_per_task_selection_keeps_each_tasks_best_epoch(monkeypatch):
+    kept = {}
+    orig = loop_lib.Loop.fit
+
+    def fit(self, *a, **k):
+        kept["loop"], kept["args"] = self, a
+        return orig(self, *a, **k)
+
+    monkeypatch.setattr(loop_lib.Loop, "fit", fit)
+    f = _fit("stats_mlp", None, epochs=12, patience=3, lr=0.3, select="per_task")
+    loop, (feats, _, val) = kept["loop"], kept["args"][:3]
+    for t, e in f.task_best_epoch.items():
+        score = [loop._task_score(t, h["val"][t]) for h in f.history]
+        assert e == int(np.argmin(score)) + 1
+    # Training runs while any task improves: it stops `patience` epochs after the last task's best.
+    assert f.epochs_run == min(12, max(f.task_best_epoch.values()) + 3)
+    assert len(set(f.task_best_epoch.values())) > 1   # the case this exists for
+    out = loop.predict_fit(f, feats, val)
+    for t in f.task_best_epoch:
+        np.testing.assert_array_equal(out[t], loop.predict(f.task_params[t], feats, val)[t])
+    np.testing.assert_array_equal(out["embedding"], loop.predict(f.params, feats, val)["embedding"])
+    with pytest.raises(loop_lib.LoopError, match="select='best'"):
+        _fit("stats_mlp", None, epochs=1, select="best")
+
+
 _DP = r"""
 import json, sys
 import numpy as np, jax

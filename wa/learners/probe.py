@@ -80,6 +80,7 @@ def check(cfg) -> None:
         "split.fractions": (lambda f: len(f) == 3 and min(f) > 0 and abs(sum(f) - 1) < 1e-6,
                             "three positive fractions (train, validation, test) summing to 1"),
         "tasks": (lambda t: all(w >= 0 for w in t.values()), "task weights >= 0"),
+        "train.select": (lambda v: v in loop_lib.SELECTS, f"one of {loop_lib.SELECTS}"),
     })
     # The filesystem last, so a bad value is reported the same with or without a zoo on this machine.
     if not os.path.exists(os.path.join(cfg.zoo, "zoo.json")):
@@ -134,9 +135,9 @@ def run(cfg, workdir: str, progress: bool = True, ws: data_lib.WeightSet | None 
     if learner.neural:
         loop = loop_lib.Loop(learner, targets, cfg.train)
         fit = loop.fit(feats, parts["train"], parts["val"], workdir, progress)
-        predict = lambda f, idx: loop.predict(fit.params, f, idx)  # noqa: E731
+        predict = lambda f, idx: loop.predict_fit(fit, f, idx)  # noqa: E731
         facts = {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "resumed_from": fit.resumed_from,
-                 "task_log_vars": fit.log_vars}
+                 "task_log_vars": fit.log_vars, "task_best_epoch": fit.task_best_epoch}
     else:
         learner.fit(feats, parts["train"], parts["val"], cfg.train.seed)
         predict, facts = learner.predict, {}

@@ -1,5 +1,6 @@
 """One training loop for every neural learner: optax AdamW with warmup + cosine decay, a weighted multi-task
-loss, per-epoch validation metrics, early stopping on the validation loss (the best parameters are kept),
+loss, per-epoch validation metrics, early stopping on the validation loss (the best parameters are kept; with
+``select="per_task"`` each task's own best epoch, and training runs while any task still improves),
 orbax checkpoints after every epoch with exact resume, data parallelism over local devices.
 
 Determinism: the data order of epoch e comes from ``numpy.random.default_rng([seed, e])`` and the dropout key
@@ -42,6 +43,9 @@ class Fit:
     seconds: float
     resumed_from: int
     log_vars: dict = dataclasses.field(default_factory=dict)   # learned task uncertainties (balance)
+    # select="per_task": each task's own best parameters and epoch (``params`` stays the criterion's best).
+    task_params: dict = dataclasses.field(default_factory=dict)
+    task_best_epoch: dict = dataclasses.field(default_factory=dict)
 
 
 def mesh(n_devices: int) -> Mesh:
@@ -61,6 +65,7 @@ def _f(x):
 
 BALANCES = ("none", "uncertainty")
 CRITERIA = ("weighted", "relative")
+SELECTS = ("joint", "per_task")
 
 
 def _loss(out, y, mask, spec, weights, log_vars=None):
@@ -150,6 +155,9 @@ class Loop:
         if self.tau_task is not None and targets.spec.get(self.tau_task, {}).get("kind") != "regression":
             raise LoopError(f"--config.train.criterion={crit!r}: {self.tau_task!r} is not a regression task of this "
                             f"run (its tasks: {sorted(targets.spec)})")
+        if cfg.get("select", "joint") not in SELECTS:
+            raise LoopError(f"--config.train.select={cfg.get('select')!r}: expected one of {SELECTS}")
+        self.per_task = cfg.get("select", "joint") == "per_task"
         self.balance = cfg.get("balance", "none") == "uncertainty"
         self.relative = crit == "relative"
         self.learner, self.targets, self.cfg = learner, targets, cfg
@@ -207,6 +215,23 @@ class Loop:
             res[k] = v
         return res
 
+    def predict_fit(self, fit: Fit, feats, idx) -> dict:
+        """``predict`` with what ``fit`` selected: with per-task selection each task's output comes from its own
+        best epoch's parameters (one pass per distinct epoch), the embedding from the criterion's best."""
+        out = self.predict(fit.params, feats, idx)
+        by_epoch: dict[int, list] = {}
+        for task, epoch in fit.task_best_epoch.items():
+            if epoch != fit.best_epoch:
+                by_epoch.setdefault(epoch, []).append(task)
+        for tasks in by_epoch.values():
+            other = self.predict(fit.task_params[tasks[0]], feats, idx)
+            out.update({t: other[t] for t in tasks})
+        return out
+
+    def _task_score(self, task: str, metrics: dict) -> float:
+        """What per-task selection minimises for one task: its validation loss, or −τ for the criterion's τ task."""
+        return -metrics["kendall_tau"] if task == self.tau_task else metrics["loss"]
+
     def _val_metrics(self, params, feats, val_idx, reference=None) -> dict:
         """Per-task validation metrics and the stopping criterion: Σ weight · loss, or with ``criterion =
         relative`` Σ weight · loss / (the task's loss at initialization, ``reference``), so that every task's
@@ -235,6 +260,9 @@ class Loop:
         reference = self._val_metrics(params, feats, val_idx)["tasks"] if self.relative else None
         state = {"params": params, "opt_state": opt_state, "best_params": params,
                  "epoch": _i(0), "best_epoch": _i(0), "best_val": _f(np.inf), "bad_epochs": _i(0)}
+        if self.per_task:
+            tasks = list(self.targets.spec)
+            state["task"] = {t: {"params": params, "epoch": _i(0), "val": _f(np.inf)} for t in tasks}
         ckpts = core.Checkpoints(workdir, "epoch")
         state, start, history = ckpts.resume(state, [])
         t0 = time.time()
@@ -255,11 +283,21 @@ class Loop:
             train_loss = float(np.mean(jax.device_get(losses)))
             val = self._val_metrics(params, feats, val_idx, reference)
             better = val["loss"] < float(state["best_val"])
-            state = {"params": params, "opt_state": opt_state,
-                     "best_params": params if better else state["best_params"],
-                     "epoch": _i(epoch + 1), "best_epoch": _i(epoch + 1 if better else state["best_epoch"]),
-                     "best_val": _f(val["loss"] if better else state["best_val"]),
-                     "bad_epochs": _i(0 if better else int(state["bad_epochs"]) + 1)}
+            new = {"params": params, "opt_state": opt_state,
+                   "best_params": params if better else state["best_params"],
+                   "epoch": _i(epoch + 1), "best_epoch": _i(epoch + 1 if better else state["best_epoch"]),
+                   "best_val": _f(val["loss"] if better else state["best_val"])}
+            if self.per_task:
+                # Each task keeps the epoch that was best for it; training stops only when no task improves.
+                new["task"], improved = {}, better
+                for t, best in state["task"].items():
+                    score = self._task_score(t, val["tasks"][t])
+                    up = score < float(best["val"])
+                    improved |= up
+                    new["task"][t] = {"params": params, "epoch": _i(epoch + 1), "val": _f(score)} if up else best
+                better = improved
+            new["bad_epochs"] = _i(0 if better else int(state["bad_epochs"]) + 1)
+            state = new
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
                             "val": val["tasks"], "seconds": round(time.time() - te, 2)})
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val['loss']:.3f}")
@@ -269,5 +307,9 @@ class Loop:
             if core.halt(epoch + 1, cfg.halt_at, "--config.train.halt_at"):
                 break
         log_vars = {t: float(v) for t, v in state["best_params"]["log_var"].items()} if self.balance else {}
-        return Fit(state["best_params"], history, int(state["best_epoch"]), int(state["epoch"]),
-                   time.time() - t0, start, log_vars)
+        fit = Fit(state["best_params"], history, int(state["best_epoch"]), int(state["epoch"]),
+                  time.time() - t0, start, log_vars)
+        if self.per_task:
+            fit.task_params = {t: b["params"] for t, b in state["task"].items()}
+            fit.task_best_epoch = {t: int(b["epoch"]) for t, b in state["task"].items()}
+        return fit
