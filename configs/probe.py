@@ -6,9 +6,10 @@ r"""Learn from weights: train one learner on a zoo and evaluate it on held-out f
   python -m launch.probe --config configs/probe.py:nwpa,smoke --config.zoo=/tmp/zoo --workdir /tmp/probe  # tests
 
 Variants: nwpa, weightnet, nfn (each also ``<name>_stats``: with the per-layer statistics fused in), weightnet_flat,
-weightnet_canonical, weightnet_no_layer_types, stats_gbt, stats_mlp, pca_linear, flat_mlp; add ``,smoke`` for a
-seconds-long run, ``,nfn_protocol`` for NFN's Small CNN Zoo protocol on an imported zoo, ``,per_task`` to
-predict each task from its own best validation epoch. The zoo is the digits zoo
+weightnet_canonical, weightnet_no_layer_types, stats_gbt, stats_mlp, pca_linear, flat_mlp, probegen (runs each
+network on learned probes: not weights-only), probegen_nonlinear; add ``,smoke`` for a seconds-long run,
+``,nfn_protocol`` for NFN's Small CNN Zoo protocol on an imported zoo, ``,per_task`` to predict each task from its
+own best validation epoch. The zoo is the digits zoo
 (``python -m launch.make_zoo --config configs/zoo.py:digits --workdir runs/zoo_digits``).
 Re-running with the same workdir resumes training from the last finished epoch. Model sizes are set for a
 2-core CPU (an NWPA step on 32 digits-zoo networks takes ~40 ms there, bucketed); on a GPU raise

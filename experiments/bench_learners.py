@@ -47,7 +47,7 @@ def time_path(variant: str, dense: bool, ws, parts) -> dict:
     targets = data_lib.targets(ws.rows, dict(cfg.tasks), parts["train"])
     learner = learners.get(cfg.learner, cfg.model, targets)
     t0 = time.time()
-    feats = learner.prepare(ws.params, ws.families, ws.activations)
+    feats = learner.prepare(ws.params, ws.families, ws.activations, ws.forward)
     prep = time.time() - t0
     train = parts["train"]
     learner.setup(feats, train, cfg.train.batch_size)

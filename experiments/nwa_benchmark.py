@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from configs import probe as probe_configs  # noqa: E402
 from launch import common  # noqa: E402
-from wa import lineage, report, runs  # noqa: E402
+from wa import learners, lineage, report, runs  # noqa: E402
 from wa.eval import reliability  # noqa: E402
 from wa.learners import (
     baselines,  # noqa: E402
@@ -190,7 +190,6 @@ def gbt_curve(ws) -> dict:
     """stats_gbt's test-accuracy τ and R² on the fixed test split when it is fitted on nested subsets of the
     training networks: how far a figure measured on a zoo of hundreds of networks sits from one on tens of
     thousands (the published Small CNN Zoo fits on ~15,000)."""
-    from wa import learners
     from wa.eval import metrics
     c = config("stats_gbt", 0)
     parts = probe.split(ws.rows, c.split)
@@ -239,6 +238,15 @@ def pooled(scores: dict) -> float:
 
 def fmt(d):
     return f"{d['mean']:.3f} ± {d['std']:.3f}"
+
+
+NOT_WEIGHTS_ONLY = "†"
+
+
+def label(variant: str) -> str:
+    """A learner's name in the tables, marked where it runs the networks rather than reading only their weights."""
+    entry = learners.LEARNERS.get(probe_configs.VARIANTS.get(variant, (variant,))[0])
+    return variant + NOT_WEIGHTS_ONLY if entry is not None and not entry.weights_only else variant
 
 
 def write_report(results, runs):
@@ -304,7 +312,8 @@ def write_report(results, runs):
               f"prediction: Kendall τ at least the statistics baseline's (stats_gbt: per-layer weight statistics, "
               f"gradient-boosted trees, as in Unterthiner et al. 2020) + {MARGIN}, mean ± std over seeds; a "
               "learner that reads only some families is compared with the baseline on the same test networks.", "",
-              "| target | " + " | ".join(variants) + " | label ceiling |", "|---" * (len(variants) + 2) + "|"]
+              "| target | " + " | ".join(label(v) for v in variants) + " | label ceiling |",
+              "|---" * (len(variants) + 2) + "|"]
     base_tau = h.get("stats_gbt", {}).get("test_acc", {}).get("kendall_tau", {}).get("mean")
     for task, metric, thr in TARGETS:
         cells = []
@@ -330,6 +339,9 @@ def write_report(results, runs):
     lines.append("| permutation gap ≤ 1e-4 | " + " | ".join(
         f"{h[v]['permutation_gap']['max']:.1e} {'✔' if h[v]['permutation_gap']['max'] <= 1e-4 else '✘'}"
         for v in variants) + " | |")
+    if any(label(v) != v for v in variants):
+        lines += ["", f"{NOT_WEIGHTS_ONLY} runs each network on learned input probes (its outputs, not only its "
+                  "weights, are read): not a weights-only learner."]
     skipped = {t: why for r in (runs[v][s0] for v in variants for s0 in runs[v])
                for t, why in r.get("skipped_tasks", {}).items()}
     if skipped:
@@ -356,7 +368,7 @@ def write_report(results, runs):
         lines += [f"### {task} — {runs[variants[0]][0]['targets'][task]['about']}", "",
                   "| learner | " + " | ".join(ms) + " |", "|---" * (len(ms) + 1) + "|"]
         for v in variants:
-            lines.append(f"| {v} | " + " | ".join(fmt(h[v][task][m]) for m in ms) + " |")
+            lines.append(f"| {label(v)} | " + " | ".join(fmt(h[v][task][m]) for m in ms) + " |")
         if task in ceil:
             lines.append("| *label ceiling* | " + " | ".join(
                 reliability.describe(ceil[task], m) if m in ("r2", "kendall_tau", "accuracy") else "" for m in ms)
@@ -366,7 +378,7 @@ def write_report(results, runs):
         sorted(runs[variants[0]][0]["by_family"])) + " |", "|---" * (1 + len(runs[variants[0]][0]["by_family"])) + "|"]
     for v in variants:
         fams = sorted(runs[v][0]["by_family"])
-        lines.append(f"| {v} | " + " | ".join(
+        lines.append(f"| {label(v)} | " + " | ".join(
             f"{np.mean([r['by_family'][f]['test_acc']['kendall_tau'] for r in runs[v].values()]):.3f}"
             for f in fams) + " |")
     for held, ca in results.get("cross_arch", {}).items():
@@ -376,7 +388,7 @@ def write_report(results, runs):
         for v, r in ca.items():
             t = r["tasks"]
             dc = np.mean([t[k]["accuracy"] for k in data_lib.DATA_TASKS if k in t])
-            lines.append(f"| {v} | {t['test_acc']['kendall_tau']:.3f} | {t['test_acc']['r2']:.3f} | "
+            lines.append(f"| {label(v)} | {t['test_acc']['kendall_tau']:.3f} | {t['test_acc']['r2']:.3f} | "
                          f"{t['gen_gap']['r2']:.3f} | {t['disparity']['r2']:.3f} | {dc:.3f} |")
     lines += ["", "## Permutation check", "",
               "Each test network vs the same network with hidden neurons randomly permuted (function unchanged); "
@@ -384,7 +396,7 @@ def write_report(results, runs):
               "numbers).",
               "", "| learner | max gap over seeds | networks |", "|---|---|---|"]
     for v in variants:
-        lines.append(f"| {v} | {h[v]['permutation_gap']['max']:.2e} | {runs[v][0]['permutation']['networks']} |")
+        lines.append(f"| {label(v)} | {h[v]['permutation_gap']['max']:.2e} | {runs[v][0]['permutation']['networks']} |")
     if lin.get("skipped"):
         lines += ["", "## Lineage", "", f"Not measured: {lin['skipped']}."]
     elif lin:
@@ -398,7 +410,7 @@ def write_report(results, runs):
                       "(directed edges recovered, architectures pooled):", "",
                       "| learner | weights | embedding |", "|---|---|---|"]
             for v, res in lin["test_trees"].items():
-                lines.append(f"| {v} | {pooled(res['weights']):.3f} | {pooled(res['embedding']):.3f} |")
+                lines.append(f"| {label(v)} | {pooled(res['weights']):.3f} | {pooled(res['embedding']):.3f} |")
     lines += ["", "## Cost (2-core CPU, mean over seeds)", "", "Measured while other runs and tests shared the two "
               f"cores: read them as upper bounds. All runs together: {results['runs_seconds'] / 60:.0f} min of wall "
               "time (each run's own, measured when it ran).", "",
@@ -407,7 +419,7 @@ def write_report(results, runs):
     for v in variants:
         t = h[v]["timing"]
         ep = np.mean([r.get("epochs_run", 0) for r in runs[v].values()])
-        lines.append(f"| {v} | {len(runs[v])} | {t['prepare_s']:.1f} | {t['train_s']:.1f} | {ep:.1f} | "
+        lines.append(f"| {label(v)} | {len(runs[v])} | {t['prepare_s']:.1f} | {t['train_s']:.1f} | {ep:.1f} | "
                      f"{t['predict_one_network_ms']:.2f} |")
     lines += ["", "## Training curves (seed 0)", "", "Validation criterion (each task's loss relative to its value "
               "at initialization, weighted) and per task the validation metric, per epoch:", "",

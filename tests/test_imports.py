@@ -112,6 +112,9 @@ def test_small_cnn_zoo_nfn_split_is_nfn_s(imported):
     ws = data_lib.load(zoo.path, final_only=True)
     parts = splits.by_column(ws.rows, "nfn_split")
     assert sum(len(v) for v in parts.values()) == 11 and len(parts["test"]) >= 5
+    # What running the networks needs (a probing learner): their architecture, 28x28 images in [-1, 1].
+    assert ws.forward.shape == (28, 28, 1) and ws.forward.input_range == (-1.0, 1.0)
+    assert [a.id for a in ws.forward.archs] == ws.rows["arch_id"].tolist()
 
 
 def test_probe_reads_an_imported_zoo_under_nfn_protocol(imported, tmp_path):
@@ -266,6 +269,9 @@ def test_model_zoos_import_and_the_pool_cnn_computes_as_torch_would(tmp_path):
     params = [zoo.load(int(m)) for m in final["model_id"]]
     assert stats.matrix(params, ["cnn_pool"] * 4)[0].shape == (4, 5 * 2 * 7)
     assert spectral.matrix(params, ["cnn_pool"] * 4)[0].shape == (4, 5 * 5)
+    # A probing learner can run them: architecture and image size are recorded.
+    fwd = data_lib.load(zoo.path, final_only=True).forward
+    assert fwd.shape == (28, 28, 1) and {a.id for a in fwd.archs} == set(final["arch_id"])
     # The graph views carry 3x3 kernels at most: its 5x5 ones are one clear error.
     from wa.weights import graph
     with pytest.raises(graph.GraphError, match=r"a 5x5 kernel \(25 taps\).*statistics or spectral learners"):

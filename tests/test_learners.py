@@ -417,3 +417,54 @@ def test_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path, smoke_zoo):
     assert f"| test_acc | {c['half_r']:.3f} | {c['reliability']:.3f} | {c['tau_ceiling']:.3f} |" in text
     assert f"| *label ceiling* | {c['r2_ceiling']:.3f} | {c['tau_ceiling']:.3f} |  |" in text
     assert "Test accuracy of the networks read (min / 5% / median / 95% / max)" in text
+
+
+def _forward(ws, shape=(8, 8, 1)):
+    by_id = {a.id: a for a in ARCHS}
+    return data_lib.Forward(tuple(by_id[i] for i in ws.rows["arch_id"]), shape, 10, (-1.0, 1.0))
+
+
+def test_probegen_runs_every_network_on_the_same_learned_probes():
+    from wa.learners import probegen
+    ws = _set(6)
+    cfg = _cfg("probegen")
+    t = data_lib.targets(ws.rows, {"test_acc": 1.0}, np.arange(6))
+    lr = learners.get(cfg.learner, cfg.model, t)
+    with pytest.raises(learners.LearnerError, match="needs each network's architecture"):
+        lr.prepare(ws.params, ws.families, ws.activations)
+    nets = lr.prepare(ws.params, ws.families, ws.activations, _forward(ws))
+    module = lr.module()
+    batch, rows = next(lr.batches(nets, np.arange(6), 4, None))
+    assert rows.tolist() == [[0, 3, -1, -1]]    # one architecture per batch, padded
+    params = module.init(jax.random.key(0), jax.tree.map(lambda x: x[0], batch))["params"]
+    probes = module.apply({"params": params}, method=lambda m: m.probes())
+    assert probes.shape == (cfg.model.probes, 8, 8, 1) and -1 <= probes.min() < probes.max() <= 1
+    out = module.apply({"params": params}, jax.tree.map(lambda x: x[0], batch), probes,
+                       method=probegen.ProbeGen.outputs)
+    for k, i in enumerate(rows[0][:2]):
+        ref = ARCHS[0].module(10).apply({"params": ws.params[i]}, probes)
+        np.testing.assert_allclose(out[k], ref, rtol=1e-5, atol=1e-5)
+    # Any image size: a 4x4 grid doubled and cropped (28 = 32 cropped), the zoo's channels.
+    for shape in ((28, 28, 1), (32, 32, 3), (5, 7, 2)):
+        gen = probegen.Generator(shape, 3, latent=4, width=2)
+        p = gen.init(jax.random.key(0))
+        assert gen.apply(p).shape == (3, *shape)
+    with pytest.raises(learners.LearnerError, match="set up for inputs"):
+        lr.prepare(ws.params, ws.families, ws.activations, _forward(ws, (28, 28, 1)))
+
+
+def test_probegen_through_the_probe_on_a_zoo(tmp_path, smoke_zoo):
+    """The zoo records what running its networks needs; the permutation check passes (a permuted network computes
+    the same function) and the report marks the learner as one that runs networks."""
+    from wa.learners import probe
+    ws = data_lib.load(str(smoke_zoo / "zoo"))
+    assert [a.id for a in ws.forward.archs] == ws.rows["arch_id"].tolist()
+    assert ws.forward.shape == (8, 8, 1) and ws.forward.n_classes == 10
+    c = _cfg("probegen")
+    c.zoo = str(smoke_zoo / "zoo")
+    m = probe.run(c, str(tmp_path / "p"), progress=False)
+    assert set(m["tasks"]) == set(c.tasks) and m["epochs_run"] == 2
+    assert m["permutation"]["max"] <= 1e-4 and m["weights_only"] is False
+    from experiments import nwa_benchmark
+    assert [nwa_benchmark.label(v) for v in ("probegen", "probegen_nonlinear", "nwpa_stats", "stats_gbt")] == \
+        ["probegen†", "probegen_nonlinear†", "nwpa_stats", "stats_gbt"]

@@ -34,7 +34,8 @@ class Entry:
 
     ``config``: its model settings (``--config.model.*``); ``smoke``: overrides for a seconds-long run;
     ``structure``: it reads the weights' structure (graph, tokens or layers) rather than summary features;
-    ``ablations``: variant name -> overrides of ``config`` (e.g. ``weightnet_flat``); a structure learner with
+    ``ablations``: variant name -> overrides of ``config`` (e.g. ``weightnet_flat``); ``weights_only``: False for
+    a learner that runs each network (its inputs then include the zoo's ``data.Forward``); a structure learner with
     a ``stats`` setting is also offered as ``<name>_stats``, the per-layer statistics fused into its embedding.
     """
     name: str
@@ -43,6 +44,7 @@ class Entry:
     smoke: dict
     structure: bool = False
     ablations: dict = dataclasses.field(default_factory=dict)
+    weights_only: bool = True    # False: it runs the networks (a probing learner), and reports say so
 
     def variants(self) -> dict[str, tuple[str, dict]]:
         """Variant name -> (role, overrides of ``config``)."""
@@ -77,7 +79,7 @@ class Learner:
     def __init__(self, cfg, targets: Targets, n_devices: int = 1):
         self.cfg, self.targets, self.n_devices = cfg, targets, n_devices
 
-    def prepare(self, params: list, families, activations):
+    def prepare(self, params: list, families, activations, forward=None):
         """Views of these networks, in row order."""
         raise NotImplementedError
 
@@ -100,6 +102,22 @@ class Neural(Learner):
     def _order(self, idx, rng):
         idx = np.asarray(idx)
         return rng.permutation(idx) if rng is not None else idx
+
+    def _bucketed(self, idx, key, batch_size: int, rng) -> list[np.ndarray]:
+        """Row blocks [devices, per-device] of ``idx`` in which every row has one ``key(row)`` (an architecture):
+        shuffled within each bucket, padded with -1, then the blocks of all buckets shuffled (``rng`` given)."""
+        per = self._check_batch(batch_size)
+        by = {}
+        for i in np.asarray(idx):
+            by.setdefault(key(i), []).append(i)
+        rows = []
+        for members in by.values():
+            order = self._order(members, rng)
+            pad = (-len(order)) % batch_size
+            rows += list(np.concatenate([order, np.full(pad, -1)]).reshape(-1, self.n_devices, per))
+        if rng is not None:
+            rows = [rows[k] for k in rng.permutation(len(rows))]
+        return rows
 
     def _check_batch(self, batch_size: int) -> int:
         if batch_size % self.n_devices:
@@ -208,7 +226,7 @@ class Blocks(Neural):
         reference the bucketed path is tested and timed against."""
         return self.cfg.get("dense", True)
 
-    def prepare(self, params, families, activations):
+    def prepare(self, params, families, activations, forward=None):
         nets = [graph_lib.to_blocks(p, f, a) for p, f, a in zip(params, families, activations, strict=True)]
         if self.cfg.get("stats"):
             # Multi-resolution: the per-layer statistics ride along with each network (depth fixed by the first
@@ -240,19 +258,7 @@ class Blocks(Neural):
         if not self.dense:
             yield from super().batches(nets, idx, batch_size, rng)
             return
-        per = self._check_batch(batch_size)
-        idx = np.asarray(idx)
-        by = {}
-        for i in idx:
-            by.setdefault(nets[i].layout, []).append(i)
-        rows = []
-        for members in by.values():
-            order = self._order(members, rng)
-            pad = (-len(order)) % batch_size
-            rows += list(np.concatenate([order, np.full(pad, -1)]).reshape(-1, self.n_devices, per))
-        if rng is not None:
-            rows = [rows[k] for k in rng.permutation(len(rows))]
-        for r in rows:
+        for r in self._bucketed(idx, lambda i: nets[i].layout, batch_size, rng):
             yield self.gather(nets, r, rng), r
 
     def gather(self, nets, rows, rng=None):

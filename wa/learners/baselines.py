@@ -67,7 +67,7 @@ class MLP(nn.Module):
 class _DenseMLP(_Features, base.Dense):
     scaler = sources = None
 
-    def prepare(self, params, families, activations):
+    def prepare(self, params, families, activations, forward=None):
         x = self._matrix(params, families)
         if self.kind == "flat" and self.cfg.get("permute_augment") and self.sources is None:
             # The networks the flat vectors came from, to draw hidden-neuron permutations of while training.
@@ -105,7 +105,7 @@ class _Fitted(_Features, base.Learner):
     """One scikit-learn estimator per task; ``predict`` gives class probabilities or standardized values."""
     neural = False
 
-    def prepare(self, params, families, activations):
+    def prepare(self, params, families, activations, forward=None):
         return self._matrix(params, families)
 
     def estimator(self, kind: str, seed: int):

@@ -15,7 +15,7 @@ import pandas as pd
 from absl import logging
 
 from wa import errors
-from wa.zoo import store
+from wa.zoo import archs, store
 
 
 class DataError(errors.DataError):
@@ -44,11 +44,48 @@ TASKS = {
 DATA_TASKS = ("train_fraction", "label_noise", "imbalance", "augment")
 
 
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """What running the networks needs (a probing learner does; weights-only learners ignore it): each network's
+    architecture, the zoo's input shape [H, W, C], its number of classes and the range of its inputs."""
+    archs: tuple
+    shape: tuple
+    n_classes: int
+    input_range: tuple = (0.0, 1.0)
+
+    def subset(self, idx) -> Forward:
+        return dataclasses.replace(self, archs=tuple(self.archs[int(i)] for i in idx))
+
+
+def forward_of(rows: pd.DataFrame, info: dict) -> Forward | None:
+    """The zoo's ``Forward`` for these rows, or None where the zoo does not say what its networks read."""
+    data = info.get("data", {})
+    need = {"family", "arch_depth", "arch_width", "activation"}
+    if "shape" not in data or "n_classes" not in data or not need <= set(rows):
+        return None
+    if not set(rows["family"]) <= set(archs.FAMILIES):
+        return None
+    knobs = {f: [k.name for k in archs.family(f).knobs if k.name in rows] for f in rows["family"].unique()}
+    cols = sorted(need | {k for v in knobs.values() for k in v})
+    sub = rows[cols].fillna(-1)   # a knob column other families leave empty: NaN would not equal itself below
+    made = {}
+    for r in sub.drop_duplicates().to_dict("records"):
+        f = r["family"]
+        made[tuple(r[c] for c in cols)] = archs.Arch(f, int(r["arch_depth"]), int(r["arch_width"]),
+                                                     str(r["activation"]), tuple((k, int(r[k])) for k in knobs[f]))
+    out = [made[k] for k in zip(*(sub[c] for c in cols), strict=True)]
+    rng = (info.get("config") or {}).get("input_range") or info.get("input_range") or (0.0, 1.0)
+    return Forward(tuple(out), tuple(int(v) for v in data["shape"]), int(data["n_classes"]),
+                   (float(rng[0]), float(rng[1])))
+
+
 @dataclasses.dataclass
 class WeightSet:
-    """Networks (parameter pytrees, numpy) with their metadata rows, one per (model, checkpoint)."""
+    """Networks (parameter pytrees, numpy) with their metadata rows, one per (model, checkpoint); ``forward``:
+    what running them needs, where the zoo records it."""
     rows: pd.DataFrame
     params: list
+    forward: Forward | None = None
 
     def __len__(self):
         return len(self.rows)
@@ -92,7 +129,7 @@ def load(zoo_path: str, min_epoch: int = 1, final_only: bool = False, families=(
         for i, r in zip(sub.index, sub["row"], strict=True):
             params[i] = store.from_flat(np.asarray(block[pos[r]]), layout)
     logging.info("loaded %d networks (%d models) from %s", len(md), md["model_id"].nunique(), zoo_path)
-    return WeightSet(md, params)
+    return WeightSet(md, params, forward_of(md, zoo.info))
 
 
 @dataclasses.dataclass

@@ -200,7 +200,7 @@ class Learner(base.Blocks):
     name = "nfn"
     families = archs.chain_families()   # the zoo families NFN can read
 
-    def prepare(self, params, families, activations):
+    def prepare(self, params, families, activations, forward=None):
         chains = archs.chain_families()
         bad = sorted(set(families) - set(chains))
         if bad:
@@ -208,7 +208,7 @@ class Learner(base.Blocks):
                                     f"{bad}, whose graphs are not chains, so its layers are not defined for them.")
         if self.cfg.layer not in LAYERS:
             raise base.LearnerError(f"--config.model.layer={self.cfg.layer!r}; expected one of {LAYERS}")
-        return super().prepare(params, families, activations)
+        return super().prepare(params, families, activations, forward)
 
     def module(self):
         c = self.cfg

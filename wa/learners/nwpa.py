@@ -215,9 +215,9 @@ class NWPA(nn.Module):
 class Learner(base.Blocks, base.Graphs):
     name = "nwpa"
 
-    def prepare(self, params, families, activations):
+    def prepare(self, params, families, activations, forward=None):
         if self.dense:
-            return super().prepare(params, families, activations)
+            return super().prepare(params, families, activations, forward)
         return [graph_lib.to_graph(p, f, a) for p, f, a in zip(params, families, activations, strict=True)]
 
     def module(self):

@@ -55,7 +55,8 @@ def readable(ws: data_lib.WeightSet, parts: dict, families, learner: str):
                  "/".join(families), len(orig), len(ws))
     new = np.full(len(ws), -1)
     new[orig] = np.arange(len(orig))
-    sub = data_lib.WeightSet(ws.rows.iloc[orig].reset_index(drop=True), [ws.params[i] for i in orig])
+    sub = data_lib.WeightSet(ws.rows.iloc[orig].reset_index(drop=True), [ws.params[i] for i in orig],
+                             ws.forward.subset(orig) if ws.forward else None)
     return sub, {k: new[v[keep[v]]] for k, v in parts.items()}, orig
 
 
@@ -128,7 +129,7 @@ def run(cfg, workdir: str, progress: bool = True, ws: data_lib.WeightSet | None 
     targets = data_lib.targets(ws.rows, dict(cfg.tasks), parts["train"])
     learner = learners.get(cfg.learner, cfg.model, targets, cfg.train.devices)
     t0 = time.time()
-    feats = learner.prepare(ws.params, ws.families, ws.activations)
+    feats = learner.prepare(ws.params, ws.families, ws.activations, ws.forward)
     prep_s = time.time() - t0
     learner.setup(feats, parts["train"], cfg.train.batch_size)
     t0 = time.time()
@@ -147,18 +148,21 @@ def run(cfg, workdir: str, progress: bool = True, ws: data_lib.WeightSet | None 
     t0 = time.time()
     pred = predict(feats, test)
     pred_s = time.time() - t0
-    result = {"learner": cfg.learner, "tasks": scores(targets, pred, test)}
+    # A learner that runs the networks (probing) reads more than their weights: every report says so.
+    result = {"learner": cfg.learner, "weights_only": learners.LEARNERS[cfg.learner].weights_only,
+              "tasks": scores(targets, pred, test)}
     fam = ws.families[test]
     result["by_family"] = {f: scores(targets, {k: (v[fam == f] if v is not None else None) for k, v in pred.items()},
                                      test[fam == f]) for f in sorted(set(fam))}
 
+    pick = np.random.default_rng(cfg.permutation.seed).permutation(test)[:cfg.permutation.networks]
+
     def predict_networks(params, families, activations):
-        f = learner.prepare(params, families, activations)
+        f = learner.prepare(params, families, activations, ws.forward.subset(pick) if ws.forward else None)
         out = predict(f, np.arange(len(params)))
         return {t: (targets.unscale(t, out[t]) if targets.spec[t]["kind"] == "regression" else out[t])
                 for t in targets.spec}
 
-    pick = np.random.default_rng(cfg.permutation.seed).permutation(test)[:cfg.permutation.networks]
     t0 = time.time()
     result["permutation"] = permutation.gaps(predict_networks, [ws.params[i] for i in pick], ws.families[pick],
                                              ws.activations[pick], cfg.permutation.seed)

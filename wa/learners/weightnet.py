@@ -158,13 +158,13 @@ class Learner(base.Blocks, base.Dense):
     name = "weightnet"
     budget = None
 
-    def prepare(self, params, families, activations):
+    def prepare(self, params, families, activations, forward=None):
         if self.cfg.mode not in MODES:
             raise base.LearnerError(f"weightnet mode {self.cfg.mode!r}; expected one of {MODES}")
         if self.cfg.mode == "canonical":
             params = [canonical.canonicalize(p, f) for p, f in zip(params, families, strict=True)]
         if self.dense:
-            return super().prepare(params, families, activations)
+            return super().prepare(params, families, activations, forward)
         graphs = [graph_lib.to_graph(p, f, a) for p, f, a in zip(params, families, activations, strict=True)]
         if self.budget is None:
             self.budget = (max(int(g.n_node[0]) for g in graphs), max(int(g.n_edge[0]) for g in graphs))

@@ -445,12 +445,14 @@ class Arch:
         if problem:
             raise ArchError(problem)
 
-    def module(self, n_classes: int, init_scheme: str = "he_normal") -> nn.Module:
+    def module(self, n_classes: int, init_scheme: str = "he_normal", **flax_kw) -> nn.Module:
+        """``flax_kw``: Flax's own module arguments (``parent=None``: a top-level module even when built inside
+        another module's method, as a learner that runs the networks does)."""
         if init_scheme not in INIT_SCHEMES:
             raise ArchError(f"unknown init scheme {init_scheme!r}; choose one of {sorted(INIT_SCHEMES)}")
         return family(self.family).module(depth=self.depth, width=self.width, activation=self.activation,
                                           n_classes=n_classes, kernel_init=INIT_SCHEMES[init_scheme],
-                                          **dict(self.knobs))
+                                          **dict(self.knobs), **flax_kw)
 
     def describe(self) -> dict:
         return {"family": self.family, "depth": self.depth, "width": self.width, "activation": self.activation,

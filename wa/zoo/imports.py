@@ -273,10 +273,19 @@ def read_small_cnn_zoo(src: str, split_file: str = "") -> Imported:
                     out[i, c] = np.asarray(weights[s], np.float32)[order]
         return out
 
+    dataset = str(metrics.get("config.dataset", pd.Series([""])).iloc[0])
     info = {"source": {"format": "small_cnn_zoo", "path": os.path.abspath(src), "split_file": split_file or None,
                        "rows": int(len(weights)), "steps": steps},
-            "data": {"name": str(metrics.get("config.dataset", pd.Series([""])).iloc[0]), "n_classes": n_classes}}
+            "data": {"name": dataset, "n_classes": n_classes, **({"shape": SMALL_CNN_SHAPES[dataset]}
+                                                                  if dataset in SMALL_CNN_SHAPES else {})},
+            # Their train_network.py scales every image to [-1, 1].
+            "input_range": [-1.0, 1.0]}
     return Imported(plan, {lid: layout}, len(steps), md, read, info)
+
+
+# The image each released zoo's networks read (the CIFAR-10 and SVHN zoos are grayscale).
+SMALL_CNN_SHAPES = {"mnist": [28, 28, 1], "fashion_mnist": [28, 28, 1], "cifar10": [32, 32, 1],
+                    "svhn_cropped": [32, 32, 1]}
 
 
 register(Format("small_cnn_zoo", read_small_cnn_zoo, "Unterthiner et al. 2020's Small CNN Zoo (weights.npy, "
@@ -429,7 +438,8 @@ def read_model_zoos(src: str, split_file: str = "") -> Imported:
         return out
 
     info = {"source": {"format": "model_zoos", "path": os.path.abspath(src), "models": len(plan), "epochs": epochs},
-            "data": {"name": "", "n_classes": 10, "channels": c}}
+            # The dense layer's 36 inputs are a 3x3x4 map: 28x28 images (their MNIST zoos); other inputs unrecorded.
+            "data": {"name": "", "n_classes": 10, "channels": c, **({"shape": [28, 28, 1]} if c == 1 else {})}}
     return Imported(plan, {lid: layout}, len(epochs), md, read, info)
 
 
