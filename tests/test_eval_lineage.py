@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from wa import lineage
 from wa.eval import metrics, splits
@@ -62,3 +63,59 @@ def test_lineage_recovers_a_synthetic_forest():
     # Without the kurtosis cue the tree is the same up to direction, which distance alone cannot tell.
     s0 = lineage.score(np.array(parent), lineage.recover(np.stack(w), direction_penalty=0.0)["parent"])
     assert s0["undirected_edges"] == 1.0 and s0["directed_edges"] < 1.0
+
+
+def _forest(n_trees=6, seed=0):
+    """Trees root -> 2 children -> 2 grandchildren each, of two-matrix models; fine-tuning raises kurtosis."""
+    rng = np.random.default_rng(seed)
+    params, rows = [], []
+    for _ in range(n_trees):
+        root = len(params)
+        for offset in (None, 0, 0, 1, 1, 2, 2):    # each model's parent, as a position in its tree
+            if offset is None:
+                p = {"a": {"kernel": rng.normal(size=(10, 20)), "bias": np.zeros(20)},
+                     "b": {"kernel": rng.normal(size=(20, 5))}}
+            else:
+                p = {k: {n: (_tune(v, rng) if n == "kernel" else v) for n, v in layer.items()}
+                     for k, layer in params[root + offset].items()}
+            rows.append({"model_id": len(params), "parent_id": -1 if offset is None else root + offset,
+                         "root_id": root, "arch_id": "a"})
+            params.append(p)
+    return pd.DataFrame(rows), params
+
+
+def test_lineage_methods_mother_and_fitted_on_known_and_found_trees():
+    rows, params = _forest()
+    assert rows.groupby("root_id").size().tolist() == [7] * 6
+    assert (rows["parent_id"] >= 0).sum() == 36
+    # MoTHer's distance written out: per matrix max(W_i - W_j), min-max scaled over pairs, max over matrices.
+    a = np.array([[0.0, 1.0], [2.0, -1.0], [0.5, 0.5]])
+    b = np.array([[1.0], [0.0], [3.0]])
+    s_a = np.array([[0, 2, 0.5], [2, 0, 1.5], [0.5, 1.5, 0]])
+    s_b = np.array([[0, 1, -2], [-1, 0, -3], [2, 3, 0]])
+    off = ~np.eye(3, dtype=bool)
+    ref = np.maximum((s_a - s_a[off].min()) / np.ptp(s_a[off]), (s_b - s_b[off].min()) / np.ptp(s_b[off]))
+    ref[~off] = 0
+    np.testing.assert_allclose(lineage.linf_distance([a, b]), ref)
+    # MoTHer's direction statistic: the kernels' excess kurtosis, summed (biases left out).
+    assert lineage.layer_kurtosis(params[0]) == pytest.approx(
+        sum(stats.kurtosis(params[0][k]["kernel"].ravel()) for k in ("a", "b")))
+    train = {0, 7, 14}
+    rise = lineage.rebuild(rows, params, "mother_rise", "known", train)
+    fall = lineage.rebuild(rows, params, "mother", "known", train)
+    assert set(rise["archs"]["a"]["model_id"]) == set(range(21, 42))    # the test trees only
+    # Every tree's edges found; the direction cue agrees with every true edge when its sign is right, with none
+    # when it is MoTHer's (kurtosis falling from pretrained parent to fine-tuned child).
+    assert rise["archs"]["a"]["undirected_edges"] == 1.0 and rise["archs"]["a"]["kurtosis_agrees"] == 1.0
+    assert fall["archs"]["a"]["kurtosis_agrees"] == 0.0
+    assert fall["archs"]["a"]["directed_edges"] < 0.5 < rise["archs"]["a"]["directed_edges"]
+    fitted = lineage.rebuild(rows, params, "fitted", "found", train)
+    assert fitted["sign"] == "rise" and fitted["fit"]["train_directed_edges"] == 1.0
+    s = fitted["archs"]["a"]
+    assert s["directed_edges"] == 1.0 and s["root_precision"] == 1.0 and s["root_recall"] == 1.0
+    pair = lineage.rebuild(rows, params, "pairwise", "known", train)
+    assert 0 <= pair["archs"]["a"]["directed_edges"] <= 1 and "train_directed_edges" in pair["fit"]
+    with pytest.raises(lineage.LineageError, match="fitted on training trees; none were given"):
+        lineage.rebuild(rows, params, "fitted", "known")
+    with pytest.raises(lineage.LineageError, match="unknown lineage method 'oracle'"):
+        lineage.rebuild(rows, params, "oracle")

@@ -177,8 +177,8 @@ def test_benchmark_on_an_imported_small_cnn_zoo_under_nfn_protocol(imported, tmp
     zoo, *_ = imported
     bench = tmp_path / "bench"
     r = helpers.run_launch("experiments.nwa_benchmark", f"--zoo={zoo.path}", "--config_flags=nfn_protocol", "--smoke",
-                           f"--workdir={bench}", "--learners=stats_gbt,spectral_gbt", "--cross_arch=",
-                           "--published=small_cnn_fmnist")
+                           f"--workdir={bench}", "--learners=stats_gbt,spectral_gbt,probegen", "--cross_arch=",
+                           "--published=small_cnn_fmnist", "--seeds=0")
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert line["networks"] == 12 and line["reliability"] == {}     # the crashed run is read, in no split
     res = json.load(open(bench / "results.json"))
@@ -188,6 +188,9 @@ def test_benchmark_on_an_imported_small_cnn_zoo_under_nfn_protocol(imported, tmp
     assert "## Calibration against the published figure" in text and "| published | 0.920 | 0.9931 | 0.887 |" in text
     assert "| test_acc | not measured (the zoo recorded no split halves of test_acc) | | |" in text
     assert "stats_gbt fitted on nested subsets of this zoo's training networks" in text and res["gbt_curve"]
+    # The probing learner runs the imported networks (their architecture and 28x28 inputs are recorded), and the
+    # tables say it reads more than weights.
+    assert "| probegen† |" in text and "† runs each network on learned input probes" in text
 
 
 # ---- the Model Zoos of Schürholt et al. 2022 ----------------------------------------------------------------------

@@ -121,6 +121,30 @@ def test_bucketed_batches_predict_what_packed_batches_do(variant):
         np.testing.assert_allclose(p, out[False][1][task], atol=2e-6, rtol=0)
 
 
+def test_self_scoped_scaling_reads_any_architecture_alike():
+    """norm_scope="self": each block by its own network's median / MAD, so a network's view does not depend on
+    which architectures training held, and a scaled copy of a network (×1e3) reads the same but for the raw-scale
+    node features."""
+    ws = _set(6)
+    cfg = _cfg("nwpa")
+    cfg.model.norm_scope = "self"
+    t = data_lib.targets(ws.rows, {"test_acc": 1.0}, np.arange(6))
+    lr = learners.get(cfg.learner, cfg.model, t)
+    feats = lr.prepare(ws.params + [jax.tree.map(lambda x: x * 1e3, ws.params[2])], list(ws.families) + ["transformer"],
+                       list(ws.activations) + [ws.activations[2]])
+    lr.setup(feats, np.array([0, 1, 3, 4]), 2)             # no transformer in training
+    a, b = lr.view(feats[2]), lr.view(feats[6])
+    for x, y in zip(a.weights, b.weights, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+        med = np.median(x)
+        assert abs(med) < 1e-6 or np.abs(x).max() == cfg.model.clip
+    np.testing.assert_allclose(a.nodes["x"][:, :4], b.nodes["x"][:, :4], rtol=1e-5, atol=1e-5)
+    assert (b.nodes["x"][:, 4] >= a.nodes["x"][:, 4]).all() and b.nodes["x"][:, 4].max() > a.nodes["x"][:, 4].max()
+    cfg.model.norm_scope = "layer"
+    with pytest.raises(learners.LearnerError, match="norm_scope='layer'"):
+        learners.get(cfg.learner, cfg.model, t).setup(feats, np.arange(4), 2)
+
+
 def test_input_scaling_uses_training_rows_and_survives_a_diverged_network():
     ws = _set(12)
     ws.params[0] = jax.tree.map(lambda x: x * 1e4, ws.params[0])   # diverged (SGD blow-up), in training
@@ -394,10 +418,22 @@ def test_probe_cli_resumes_and_refuses_another_run(tmp_path, smoke_zoo):
 @pytest.mark.slow
 def test_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path, smoke_zoo):
     store = str(smoke_zoo / "zoo")
-    r = helpers.run_launch("launch.lineage", f"--zoo={store}", "--workdir", str(tmp_path / "lin")).stdout
+    r = helpers.run_launch("launch.lineage", f"--zoo={store}", "--workdir", str(tmp_path / "lin"),
+                           "--methods=wa_v1,mother,fitted", "--train_fraction=0.34").stdout
     lin = json.load(open(tmp_path / "lin" / "lineage.json"))
-    assert len(lin) == 3 and "mean directed-edge recovery" in r
-    assert all(s["edges"] == 6 for s in lin.values())   # per architecture one tree: 2 children, 4 grandchildren
+    # Trees (a root and its descendants; most roots have none) split by root: every method scores the edges of
+    # the trees the fitted ones did not learn from.
+    rows = data_lib.load(store, final_only=True).rows
+    test = ~rows["root_id"].isin(lin["train_roots"])
+    assert lin["train_trees"] + lin["test_trees"] == rows["root_id"].nunique() and "directed" in r
+    for name in ("wa_v1", "mother", "fitted"):
+        for cl in ("known", "found"):
+            scored = lin["methods"][name][cl]["archs"]
+            assert sum(s["edges"] for s in scored.values()) == int((test & (rows["parent_id"] >= 0)).sum()) > 0
+    assert lin["methods"]["fitted"]["known"]["sign"] in ("rise", "fall")
+    assert "| method | trees | directed edges |" in open(tmp_path / "lin" / "lineage.md").read()
+    bad = helpers.run_launch("launch.lineage", f"--zoo={store}", "--methods=oracle", rc=2)
+    helpers.one_line_error(bad, "--methods: unknown ['oracle']")
 
     bench = tmp_path / "bench"
     r = helpers.run_launch("experiments.nwa_benchmark", f"--zoo={store}", "--smoke", f"--workdir={bench}",

@@ -215,7 +215,9 @@ class Blocks(Neural):
     median absolute deviation), then clipped to ±``cfg.clip``; a layer position that no training network has
     (a held-out architecture) uses the statistics pooled over the training blocks of the same edge type (biases:
     the same layer type). The raw scale survives as two node features: log(1 + RMS of the node's incoming
-    weights) and asinh(bias), both as stored. ``cfg.normalize=False`` feeds the weights as stored."""
+    weights) and asinh(bias), both as stored. ``cfg.normalize=False`` feeds the weights as stored;
+    ``cfg.norm_scope="self"`` standardizes every block and bias group by its own network's statistics instead, a
+    scale that exists for any architecture, seen in training or not (cross-architecture transfer)."""
 
     norm = stats_depth = stats_scaler = None
     _views = (None, {})      # (the network list last read, {row: its scaled view})
@@ -240,7 +242,11 @@ class Blocks(Neural):
             return super().setup(nets, train_idx, batch_size)
         self._check_batch(batch_size)
         self._views = (None, {})
-        self.norm = Normalizer.fit([nets[i] for i in train_idx], self.cfg.clip) if self.cfg.normalize else None
+        scope = self.cfg.get("norm_scope", "position")
+        if scope not in NORM_SCOPES:
+            raise LearnerError(f"--config.model.norm_scope={scope!r}: expected one of {NORM_SCOPES}")
+        self.norm = Normalizer.fit([nets[i] for i in train_idx], self.cfg.clip, scope) \
+            if self.cfg.normalize else None
         if self.cfg.get("stats"):
             self.stats_scaler = RobustClip(self.cfg.clip).fit(np.stack([nets[i].stats for i in train_idx]))
 
@@ -374,16 +380,22 @@ class RobustClip(base_estimator.BaseEstimator, base_estimator.TransformerMixin):
         return np.clip((np.asarray(x, np.float64) - self.center_) / self.scale_, -self.clip, self.clip)
 
 
-class Normalizer:
-    """Per layer position statistics of the training networks (see ``Blocks``)."""
+NORM_SCOPES = ("position", "self")
 
-    def __init__(self, blocks: dict, groups: dict, by_type: dict, clip: float):
-        self.blocks, self.groups, self.by_type, self.clip = blocks, groups, by_type, clip
+
+class Normalizer:
+    """Per layer position statistics of the training networks, or (``scope="self"``) each network's own per
+    block / group (see ``Blocks``)."""
+
+    def __init__(self, blocks: dict, groups: dict, by_type: dict, clip: float, scope: str = "position"):
+        self.blocks, self.groups, self.by_type, self.clip, self.scope = blocks, groups, by_type, clip, scope
 
     @classmethod
-    def fit(cls, nets: list, clip: float) -> Normalizer:
+    def fit(cls, nets: list, clip: float, scope: str = "position") -> Normalizer:
         if clip <= 0:
             raise LearnerError(f"--config.model.clip={clip}: expected > 0 (standardized weights are clipped to ±clip)")
+        if scope == "self":
+            return cls({}, {}, {}, clip, scope)
         w, b, wt, bt = {}, {}, {}, {}
         for n in nets:
             lay = n.layout
@@ -397,7 +409,9 @@ class Normalizer:
         stat = lambda d: {k: robust(np.concatenate(v)) for k, v in d.items()}  # noqa: E731
         return cls(stat(w), stat(b), {**stat(wt), **stat(bt)}, clip)
 
-    def _stat(self, table, key, fallback):
+    def _stat(self, table, key, fallback, values):
+        if self.scope == "self":
+            return robust(np.asarray(values, np.float64))
         return table.get(key) or self.by_type.get(fallback) or (0.0, 1.0)
 
     def __call__(self, net) -> graph_lib.Blocked:
@@ -407,7 +421,7 @@ class Normalizer:
         count = np.zeros(lay.n_nodes)
         for k, (_, r, etype, _, _) in enumerate(lay.blocks):
             w = net.weights[k]
-            m, s = self._stat(self.blocks, (lay, k), ("edge", etype))
+            m, s = self._stat(self.blocks, (lay, k), ("edge", etype), w)
             weights.append(np.clip((w - m) / s, -c, c).astype(np.float32))
             start, size = lay.groups[r]
             rms_sum[start:start + size] += (w.astype(np.float64) ** 2).reshape(size, -1).sum(1)
@@ -415,7 +429,8 @@ class Normalizer:
         x = net.nodes["x"].astype(np.float64)
         bias = x[:, 0].copy()
         for g, (start, size) in enumerate(lay.groups):
-            m, s = self._stat(self.groups, (lay, g), ("node", int(net.nodes["layer_type"][start])))
+            m, s = self._stat(self.groups, (lay, g), ("node", int(net.nodes["layer_type"][start])),
+                              bias[start:start + size])
             x[start:start + size, 0] = np.clip((bias[start:start + size] - m) / s, -c, c)
         raw = np.stack([np.log1p(np.sqrt(rms_sum / np.maximum(count, 1))), np.arcsinh(bias)], 1)
         nodes = dict(net.nodes, x=np.concatenate([x, raw], 1).astype(np.float32))

@@ -218,5 +218,6 @@ class Learner(base.Blocks):
 
 base.register(base.Entry(
     "nfn", Learner, structure=True,
-    config=dict(channels=16, layers=2, layer="auto", dim=64, normalize=True, clip=8.0, stats=False),
+    config=dict(channels=16, layers=2, layer="auto", dim=64, normalize=True, norm_scope="position", clip=8.0,
+                stats=False),
     smoke=dict(channels=4, layers=1, dim=16)))

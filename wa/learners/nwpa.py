@@ -229,6 +229,6 @@ class Learner(base.Blocks, base.Graphs):
 # max_input_tokens: a larger input layer (28x28 pixels) is read as per-neuron rows, not as nodes.
 base.register(base.Entry(
     "nwpa", Learner, structure=True,
-    config=dict(dim=32, layers=2, heads=2, node_dropout=0.05, edge_dropout=0.1, dense=True, normalize=True, clip=8.0,
-                stats=False, max_input_tokens=256),
+    config=dict(dim=32, layers=2, heads=2, node_dropout=0.05, edge_dropout=0.1, dense=True, normalize=True,
+                norm_scope="position", clip=8.0, stats=False, max_input_tokens=256),
     smoke=dict(dim=16, layers=1, heads=2)))

@@ -206,7 +206,8 @@ class Learner(base.Blocks, base.Dense):
 base.register(base.Entry(
     "weightnet", Learner, structure=True,
     config=dict(dim=32, layers=2, heads=2, edge_dim=8, dropout=0.0, mode="equivariant", layer_types=True, dense=True,
-                normalize=True, clip=8.0, stats=False, permute_augment=False, max_input_tokens=256),
+                normalize=True, norm_scope="position", clip=8.0, stats=False, permute_augment=False,
+                max_input_tokens=256),
     smoke=dict(dim=16, layers=1, heads=2, edge_dim=4),
     # Without permutation handling (flat), canonicalized instead of equivariant, without layer-type embeddings.
     ablations={"weightnet_flat": dict(mode="flat"), "weightnet_canonical": dict(mode="canonical"),
