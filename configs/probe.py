@@ -9,8 +9,8 @@ Variants: nwpa, weightnet, nfn (each also ``<name>_stats``: with the per-layer s
 weightnet_canonical, weightnet_no_layer_types, stats_gbt, stats_mlp, pca_linear, flat_mlp, probegen (runs each
 network on learned probes: not weights-only), probegen_nonlinear; add ``,smoke`` for a seconds-long run,
 ``,nfn_protocol`` for NFN's Small CNN Zoo protocol on an imported zoo, ``,per_task`` to predict each task from its
-own best validation epoch. The zoo is the digits zoo
-(``python -m launch.make_zoo --config configs/zoo.py:digits --workdir runs/zoo_digits``).
+own best validation epoch, ``,curriculum`` for smaller networks first over the first 10 epochs. The zoo is the
+digits zoo (``python -m launch.make_zoo --config configs/zoo.py:digits --workdir runs/zoo_digits``).
 Re-running with the same workdir resumes training from the last finished epoch. Model sizes are set for a
 2-core CPU (an NWPA step on 32 digits-zoo networks takes ~40 ms there, bucketed); on a GPU raise
 ``--config.model.dim`` / ``layers``.
@@ -52,10 +52,12 @@ def get_config(arg: str = "nwpa") -> ml_collections.ConfigDict:
                                              augment=0.5))
     # balance: learned per-task uncertainty weights (or "none"); criterion: early stopping on the sum of each task's
     # validation loss relative to its value at initialization (or "weighted": the plain weighted sum); select
-    # "per_task": every task predicted from its own best validation epoch, training on while any task improves.
+    # "per_task": every task predicted from its own best validation epoch, training on while any task improves;
+    # curriculum: for that many epochs the smaller networks first (by parameter count), then all (0: off).
     c.train = ml_collections.ConfigDict(dict(epochs=40, batch_size=32, lr=1e-3, weight_decay=1e-4, warmup=0.05,
                                              clip=1.0, patience=8, seed=0, devices=1, halt_at=0,
-                                             balance="uncertainty", criterion="relative", select="joint"))
+                                             balance="uncertainty", criterion="relative", select="joint",
+                                             curriculum=0))
     c.permutation = ml_collections.ConfigDict(dict(networks=64, seed=0))
     if "smoke" in flags:
         c.data.min_epoch = 0
@@ -66,6 +68,8 @@ def get_config(arg: str = "nwpa") -> ml_collections.ConfigDict:
         c.model.update(learners.LEARNERS[c.learner].smoke)
     if "per_task" in flags:
         c.train.select = "per_task"
+    if "curriculum" in flags:
+        c.train.curriculum = 10
     if "nfn_protocol" in flags:
         # NFN's protocol on the Small CNN Zoo (Zhou et al. 2023; as imported by launch.import_zoo with its split
         # file): final checkpoints, NFN's fixed split, test accuracy alone, the epoch with the best validation τ.

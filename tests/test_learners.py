@@ -13,7 +13,7 @@ import pytest
 
 from configs import probe as probe_configs
 from tests import helpers
-from wa import learners, runs
+from wa import errors, learners, runs
 from wa.eval import permutation
 from wa.learners import data as data_lib
 from wa.train import loop as loop_lib
@@ -280,6 +280,22 @@ def test_per_task_selection_keeps_each_tasks_best_epoch(monkeypatch):
     np.testing.assert_array_equal(out["embedding"], loop.predict(f.params, feats, val)["embedding"])
     with pytest.raises(loop_lib.LoopError, match="select='best'"):
         _fit("stats_mlp", None, epochs=1, select="best")
+
+
+def test_curriculum_feeds_the_smaller_networks_first():
+    ws = _set(12)
+    cfg = _cfg("stats_mlp", curriculum=3)
+    t = data_lib.targets(ws.rows, {"test_acc": 1.0}, np.arange(12))
+    loop = loop_lib.Loop(learners.get(cfg.learner, cfg.model, t), t, cfg.train)
+    size = np.array([100, 300, 200] * 4)
+    idx = np.arange(12)
+    assert [sorted(set(size[loop.curriculum(idx, size, e)])) for e in range(4)] == [
+        [100], [100, 200], [100, 200, 300], [100, 200, 300]]
+    assert loop.curriculum(idx, None, 0) is idx      # nothing to order by: every row
+    with pytest.raises(errors.ConfigError, match=r"train.curriculum=-1: expected an integer >= 0"):
+        from wa.learners import probe
+        c = _cfg("stats_mlp", curriculum=-1)
+        probe.check(c)
 
 
 _DP = r"""

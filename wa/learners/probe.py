@@ -82,6 +82,7 @@ def check(cfg) -> None:
                             "three positive fractions (train, validation, test) summing to 1"),
         "tasks": (lambda t: all(w >= 0 for w in t.values()), "task weights >= 0"),
         "train.select": (lambda v: v in loop_lib.SELECTS, f"one of {loop_lib.SELECTS}"),
+        "train.curriculum": (lambda v: int(v) == v and v >= 0, "an integer >= 0 (epochs; 0: off)"),
     })
     # The filesystem last, so a bad value is reported the same with or without a zoo on this machine.
     if not os.path.exists(os.path.join(cfg.zoo, "zoo.json")):
@@ -135,7 +136,9 @@ def run(cfg, workdir: str, progress: bool = True, ws: data_lib.WeightSet | None 
     t0 = time.time()
     if learner.neural:
         loop = loop_lib.Loop(learner, targets, cfg.train)
-        fit = loop.fit(feats, parts["train"], parts["val"], workdir, progress)
+        # Network size is what the curriculum (train.curriculum epochs, simpler networks first) orders by.
+        size = ws.rows["n_params"].to_numpy() if "n_params" in ws.rows else None
+        fit = loop.fit(feats, parts["train"], parts["val"], workdir, progress, complexity=size)
         predict = lambda f, idx: loop.predict_fit(fit, f, idx)  # noqa: E731
         facts = {"best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run, "resumed_from": fit.resumed_from,
                  "task_log_vars": fit.log_vars, "task_best_epoch": fit.task_best_epoch}

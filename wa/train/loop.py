@@ -253,7 +253,18 @@ class Loop:
             total = -out[self.tau_task]["kendall_tau"]
         return {"loss": total, "tasks": out}
 
-    def fit(self, feats, train_idx, val_idx, workdir: str | None = None, progress: bool = True) -> Fit:
+    def curriculum(self, train_idx, complexity, epoch: int) -> np.ndarray:
+        """The training rows of ``epoch``: with ``train.curriculum = K`` epochs and a per-row ``complexity`` (e.g.
+        parameter count), the simplest networks first — those at or below the ((epoch + 1) / K) quantile of the
+        training rows' complexity — growing to every row from epoch K − 1 on."""
+        k = int(self.cfg.get("curriculum", 0))
+        if not k or complexity is None or epoch >= k - 1:
+            return train_idx
+        c = np.asarray(complexity)[train_idx]
+        return train_idx[c <= np.quantile(c, (epoch + 1) / k)]
+
+    def fit(self, feats, train_idx, val_idx, workdir: str | None = None, progress: bool = True,
+            complexity=None) -> Fit:
         cfg = self.cfg
         params, opt_state = self.init(feats, train_idx)
         # Recomputed on resume: the initial parameters are a function of the seed.
@@ -275,7 +286,8 @@ class Loop:
             key = jax.random.fold_in(jax.random.key(cfg.seed), epoch)
             params, opt_state = state["params"], state["opt_state"]
             losses, te = [], time.time()
-            for s, (batch, rows) in enumerate(self.learner.batches(feats, train_idx, cfg.batch_size, rng)):
+            rows_e = self.curriculum(train_idx, complexity, epoch)
+            for s, (batch, rows) in enumerate(self.learner.batches(feats, rows_e, cfg.batch_size, rng)):
                 b, y, m = self._device(batch, rows)
                 keys = jax.device_put(jax.random.split(jax.random.fold_in(key, s), rows.shape[0]), self.data)
                 params, opt_state, loss = self._step(params, opt_state, b, y, m, keys)
