@@ -9,8 +9,9 @@ Variants: nwpa, weightnet, nfn (each also ``<name>_stats``: with the per-layer s
 weightnet_canonical, weightnet_no_layer_types, stats_gbt, stats_mlp, pca_linear, flat_mlp, probegen (runs each
 network on learned probes: not weights-only), probegen_nonlinear; add ``,smoke`` for a seconds-long run,
 ``,nfn_protocol`` for NFN's Small CNN Zoo protocol on an imported zoo, ``,per_task`` to predict each task from its
-own best validation epoch, ``,curriculum`` for smaller networks first over the first 10 epochs. The zoo is the
-digits zoo (``python -m launch.make_zoo --config configs/zoo.py:digits --workdir runs/zoo_digits``).
+own best validation epoch, ``,curriculum`` for smaller networks first over the first 10 epochs, ``,self_norm`` to
+scale each weight block by its own network's statistics (an unseen architecture is read like a seen one). The zoo
+is the digits zoo (``python -m launch.make_zoo --config configs/zoo.py:digits --workdir runs/zoo_digits``).
 Re-running with the same workdir resumes training from the last finished epoch. Model sizes are set for a
 2-core CPU (an NWPA step on 32 digits-zoo networks takes ~40 ms there, bucketed); on a GPU raise
 ``--config.model.dim`` / ``layers``.
@@ -70,6 +71,8 @@ def get_config(arg: str = "nwpa") -> ml_collections.ConfigDict:
         c.train.select = "per_task"
     if "curriculum" in flags:
         c.train.curriculum = 10
+    if "self_norm" in flags and "norm_scope" in c.model:   # the structure learners; the others scale features
+        c.model.norm_scope = "self"
     if "nfn_protocol" in flags:
         # NFN's protocol on the Small CNN Zoo (Zhou et al. 2023; as imported by launch.import_zoo with its split
         # file): final checkpoints, NFN's fixed split, test accuracy alone, the epoch with the best validation τ.
