@@ -79,7 +79,8 @@ def _chains(ws):
     return data_lib.WeightSet(ws.rows.iloc[keep].reset_index(drop=True), [ws.params[i] for i in keep])
 
 
-@pytest.mark.parametrize("variant,equivariant", [("nwpa", True), ("weightnet", True), ("weightnet_flat", False),
+@pytest.mark.parametrize("variant,equivariant", [("nwpa", True), ("weightnet", True), ("weightnet_axial", True),
+                                                 ("weightnet_flat", False),
                                                  ("nfn", True), ("nfn_np", True)])
 def test_predictions_under_hidden_neuron_permutations(variant, equivariant):
     ws = _set(6)

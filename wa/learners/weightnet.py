@@ -8,6 +8,11 @@ attention-weighted edge values (edge-conditioned attention, mixing across all la
 channel Σ_j W_ij · h_j, the network's own weights applied to the token states. Each token also starts with the
 sum of its incoming edges (DeepSets). Pooling: masked mean + attention pooling over tokens.
 
+``mode='axial'`` (``weightnet_axial``) keeps every weight entry as a token of its own (``AxialLayer``): entries
+attend along the rows and the columns of their weight block, neurons read and feed them, so attention runs along
+neuron axes inside each weight tensor as in the Neural Functional Transformer (Zhou et al. 2023), with one set of
+parameters for every block of every architecture.
+
 Ablations (config): ``mode='flat'`` (no permutation handling: each token reads its incoming weights as one
 vector in stored sender order, every token gets its index as a position, no edge tensor), ``mode='canonical'``
 (the flat model on weights first sorted into ``wa.weights.canonical`` order), ``layer_types=False``.
@@ -24,7 +29,61 @@ from wa.learners import base, heads
 from wa.weights import canonical
 from wa.weights import graph as graph_lib
 
-MODES = ("equivariant", "flat", "canonical")
+MODES = ("equivariant", "flat", "canonical", "axial")
+
+
+def _attend(x, axis: int, n_heads: int, dense: dict):
+    """Multi-head self-attention of ``x`` [b, R, S, d] along ``axis`` (2: each receiver's entries attend to each
+    other, over its senders; 1: each sender's, over its receivers) with the projections ``dense`` (q, k, v, o). No
+    positions: equivariant along that axis."""
+    if axis == 1:
+        return _attend(x.transpose(0, 2, 1, 3), 2, n_heads, dense).transpose(0, 2, 1, 3)
+    b, r, s_, d = x.shape
+    dh = d // n_heads
+    q, k, v = (dense[n](x).reshape(b, r, s_, n_heads, dh) for n in ("q", "k", "v"))
+    a = jax.nn.softmax(jnp.einsum("brshd,brthd->brhst", q, k) / jnp.sqrt(dh), -1)
+    return dense["o"](jnp.einsum("brhst,brthd->brshd", a, v).reshape(b, r, s_, d))
+
+
+class AxialLayer(nn.Module):
+    """One layer of the axial WeightNet (after the Neural Functional Transformer, Zhou et al. 2023, which attends
+    along the neuron axes of each weight tensor): every weight entry reads its two end neurons, then attends along
+    its block's rows and along its columns; every neuron reads the mean of its incoming and of its outgoing entries,
+    then all neurons attend to each other. Parameters are shared by all blocks (edge type and layer type are
+    features), so an unseen architecture is read with the same weights."""
+    dim: int
+    n_heads: int
+
+    @nn.compact
+    def __call__(self, h, es, lay):
+        b, t, d = h.shape
+        hn = nn.LayerNorm(name="ln_nodes")(h)
+        recv, send = nn.Dense(d, name="recv")(hn), nn.Dense(d, name="send")(hn)
+        mlp_in, mlp_out = nn.Dense(2 * d, name="entry_mlp_in"), nn.Dense(d, name="entry_mlp_out")
+        ln_e, ln_row, ln_col = nn.LayerNorm(name="ln_entry"), nn.LayerNorm(name="ln_row"), nn.LayerNorm(name="ln_col")
+        row, col = ({n: nn.Dense(d, name=f"{a}_{n}") for n in "qkvo"} for a in ("row", "col"))
+        inc = [[] for _ in lay.groups]
+        out = [[] for _ in lay.groups]
+        new = []
+        for k, (sg, rg, _, diag, _) in enumerate(lay.blocks):
+            (rs, rn), (ss, sn) = lay.groups[rg], lay.groups[sg]
+            e = es[k] + recv[:, rs:rs + rn, None] + (send[:, ss:ss + sn, None] if diag else send[:, None, ss:ss + sn])
+            if not diag:
+                e = e + _attend(ln_row(e), 2, self.n_heads, row)
+                e = e + _attend(ln_col(e), 1, self.n_heads, col)
+            e = e + mlp_out(nn.gelu(mlp_in(ln_e(e))))
+            new.append(e)
+            inc[rg].append(e.mean(2))
+            out[sg].append(e[:, :, 0] if diag else e.mean(1))
+        zeros = lambda g: jnp.zeros((b, lay.groups[g][1], d), h.dtype)  # noqa: E731
+        pooled = [jnp.concatenate([sum(inc[g]) / max(len(inc[g]), 1) if inc[g] else zeros(g),
+                                   sum(out[g]) / max(len(out[g]), 1) if out[g] else zeros(g)], -1)
+                  for g in range(len(lay.groups))]
+        h = h + nn.Dense(d, name="from_entries")(jnp.concatenate(pooled, 1))
+        hn = nn.LayerNorm(name="ln_attn")(h)
+        h = h + nn.MultiHeadDotProductAttention(self.n_heads, name="nodes")(hn, hn)
+        h = h + nn.Dense(d, name="mlp_out")(nn.gelu(nn.Dense(2 * d, name="mlp_in")(nn.LayerNorm(name="ln_mlp")(h))))
+        return h, new
 
 
 class Block(nn.Module):
@@ -64,7 +123,7 @@ class WeightNet(nn.Module):
 
     @nn.compact
     def __call__(self, batch, train: bool = False):
-        eq = self.mode == "equivariant"
+        eq = self.mode in ("equivariant", "axial")
         kernel = self.param("edge_embed", nn.initializers.lecun_normal(), (graph_lib.EDGE_DIM, self.edge_dim)) \
             if eq else None
         types = self.param("edge_type", nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0),
@@ -74,12 +133,17 @@ class WeightNet(nn.Module):
             batch, rows = base.drop_wide_inputs(batch, self.max_input_tokens)
             nodes, stats = batch.nodes, batch.stats
             mask = jnp.ones(nodes["layer_type"].shape, bool)
-            dense_e, inc, fan_in = _dense_edges(batch, kernel, types, self.max_fan_in, eq)
+            dense_e, inc, fan_in = (None, None, None) if self.mode == "axial" else \
+                _dense_edges(batch, kernel, types, self.max_fan_in, eq)
+        elif self.mode == "axial":
+            raise base.LearnerError("weightnet mode 'axial' reads bucketed batches (dense=True)")
         else:
             nodes, mask, stats = batch["nodes"], batch["node_mask"], None
             dense_e, inc, fan_in = _padded_edges(batch, kernel, types, self.max_fan_in, eq)
         h = heads.NodeEmbed(self.dim, self.layer_types, "fixed" if eq else "all", name="node_embed")(nodes)
         h = heads.add_wide_rows(h, rows, self.dim)
+        if self.mode == "axial":
+            return self._axial(batch, h, mask, stats, kernel, types, train)
         if eq:
             h = h + nn.Dense(self.dim, name="incoming")(dense_e.sum(2) / jnp.sqrt(jnp.maximum(fan_in, 1.0))[..., None])
         else:
@@ -88,6 +152,22 @@ class WeightNet(nn.Module):
             if train and self.dropout > 0:
                 h = nn.Dropout(self.dropout, deterministic=False)(h)
             h = Block(self.dim, self.n_heads, eq, name=f"block_{i}")(h, mask, dense_e)
+        return self._readout(h, mask, stats)
+
+    def _axial(self, batch, h, mask, stats, kernel, types, train):
+        lay = batch.layout
+        # Each entry: its taps embedded and its edge type (a diagonal block's entry sits on its receiver).
+        es = [jnp.pad(w, ((0, 0),) * 3 + ((0, graph_lib.EDGE_DIM - w.shape[-1]),)) @ kernel + types[blk[2]]
+              for w, blk in zip(batch.weights, lay.blocks, strict=True)]
+        embed = nn.Dense(self.dim, name="entry_embed")
+        es = [embed(e) for e in es]
+        for i in range(self.n_layers):
+            if train and self.dropout > 0:
+                h = nn.Dropout(self.dropout, deterministic=False)(h)
+            h, es = AxialLayer(self.dim, self.n_heads, name=f"axial_{i}")(h, es, lay)
+        return self._readout(nn.LayerNorm(name="ln_out")(h), mask, stats)
+
+    def _readout(self, h, mask, stats):
         m = mask[..., None].astype(h.dtype)
         mean = (h * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
         score = jnp.where(mask, nn.Dense(1, name="pool_score")(h)[..., 0], -1e9)
@@ -199,7 +279,7 @@ class Learner(base.Blocks, base.Dense):
         c = self.cfg
         return WeightNet(tuple(self.targets.out_dims().items()), dim=c.dim, n_layers=c.layers, n_heads=c.heads,
                          edge_dim=c.edge_dim, max_input_tokens=c.max_input_tokens,
-                         mode="equivariant" if c.mode == "equivariant" else "flat",
+                         mode=c.mode if c.mode in ("equivariant", "axial") else "flat",
                          layer_types=c.layer_types, dropout=c.dropout)
 
 
@@ -210,5 +290,6 @@ base.register(base.Entry(
                 max_input_tokens=256),
     smoke=dict(dim=16, layers=1, heads=2, edge_dim=4),
     # Without permutation handling (flat), canonicalized instead of equivariant, without layer-type embeddings.
-    ablations={"weightnet_flat": dict(mode="flat"), "weightnet_canonical": dict(mode="canonical"),
+    ablations={"weightnet_axial": dict(mode="axial"), "weightnet_flat": dict(mode="flat"),
+               "weightnet_canonical": dict(mode="canonical"),
                "weightnet_no_layer_types": dict(layer_types=False)}))
