@@ -29,11 +29,8 @@ from configs import probe as probe_configs  # noqa: E402
 from launch import common  # noqa: E402
 from wa import learners, lineage, report, runs  # noqa: E402
 from wa.eval import reliability  # noqa: E402
-from wa.learners import (
-    baselines,  # noqa: E402
-    probe,  # noqa: E402
-)
 from wa.learners import data as data_lib  # noqa: E402
+from wa.learners import probe  # noqa: E402
 from wa.report import plots  # noqa: E402
 
 flags.DEFINE_string("zoo", "runs/zoo_digits/zoo", "Zoo store (launch.make_zoo writes <workdir>/zoo).")
@@ -215,25 +212,20 @@ def lineage_scores(ws, runs) -> dict:
     if (rows["parent_id"].fillna(-1) < 0).all():
         return {"skipped": "the zoo has no family trees (every model is a root): there is no lineage to recover"}
     final = rows.loc[rows.groupby("model_id")["epoch"].idxmax()]
-    flat = {i: baselines.flat(ws.params[i]) for i in final.index}
-    out = {"weights_all": lineage.per_architecture(final, [flat[i] for i in final.index]), "test_trees": {}}
+
+    def trees(sub, features=None):
+        # wa's first method with the trees found (a forest per architecture), every tree scored.
+        return lineage.rebuild(sub, [ws.params[i] for i in sub.index], "wa_v1", "found", features=features)["archs"]
+
+    out = {"weights_all": trees(final), "test_trees": {}}
     for v in runs:
         d = os.path.join(FLAGS.workdir, "runs", v, "seed_0")
         if not FLAGS.final_only or not os.path.exists(os.path.join(d, "embeddings.npy")):
             continue
         test = pd.read_parquet(os.path.join(d, "predictions.parquet"))["row"].to_numpy()
         emb = np.load(os.path.join(d, "embeddings.npy"))
-        sub = rows.iloc[test]
-        w = [flat[i] for i in test]
-        out["test_trees"][v] = {"weights": lineage.per_architecture(sub, w),
-                                "embedding": lineage.per_architecture(sub, w, features=list(emb))}
+        out["test_trees"][v] = {"weights": trees(rows.iloc[test]), "embedding": trees(rows.iloc[test], list(emb))}
     return out
-
-
-def pooled(scores: dict) -> float:
-    """Share of all true edges recovered, over architectures (an architecture without edges adds nothing)."""
-    n = sum(s["edges"] for s in scores.values())
-    return sum(s["directed_edges"] * s["edges"] for s in scores.values() if s["edges"]) / n if n else float("nan")
 
 
 def fmt(d):
@@ -357,7 +349,7 @@ def write_report(results, runs):
             lines.append(f"| {b} | {tau(b)} | {tau(v)} | {tau('stats_mlp')} | {tau('stats_gbt')} |")
     lin = results.get("lineage", {})
     if lin.get("weights_all"):
-        mean_dir = pooled(lin["weights_all"])
+        mean_dir = lineage.pooled(lin["weights_all"])
         lines += ["", f"Lineage (weights + kurtosis + arborescence, every model, per architecture): directed edges "
                   f"recovered **{mean_dir:.3f}** (architectures pooled; target > 0.75 "
                   f"{'✔' if mean_dir > 0.75 else '✘'})."]
@@ -410,7 +402,8 @@ def write_report(results, runs):
                       "(directed edges recovered, architectures pooled):", "",
                       "| learner | weights | embedding |", "|---|---|---|"]
             for v, res in lin["test_trees"].items():
-                lines.append(f"| {label(v)} | {pooled(res['weights']):.3f} | {pooled(res['embedding']):.3f} |")
+                w, e = lineage.pooled(res["weights"]), lineage.pooled(res["embedding"])
+                lines.append(f"| {label(v)} | {w:.3f} | {e:.3f} |")
     lines += ["", "## Cost (2-core CPU, mean over seeds)", "", "Measured while other runs and tests shared the two "
               f"cores: read them as upper bounds. All runs together: {results['runs_seconds'] / 60:.0f} min of wall "
               "time (each run's own, measured when it ran).", "",

@@ -383,22 +383,3 @@ def pooled(archs: dict) -> float:
     """Share of all true edges recovered, over architectures (an architecture without edges adds nothing)."""
     n = sum(s["edges"] for s in archs.values())
     return sum(s["directed_edges"] * s["edges"] for s in archs.values() if s["edges"]) / n if n else float("nan")
-
-
-def per_architecture(rows, weights: list, features=None, direction_penalty: float = 0.5) -> dict:
-    """Rebuild trees among ``rows`` (one per model: ``model_id``, ``parent_id``, ``arch_id``) separately for each
-    architecture with ``recover`` (wa_v1, trees found); ``weights[i]`` is row i's flat weight vector,
-    ``features[i]`` an optional embedding to measure distances in. A parent outside ``rows`` counts as no parent.
-    Returns arch → score (plus ``parent``, model ids)."""
-    rows = pd.DataFrame(rows).reset_index(drop=True)
-    out = {}
-    for arch, sub in rows.groupby("arch_id"):
-        ids = sub["model_id"].to_numpy()
-        pos = {int(m): i for i, m in enumerate(ids)}
-        true = np.array([pos.get(int(p), -1) for p in sub["parent_id"].fillna(-1)])
-        w = np.stack([weights[i] for i in sub.index])
-        f = None if features is None else np.stack([features[i] for i in sub.index])
-        found = recover(w, direction_penalty, features=f)["parent"]
-        out[arch] = {**score(true, found), "model_id": ids.tolist(),
-                     "parent": [int(ids[p]) if p >= 0 else -1 for p in found]}
-    return out
