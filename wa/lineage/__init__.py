@@ -252,10 +252,11 @@ class _Models:
         return cdist(self.flat[idx], self.flat[idx])
 
 
-def _pair_costs(models: _Models, idx, clf, pool) -> np.ndarray:
-    """−log P(i is j's parent) among ``idx``, features measured against ``pool`` (every model the method sees)."""
+def _pair_costs(x_pool: np.ndarray, pool: np.ndarray, idx, clf) -> np.ndarray:
+    """−log P(i is j's parent) among ``idx``, from the pair features ``x_pool`` of every model the method sees
+    (``pool``, sorted)."""
     pos = np.searchsorted(pool, idx)
-    x = models.pair_features(pool)[np.ix_(pos, pos)]
+    x = x_pool[np.ix_(pos, pos)]
     p = clf.predict_proba(x.reshape(-1, x.shape[-1]))[:, 1].reshape(len(idx), len(idx))
     return np.where(np.eye(len(idx), dtype=bool), np.inf, -np.log(np.clip(p, 1e-9, 1.0)))
 
@@ -264,11 +265,14 @@ def _solve(models: _Models, groups: list[np.ndarray], m: Method, sign: str, pena
            clf=None) -> dict:
     """Parents (indices into the architecture's models, -1 for roots) for every model of ``groups``."""
     pool = np.sort(np.concatenate(groups))
+    # The pair features are measured against the whole pool once; each group reads its block.
+    x_pool = models.pair_features(pool) if clf is not None else None
 
-    def edge_costs(g):
+    def edge_costs(g, d=None):
         if clf is not None:
-            return _pair_costs(models, g, clf, pool)
-        return costs(models.distance(g, m.distance), models.kurt[m.kurtosis][g], penalty, sign, m.scale)
+            return _pair_costs(x_pool, pool, g, clf)
+        d = models.distance(g, m.distance) if d is None else d
+        return costs(d, models.kurt[m.kurtosis][g], penalty, sign, m.scale)
 
     parent = {}
     if clusters == "known":
@@ -276,11 +280,13 @@ def _solve(models: _Models, groups: list[np.ndarray], m: Method, sign: str, pena
             found = arborescence(edge_costs(g))
             parent.update({int(g[j]): (int(g[p]) if p >= 0 else -1) for j, p in enumerate(found)})
         return parent
-    idx = pool
     # A model is a root where no parent is likelier than not (pairwise), or past Otsu's distance threshold.
-    root_cost = -np.log(0.5) if clf is not None else otsu_root_cost(models.distance(idx, m.distance))
-    found = arborescence(edge_costs(idx), root_cost)
-    return {int(idx[j]): (int(idx[p]) if p >= 0 else -1) for j, p in enumerate(found)}
+    if clf is not None:
+        found = arborescence(edge_costs(pool), -np.log(0.5))
+    else:
+        d = models.distance(pool, m.distance)
+        found = arborescence(edge_costs(pool, d), otsu_root_cost(d))
+    return {int(pool[j]): (int(pool[p]) if p >= 0 else -1) for j, p in enumerate(found)}
 
 
 def _fit_pairs(per: list):
