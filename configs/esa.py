@@ -60,8 +60,12 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     # model leaves the device idle.
     c.perturb_batching = "map"
     c.dtype = "float32"               # float32 or bfloat16 parameters
-    c.prune_sparsity = "0.3,0.5,0.7"  # zero this fraction of lowest-saliency weights ("" = skip) ...
-    c.prune_modes = "per_layer,global"  # ... of every matrix and / or of the whole model
+    # Remove this fraction of the lowest-saliency weights, or N of every M consecutive inputs of each row (N:M,
+    # the 2:4 pattern sparse tensor cores run) ("" = skip) ...
+    c.prune_sparsity = "0.3,0.5,0.7,2:4"
+    # ... of every matrix, of the whole model and / or of each output row (Wanda's comparison group)
+    c.prune_modes = "per_layer,global,per_output"
+    c.prune_sparsegpt = True          # SparseGPT (OBS reconstruction from the calibration inputs) beside them
     c.super_weights = True            # Yu et al. 2024 activation-spike candidates, zeroed vs largest |w| ...
     c.super_weights_each = 0          # ... this many (strongest spikes first) also one at a time; 0 = all
     c.bos = True                      # each document starts with BOS (False for models trained without one)
@@ -94,7 +98,7 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
         c.probe_chunk = 2
         c.random_draws = 2
         c.perturb_scale = "0.5,1.0"
-        c.prune_sparsity = "0.5"
+        c.prune_sparsity = "0.5,2:4"
         c.fault_metrics = "magnitude"
         c.fault_bits_float32 = "31,30"
         c.fault_bits_bfloat16 = "14"

@@ -69,8 +69,14 @@ def test_esa_smoke_writes_every_output(tmp_path):
     # Pruning half of the weights (of every matrix, or of all) hurts more than flipping 0.2% of them, and the
     # gains are relative to magnitude pruning in the same mode.
     pr = s["pruning_ppl"]["0.5"]
-    assert set(pr) == {"magnitude", "taylor", "wanda"} and all(set(v) == {"per_layer", "global"} for v in pr.values())
+    assert set(pr) == {"magnitude", "taylor", "wanda", "sparsegpt"}
+    assert all(set(v) == {"per_layer", "global", "per_output"} for n, v in pr.items() if n != "sparsegpt")
+    assert set(pr["sparsegpt"]) == {"per_layer"}
     assert min(x for v in pr.values() for x in v.values()) > s["ppl_base"]
+    nm = s["pruning_ppl"]["2:4"]
+    assert set(nm) == set(pr) and all(set(v) == {"per_output"} for v in nm.values())
+    assert all(np.isfinite(v["per_output"]) and v["per_output"] > s["ppl_base"] for v in nm.values())
+    assert "| 2:4 | per_output |" in report and "sparsegpt" in report
     gain = s["pruning_gain_vs_magnitude"]["0.5"]["wanda"]["global"]
     assert gain == pytest.approx((pr["magnitude"]["global"] - pr["wanda"]["global"]) / pr["magnitude"]["global"])
     sw = s["super_weights"]
@@ -221,7 +227,9 @@ def test_a_refused_run_leaves_its_workdir_as_it_found_it(tmp_path):
     ({"perturb_scale": "0.5,-1"}, "--config.perturb_scale='0.5,-1': scales must be >= 0"),
     ({"perturb": "melt"}, "unknown perturbation 'melt'"),
     ({"perturb": "bit_flip", "bit_flip_bits": "40"}, "bits [40] do not exist in float32"),
-    ({"prune_sparsity": "1.5"}, "--config.prune_sparsity: 1.5 is not a fraction in (0, 1)"),
+    ({"prune_sparsity": "1.5"}, "--config.prune_sparsity: sparsity '1.5': a fraction must lie in (0, 1)"),
+    ({"prune_sparsity": "0.5,4:4"}, "--config.prune_sparsity: sparsity 4:4: N:M needs 0 < N < M"),
+    ({"prune_modes": "per_row"}, "--config.prune_modes: ['per_row']; expected some of per_layer, global, per_output"),
     ({"window_bos": True}, "--config.bos and --config.window_bos: choose one"),
 ])
 def test_bad_config_is_refused_by_check(fields, message):
@@ -239,6 +247,7 @@ def test_bad_config_is_refused_by_check(fields, message):
     ("--config.metric=fisher", "unknown metric ['fisher']"),
     ("--config.seq_len=4096", "--config.seq_len=4096 exceeds the model's max_position_embeddings=512"),
     ("--config.param_filter=attn_out$", "param_filter 'attn_out$' matches no parameter"),
+    ("--config.prune_sparsity=3:7", "inputs per row, not a multiple of 7"),
     ("--config.corpus=/nonexistent.txt", "corpus '/nonexistent.txt' is neither a known corpus"),
 ])
 def test_bad_config_fails_before_compute(tmp_path, override, message):

@@ -70,3 +70,42 @@ def test_prune_zeroes_exactly_the_lowest():
 
 def test_available_follows_the_computed_metrics():
     assert saliency.available(["magnitude", "grad_squared", "act_mag"]) == ["magnitude", "obd_fisher", "wanda"]
+
+
+def test_per_output_compares_within_each_output_row():
+    # Flax [in, out] kernel: column j holds output j's inputs. Each output loses its own two lowest, so output 1
+    # loses 0.9 and 5.0 though output 0's 0.3 is smaller than both.
+    sal = {"k": np.array([[0.1, 0.9], [0.2, 5.0], [0.3, 7.0], [0.05, 8.0]])}
+    got = saliency.lowest(sal, 0.5, "per_output")["k"]
+    mask = np.zeros(8, bool)
+    mask[got] = True
+    np.testing.assert_array_equal(mask.reshape(4, 2), [[1, 1], [0, 1], [0, 0], [1, 0]])
+    assert saliency.lowest(sal, 0.5, "per_layer")["k"].tolist() == [0, 2, 4, 6]
+    # [out, in] (GPT-2's Conv1D is the opposite way): the input axis is 1, rows are the outputs.
+    t = {"k": sal["k"].T.copy()}
+    np.testing.assert_array_equal(
+        saliency.lowest(t, 0.5, "per_output", {"k": 1})["k"], [0, 3, 4, 5])
+    # Ties go to the lower input index; round(0.25 · 4) = 1 per row.
+    assert saliency.lowest({"k": np.ones((4, 2))}, 0.25, "per_output")["k"].tolist() == [0, 1]
+
+
+def test_n_m_patterns_are_exact():
+    rng = np.random.default_rng(0)
+    sal = {"k": rng.random((16, 6)), "b": rng.random((8, 3))}   # [in, out]
+    for spec, (n, m) in (("2:4", (2, 4)), ("4:8", (4, 8)), ("1:4", (1, 4))):
+        got = dict(saliency.masks(sal, spec, "per_layer"))
+        for p, v in sal.items():
+            mask = got[p].reshape(v.shape)
+            grouped = mask.T.reshape(v.shape[1], -1, m)          # [out, groups, m] along each output's inputs
+            assert (grouped.sum(-1) == n).all(), (spec, p)
+            vals = v.T.reshape(v.shape[1], -1, m)
+            # Every removed weight is below every kept one of its group.
+            assert (np.where(grouped, vals, -np.inf).max(-1) < np.where(grouped, np.inf, vals).min(-1)).all()
+        # The mode does not change a semi-structured pattern.
+        assert all((got[p] == dict(saliency.masks(sal, spec, "global"))[p]).all() for p in sal)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        dict(saliency.masks({"k": np.ones((6, 2))}, "2:4", "per_layer"))
+    for bad in ("4:4", "2:x", "1.5", "0"):
+        with pytest.raises(ValueError, match="sparsity"):
+            saliency.pattern(bad)
+    assert saliency.label("2:4") == "2:4" and saliency.label(0.5) == "0.5"

@@ -30,6 +30,7 @@ from wa.esa import (
     saliency,
     scores,
     select,
+    sparsegpt,
     spectra,
     stats,
     superweights,
@@ -71,6 +72,7 @@ class Plan:
     controls: list[str]
     bits: tuple[int, ...]
     prune_modes: tuple[str, ...] = ("per_layer",)
+    sparsegpt: bool = False       # SparseGPT beside the saliencies in the pruning study
     fault_metrics: tuple[str, ...] = ()
     fault_bits: dict = dataclasses.field(default_factory=dict)   # encoding -> bits
     control_doses: str = "all"    # "all", or "largest": the controls at each perturbation's largest dose only
@@ -117,9 +119,11 @@ def check(cfg) -> Plan:
         raise ConfigError(f"--config.super_weights_each={cfg.super_weights_each}: must be >= 0 (0: every candidate)")
     if "random_k" in controls and cfg.random_draws < 1:
         raise ConfigError(f"--config.random_draws={cfg.random_draws}: the random_k control needs >= 1")
-    for sp in as_list(cfg.prune_sparsity, float, "prune_sparsity"):
-        if not 0 < sp < 1:
-            raise ConfigError(f"--config.prune_sparsity: {sp} is not a fraction in (0, 1)")
+    for sp in as_list(cfg.prune_sparsity, str, "prune_sparsity"):
+        try:
+            saliency.pattern(sp)
+        except ValueError as e:
+            raise ConfigError(f"--config.prune_sparsity: {e}") from e
     if not 0 < cfg.heldout_fraction < 1:
         raise ConfigError(f"--config.heldout_fraction={cfg.heldout_fraction}: must lie in (0, 1)")
     bits = tuple(as_list(cfg.bit_flip_bits, int, "bit_flip_bits"))
@@ -150,8 +154,8 @@ def check(cfg) -> Plan:
     control_doses = cfg.get("control_doses", "all")
     if control_doses not in CONTROL_DOSES:
         raise ConfigError(f"--config.control_doses={control_doses!r}: expected one of {', '.join(CONTROL_DOSES)}")
-    return Plan(metrics, seeds, kinds, scales, controls, bits, modes, fault_metrics,
-                {e: b for e, b in fault_bits.items() if b}, control_doses)
+    return Plan(metrics, seeds, kinds, scales, controls, bits, modes, bool(cfg.get("prune_sparsegpt", False)),
+                fault_metrics, {e: b for e, b in fault_bits.items() if b}, control_doses)
 
 
 @dataclasses.dataclass
@@ -320,32 +324,58 @@ def fault_study(loaded, flat, kept, sels, data, cfg, base_ppl, plan, progress=Tr
     return out
 
 
-def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True, clock=None) -> dict:
-    """Zero the fraction of weights with the lowest saliency (``wa.esa.saliency``: the estimated cost of removing
-    each weight), per matrix and model-wide: perplexity at equal sparsity, {sparsity: {saliency: {mode: ppl}}}.
+def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True, clock=None, batches=()) -> dict:
+    """Remove the weights with the lowest saliency (``wa.esa.saliency``: the estimated cost of removing each
+    weight) at each sparsity — a fraction of every matrix, of the model or of every output row, or an N:M pattern
+    along each row — and, with ``plan.sparsegpt``, prune by SparseGPT from the calibration ``batches``:
+    perplexity at equal sparsity, {sparsity label: {pruner: {mode: ppl}}}.
 
     Magnitude pruning is always included as the baseline; the other saliencies need their score among the
-    metrics. Scores are the first seed's. One saliency and one pruned model exist at a time.
+    metrics. Scores are the first seed's. One saliency and one pruned model exist at a time. SparseGPT chooses its
+    mask per block of each matrix (the same share of every matrix: ``per_layer``; N:M: ``per_output``).
     """
     kept = list(first[plan.metrics[0]])
     weights = {p: flat[p] for p in kept}
+    axes = {p: loaded.family.input_axis(p) for p in kept}
     names = ["magnitude"] + [n for n in saliency.available(plan.metrics) if n != "magnitude"]
-    sparsities = as_list(cfg.prune_sparsity, float, "prune_sparsity")
-    cells = [(name, sp, mode) for name in names for sp in sparsities for mode in plan.prune_modes]
+    specs = [saliency.label(x) for x in as_list(cfg.prune_sparsity, str, "prune_sparsity")]
+    fractions = [x for x in specs if ":" not in x]
+
+    def modes(sp):
+        return ("per_output",) if ":" in sp else plan.prune_modes
+
+    cells = [(name, sp, mode) for name in names for sp in specs for mode in modes(sp)]
+    if plan.sparsegpt:
+        cells += [("sparsegpt", sp, "per_output" if ":" in sp else "per_layer") for sp in specs]
 
     def pruned():
         for name in names:
             src = weights if name == "magnitude" else first[saliency.SALIENCIES[name].metric]
             sal = saliency.compute(name, src, weights)
-            cuts = {mode: saliency.plans(sal, sparsities, mode) for mode in plan.prune_modes}
-            for sp in sparsities:
-                for mode in plan.prune_modes:
+            cuts = {mode: saliency.plans(sal, [float(f) for f in fractions], mode)
+                    for mode in plan.prune_modes if fractions}
+            for sp in specs:
+                for mode in modes(sp):
                     out = dict(flat)
-                    for p, w in saliency.prune(weights, sal, sp, mode, cuts[mode][sp]):
+                    cut = cuts[mode][float(sp)] if ":" not in sp else None
+                    for p, w in saliency.prune(weights, sal, sp if ":" in sp else float(sp), mode, cut, axes):
                         out[p] = jax.device_put(w, flat[p].sharding)
                     yield out
                     del out
             del sal, cuts
+        if plan.sparsegpt:
+            hess = sparsegpt.grams(loaded, loaded.params, batches, kept, progress)
+            missing = [p for p in kept if p not in hess]
+            if missing:
+                logging.warning("sparsegpt: %d of %d matrices had no linear-layer call in the calibration pass and "
+                                "stay dense (e.g. %s)", len(missing), len(kept), missing[0])
+            for sp in specs:
+                out = dict(flat)
+                for p, w, _ in sparsegpt.prune(flat, kept, hess, sp if ":" in sp else float(sp), axes.get):
+                    out[p] = jax.device_put(w, flat[p].sharding)
+                yield out
+                del out
+            del hess
 
     from tqdm import tqdm
     bar = tqdm(total=len(cells), desc="pruning", disable=not progress or jax.process_index() > 0)
@@ -353,7 +383,7 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True, c
     bar.close()
     out: dict = {}
     for (name, sp, mode), d in zip(cells, deltas, strict=True):
-        out.setdefault(str(sp), {}).setdefault(name, {})[mode] = d + base_ppl
+        out.setdefault(sp, {}).setdefault(name, {})[mode] = d + base_ppl
     return out
 
 
@@ -376,6 +406,18 @@ def check_topk(cfg, sizes: dict) -> None:
         where = "the largest matrix" if cfg.mode == "per_layer" else "all the selected matrices together"
         raise ConfigError(f"--config.topk={cfg.topk:g} selects every weight ({where} holds {limit}), so top-k, "
                           "random-k and bottom-k would be the same set; use a smaller count or a fraction in (0, 1)")
+
+
+def check_patterns(cfg, inputs: dict) -> None:
+    """An N:M sparsity groups each row's inputs by M: every pruned matrix's input count must divide."""
+    for sp in as_list(cfg.prune_sparsity, str, "prune_sparsity"):
+        spec = saliency.pattern(sp)
+        if isinstance(spec, tuple):
+            bad = [p for p, n in inputs.items() if n % spec[1]]
+            if bad:
+                raise ConfigError(f"--config.prune_sparsity={sp}: {bad[0]} has {inputs[bad[0]]} inputs per row, "
+                                  f"not a multiple of {spec[1]} (and {len(bad) - 1} more); narrow "
+                                  "--config.param_filter or use another pattern")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,6 +505,7 @@ def setup(cfg, progress: bool = True) -> Setup:
     flat = rules_lib.flatten(loaded.params)
     kept = select.filter_paths(list(flat), cfg.param_filter)  # regex matching nothing fails here
     check_topk(cfg, {p: int(np.prod(flat[p].shape)) for p in kept})
+    check_patterns(cfg, {p: flat[p].shape[loaded.family.input_axis(p)] for p in kept})
     apart = apart_lib.paths(flat, kept, cfg.get("apart", ""))
     data = prepare_data(cfg, loaded, ckpt)
     windows = seed_windows(len(data.cal_ids), cfg.max_samples, plan.seeds)  # before any compute
@@ -737,7 +780,8 @@ def run(cfg, progress: bool = True) -> Analysis:
         _stage_done("apart perturbations", s.t0, s.clock)
     pruning = None
     if cfg.prune_sparsity:
-        pruning = prune_study(s.loaded, s.flat, sc.first, s.data, cfg, s.base["ppl"], s.plan, progress, s.clock)
+        pruning = prune_study(s.loaded, s.flat, sc.first, s.data, cfg, s.base["ppl"], s.plan, progress, s.clock,
+                              sc.batches)
         _stage_done("pruning", s.t0, s.clock)
     faults = fault_study(s.loaded, s.flat, s.kept, sel.top, s.data, cfg, s.base["ppl"], s.plan, progress,
                          s.clock)
@@ -849,7 +893,8 @@ def summarize(a: Analysis) -> dict:
         out["per_metric"][m] = entry
     if pt.pruning:
         out["pruning_gain_vs_magnitude"] = {
-            sp: {name: {mode: (row["magnitude"][mode] - ppl) / row["magnitude"][mode] for mode, ppl in by_mode.items()}
+            sp: {name: {mode: (row["magnitude"][mode] - ppl) / row["magnitude"][mode] for mode, ppl in by_mode.items()
+                        if mode in row["magnitude"]}
                  for name, by_mode in row.items() if name != "magnitude"}
             for sp, row in pt.pruning.items()}
     # Flat aliases the issue asks for at the top level, per metric.

@@ -97,11 +97,13 @@ def write_plots(workdir, a: pipeline.Analysis, summary):
                                   "calibration tokens per seed", "top-k Jaccard across seeds",
                                   os.path.join(workdir, "stability.png")))
     pr = summary.get("pruning_ppl")
-    if pr and len(pr) > 1:
-        sps = sorted(pr, key=float)
+    sps = sorted((sp for sp in pr or {} if ":" not in sp), key=float)
+    if len(sps) > 1:
+        modes = list(dict.fromkeys(m for sp in sps for by_mode in pr[sp].values() for m in by_mode))
+        names = list(dict.fromkeys(n for sp in sps for n in pr[sp]))
         panels = {f"pruning: {mode}": ("log10 perplexity", {
             n: ([100 * float(sp) for sp in sps], [float(np.log10(max(pr[sp][n][mode], 1e-9))) for sp in sps])
-            for n in pr[sps[0]]}) for mode in next(iter(pr[sps[0]].values()))}
+            for n in names if all(mode in pr[sp].get(n, {}) for sp in sps)}) for mode in modes}
         files.append(plots.curve_panels(panels, "sparsity %", os.path.join(workdir, "pruning.png"), cols=2))
     arch = summary.get("architecture")
     if arch:
@@ -159,16 +161,24 @@ def _prune_section(summary, figures=()) -> str:
     pr = summary.get("pruning_ppl")
     if not pr:
         return ""
-    modes = list(next(iter(next(iter(pr.values())).values())))
-    rows = [{"sparsity": f"{float(sp):.0%}", "mode": mode, **{n: _fmt(by_mode[mode]) for n, by_mode in row.items()}}
-            for sp, row in pr.items() for mode in modes]
-    names = list(next(iter(pr.values())))
-    legend = "; ".join(f"{n} = {saliency.SALIENCIES[n].formula} ({saliency.SALIENCIES[n].source})" for n in names)
+    names = list(dict.fromkeys(n for row in pr.values() for n in row))
+    modes = list(dict.fromkeys(m for row in pr.values() for by_mode in row.values() for m in by_mode))
+    rows = [{"sparsity": sp if ":" in sp else f"{float(sp):.0%}", "mode": mode,
+             **{n: _fmt(row[n][mode]) if mode in row.get(n, {}) else "–" for n in names}}
+            for sp, row in pr.items() for mode in modes if any(mode in by_mode for by_mode in row.values())]
+    legend = "; ".join(f"{n} = {saliency.SALIENCIES[n].formula} ({saliency.SALIENCIES[n].source})"
+                       for n in names if n in saliency.SALIENCIES)
+    if "sparsegpt" in names:
+        legend += ("; sparsegpt = the mask and the remaining weights' update from the calibration inputs' Gram "
+                   "matrix XᵀX, column by column (Frantar & Alistarh 2023), its mask chosen per block of 128 "
+                   "inputs across the matrix's rows (so under `per_layer`)")
     plot = "\n![pruning](pruning.png)\n" if "pruning.png" in figures else ""
     return f"""## Pruning by saliency at equal sparsity
-Perplexity after zeroing the weights whose saliency — the estimated cost of removing them — is lowest:
+Perplexity after removing the weights whose saliency — the estimated cost of removing them — is lowest:
 `per_layer` the same fraction of every matrix, `global` that fraction of all selected weights, wherever they
-are. {legend}. Base perplexity {summary['ppl_base']:.4f}.
+are, `per_output` that fraction of the inputs of every output unit (Wanda's comparison group); `N:M` removes N of
+every M consecutive inputs of each output unit (2:4 is the pattern sparse tensor cores run). {legend}. Base
+perplexity {summary['ppl_base']:.4f}.
 
 {report.markdown_table(rows)}
 {plot}"""

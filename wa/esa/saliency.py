@@ -10,8 +10,13 @@ the saliencies below; pruning removes the weights whose saliency is lowest.
                    Damage, LeCun et al. 1990), from ``grad_squared``.
 - ``obd_hessian``  ½ |H_ii| w_i², Optimal Brain Damage with the Hutchinson estimate of the Hessian diagonal
                    (its absolute value: the estimate can be negative), from ``hutchinson_diag``.
-- ``wanda``        |W_ij| ‖X_j‖₂ (Sun et al. 2023), from ``act_mag``; Wanda compares weights within each output
-                   row, here within the matrix (``per_layer``) or across the model (``global``).
+- ``wanda``        |W_ij| ‖X_j‖₂ (Sun et al. 2023), from ``act_mag``.
+
+Which weights compete (``MODES``): every weight of the model (``global``), of its matrix (``per_layer``), or of
+its output row (``per_output``: the weights that feed one output unit, Wanda's comparison group, which its paper
+shows is what makes the score work on LLMs). A sparsity is a fraction, or a semi-structured pattern ``N:M``: N of
+every M consecutive weights along a row's inputs are removed (2:4 and 4:8 are what sparse tensor cores run; as
+in SparseGPT and Wanda, N counts the zeros), whatever the mode.
 
 Adding a saliency is one ``Saliency`` record in ``SALIENCIES``.
 """
@@ -25,7 +30,7 @@ import numpy as np
 
 from wa.esa import select
 
-MODES = ("per_layer", "global")
+MODES = ("per_layer", "global", "per_output")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,43 +65,129 @@ def compute(name: str, scores: dict, weights: dict) -> dict:
             for p, v in scores.items()}
 
 
-def lowest(saliency: dict, fraction: float, mode: str) -> dict:
-    """{path: flat indices} of the ``fraction`` of weights with the lowest saliency, per matrix or model-wide.
+def pattern(spec) -> float | tuple[int, int]:
+    """A sparsity: a fraction in (0, 1) (``0.5``), or ``"N:M"`` (N of every M consecutive weights removed)."""
+    if isinstance(spec, tuple):
+        n, m = spec
+    elif isinstance(spec, str) and ":" in spec:
+        try:
+            n, m = (int(x) for x in spec.split(":"))
+        except ValueError:
+            raise ValueError(f"sparsity {spec!r}: expected a fraction or N:M with integers, e.g. 2:4") from None
+    else:
+        f = float(spec)
+        if not 0 < f < 1:
+            raise ValueError(f"sparsity {spec!r}: a fraction must lie in (0, 1)")
+        return f
+    if not 0 < n < m:
+        raise ValueError(f"sparsity {n}:{m}: N:M needs 0 < N < M (N of every M weights removed)")
+    return (n, m)
 
-    Exactly round(fraction · n) weights per matrix (``per_layer``) or in all (``global``); ties at the threshold
-    go to the earlier path and index, so the choice is deterministic.
-    """
-    return {p: np.flatnonzero(m) for p, m in masks(saliency, fraction, mode)}
+
+def label(spec) -> str:
+    """How a sparsity is written in tables and json keys: ``0.5``, ``2:4``."""
+    p = pattern(spec)
+    return f"{p[0]}:{p[1]}" if isinstance(p, tuple) else str(p)
 
 
-def prune(weights: dict, saliency: dict, fraction: float, mode: str, plan=None):
+def rows(x: np.ndarray, input_axis: int = 0) -> np.ndarray:
+    """``x`` as [outputs, inputs]: one row per output unit, its inputs along the row (a view where it can be)."""
+    x = np.asarray(x)
+    if x.ndim < 2:
+        return x.reshape(1, -1)
+    return np.moveaxis(x, input_axis, -1).reshape(-1, x.shape[input_axis])
+
+
+def unrows(r: np.ndarray, shape, input_axis: int = 0) -> np.ndarray:
+    """The inverse of ``rows``: back to ``shape``."""
+    if len(shape) < 2:
+        return r.reshape(shape)
+    moved = [s for i, s in enumerate(shape) if i != input_axis] + [shape[input_axis]]
+    return np.moveaxis(r.reshape(moved), -1, input_axis)
+
+
+def row_mask(sal_rows: np.ndarray, spec, chunk: int = 1024) -> np.ndarray:
+    """Boolean [outputs, inputs] mask of the weights removed within each row: the round(f · inputs) lowest, or
+    for N:M the N lowest of every M consecutive inputs. Ties go to the lower input index (a stable sort)."""
+    p = pattern(spec)
+    r, c = sal_rows.shape
+    out = np.zeros((r, c), bool)
+    if isinstance(p, tuple):
+        n, m = p
+        if c % m:
+            raise ValueError(f"N:M sparsity {n}:{m} needs each row's input count to be a multiple of {m}; a "
+                             f"matrix has {c} inputs")
+        for a in range(0, r, chunk):   # row chunks keep the sort's index arrays small on large matrices
+            g = sal_rows[a:a + chunk].reshape(-1, c // m, m)
+            order = np.argsort(g, axis=-1, kind="stable")[..., :n]
+            blk = np.zeros(g.shape, bool)
+            np.put_along_axis(blk, order, True, axis=-1)
+            out[a:a + chunk] = blk.reshape(-1, c)
+        return out
+    k = int(round(p * c))
+    if k == 0:
+        return out
+    for a in range(0, r, chunk):
+        order = np.argsort(sal_rows[a:a + chunk], axis=-1, kind="stable")[:, :k]
+        np.put_along_axis(out[a:a + chunk], order, True, axis=-1)
+    return out
+
+
+def lowest(saliency: dict, fraction, mode: str, input_axes: dict | None = None) -> dict:
+    """{path: flat indices} of the weights with the lowest saliency: ``fraction`` of each matrix (``per_layer``),
+    of the model (``global``) or of each output row (``per_output``), or N:M along each row.
+
+    Exactly round(fraction · n) weights per group; ties at the threshold go to the earlier path and index, so the
+    choice is deterministic."""
+    return {p: np.flatnonzero(m) for p, m in masks(saliency, fraction, mode, input_axes=input_axes)}
+
+
+def prune(weights: dict, saliency: dict, fraction, mode: str, plan=None, input_axes: dict | None = None):
     """Yields (path, the weight with its ``lowest`` weights zeroed), one tensor at a time: a pruned copy built
     from a boolean mask, without index arrays (at 70% of a 135M-parameter model they would take 600 MB).
-    ``plan``: ``plans(saliency, fractions, mode)[fraction]``, when several fractions share one partition."""
-    for p, m in masks(saliency, fraction, mode, plan):
+    ``plan``: ``plans(saliency, fractions, mode)[fraction]``, when several fractions share one partition.
+    ``input_axes``: {path: the axis of the kernel that multiplies its input} (0 where absent: Flax's [in, out])."""
+    for p, m in masks(saliency, fraction, mode, plan, input_axes):
         w = np.asarray(weights[p])
         yield p, np.where(m.reshape(w.shape), np.zeros((), w.dtype), w)
 
 
-def plans(saliency: dict, fractions, mode: str) -> dict:
-    """{fraction: [(paths, cut, ties)]}: where ``masks`` cuts each group of paths (each matrix alone per layer,
-    all together model-wide), from one partition per group for every fraction."""
+def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    for f in fractions:
-        if not 0 < f < 1:
-            raise ValueError(f"fraction must lie in (0, 1), got {f}")
+
+
+def plans(saliency: dict, fractions, mode: str) -> dict:
+    """{fraction: [(paths, cut, ties)]}: where ``masks`` cuts each group of paths (each matrix alone per layer,
+    all together model-wide), from one partition per group for every fraction. Row-wise groups (``per_output``,
+    N:M) need no shared partition: their entry is None."""
+    _check_mode(mode)
+    specs = [pattern(f) for f in fractions]
+    out = {f: None for f in fractions}
+    cut_at = [f for f, s in zip(fractions, specs, strict=True) if not isinstance(s, tuple)] \
+        if mode != "per_output" else []
+    if not cut_at:
+        return out
     groups = [[p] for p in saliency] if mode == "per_layer" else [list(saliency)]
-    out = {f: [] for f in fractions}
+    for f in cut_at:
+        out[f] = []
     for g in groups:
         n = sum(np.size(saliency[p]) for p in g)
-        cuts = select.thresholds({p: saliency[p] for p in g}, [int(round(f * n)) for f in fractions])
-        for f, (cut, ties) in zip(fractions, cuts, strict=True):
+        cuts = select.thresholds({p: saliency[p] for p in g}, [int(round(float(f) * n)) for f in cut_at])
+        for f, (cut, ties) in zip(cut_at, cuts, strict=True):
             out[f].append((g, cut, ties))
     return out
 
 
-def masks(saliency: dict, fraction: float, mode: str, plan=None):
+def masks(saliency: dict, fraction, mode: str, plan=None, input_axes: dict | None = None):
     """Yields (path, flat boolean mask of the weights ``lowest`` picks), path by path."""
+    _check_mode(mode)
+    spec = pattern(fraction)
+    if isinstance(spec, tuple) or mode == "per_output":
+        for p, v in saliency.items():
+            v = np.asarray(v)
+            axis = (input_axes or {}).get(p, 0)
+            yield p, unrows(row_mask(rows(v, axis), spec), v.shape, axis).ravel()
+        return
     for g, cut, ties in plan if plan is not None else plans(saliency, [fraction], mode)[fraction]:
         yield from select.masks_at({p: saliency[p] for p in g}, cut, ties)

@@ -328,16 +328,24 @@ def _linear_kernel(module) -> bool:
     return module.has_variable("params", "kernel") and module.get_variable("params", "kernel").ndim == 2
 
 
-def _sq_interceptor(out: dict, mask, head: str | None = None):
-    """A flax method interceptor adding each linear layer call's Σ over real tokens of x_i² to ``out``; with
-    ``head`` (an untied output matrix's path, which the chunked loss applies without a layer call), the final
-    hidden states' too, as that matrix's input."""
+def _sum_sq(x2d):
+    return jnp.sum(jnp.square(x2d), axis=0)
+
+
+def _gram(x2d):
+    return x2d.T @ x2d
+
+
+def _sq_interceptor(out: dict, mask, head: str | None = None, reduce=_sum_sq):
+    """A flax method interceptor adding each linear layer call's ``reduce`` of its inputs over real tokens (by
+    default Σ x_i², per input feature) to ``out``; with ``head`` (an untied output matrix's path, which the chunked
+    loss applies without a layer call), the final hidden states' too, as that matrix's input."""
     def add(path, x):
         x = x.astype(jnp.float32)
         if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
             x = x * mask[..., None].astype(jnp.float32)
-        sq = jnp.sum(jnp.square(x.reshape(-1, x.shape[-1])), axis=0)
-        out[path] = sq if path not in out else out[path] + sq
+        r = reduce(x.reshape(-1, x.shape[-1]))
+        out[path] = r if path not in out else out[path] + r
 
     def interceptor(next_fun, args, kwargs, context):
         if context.method_name == "__call__" and args and _linear_kernel(context.module):
@@ -356,6 +364,16 @@ def input_sq_norms(loaded, params, batch):
     with nn.intercept_methods(_sq_interceptor(out, mask)):
         loaded.forward(params, batch["input_ids"], mask)
     return out
+
+
+def input_grams(loaded, params, batch, paths) -> dict:
+    """{kernel path: Σ over real tokens of x xᵀ} ([inputs, inputs], float32) for the linear layers at ``paths``
+    (an untied output matrix is a layer call in the logits forward pass, so it is among them)."""
+    mask = batch.get("attention_mask")
+    out = {}
+    with nn.intercept_methods(_sq_interceptor(out, mask, None, _gram)):
+        loaded.forward(params, batch["input_ids"], mask)
+    return {p: g for p, g in out.items() if p in paths}
 
 
 def act_mag(params, cal: Calibration):

@@ -67,8 +67,9 @@ def verdicts(summary: dict) -> list[Verdict]:
                 d["monotone_increasing"])
     gains = summary.get("pruning_gain_vs_magnitude") or {}
     # The criterion is read at 50% sparsity (the nearest measured sparsity if 50% was not run).
-    if gains:
-        sp = min(gains, key=lambda x: abs(float(x) - 0.5))
+    fractions = [x for x in gains if ":" not in x]
+    if fractions:
+        sp = min(fractions, key=lambda x: abs(float(x) - 0.5))
         for name, by_mode in gains[sp].items():
             for mode, g in by_mode.items():
                 add("pruning", f"{name} ({mode}) at {float(sp):.0%}", f"{100 * g:+.1f}%", g > 0.15)
