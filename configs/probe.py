@@ -5,9 +5,10 @@ r"""Learn from weights: train one learner on a zoo and evaluate it on held-out f
   python -m launch.probe --config configs/probe.py:stats_gbt --workdir runs/probe_stats_gbt
   python -m launch.probe --config configs/probe.py:nwpa,smoke --config.zoo=/tmp/zoo --workdir /tmp/probe  # tests
 
-Variants: nwpa, weightnet, nfn (each also ``<name>_stats``: with the per-layer statistics fused in), weightnet_flat,
-weightnet_canonical, weightnet_no_layer_types, stats_gbt, stats_mlp, pca_linear, flat_mlp, probegen (runs each
-network on learned probes: not weights-only), probegen_nonlinear; add ``,smoke`` for a seconds-long run,
+Variants: nwpa, weightnet, nfn (each also ``<name>_stats``: with the per-layer statistics fused in), weightnet_axial
+(attention along the neuron axes of each weight tensor), weightnet_flat, weightnet_canonical,
+weightnet_no_layer_types, weightnet_axial_no_layer_types, stats_gbt, stats_mlp, pca_linear, flat_mlp, probegen
+(runs each network on learned probes: not weights-only), probegen_nonlinear; add ``,smoke`` for a seconds-long run,
 ``,nfn_protocol`` for NFN's Small CNN Zoo protocol on an imported zoo, ``,per_task`` to predict each task from its
 own best validation epoch, ``,curriculum`` for smaller networks first over the first 10 epochs, ``,self_norm`` to
 scale each weight block by its own network's statistics (an unseen architecture is read like a seen one). The zoo

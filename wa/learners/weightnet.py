@@ -289,7 +289,9 @@ base.register(base.Entry(
                 normalize=True, norm_scope="position", clip=8.0, stats=False, permute_augment=False,
                 max_input_tokens=256),
     smoke=dict(dim=16, layers=1, heads=2, edge_dim=4),
-    # Without permutation handling (flat), canonicalized instead of equivariant, without layer-type embeddings.
+    # The axial redesign; without permutation handling (flat), canonicalized instead of equivariant, without
+    # layer-type embeddings (node tokens only, and the axial model's).
     ablations={"weightnet_axial": dict(mode="axial"), "weightnet_flat": dict(mode="flat"),
                "weightnet_canonical": dict(mode="canonical"),
-               "weightnet_no_layer_types": dict(layer_types=False)}))
+               "weightnet_no_layer_types": dict(layer_types=False),
+               "weightnet_axial_no_layer_types": dict(mode="axial", layer_types=False)}))
