@@ -66,6 +66,7 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     # ... of every matrix, of the whole model and / or of each output row (Wanda's comparison group)
     c.prune_modes = "per_layer,global,per_output"
     c.prune_sparsegpt = True          # SparseGPT (OBS reconstruction from the calibration inputs) beside them
+    c.prune_owl = False               # every pruner also at OWL's outlier-weighted layer sparsities (Yin et al. 2024)
     c.super_weights = True            # Yu et al. 2024 activation-spike candidates, zeroed vs largest |w| ...
     c.super_weights_each = 0          # ... this many (strongest spikes first) also one at a time; 0 = all
     c.bos = True                      # each document starts with BOS (False for models trained without one)

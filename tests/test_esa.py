@@ -27,7 +27,8 @@ def _esa(tmp_path, *overrides, variant="smoke"):
 
 def test_esa_smoke_writes_every_output(tmp_path):
     r = _esa(tmp_path, "--config.metric=magnitude,grad_x_weight,act_mag", "--config.perturb=sign_flip,bit_flip",
-             "--config.save_plots=True", "--config.control_doses=largest", "--config.apart=embed|norm")
+             "--config.save_plots=True", "--config.control_doses=largest", "--config.apart=embed|norm",
+             "--config.prune_owl=True")
     assert r.returncode == 0, r.stderr[-4000:]
     s = json.load(open(tmp_path / "summary.json"))
     for k in ("model", "n_params", "metrics", "mode", "topk", "seeds", "ppl_base"):
@@ -69,12 +70,14 @@ def test_esa_smoke_writes_every_output(tmp_path):
     # Pruning half of the weights (of every matrix, or of all) hurts more than flipping 0.2% of them, and the
     # gains are relative to magnitude pruning in the same mode.
     pr = s["pruning_ppl"]["0.5"]
-    assert set(pr) == {"magnitude", "taylor", "wanda", "sparsegpt"}
-    assert all(set(v) == {"per_layer", "global", "per_output"} for n, v in pr.items() if n != "sparsegpt")
-    assert set(pr["sparsegpt"]) == {"per_layer"}
+    plain = {"magnitude", "taylor", "wanda", "sparsegpt"}
+    assert set(pr) == plain | {f"{n}+owl" for n in plain}
+    assert all(set(v) == {"per_layer", "global", "per_output"} for n, v in pr.items() if n in plain - {"sparsegpt"})
+    assert all(set(v) == {"per_layer", "per_output"} for n, v in pr.items() if n.endswith("+owl") and "gpt" not in n)
+    assert set(pr["sparsegpt"]) == set(pr["sparsegpt+owl"]) == {"per_layer"}
     assert min(x for v in pr.values() for x in v.values()) > s["ppl_base"]
     nm = s["pruning_ppl"]["2:4"]
-    assert set(nm) == set(pr) and all(set(v) == {"per_output"} for v in nm.values())
+    assert set(nm) == plain and all(set(v) == {"per_output"} for v in nm.values())
     assert all(np.isfinite(v["per_output"]) and v["per_output"] > s["ppl_base"] for v in nm.values())
     assert "| 2:4 | per_output |" in report and "sparsegpt" in report
     gain = s["pruning_gain_vs_magnitude"]["0.5"]["wanda"]["global"]

@@ -109,3 +109,25 @@ def test_n_m_patterns_are_exact():
         with pytest.raises(ValueError, match="sparsity"):
             saliency.pattern(bad)
     assert saliency.label("2:4") == "2:4" and saliency.label(0.5) == "0.5"
+
+
+def test_owl_prunes_layers_with_more_outliers_less():
+    scores = {"l0/a": np.array([1.0, 1, 1, 1, 10]), "l1/a": np.array([1.0, 1]), "l1/b": np.array([1.0, 1]),
+              "l2/a": np.array([1.0, 1, 1, 9, 9, 1]), "head": np.array([5.0, 1.0])}
+    layer_of = {"l0/a": 0, "l1/a": 1, "l1/b": 1, "l2/a": 2, "head": None}
+    got = saliency.owl(scores, layer_of, 0.5, m=2.0, lam=0.1)
+    # Outlier shares (> 2 × the layer mean) 0.2, 0 and 1/3, scaled to [0, 2λ] = 0.12, 0, 0.2 and centred on the
+    # kept share 0.5: sparsities 0.5 − (0.12 − 0.10667) etc.
+    want = {"l0/a": 0.5 - (0.12 - 0.32 / 3), "l1/a": 0.5 + 0.32 / 3, "l1/b": 0.5 + 0.32 / 3,
+            "l2/a": 0.5 - (0.2 - 0.32 / 3), "head": 0.5}
+    assert got == pytest.approx(want)
+    assert np.mean([got["l0/a"], got["l1/a"], got["l2/a"]]) == pytest.approx(0.5)
+    # Each matrix (or each row) then takes its own fraction: round(0.6067 · 2) = 1 of l1's, round(0.4067 · 6) = 2.
+    m = dict(saliency.masks(scores, got, "per_layer"))
+    assert [int(m[p].sum()) for p in scores] == [2, 1, 1, 2, 1]
+    assert m["l2/a"].tolist() == [True, True, False, False, False, False]
+    with pytest.raises(ValueError, match="global"):
+        dict(saliency.masks(scores, got, "global"))
+    # No outliers anywhere: every layer at the target.
+    flat = {"a": np.ones(4), "b": np.ones(4)}
+    assert saliency.owl(flat, {"a": 0, "b": 1}, 0.7) == pytest.approx({"a": 0.7, "b": 0.7})

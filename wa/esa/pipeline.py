@@ -73,6 +73,7 @@ class Plan:
     bits: tuple[int, ...]
     prune_modes: tuple[str, ...] = ("per_layer",)
     sparsegpt: bool = False       # SparseGPT beside the saliencies in the pruning study
+    owl: bool = False             # every pruner also at OWL's outlier-weighted layer sparsities
     fault_metrics: tuple[str, ...] = ()
     fault_bits: dict = dataclasses.field(default_factory=dict)   # encoding -> bits
     control_doses: str = "all"    # "all", or "largest": the controls at each perturbation's largest dose only
@@ -155,7 +156,8 @@ def check(cfg) -> Plan:
     if control_doses not in CONTROL_DOSES:
         raise ConfigError(f"--config.control_doses={control_doses!r}: expected one of {', '.join(CONTROL_DOSES)}")
     return Plan(metrics, seeds, kinds, scales, controls, bits, modes, bool(cfg.get("prune_sparsegpt", False)),
-                fault_metrics, {e: b for e, b in fault_bits.items() if b}, control_doses)
+                bool(cfg.get("prune_owl", False)), fault_metrics, {e: b for e, b in fault_bits.items() if b},
+                control_doses)
 
 
 @dataclasses.dataclass
@@ -328,7 +330,8 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True, c
     """Remove the weights with the lowest saliency (``wa.esa.saliency``: the estimated cost of removing each
     weight) at each sparsity — a fraction of every matrix, of the model or of every output row, or an N:M pattern
     along each row — and, with ``plan.sparsegpt``, prune by SparseGPT from the calibration ``batches``:
-    perplexity at equal sparsity, {sparsity label: {pruner: {mode: ppl}}}.
+    perplexity at equal sparsity, {sparsity label: {pruner: {mode: ppl}}}. With ``plan.owl`` every pruner also
+    runs at OWL's layer sparsities (``<pruner>+owl``; fractions, per matrix and per output row).
 
     Magnitude pruning is always included as the baseline; the other saliencies need their score among the
     metrics. Scores are the first seed's. One saliency and one pruned model exist at a time. SparseGPT chooses its
@@ -340,13 +343,30 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True, c
     names = ["magnitude"] + [n for n in saliency.available(plan.metrics) if n != "magnitude"]
     specs = [saliency.label(x) for x in as_list(cfg.prune_sparsity, str, "prune_sparsity")]
     fractions = [x for x in specs if ":" not in x]
+    owl_modes = tuple(m for m in plan.prune_modes if m != "global") if plan.owl else ()
+    layer_sparsity = {}
+    if owl_modes and fractions:
+        # The outlier shares are read from Wanda's scores, as in the paper (|W| where act_mag was not computed).
+        src = first.get("act_mag") or {p: np.abs(np.asarray(weights[p])) for p in kept}
+        layer_of = {p: loaded.family.classify(p).layer for p in kept}
+        layer_sparsity = {sp: saliency.owl(src, layer_of, float(sp)) for sp in fractions}
 
     def modes(sp):
         return ("per_output",) if ":" in sp else plan.prune_modes
 
-    cells = [(name, sp, mode) for name in names for sp in specs for mode in modes(sp)]
-    if plan.sparsegpt:
-        cells += [("sparsegpt", sp, "per_output" if ":" in sp else "per_layer") for sp in specs]
+    def at(sp):
+        return sp if ":" in sp else float(sp)
+
+    n_cells = (len(names) * (sum(len(modes(sp)) for sp in specs) + len(fractions) * len(owl_modes))
+               + plan.sparsegpt * (len(specs) + (len(fractions) if owl_modes else 0)))
+    cells = []   # (pruner, sparsity, mode) of each model, recorded as ``pruned`` yields it
+
+    def model(cell, pairs):
+        cells.append(cell)
+        out = dict(flat)
+        for p, w, *_ in pairs:
+            out[p] = jax.device_put(w, flat[p].sharding)
+        return out
 
     def pruned():
         for name in names:
@@ -356,12 +376,12 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True, c
                     for mode in plan.prune_modes if fractions}
             for sp in specs:
                 for mode in modes(sp):
-                    out = dict(flat)
                     cut = cuts[mode][float(sp)] if ":" not in sp else None
-                    for p, w in saliency.prune(weights, sal, sp if ":" in sp else float(sp), mode, cut, axes):
-                        out[p] = jax.device_put(w, flat[p].sharding)
-                    yield out
-                    del out
+                    yield model((name, sp, mode), saliency.prune(weights, sal, at(sp), mode, cut, axes))
+            for sp in fractions:
+                for mode in owl_modes:
+                    yield model((f"{name}+owl", sp, mode),
+                                saliency.prune(weights, sal, layer_sparsity[sp], mode, None, axes))
             del sal, cuts
         if plan.sparsegpt:
             hess = sparsegpt.grams(loaded, loaded.params, batches, kept, progress)
@@ -370,15 +390,15 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True, c
                 logging.warning("sparsegpt: %d of %d matrices had no linear-layer call in the calibration pass and "
                                 "stay dense (e.g. %s)", len(missing), len(kept), missing[0])
             for sp in specs:
-                out = dict(flat)
-                for p, w, _ in sparsegpt.prune(flat, kept, hess, sp if ":" in sp else float(sp), axes.get):
-                    out[p] = jax.device_put(w, flat[p].sharding)
-                yield out
-                del out
+                yield model(("sparsegpt", sp, "per_output" if ":" in sp else "per_layer"),
+                            sparsegpt.prune(flat, kept, hess, at(sp), axes.get))
+            for sp in fractions if owl_modes else ():
+                yield model(("sparsegpt+owl", sp, "per_layer"),
+                            sparsegpt.prune(flat, kept, hess, layer_sparsity[sp], axes.get))
             del hess
 
     from tqdm import tqdm
-    bar = tqdm(total=len(cells), desc="pruning", disable=not progress or jax.process_index() > 0)
+    bar = tqdm(total=n_cells, desc="pruning", disable=not progress or jax.process_index() > 0)
     deltas = _deltas(loaded, kept, data, cfg, base_ppl, pruned(), bar, clock)
     bar.close()
     out: dict = {}

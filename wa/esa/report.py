@@ -172,6 +172,10 @@ def _prune_section(summary, figures=()) -> str:
         legend += ("; sparsegpt = the mask and the remaining weights' update from the calibration inputs' Gram "
                    "matrix XᵀX, column by column (Frantar & Alistarh 2023), its mask chosen per block of 128 "
                    "inputs across the matrix's rows (so under `per_layer`)")
+    if any(n.endswith("+owl") for n in names):
+        legend += (f"; +owl = at OWL's layer sparsities (Yin et al. 2024): a layer's share of outlier Wanda scores "
+                   f"(above {saliency.OWL_M:g}× the layer's mean) sets its sparsity, within ±{saliency.OWL_LAMBDA:g} "
+                   "of the target and averaging to it, layers with more outliers pruned less")
     plot = "\n![pruning](pruning.png)\n" if "pruning.png" in figures else ""
     return f"""## Pruning by saliency at equal sparsity
 Perplexity after removing the weights whose saliency — the estimated cost of removing them — is lowest:

@@ -16,7 +16,8 @@ Which weights compete (``MODES``): every weight of the model (``global``), of it
 its output row (``per_output``: the weights that feed one output unit, Wanda's comparison group, which its paper
 shows is what makes the score work on LLMs). A sparsity is a fraction, or a semi-structured pattern ``N:M``: N of
 every M consecutive weights along a row's inputs are removed (2:4 and 4:8 are what sparse tensor cores run; as
-in SparseGPT and Wanda, N counts the zeros), whatever the mode.
+in SparseGPT and Wanda, N counts the zeros), whatever the mode. With OWL (``owl``) each layer gets its own
+fraction, set by its share of outlier scores.
 
 Adding a saliency is one ``Saliency`` record in ``SALIENCIES``.
 """
@@ -179,9 +180,49 @@ def plans(saliency: dict, fractions, mode: str) -> dict:
     return out
 
 
+OWL_M = 5.0       # an outlier: a score above M times its layer's mean (Yin et al. 2024's default for LLaMA)
+OWL_LAMBDA = 0.08  # the layers' sparsities span at most ±λ around the target (their default)
+
+
+def owl(scores: dict, layer_of: dict, fraction: float, m: float = OWL_M, lam: float = OWL_LAMBDA) -> dict:
+    """Outlier-weighted layerwise sparsity (OWL, Yin et al. 2024): {path: its layer's sparsity}. A layer's share
+    of outlier scores (|score| > m × the layer's mean, over all its matrices) sets how much of it is kept: the
+    shares are scaled to [0, 2λ] and centred on 1 − ``fraction``, so layers with more outliers are pruned less
+    and the mean over layers is ``fraction``. Paths outside any layer (``layer_of`` None) keep ``fraction``.
+    ``scores`` are Wanda's |W|·‖X‖ in the paper."""
+    layers = sorted({v for v in layer_of.values() if v is not None})
+    share = []
+    for layer in layers:
+        v = np.concatenate([np.abs(np.ravel(np.asarray(scores[p], np.float64)))
+                            for p, at in layer_of.items() if at == layer])
+        share.append(float(np.mean(v > m * v.mean())))
+    share = np.asarray(share)
+    spread = share.max() - share.min() if len(share) else 0.0
+    scaled = (share - share.min()) / spread * 2 * lam if spread > 0 else np.zeros_like(share)
+    keep = scaled - scaled.mean() + (1 - fraction)
+    per_layer = {layer: float(np.clip(1 - k, 0.0, 1.0)) for layer, k in zip(layers, keep, strict=True)}
+    return {p: fraction if at is None else per_layer[at] for p, at in layer_of.items()}
+
+
 def masks(saliency: dict, fraction, mode: str, plan=None, input_axes: dict | None = None):
-    """Yields (path, flat boolean mask of the weights ``lowest`` picks), path by path."""
+    """Yields (path, flat boolean mask of the weights ``lowest`` picks), path by path. ``fraction`` may be a dict
+    {path: fraction} (OWL's layer sparsities): each matrix, or each of its rows, takes its own."""
     _check_mode(mode)
+    if isinstance(fraction, dict):
+        if mode == "global":
+            raise ValueError("a sparsity per matrix (OWL) needs per_layer or per_output, not one global threshold")
+        for p, v in saliency.items():
+            f = fraction[p]
+            if f <= 0:
+                yield p, np.zeros(np.size(v), bool)
+            elif mode == "per_output":
+                v = np.asarray(v)
+                axis = (input_axes or {}).get(p, 0)
+                yield p, unrows(row_mask(rows(v, axis), f), v.shape, axis).ravel()
+            else:
+                cut, ties = select.thresholds({p: v}, [int(round(f * np.size(v)))])[0]
+                yield from select.masks_at({p: v}, cut, ties)
+        return
     spec = pattern(fraction)
     if isinstance(spec, tuple) or mode == "per_output":
         for p, v in saliency.items():

@@ -148,8 +148,9 @@ def grams(loaded, params, batches, paths, progress: bool = True) -> dict:
 
 def prune(flat: dict, paths, hessians: dict, spec, input_axis=lambda p: 0):
     """Yields (path, pruned kernel, reconstruction error) for each of ``paths`` that has a Gram matrix in
-    ``hessians``; a path without one (a layer the calibration pass did not see) is not yielded."""
+    ``hessians``; a path without one (a layer the calibration pass did not see) is not yielded. ``spec``: one
+    sparsity, or {path: fraction} (OWL's layer sparsities)."""
     for p in paths:
         if p in hessians:
-            w, err = prune_kernel(flat[p], hessians[p], spec, input_axis(p))
+            w, err = prune_kernel(flat[p], hessians[p], spec[p] if isinstance(spec, dict) else spec, input_axis(p))
             yield p, w, err
