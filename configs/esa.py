@@ -39,6 +39,7 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.seq_len = 256
     c.batch_size = 8
     c.eval_windows = 32               # held-out windows for perplexity
+    c.eval_corpus = ""                # a whole other text for perplexity instead of corpus's last documents
     c.seeds = "1337,123,999"          # each changes calibration batches, probes and random-k
     c.probes = 4                      # Hutchinson probes per batch
     c.probe_chunk = 4                 # probes vmapped together

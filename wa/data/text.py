@@ -113,3 +113,14 @@ def lm_windows(stream: np.ndarray, seq_len: int, bos_id: int | None = None) -> t
         ids[i, :len(piece)] = piece
         mask[i, :len(piece)] = 1
     return ids, mask
+
+
+def disjoint_windows(stream: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pruning papers' test windows (SparseGPT's and Wanda's ``eval_ppl``): the stream cut into consecutive,
+    non-overlapping windows of ``seq_len`` tokens, the incomplete tail dropped; in each window every token but the
+    first is a prediction target. Mask all ones."""
+    n = len(stream) // seq_len
+    if n < 1:
+        raise DataError(f"token stream of {len(stream)} tokens holds no window of {seq_len}")
+    ids = np.asarray(stream[:n * seq_len], np.int32).reshape(n, seq_len)
+    return ids, np.ones_like(ids)

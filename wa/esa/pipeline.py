@@ -114,7 +114,7 @@ def check(cfg) -> Plan:
         raise ConfigError(f"--config.dtype={cfg.dtype!r}: expected one of {sorted(DTYPES)}")
     for k in ("max_samples", "seq_len", "batch_size", "eval_windows", "probes", "probe_chunk", "window_chunk",
               "perturb_group"):
-        if cfg[k] < 1:
+        if cfg[k] < 1 and not (k == "eval_windows" and cfg.get("eval_corpus", "") and cfg[k] == 0):
             raise ConfigError(f"--config.{k}={cfg[k]}: must be positive")
     if cfg.get("super_weights_each", 0) < 0:
         raise ConfigError(f"--config.super_weights_each={cfg.super_weights_each}: must be >= 0 (0: every candidate)")
@@ -200,11 +200,24 @@ def check_inputs(cfg) -> None:
     and the corpus. A refused run leaves its --workdir as it found it."""
     check_seq_len(models.read_config(paths.checkpoint(cfg.model)), cfg.seq_len)
     text.read(cfg.corpus)
+    if cfg.get("eval_corpus", ""):
+        text.read(cfg.eval_corpus)
 
 
 def prepare_data(cfg, loaded, ckpt) -> Data:
+    """Calibration windows from ``corpus`` and held-out windows: its last documents, or with ``eval_corpus``
+    that whole file as one stream in non-overlapping windows (the pruning papers' protocol; then every document
+    of ``corpus`` calibrates, and ``eval_windows`` 0 keeps every window)."""
     check_seq_len(loaded.config, cfg.seq_len)
     docs = text.documents(text.read(cfg.corpus), cfg.doc_split)
+    if cfg.get("eval_corpus", ""):
+        tok = tokenizers.get(ckpt)
+        bos, first = cfg.get("bos", True), window_start(cfg, tok, cfg.model)
+        cal_ids, cal_mask = text.lm_windows(text.token_stream(docs, tok, bos=bos), cfg.seq_len, first)
+        ev_ids, ev_mask = text.disjoint_windows(text.token_stream([text.read(cfg.eval_corpus)], tok, bos=bos),
+                                                cfg.seq_len)
+        keep = cfg.eval_windows or len(ev_ids)
+        return Data(cal_ids, cal_mask, ev_ids[:keep], ev_mask[:keep], len(docs), 1, lambda i: tok.decode([i]))
     n_eval = max(1, int(round(len(docs) * cfg.heldout_fraction)))
     if len(docs) - n_eval < 1:
         raise ConfigError(f"--config.corpus={cfg.corpus!r}: {len(docs)} documents cannot be split into "

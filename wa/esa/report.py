@@ -96,15 +96,7 @@ def write_plots(workdir, a: pipeline.Analysis, summary):
         files.append(plots.curves({m: (c["tokens_per_seed"], c["jaccard"]) for m, c in curves.items()},
                                   "calibration tokens per seed", "top-k Jaccard across seeds",
                                   os.path.join(workdir, "stability.png")))
-    pr = summary.get("pruning_ppl")
-    sps = sorted((sp for sp in pr or {} if ":" not in sp), key=float)
-    if len(sps) > 1:
-        modes = list(dict.fromkeys(m for sp in sps for by_mode in pr[sp].values() for m in by_mode))
-        names = list(dict.fromkeys(n for sp in sps for n in pr[sp]))
-        panels = {f"pruning: {mode}": ("log10 perplexity", {
-            n: ([100 * float(sp) for sp in sps], [float(np.log10(max(pr[sp][n][mode], 1e-9))) for sp in sps])
-            for n in names if all(mode in pr[sp].get(n, {}) for sp in sps)}) for mode in modes}
-        files.append(plots.curve_panels(panels, "sparsity %", os.path.join(workdir, "pruning.png"), cols=2))
+    files += [os.path.join(workdir, f) for f in plot_pruning(summary, workdir)]
     arch = summary.get("architecture")
     if arch:
         panels = {}
@@ -141,6 +133,20 @@ def write_plots(workdir, a: pipeline.Analysis, summary):
     return [os.path.basename(f) for f in files]
 
 
+def plot_pruning(summary, workdir: str) -> list[str]:
+    """pruning.png: log perplexity against sparsity, one panel per mode (fractions only; N:M is a table row)."""
+    pr = summary.get("pruning_ppl")
+    sps = sorted((sp for sp in pr or {} if ":" not in sp), key=float)
+    if len(sps) < 2:
+        return []
+    modes = list(dict.fromkeys(m for sp in sps for by_mode in pr[sp].values() for m in by_mode))
+    names = list(dict.fromkeys(n for sp in sps for n in pr[sp]))
+    panels = {f"pruning: {mode}": ("log10 perplexity", {
+        n: ([100 * float(sp) for sp in sps], [float(np.log10(max(pr[sp][n][mode], 1e-9))) for sp in sps])
+        for n in names if all(mode in pr[sp].get(n, {}) for sp in sps)}) for mode in modes}
+    return [os.path.basename(plots.curve_panels(panels, "sparsity %", os.path.join(workdir, "pruning.png"), cols=2))]
+
+
 _DESTROYED = 6.0  # where a non-finite perplexity is drawn on the log10(1 + ΔPPL) axis
 
 
@@ -157,7 +163,7 @@ def _median(xs):
 _fmt = report.number
 
 
-def _prune_section(summary, figures=()) -> str:
+def prune_section(summary, figures=()) -> str:
     pr = summary.get("pruning_ppl")
     if not pr:
         return ""
@@ -576,7 +582,7 @@ Agreement between metrics (share of the smaller top-k set the other also picked,
 ## Perturbation
 {report.markdown_table(pert_rows)}
 
-{_prune_section(summary, figures)}
+{prune_section(summary, figures)}
 {_super_section(summary)}
 {_apart_section(summary, figures)}
 {_architecture_section(summary, figures)}

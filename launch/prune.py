@@ -1,0 +1,91 @@
+r"""One-shot pruning on the LLM-pruning papers' protocol: a table of pruners × sparsities on WikiText-2 test.
+
+  python -m launch.prune --config configs/prune.py:stories260k --workdir runs/prune-stories260k
+  python -m launch.prune --config configs/prune.py:smoke --workdir /tmp/prune
+
+The workdir receives config.json, prune.json (every perplexity, the protocol, the stages' seconds), prune.md (the
+table, what it says, the plot), pruning.png, with ``--config.save_pruned`` a pruned HF checkpoint in pruned/, and
+DONE.json (last). A workdir holding another run is refused before any compute; --overwrite empties it first.
+"""
+
+import os
+import time
+
+import jax
+from absl import flags
+
+from launch import common
+from wa import report, runs
+from wa.esa import job, pipeline, prune_report, saliency
+
+_CONFIG = common.config_flag("configs/prune.py:stories260k", "Pruning config (configs/prune.py).")
+flags.DEFINE_string("workdir", None, "Run folder; default runs/prune-<UTC time>.")
+FLAGS = flags.FLAGS
+
+
+def check_save(cfg, plan) -> tuple[str, str, str] | None:
+    """``save_pruned`` as (pruner, sparsity label, mode), refused before any compute if the table lacks it."""
+    if not cfg.save_pruned:
+        return None
+    parts = cfg.save_pruned.split("/")
+    specs = [saliency.label(x) for x in pipeline.as_list(cfg.prune_sparsity, str, "prune_sparsity")]
+    names = ["magnitude", *(n for n in saliency.available(plan.metrics) if n != "magnitude")]
+    names += ["sparsegpt"] * plan.sparsegpt
+    names += [f"{n}+owl" for n in names] if plan.owl else []
+    ok = len(parts) == 3 and parts[0] in names
+    try:
+        sp = saliency.label(parts[1]) if ok else None
+    except ValueError:
+        sp = None
+    if sp is not None and sp in specs:
+        name, mode = parts[0], parts[2]
+        if ":" in sp:
+            modes = ("per_output",) if not name.endswith("+owl") else ()
+        elif name.startswith("sparsegpt"):
+            modes = ("per_layer",)
+        else:
+            modes = tuple(m for m in plan.prune_modes if not (name.endswith("+owl") and m == "global"))
+        if mode in modes:
+            return name, sp, mode
+    raise pipeline.ConfigError(f"--config.save_pruned={cfg.save_pruned!r}: expected <pruner>/<sparsity>/<mode> "
+                               f"from the table: pruners {', '.join(names)}; sparsities {', '.join(specs)}; modes "
+                               f"{', '.join(plan.prune_modes)} (N:M: per_output; SparseGPT at a fraction: per_layer)")
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value
+    plan = pipeline.check(cfg)       # config errors before devices, files or compute
+    save = check_save(cfg, plan)
+    workdir = runs.writable(FLAGS.workdir, "prune")
+    common.start()
+    pipeline.check_inputs(cfg)
+    chief = jax.process_index() == 0
+    folder = runs.Run.open(workdir, "prune", job.fingerprint(cfg), FLAGS.overwrite, jax.process_index())
+    folder.started()
+    if chief:
+        report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+    t0 = time.time()
+    s = pipeline.setup(cfg)
+    sc, _ = pipeline.score(s)
+    t_scores = time.time() - t0
+    table = pipeline.prune_study(s.loaded, s.flat, sc.first, s.data, cfg, s.base["ppl"], s.plan, True, s.clock,
+                                 sc.batches)
+    seconds = {"load_and_dense_ppl_and_scores": round(t_scores, 1), "pruning": round(time.time() - t0 - t_scores, 1)}
+    out = prune_report.result(cfg, s, table, seconds)
+    files = ["config.json"]
+    if save is not None and chief:
+        path = os.path.join(workdir, "pruned")
+        prune_report.save(s, sc, cfg, save, path)
+        out["saved"] = {"pruner": "/".join(save), "path": "pruned"}
+        files += ["pruned/config.json", "pruned/model.safetensors"]
+    if chief:
+        files += prune_report.write(workdir, out)
+        folder.finish(files)
+        dense = out["ppl_dense"]
+        print(f"dense perplexity {dense:.4f} on {out['protocol']['eval_tokens']:,} WikiText-2 test tokens; "
+              f"table in {workdir}/prune.md")
+
+
+if __name__ == "__main__":
+    common.run(main)
