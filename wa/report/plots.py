@@ -162,7 +162,7 @@ def curves(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, path:
 
 
 def curve_panels(panels: dict[str, tuple[str, dict[str, tuple[list, list]]]], xlabel: str, path: str, cols: int = 3,
-                 marker: str | None = None):
+                 marker: str | None = None, logx: bool = False):
     """One small plot per panel: title → (y label, {series: (x, y)}); ``marker`` also marks each point."""
     n = len(panels)
     rows = -(-n // cols)
@@ -173,6 +173,8 @@ def curve_panels(panels: dict[str, tuple[str, dict[str, tuple[list, list]]]], xl
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
+        if logx:
+            ax.set_xscale("log")
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     axes[0, 0].legend(fontsize=6)
