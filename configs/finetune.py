@@ -4,7 +4,8 @@ r"""Sparse fine-tuning on critical weights: adapt a pretrained LM to a new corpu
   python -m launch.finetune --config configs/finetune.py:smoke --workdir /tmp/finetune     # seconds, for tests
 
 ``methods``: ``topk:<score>`` (the k highest ESA scores on the target corpus; ``topk:grad_squared`` is the FISH
-mask), ``bottom:<score>``, ``random``, ``full``, ``lora`` (rank matched to k); ``fractions``: k as a share of the
+mask), ``bottom:<score>``, ``random``, ``full``, ``lora`` (rank matched to k); protection of the source model's
+top-k of a score on source text: ``freeze:<score>``, ``ewc:<score>``; ``fractions``: k as a share of the
 weight-matrix entries (``param_filter``).
 """
 
@@ -21,7 +22,8 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.val_fraction = 0.1                  # last documents of each corpus held out
     c.metrics = "grad_squared,grad_x_weight,magnitude,act_mag"
     c.methods = ("topk:grad_squared,topk:grad_x_weight,topk:magnitude,topk:act_mag,random,bottom:grad_squared,"
-                 "lora,full")
+                 "lora,full,freeze:grad_x_weight,ewc:grad_x_weight")
+    c.ewc_lambda = 100.0                  # EWC's λ on the Fisher normalised to mean 1 over the protected set
     c.fractions = "0.001,0.003,0.01,0.03,0.1"
     c.param_filter = r"kernel$"
     c.steps = 300
@@ -35,7 +37,7 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.eval_windows = 32
     c.seed = 0
     if arg == "smoke":
-        c.methods = "topk:grad_squared,random,lora,full"
+        c.methods = "topk:grad_squared,random,lora,full,freeze:grad_squared,ewc:grad_squared"
         c.metrics = "grad_squared"
         c.fractions = "0.01,0.1"
         c.steps = 6

@@ -32,12 +32,37 @@ def _table(res) -> str:
     return report.markdown_table(rows)
 
 
+def _protection(res) -> str:
+    """The protected runs beside full fine-tuning: forgetting, and the source perplexity after the source model's
+    critical set is sign-flipped or bit-flipped, in the protected model, the unprotected one and the pretrained."""
+    rows = []
+    full = next((r for r in res["runs"] if r["method"] == "full"), None)
+    for r in res["runs"]:
+        if not r["method"].startswith(("freeze", "ewc")):
+            continue
+        (key, hit), = r["perturbed_source_ppl"].items()
+        ref = (full or {}).get("perturbed_source_ppl", {}).get(key, {})
+        pre = res["base_perturbed_source_ppl"][key]
+        rows.append({"method": r["method"], "k share": f"{r['fraction']:.1%}",
+                     "target ppl": report.number(r["target_ppl"]), "forgetting": f"{100 * r['forgetting']:+.1f}%",
+                     "full: forgetting": f"{100 * full['forgetting']:+.1f}%" if full else "–",
+                     **{f"{kind}: protected | full | pretrained": " | ".join(
+                         report.number(x) for x in (hit[kind], ref.get(kind, float("nan")), pre[kind]))
+                        for kind in hit}})
+    if not rows:
+        return ""
+    return ("## Protecting the source model's critical weights\n\nFine-tuning every weight but the source model's "
+            "top-k (score on source text): frozen, or held by EWC. Source perplexity after that same set is "
+            "sign-flipped or has its exponent's lowest bit flipped (× 2 or ÷ 2).\n\n"
+            + report.markdown_table(rows) + "\n")
+
+
 def _says(res) -> str:
     """Per k: the best sparse method on the target, and how the score-chosen masks compare with random-k."""
     lines = []
     by_k = {}
     for r in res["runs"]:
-        if r["fraction"] is not None:
+        if r["fraction"] is not None and not r["method"].startswith(("freeze", "ewc")):
             by_k.setdefault(r["fraction"], {})[r["method"]] = r
     for f, rs in sorted(by_k.items()):
         sparse = {m: r for m, r in rs.items() if m != "lora"}
@@ -73,7 +98,8 @@ def main(argv):
         folder.finish([])
         return
     report.write_json(os.path.join(workdir, "finetune.json"), res)
-    methods = list(dict.fromkeys(r["method"] for r in res["runs"] if r["fraction"] is not None))
+    methods = list(dict.fromkeys(r["method"] for r in res["runs"] if r["fraction"] is not None
+                                 and not r["method"].startswith(("freeze", "ewc"))))
     panels = {}
     for what, key, label in (("target perplexity (log10)", "target_ppl", "adaptation"),
                              ("source perplexity (log10)", "source_ppl", "forgetting")):
@@ -102,7 +128,8 @@ count. {res['seconds']:.0f} s in all.
 {_table(res)}
 
 ![fine-tuning](finetune.png)
-""")
+
+{_protection(res)}""")
     folder.finish(["config.json", "finetune.json", "finetune.md", "finetune.png"])
     print(f"{len(res['runs'])} runs; table in {workdir}/finetune.md")
 

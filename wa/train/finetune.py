@@ -11,6 +11,19 @@ Methods (``METHODS``; one record each):
   so that r·(in + out) summed over the matrices comes nearest the k of the sparse methods (never below 1: at
   small k LoRA trains more weights than the others, and the table says how many).
 
+Protection of the *source* model's critical weights (its top-k of a score computed on source text) while every
+other weight is fine-tuned:
+
+- ``freeze:<metric>``: the top-k are not trained;
+- ``ewc:<metric>``: they are held by an elastic weight consolidation penalty (Kirkpatrick et al. 2017),
+  (λ/2)·Σ F_i (w_i − w_i⁰)² over the top-k, F the Fisher diagonal (``grad_squared``) on source text, normalised
+  by its mean over the top-k so that λ (``ewc_lambda``) reads the same across models.
+
+After each protected or unprotected (``full``) run the same source top-k is sign-flipped, and separately the
+lowest bit of each one's float32 exponent flipped (bit 23: the weight doubled or halved), and the source perplexity
+measured again: do the weights that
+were critical still carry the model, and does protecting them keep it so?
+
 Training is AdamW on masked gradients (the frozen entries also get no weight decay), the same steps, schedule and
 batches for every method. Reported: perplexity on held-out target text (adaptation) and on held-out source text
 (forgetting), against the number of trainable weights.
@@ -29,7 +42,7 @@ from absl import logging
 
 from wa import errors, parallel
 from wa.data import paths, text, tokenizers
-from wa.esa import evaluate, scores, select
+from wa.esa import evaluate, perturb, scores, select
 from wa.parallel import rules as rules_lib
 
 
@@ -57,6 +70,12 @@ register(Method("bottom", "the k entries with the lowest ESA score on the target
 register(Method("random", "k entries drawn uniformly"))
 register(Method("full", "every parameter", sparse=False))
 register(Method("lora", "low-rank adapters on every weight matrix at the nearest matching count", sparse=False))
+register(Method("freeze", "every parameter but the source model's top-k (score on source text)", sparse=False))
+register(Method("ewc", "every parameter; the source model's top-k held by a Fisher-weighted EWC penalty",
+                sparse=False))
+
+SCORED = ("topk", "bottom", "freeze", "ewc")   # methods that take a score
+PROTECT = ("freeze", "ewc", "full")             # runs followed by the perturbation of the source top-k
 
 
 def parse(spec: str, metrics) -> tuple[str, str | None]:
@@ -64,8 +83,8 @@ def parse(spec: str, metrics) -> tuple[str, str | None]:
     name, _, metric = spec.partition(":")
     if name not in METHODS:
         raise FinetuneError(f"--config.methods: unknown method {spec!r}; known: {', '.join(METHODS)} "
-                            "(topk and bottom take a score: topk:grad_squared)")
-    if name in ("topk", "bottom"):
+                            "(topk, bottom, freeze and ewc take a score: topk:grad_squared)")
+    if name in SCORED:
         if metric not in metrics:
             raise FinetuneError(f"--config.methods: {spec!r} needs a score among {', '.join(metrics)}")
         return name, metric
@@ -96,6 +115,7 @@ class Corpora:
     target: tuple            # held-out target windows (ids, mask)
     source: tuple            # held-out source windows (ids, mask)
     score: tuple             # target calibration windows for the scores
+    source_score: tuple      # source calibration windows (the protected set, the Fisher of EWC)
 
 
 def corpora(cfg, tok) -> Corpora:
@@ -106,7 +126,7 @@ def corpora(cfg, tok) -> Corpora:
             raise FinetuneError(f"corpus {name!r}: {len(docs)} documents cannot be split into train and held-out")
         return docs[:-n], docs[-n:]
     t_train, t_val = split(cfg.target, cfg.target_split)
-    _, s_val = split(cfg.source, cfg.source_split)
+    s_train, s_val = split(cfg.source, cfg.source_split)
     stream = text.token_stream(t_train, tok)
     if len(stream) <= cfg.seq_len * 2:
         raise FinetuneError(f"{cfg.target}: its training part has {len(stream)} tokens, too few for seq_len "
@@ -114,8 +134,10 @@ def corpora(cfg, tok) -> Corpora:
     tv = text.lm_windows(text.token_stream(t_val, tok), cfg.seq_len)
     sv = text.lm_windows(text.token_stream(s_val, tok), cfg.seq_len)
     sc = text.lm_windows(stream, cfg.seq_len)
+    ss = text.lm_windows(text.token_stream(s_train, tok), cfg.seq_len)
     cut = lambda w, n: (w[0][:n], w[1][:n])  # noqa: E731
-    return Corpora(stream, cut(tv, cfg.eval_windows), cut(sv, cfg.eval_windows), cut(sc, cfg.score_windows))
+    return Corpora(stream, cut(tv, cfg.eval_windows), cut(sv, cfg.eval_windows), cut(sc, cfg.score_windows),
+                   cut(ss, cfg.score_windows))
 
 
 def masks_for(flat: dict, kept: list, sel: dict) -> dict:
@@ -139,8 +161,10 @@ def lora_rank(flat: dict, kept: list, k: int, axis_of) -> tuple[int, int]:
     return r, r * per_rank
 
 
-def train(loaded, flat0: dict, data: Corpora, cfg, trainable, lora: dict | None = None) -> dict:
-    """Fine-tunes from ``flat0``: ``trainable`` a mask dict (sparse / full) or None with ``lora`` {path: rank}.
+def train(loaded, flat0: dict, data: Corpora, cfg, trainable, lora: dict | None = None, ewc: dict | None = None
+          ) -> dict:
+    """Fine-tunes from ``flat0``: ``trainable`` a mask dict (sparse / full) or None with ``lora`` {path: rank};
+    ``ewc`` {path: per-entry penalty weight F_i / mean F (0 off the protected set)} adds (λ/2)·Σ F_i (w − w⁰)².
     Returns the fine-tuned flat parameters and the loss curve."""
     model, family = loaded.model, loaded.family
     treedef = jax.tree_util.tree_structure(loaded.params)
@@ -174,8 +198,13 @@ def train(loaded, flat0: dict, data: Corpora, cfg, trainable, lora: dict | None 
         effective = lambda tv: tv  # noqa: E731
         mask = {p: jnp.asarray(m) for p, m in trainable.items()}
 
+    pen = None if ewc is None else {p: jnp.asarray(v) for p, v in ewc.items()}
+
     def loss_fn(tv, batch):
-        return family.loss(model, unflat(effective(tv)), batch)
+        loss = family.loss(model, unflat(effective(tv)), batch)
+        if pen is not None:
+            loss = loss + 0.5 * cfg.ewc_lambda * sum(jnp.sum(f * jnp.square(tv[p] - flat0[p])) for p, f in pen.items())
+        return loss
 
     @jax.jit
     def step(tv, state, batch, mask):
@@ -224,16 +253,35 @@ def run(cfg, progress: bool = True) -> dict:
     t0 = time.time()
     base = perplexities(loaded, flat0, data, cfg)
     logging.info("before fine-tuning: target %.3f, source %.3f", base["target"], base["source"])
-    metrics = sorted({m for _, m in methods if m})
-    cal = scores.Calibration(loaded, list(parallel.iter_batches(
-        loaded.mesh, {"input_ids": data.score[0], "attention_mask": data.score[1]}, cfg.batch_size)),
-        jax.random.key(cfg.seed), progress=progress)
-    sc = {m: {p: np.asarray(v) for p, v in scores.compute(m, loaded.params, cal).items() if p in kept}
-          for m in metrics}
+    def scored(windows, names):
+        cal = scores.Calibration(loaded, list(parallel.iter_batches(
+            loaded.mesh, {"input_ids": windows[0], "attention_mask": windows[1]}, cfg.batch_size)),
+            jax.random.key(cfg.seed), progress=progress)
+        return {m: {p: np.asarray(v) for p, v in scores.compute(m, loaded.params, cal).items() if p in kept}
+                for m in names}
+
+    sc = scored(data.score, sorted({m for n, m in methods if n in ("topk", "bottom")}))
+    guarded = sorted({m for n, m in methods if n in ("freeze", "ewc")})
+    src = scored(data.source_score, sorted(set(guarded) | ({"grad_squared"} if any(
+        n == "ewc" for n, _ in methods) else set())))
     fracs = [float(x) for x in str(cfg.fractions).split(",") if x]
-    out = {"base": base, "n_weights_matrices": n_kept, "n_params": n_all, "runs": [],
+    # The source model's critical sets, protected by freeze / ewc and perturbed after every protection run.
+    critical = {(m, f): select.top_k(src[m], int(round(f * n_kept)), "global", ".")[0] for m in guarded
+                for f in fracs}
+
+    def robustness(flat, sel) -> dict:
+        out = {}
+        # Bit 30 (the exponent's top bit) destroys any model; bit 23 (its lowest: × 2 or ÷ 2) measures.
+        for kind, kw in (("sign_flip", {}), ("bit_flip_23", {"bits": (23,), "encoding": "float32"})):
+            hit = perturb.apply(flat, sel, kind.removesuffix("_23"), **kw)
+            out[kind] = perplexities(loaded, hit, data, cfg)["source"]
+        return out
+
+    base_hit = {f"{m}@{f}": robustness(flat0, sel) for (m, f), sel in critical.items()}
+    out = {"base": base, "base_perturbed_source_ppl": base_hit, "n_weights_matrices": n_kept, "n_params": n_all,
+           "runs": [],
            "protocol": {k: cfg[k] for k in ("model", "source", "target", "steps", "batch_size", "seq_len", "lr",
-                                            "fractions", "seed")}}
+                                            "fractions", "seed", "ewc_lambda")}}
     jobs = []
     for name, metric in methods:
         if name == "full":
@@ -242,10 +290,21 @@ def run(cfg, progress: bool = True) -> dict:
             jobs += [(name, metric, f) for f in fracs]
     for name, metric, f in jobs:
         k = int(round(f * n_kept)) if f is not None else n_all
-        lora = None
+        lora = ewc = None
         if name == "full":
             trainable = {p: np.ones((), np.float32) for p in flat0}
             count = n_all
+        elif name in ("freeze", "ewc"):
+            guard = masks_for(flat0, kept, critical[metric, f])
+            if name == "freeze":
+                trainable = {p: 1.0 - m for p, m in guard.items()}
+                count = n_all - k
+            else:
+                trainable = {p: np.ones((), np.float32) for p in flat0}
+                fisher = {p: src["grad_squared"][p] * guard[p] for p in kept}
+                scale = sum(float(v.sum()) for v in fisher.values()) / max(k, 1)
+                ewc = {p: (v / scale).astype(np.float32) for p, v in fisher.items() if guard[p].any()}
+                count = n_all
         elif name == "lora":
             r, count = lora_rank(flat0, kept, k, loaded.family.input_axis)
             lora, trainable = {p: r for p in kept}, None
@@ -257,12 +316,16 @@ def run(cfg, progress: bool = True) -> dict:
             trainable = masks_for(flat0, kept, sel)
             count = int(sum(len(v) for v in sel.values()))
         t = time.time()
-        r = train(loaded, flat0, data, cfg, trainable, lora)
+        r = train(loaded, flat0, data, cfg, trainable, lora, ewc)
         ppl = perplexities(loaded, r["flat"], data, cfg)
         label = name + (f":{metric}" if metric else "")
         row = {"method": label, "fraction": f, "k": k, "trainable": int(count), "target_ppl": ppl["target"],
                "source_ppl": ppl["source"], "forgetting": ppl["source"] / base["source"] - 1.0,
                "final_loss": r["curve"][-1]["loss"], "seconds": round(time.time() - t, 1)}
+        if name in ("freeze", "ewc"):
+            row["perturbed_source_ppl"] = {f"{metric}@{f}": robustness(r["flat"], critical[metric, f])}
+        elif name == "full":
+            row["perturbed_source_ppl"] = {f"{m}@{g}": robustness(r["flat"], sel) for (m, g), sel in critical.items()}
         if lora is not None:
             row["lora_rank"] = next(iter(lora.values()))
         out["runs"].append(row)
