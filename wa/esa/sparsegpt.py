@@ -37,11 +37,19 @@ def _inverse_cholesky(h: jax.Array, damp: float) -> jax.Array:
     return jnp.linalg.cholesky(hinv).T
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "block", "damp"))
 def prune_rows(w: jax.Array, gram: jax.Array, spec, block: int = BLOCK, damp: float = DAMP):
     """(pruned rows, reconstruction error Σ (w_q − q)² / U_qq² over the removed weights) of ``w`` [rows, cols]
     for a calibration Gram matrix ``gram`` = Σ x xᵀ over tokens [cols, cols]; ``spec`` a fraction removed (the same
-    share of every block) or (N, M). Computed in float32."""
+    share of every block) or (N, M). Computed in float32. A fraction is an argument of the compiled program, not
+    part of it: OWL's per-layer sparsities share one compilation per matrix shape."""
+    if isinstance(spec, tuple):
+        return _prune_rows(w, gram, jnp.float32(0.0), spec, block, damp)
+    return _prune_rows(w, gram, jnp.float32(spec), None, block, damp)
+
+
+@functools.partial(jax.jit, static_argnames=("nm_spec", "block", "damp"))
+def _prune_rows(w, gram, fraction, nm_spec, block, damp):
+    spec = nm_spec if nm_spec is not None else fraction
     w = w.astype(jnp.float32)
     h = gram.astype(jnp.float32)
     rows, cols = w.shape
@@ -50,7 +58,7 @@ def prune_rows(w: jax.Array, gram: jax.Array, spec, block: int = BLOCK, damp: fl
     dead = jnp.diag(h) == 0
     h = h + jnp.diag(dead.astype(h.dtype))
     w = jnp.where(dead[None, :], 0.0, w)
-    nm = isinstance(spec, tuple)
+    nm = nm_spec is not None
     if nm:
         n_prune, m = spec
     step = m if nm else 1                 # a block holds whole N:M groups
