@@ -169,6 +169,7 @@ class Data:
     documents: int
     heldout_documents: int
     decode: object = None   # token id -> its text (the apart report names embedding rows by their token)
+    eval_available: int = 0  # held-out windows there were before ``eval_windows`` cut them (eval_corpus)
 
 
 def check_bos(cfg) -> None:
@@ -217,7 +218,8 @@ def prepare_data(cfg, loaded, ckpt) -> Data:
         ev_ids, ev_mask = text.disjoint_windows(text.token_stream([text.read(cfg.eval_corpus)], tok, bos=bos),
                                                 cfg.seq_len)
         keep = cfg.eval_windows or len(ev_ids)
-        return Data(cal_ids, cal_mask, ev_ids[:keep], ev_mask[:keep], len(docs), 1, lambda i: tok.decode([i]))
+        return Data(cal_ids, cal_mask, ev_ids[:keep], ev_mask[:keep], len(docs), 1, lambda i: tok.decode([i]),
+                    len(ev_ids))
     n_eval = max(1, int(round(len(docs) * cfg.heldout_fraction)))
     if len(docs) - n_eval < 1:
         raise ConfigError(f"--config.corpus={cfg.corpus!r}: {len(docs)} documents cannot be split into "

@@ -27,6 +27,7 @@ def result(cfg, s, table: dict, seconds: dict) -> dict:
             "protocol": {"calibration_corpus": cfg.corpus, "calibration_windows": cfg.max_samples,
                          "seq_len": cfg.seq_len, "calibration_tokens": int(cfg.max_samples * cfg.seq_len),
                          "eval_corpus": cfg.eval_corpus, "eval_windows": int(len(ev)),
+                         "eval_windows_available": int(s.data.eval_available or len(ev)),
                          "eval_tokens": int(s.base["tokens"]), "metrics": cfg.metric},
             "findings": findings(table, s.base["ppl"])}
 
@@ -96,12 +97,14 @@ def write(workdir: str, out: dict) -> list[str]:
     summary = {"pruning_ppl": out["pruning_ppl"], "ppl_base": out["ppl_dense"]}
     figures = esa_report.plot_pruning(summary, workdir)
     p = out["protocol"]
+    whole = ("the whole" if p["eval_windows"] == p["eval_windows_available"] else
+             f"the first {p['eval_windows']} of the {p['eval_windows_available']} windows of the")
     text = f"""# One-shot pruning of {out['model']}
 
 Protocol: calibration on {p['calibration_windows']} windows of {p['seq_len']} tokens of `{p['calibration_corpus']}`
-({p['calibration_tokens']:,} tokens); perplexity on the whole `{p['eval_corpus']}` file cut into {p['eval_windows']}
-non-overlapping windows of {p['seq_len']} ({p['eval_tokens']:,} predicted tokens), as SparseGPT's and Wanda's code
-evaluate. Dense perplexity {out['ppl_dense']:.4f}. Scores: {p['metrics']}. Seconds: {out['seconds']}.
+({p['calibration_tokens']:,} tokens); perplexity on {whole} `{p['eval_corpus']}` file cut into non-overlapping windows
+of {p['seq_len']} ({p['eval_tokens']:,} predicted tokens), as SparseGPT's and Wanda's code evaluate.
+Dense perplexity {out['ppl_dense']:.4f}. Scores: {p['metrics']}. Seconds: {out['seconds']}.
 
 Published anchors for scale: {ANCHORS}.
 
