@@ -46,7 +46,7 @@ def _protection(res) -> str:
         rows.append({"method": r["method"], "k share": f"{r['fraction']:.1%}",
                      "target ppl": report.number(r["target_ppl"]), "forgetting": f"{100 * r['forgetting']:+.1f}%",
                      "full: forgetting": f"{100 * full['forgetting']:+.1f}%" if full else "–",
-                     **{f"{kind}: protected | full | pretrained": " | ".join(
+                     **{f"{kind}: protected / full / pretrained": " / ".join(
                          report.number(x) for x in (hit[kind], ref.get(kind, float("nan")), pre[kind]))
                         for kind in hit}})
     if not rows:
@@ -81,22 +81,8 @@ def _says(res) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    del argv
-    cfg = _CONFIG.value
-    finetune.check(cfg)
-    paths.checkpoint(cfg.model)
-    text.read(cfg.source)
-    text.read(cfg.target)
-    workdir = runs.writable(FLAGS.workdir, "finetune")
-    common.start()
-    folder = runs.Run.open(workdir, "finetune", {"config": cfg.to_dict()}, FLAGS.overwrite, jax.process_index())
-    folder.started()
-    report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
-    res = finetune.run(cfg)
-    if not common.is_chief():
-        folder.finish([])
-        return
+def write(workdir: str, res: dict) -> None:
+    """finetune.json, finetune.md and finetune.png from the runs' figures."""
     report.write_json(os.path.join(workdir, "finetune.json"), res)
     methods = list(dict.fromkeys(r["method"] for r in res["runs"] if r["fraction"] is not None
                                  and not r["method"].startswith(("freeze", "ewc"))))
@@ -130,6 +116,25 @@ count. {res['seconds']:.0f} s in all.
 ![fine-tuning](finetune.png)
 
 {_protection(res)}""")
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value
+    finetune.check(cfg)
+    paths.checkpoint(cfg.model)
+    text.read(cfg.source)
+    text.read(cfg.target)
+    workdir = runs.writable(FLAGS.workdir, "finetune")
+    common.start()
+    folder = runs.Run.open(workdir, "finetune", {"config": cfg.to_dict()}, FLAGS.overwrite, jax.process_index())
+    folder.started()
+    report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+    res = finetune.run(cfg)
+    if not common.is_chief():
+        folder.finish([])
+        return
+    write(workdir, res)
     folder.finish(["config.json", "finetune.json", "finetune.md", "finetune.png"])
     print(f"{len(res['runs'])} runs; table in {workdir}/finetune.md")
 
