@@ -56,20 +56,19 @@ def test_lora_starts_at_the_pretrained_model_and_moves_only_matrices(setup):
 
 def test_launch_finetune_writes_its_table(tmp_path):
     r = subprocess.run([sys.executable, "-m", "launch.finetune", "--config", "configs/finetune.py:smoke", "--workdir",
-                        str(tmp_path), "--config.methods=topk:grad_squared,lora,freeze:grad_squared",
+                        str(tmp_path), "--config.methods=topk:grad_squared,freeze:grad_squared",
                         "--config.fractions=0.05"],
                        cwd=helpers.REPO, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.load(open(tmp_path / "finetune.json"))
     rows = {x["method"]: x for x in res["runs"]}
-    assert set(rows) == {"topk:grad_squared", "lora", "freeze:grad_squared"}
+    assert set(rows) == {"topk:grad_squared", "freeze:grad_squared"}
     k = round(0.05 * res["n_weights_matrices"])
     assert rows["topk:grad_squared"]["trainable"] == k
     assert rows["freeze:grad_squared"]["trainable"] == res["n_params"] - k
     # The source model's critical set, perturbed in the pretrained and in the protected model.
     for who in (res["base_perturbed_source_ppl"], rows["freeze:grad_squared"]["perturbed_source_ppl"]):
         assert set(who) == {"grad_squared@0.05"} and set(who["grad_squared@0.05"]) == {"sign_flip", "bit_flip_23"}
-    assert rows["lora"]["trainable"] >= 1 and "lora_rank" in rows["lora"]
     assert all(np.isfinite(x["target_ppl"]) and np.isfinite(x["source_ppl"]) for x in rows.values())
     md = open(tmp_path / "finetune.md").read()
     assert "## What it says" in md and "| topk:grad_squared | 5.0% |" in md
