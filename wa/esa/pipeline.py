@@ -341,6 +341,13 @@ def fault_study(loaded, flat, kept, sels, data, cfg, base_ppl, plan, progress=Tr
     return out
 
 
+def owl_sparsities(loaded, first: dict, weights: dict, fraction: float) -> dict:
+    """OWL's {path: sparsity} around ``fraction`` for the matrices of ``weights``, the outlier shares read from
+    Wanda's scores as in the paper (|W| where ``act_mag`` was not computed)."""
+    src = first.get("act_mag") or {p: np.abs(np.asarray(w)) for p, w in weights.items()}
+    return saliency.owl(src, {p: loaded.family.classify(p).layer for p in weights}, fraction)
+
+
 def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True, clock=None, batches=()) -> dict:
     """Remove the weights with the lowest saliency (``wa.esa.saliency``: the estimated cost of removing each
     weight) at each sparsity — a fraction of every matrix, of the model or of every output row, or an N:M pattern
@@ -359,12 +366,7 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True, c
     specs = [saliency.label(x) for x in as_list(cfg.prune_sparsity, str, "prune_sparsity")]
     fractions = [x for x in specs if ":" not in x]
     owl_modes = tuple(m for m in plan.prune_modes if m != "global") if plan.owl else ()
-    layer_sparsity = {}
-    if owl_modes and fractions:
-        # The outlier shares are read from Wanda's scores, as in the paper (|W| where act_mag was not computed).
-        src = first.get("act_mag") or {p: np.abs(np.asarray(weights[p])) for p in kept}
-        layer_of = {p: loaded.family.classify(p).layer for p in kept}
-        layer_sparsity = {sp: saliency.owl(src, layer_of, float(sp)) for sp in fractions}
+    layer_sparsity = {sp: owl_sparsities(loaded, first, weights, float(sp)) for sp in fractions} if owl_modes else {}
 
     def modes(sp):
         return ("per_output",) if ":" in sp else plan.prune_modes

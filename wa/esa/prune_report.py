@@ -9,8 +9,8 @@ import numpy as np
 from flax import traverse_util
 
 from wa import report
+from wa.esa import pipeline, saliency, sparsegpt
 from wa.esa import report as esa_report
-from wa.esa import saliency, sparsegpt
 
 # Saliencies built from ESA's data-dependent scores (the rest: magnitude, Wanda, SparseGPT, the field's anchors).
 ESA_GUIDED = ("taylor", "obd_fisher", "obd_hessian")
@@ -124,17 +124,17 @@ def save(s, sc, cfg, which: tuple[str, str, str], path: str) -> None:
     kept = list(sc.first[s.plan.metrics[0]])
     axes = {p: s.loaded.family.input_axis(p) for p in kept}
     spec = sp if ":" in sp else float(sp)
+    weights = {p: s.flat[p] for p in kept}
     if owl:
-        src = sc.first.get("act_mag") or {p: np.abs(np.asarray(s.flat[p])) for p in kept}
-        spec = saliency.owl(src, {p: s.loaded.family.classify(p).layer for p in kept}, float(sp))
+        spec = pipeline.owl_sparsities(s.loaded, sc.first, weights, float(sp))
     flat = dict(s.flat)
     if base == "sparsegpt":
         hess = sparsegpt.grams(s.loaded, s.loaded.params, sc.batches, kept)
         pairs = sparsegpt.prune(s.flat, kept, hess, spec, axes.get)
     else:
-        src = {p: s.flat[p] for p in kept} if base == "magnitude" else sc.first[saliency.SALIENCIES[base].metric]
-        sal = saliency.compute(base, src, {p: s.flat[p] for p in kept})
-        pairs = saliency.prune({p: s.flat[p] for p in kept}, sal, spec, mode, None, axes)
+        src = weights if base == "magnitude" else sc.first[saliency.SALIENCIES[base].metric]
+        sal = saliency.compute(base, src, weights)
+        pairs = saliency.prune(weights, sal, spec, mode, None, axes)
     for p, w, *_ in pairs:
         flat[p] = w
     params = traverse_util.unflatten_dict({tuple(k.split("/")): np.asarray(jax.device_get(v)) for k, v in flat.items()})

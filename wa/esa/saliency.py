@@ -208,27 +208,22 @@ def masks(saliency: dict, fraction, mode: str, plan=None, input_axes: dict | Non
     """Yields (path, flat boolean mask of the weights ``lowest`` picks), path by path. ``fraction`` may be a dict
     {path: fraction} (OWL's layer sparsities): each matrix, or each of its rows, takes its own."""
     _check_mode(mode)
-    if isinstance(fraction, dict):
-        if mode == "global":
-            raise ValueError("a sparsity per matrix (OWL) needs per_layer or per_output, not one global threshold")
-        for p, v in saliency.items():
-            f = fraction[p]
-            if f <= 0:
-                yield p, np.zeros(np.size(v), bool)
-            elif mode == "per_output":
-                v = np.asarray(v)
-                axis = (input_axes or {}).get(p, 0)
-                yield p, unrows(row_mask(rows(v, axis), f), v.shape, axis).ravel()
-            else:
-                cut, ties = select.thresholds({p: v}, [int(round(f * np.size(v)))])[0]
-                yield from select.masks_at({p: v}, cut, ties)
-        return
-    spec = pattern(fraction)
-    if isinstance(spec, tuple) or mode == "per_output":
+    per_path = isinstance(fraction, dict)
+    if per_path and mode == "global":
+        raise ValueError("a sparsity per matrix (OWL) needs per_layer or per_output, not one global threshold")
+    spec = None if per_path else pattern(fraction)
+    if per_path or isinstance(spec, tuple) or mode == "per_output":
         for p, v in saliency.items():
             v = np.asarray(v)
-            axis = (input_axes or {}).get(p, 0)
-            yield p, unrows(row_mask(rows(v, axis), spec), v.shape, axis).ravel()
+            f = fraction[p] if per_path else spec
+            if not isinstance(f, tuple) and f <= 0:
+                yield p, np.zeros(v.size, bool)
+            elif mode == "per_output" or isinstance(f, tuple):
+                axis = (input_axes or {}).get(p, 0)
+                yield p, unrows(row_mask(rows(v, axis), f), v.shape, axis).ravel()
+            else:   # per_layer at this matrix's own fraction
+                cut, ties = select.thresholds({p: v}, [int(round(f * v.size))])[0]
+                yield from select.masks_at({p: v}, cut, ties)
         return
     for g, cut, ties in plan if plan is not None else plans(saliency, [fraction], mode)[fraction]:
         yield from select.masks_at({p: saliency[p] for p in g}, cut, ties)
