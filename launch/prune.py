@@ -29,7 +29,7 @@ def check_save(cfg, plan) -> tuple[str, str, str] | None:
         return None
     parts = cfg.save_pruned.split("/")
     specs = [saliency.label(x) for x in pipeline.as_list(cfg.prune_sparsity, str, "prune_sparsity")]
-    names = ["magnitude", *(n for n in saliency.available(plan.metrics) if n != "magnitude")]
+    names = pipeline.saliency_pruners(plan)
     names += ["sparsegpt"] * plan.sparsegpt
     names += [f"{n}+owl" for n in names] if plan.owl else []
     ok = len(parts) == 3 and parts[0] in names

@@ -341,6 +341,11 @@ def fault_study(loaded, flat, kept, sels, data, cfg, base_ppl, plan, progress=Tr
     return out
 
 
+def saliency_pruners(plan) -> list[str]:
+    """The saliencies the pruning study runs: magnitude (the baseline, always) and those whose score is computed."""
+    return ["magnitude"] + [n for n in saliency.available(plan.metrics) if n != "magnitude"]
+
+
 def owl_sparsities(loaded, first: dict, weights: dict, fraction: float) -> dict:
     """OWL's {path: sparsity} around ``fraction`` for the matrices of ``weights``, the outlier shares read from
     Wanda's scores as in the paper (|W| where ``act_mag`` was not computed)."""
@@ -362,7 +367,7 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True, c
     kept = list(first[plan.metrics[0]])
     weights = {p: flat[p] for p in kept}
     axes = {p: loaded.family.input_axis(p) for p in kept}
-    names = ["magnitude"] + [n for n in saliency.available(plan.metrics) if n != "magnitude"]
+    names = saliency_pruners(plan)
     specs = [saliency.label(x) for x in as_list(cfg.prune_sparsity, str, "prune_sparsity")]
     fractions = [x for x in specs if ":" not in x]
     owl_modes = tuple(m for m in plan.prune_modes if m != "global") if plan.owl else ()
