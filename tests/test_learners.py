@@ -385,7 +385,8 @@ def test_probe_checks_its_config_before_reading_the_zoo(tmp_path):
 
 
 def test_probe_runs_and_resumes_in_process(tmp_path, smoke_zoo):
-    """The probe end to end with a dense learner (the NWPA run through the launcher is in the slow lane)."""
+    """The probe end to end in process: fit, write, resume a finished folder (the same loop for every learner;
+    NWPA's fit and exact resume are test_loop_resume_is_exact_and_runs_are_deterministic's)."""
     from wa.learners import probe
     c = _cfg("stats_mlp")
     c.zoo = str(smoke_zoo / "zoo")
@@ -401,15 +402,17 @@ def test_probe_runs_and_resumes_in_process(tmp_path, smoke_zoo):
 
 @pytest.mark.slow
 def test_probe_cli_resumes_and_refuses_another_run(tmp_path, smoke_zoo):
+    # The launcher's own work (flags, folder, outputs, refusals) with a learner that compiles once: every
+    # learner runs through the same probe.run, and NWPA through the launcher took a minute of compiling here.
     zoo = smoke_zoo
     store = str(zoo / "zoo")
-    bad = helpers.run_launch("launch.probe", "--config", "configs/probe.py:nwpa,smoke", "--config.nosuch=1", rc=2)
-    helpers.one_line_error(bad, "--config.nosuch=1: the config configs/probe.py:nwpa,smoke has no field 'nosuch'")
+    bad = helpers.run_launch("launch.probe", "--config", "configs/probe.py:stats_mlp,smoke", "--config.nosuch=1", rc=2)
+    helpers.one_line_error(bad, "--config.nosuch=1: the config configs/probe.py:stats_mlp,smoke has no field 'nosuch'")
     wd = tmp_path / "probe"
-    args = ("--config", "configs/probe.py:nwpa,smoke", f"--config.zoo={store}", "--workdir", str(wd))
+    args = ("--config", "configs/probe.py:stats_mlp,smoke", f"--config.zoo={store}", "--workdir", str(wd))
     out = helpers.run_launch("launch.probe", *args).stdout
     m = json.load(open(wd / "metrics.json"))
-    assert set(m["tasks"]) == set(_cfg("nwpa").tasks) and "permutation gap" in out
+    assert set(m["tasks"]) == set(_cfg("stats_mlp").tasks) and "permutation gap" in out
     c = m["ceilings"]["test_acc"]
     assert f"(label ceiling: R² {c['r2_ceiling']:.3f}, τ {c['tau_ceiling']:.3f})" in out
     assert m["permutation"]["max"] <= 1e-5 and m["epochs_run"] == 2
