@@ -4,7 +4,7 @@ windows; 50% and 70% unstructured sparsity and the 2:4 pattern.
 
   python -m launch.prune --config configs/prune.py:stories260k --workdir runs/prune-stories260k
   python -m launch.prune --config configs/prune.py:smollm2 --workdir runs/prune-smollm2        # an accelerator
-  python -m launch.prune --config configs/prune.py:smollm2,cpu --workdir runs/prune-smollm2-cpu   # ~2 h
+  python -m launch.prune --config configs/prune.py:smollm2,cpu --workdir runs/prune-smollm2-cpu   # ~1 h
   python -m launch.prune --config configs/prune.py:smoke --workdir /tmp/prune                  # seconds, for tests
 
 Every ESA field applies (``configs/esa.py``); the ones below set the protocol. ``save_pruned`` writes one pruned
@@ -52,11 +52,16 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
         c.metric = "magnitude,grad_x_weight,grad_squared,act_mag"   # Hutchinson: two more gradients per probe
         c.doc_split = "none"          # one stream: WikiText articles are shorter than a window
         if "cpu" in flags:
-            # Sized for 2 CPU cores: 16 calibration windows of 512 and the first 8 test windows (4k tokens); at
-            # the ~29 tokens/s SmolLM2 evaluates at here that is ~2.3 min per pruned model, ~2 hours in all.
+            # Sized for 2 CPU cores: 32 calibration windows of 512 tokens and the first 32 test windows (16k
+            # tokens; ~40 s per pruned model there); the Hutchinson diagonal with 2 probes for OBD-Hessian, one
+            # window at a time (4 windows' Hessian-vector products took more than the machine's 24 GiB).
             c.seq_len = 512
-            c.max_samples = 16
-            c.eval_windows = 8
+            c.batch_size = 1
+            c.max_samples = 32
+            c.eval_windows = 32
+            c.metric = PRUNERS
+            c.probes = 2
+            c.probe_chunk = 1
     elif variant == "smoke":
         c.metric = "magnitude,act_mag"
         c.prune_sparsity = "0.5,2:4"

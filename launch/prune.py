@@ -15,7 +15,7 @@ import jax
 from absl import flags
 
 from launch import common
-from wa import report, runs
+from wa import runs
 from wa.esa import job, pipeline, prune_report, saliency
 
 _CONFIG = common.config_flag("configs/prune.py:stories260k", "Pruning config (configs/prune.py).")
@@ -59,12 +59,8 @@ def main(argv):
     save = check_save(cfg, plan)
     workdir = runs.writable(FLAGS.workdir, "prune")
     common.start()
-    pipeline.check_inputs(cfg)
     chief = jax.process_index() == 0
-    folder = runs.Run.open(workdir, "prune", job.fingerprint(cfg), FLAGS.overwrite, jax.process_index())
-    folder.started()
-    if chief:
-        report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
+    folder = job.open_folder(cfg, workdir, "prune", FLAGS.overwrite)
     t0 = time.time()
     s = pipeline.setup(cfg)
     sc, _ = pipeline.score(s)

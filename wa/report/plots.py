@@ -162,7 +162,7 @@ def curves(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, path:
 
 
 def curve_panels(panels: dict[str, tuple[str, dict[str, tuple[list, list]]]], xlabel: str, path: str, cols: int = 3,
-                 marker: str | None = None, logx: bool = False):
+                 marker: str | None = None, logx: bool = False, logy: bool = False):
     """One small plot per panel: title → (y label, {series: (x, y)}); ``marker`` also marks each point."""
     n = len(panels)
     rows = -(-n // cols)
@@ -175,6 +175,8 @@ def curve_panels(panels: dict[str, tuple[str, dict[str, tuple[list, list]]]], xl
         ax.set_ylabel(ylabel, fontsize=8)
         if logx:
             ax.set_xscale("log")
+        if logy:
+            ax.set_yscale("log")
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     axes[0, 0].legend(fontsize=6)
