@@ -100,3 +100,17 @@ def get(name_or_path: str):
             raise DataError(f"{name_or_path}: no tokenizer found ({e})") from e
     raise DataError(f"tokenizer {name_or_path!r}: expected 'gpt2', 'bytes', a .model or .gguf file or a "
                     "checkpoint directory")
+
+
+def piece(tok, i: int) -> str:
+    """Token ``i``'s own text, with the space it opens a word with (decoding one token alone drops it in
+    SentencePiece vocabularies): the text it adds after a fixed anchor token."""
+    anchor = getattr(tok, "_piece_anchor", None)
+    if anchor is None:
+        ids = tok.encode("a")
+        anchor = tok._piece_anchor = (ids[-1], tok.decode([ids[-1]])) if ids else (None, "")
+    a, text = anchor
+    if a is None:
+        return tok.decode([int(i)])
+    both = tok.decode([a, int(i)])
+    return both[len(text):] if both.startswith(text) else tok.decode([int(i)])

@@ -146,7 +146,7 @@ def group_axis(describe, input_axis, path: str, ndim: int) -> int:
     """The axis one quantization scale spans: an output unit's inputs, or an embedding row's vector."""
     if ndim < 2:
         return 0
-    return ndim - 1 if describe(path).component == "embed" else input_axis(path)
+    return ndim - 1 if describe(path).component == "embedding" else input_axis(path)
 
 
 def store(flat: dict, paths, encoding: str, axis_of: Callable[[str], int]) -> Stored:

@@ -12,6 +12,7 @@ first gradient is taken.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import time
 
@@ -170,6 +171,7 @@ class Data:
     heldout_documents: int
     decode: object = None   # token id -> its text (the apart report names embedding rows by their token)
     eval_available: int = 0  # held-out windows there were before ``eval_windows`` cut them (eval_corpus)
+    piece: object = None    # token id -> its text with the space that opens a word (``tokenizers.piece``)
 
 
 def check_bos(cfg) -> None:
@@ -219,7 +221,7 @@ def prepare_data(cfg, loaded, ckpt) -> Data:
                                                 cfg.seq_len)
         keep = cfg.eval_windows or len(ev_ids)
         return Data(cal_ids, cal_mask, ev_ids[:keep], ev_mask[:keep], len(docs), 1, lambda i: tok.decode([i]),
-                    len(ev_ids))
+                    len(ev_ids), functools.partial(tokenizers.piece, tok))
     n_eval = max(1, int(round(len(docs) * cfg.heldout_fraction)))
     if len(docs) - n_eval < 1:
         raise ConfigError(f"--config.corpus={cfg.corpus!r}: {len(docs)} documents cannot be split into "
@@ -229,7 +231,7 @@ def prepare_data(cfg, loaded, ckpt) -> Data:
     cal_ids, cal_mask = text.lm_windows(text.token_stream(docs[:-n_eval], tok, bos=bos), cfg.seq_len, first)
     ev_ids, ev_mask = text.lm_windows(text.token_stream(docs[-n_eval:], tok, bos=bos), cfg.seq_len, first)
     return Data(cal_ids, cal_mask, ev_ids[:cfg.eval_windows], ev_mask[:cfg.eval_windows], len(docs), n_eval,
-                lambda i: tok.decode([i]))
+                lambda i: tok.decode([i]), piece=functools.partial(tokenizers.piece, tok))
 
 
 def _deltas(loaded, kept, data, cfg, base_ppl, sets, bar=None, clock=None) -> list[float]:

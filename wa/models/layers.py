@@ -34,7 +34,7 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
-def attend(q, k, v, bias, dtype, scale: float | None = None, cap: float | None = None, dropout=None):
+def attend(q, k, v, bias, dtype, scale: float | None = None, cap: float | None = None, dropout=None, keep=None):
     """Softmax attention of queries ``q`` [b, t, heads, d] over keys and values [b, s, kv_heads, d] (grouped: a
     K/V head serves heads / kv_heads queries) with additive ``bias`` [b, t or 1, s]; returns [b, t, heads · d].
 
@@ -42,7 +42,8 @@ def attend(q, k, v, bias, dtype, scale: float | None = None, cap: float | None =
     scores and softmax in float32 whatever the compute dtype; ``cap``: Gemma-2's soft cap on the scores.
     ``dropout`` = (rng, rate) drops attention weights with one mask shared by every batch row and head, drawn
     as flax's ``dot_product_attention_weights`` draws it (so encoders keep the masks they had under HF's Flax
-    classes)."""
+    classes). ``keep``, if given, is called with the attention weights [b, heads, t, s] (a module's ``sow``: what
+    analyses of attention patterns read)."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
@@ -51,6 +52,8 @@ def attend(q, k, v, bias, dtype, scale: float | None = None, cap: float | None =
     if cap:
         scores = jnp.tanh(scores / cap) * cap
     probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(dtype)
+    if keep is not None:
+        keep(probs.reshape(b, h, t, -1))
     if dropout is not None:
         rng, rate = dropout
         keep = jax.random.bernoulli(rng, 1.0 - rate, (1, 1, 1) + probs.shape[-2:])

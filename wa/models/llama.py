@@ -427,7 +427,8 @@ class Attention(nn.Module):
         q = _rotate(q.astype(jnp.float32), sin, cos).astype(self.dtype)
         k = _rotate(k.astype(jnp.float32), sin, cos).astype(self.dtype)
         # Scaled by 1/√head_dim where the family asks nothing else, as wa's Llama always did.
-        out = layers.attend(q, k, v, bias, self.dtype, s.query_scale, s.attn_softcap)
+        out = layers.attend(q, k, v, bias, self.dtype, s.query_scale, s.attn_softcap,
+                            keep=lambda p: self.sow("intermediates", "attention", p))
         return dense(s.hidden_size, n.o, s.attention_bias)(out)
 
 
