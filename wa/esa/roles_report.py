@@ -61,7 +61,8 @@ def study(s, sc, sel, progress: bool = True) -> dict:
         top[m] = {"weights": rows, "share_named": len(named) / max(len(rows), 1),
                   "share_named_without_token_rows": sum(bool(r["role"]) for r in not_token) / max(len(not_token), 1),
                   "by_kind": dict(collections.Counter(r.get("kind") or "other" for r in rows)),
-                  "by_role": dict(collections.Counter((r["role"] or "unnamed").split(":")[0] for r in rows)),
+                  "by_role": dict(collections.Counter("vocabulary row" if r.get("kind") == "token" else
+                                                      (r["role"] or "unnamed").split(":")[0] for r in rows)),
                   "units": {_unit_name(*u): {"role": v[0], **{k: x for k, x in v[1].items()}} for u, v in
                             sorted(units.items(), key=lambda t: -sum(r["unit"] == _unit_name(*t[0]) for r in rows))
                             [:cfg.roles_units]}}
