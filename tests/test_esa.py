@@ -67,6 +67,8 @@ def test_esa_smoke_writes_every_output(tmp_path):
     assert "| top-k stable across seeds | Jaccard > 0.4 | magnitude |" not in report
     assert "| top-k stable across seeds | Jaccard > 0.4 | grad_x_weight |" in report
     assert "magnitude reads no data" in report and "largest dose" in report
+    assert "`python -m launch.attack --config configs/attack.py --config.model=stories260k --config.corpus=" \
+           "tinystories`" in report
     # Pruning half of the weights (of every matrix, or of all) hurts more than flipping 0.2% of them, and the
     # gains are relative to magnitude pruning in the same mode.
     pr = s["pruning_ppl"]["0.5"]

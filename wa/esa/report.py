@@ -390,6 +390,26 @@ divides the weight by 2^(2^j), so for j ≥ 4 the weight is in effect zeroed (eq
 {plot}"""
 
 
+def _further_section(cfg) -> str:
+    same = f"--config.model={cfg.model} --config.corpus={cfg.corpus}"
+    return f"""## Further analyses of these weights
+Each is its own run on the same model and text, with its own report:
+
+- Bit-flip attack search (progressive bit search, Rakin et al. 2019): how few flips of the stored weights destroy
+  the model in float32, bfloat16 and int8, against flips of each score's top weights and of random ones, and
+  whether the search picks the weights these scores rank high:
+  `python -m launch.attack --config configs/attack.py {same}`
+- Computational roles: the head, neuron or vocabulary row each top weight belongs to, what that unit does on
+  held-out text, and which kinds of tokens the model loses when the top-k is zeroed:
+  `python -m launch.roles --config configs/roles.py {same}`
+- Pruning on the LLM-pruning papers' protocol (WikiText-2 test perplexity; Wanda, SparseGPT, OWL):
+  `python -m launch.prune --config configs/prune.py {same}`
+
+The repository's `experiments/results/` holds these reports for stories260K and SmolLM2-135M
+(`attack_*`, `roles_*`, `prune_*`).
+"""
+
+
 def _peak(summary) -> str:
     peak = summary.get("peak_host_memory_gib")
     return f" from the base perplexity on; the process's peak resident host memory {peak:.1f} GiB" if peak else ""
@@ -589,6 +609,7 @@ Agreement between metrics (share of the smaller top-k set the other also picked,
 {_experts_section(summary, figures)}
 {_spectral_section(summary)}
 {_fault_section(summary, figures)}
+{_further_section(cfg)}
 {_timing_section(summary)}
 ## Verdict against the ESA success criteria
 {report.markdown_table([x.row() for x in v])}
