@@ -29,3 +29,20 @@ def smoke_zoo(tmp_path_factory):
         if not (wd / "DONE.json").exists():
             helpers.run_launch("launch.make_zoo", "--config", "configs/zoo.py:smoke", "--workdir", str(wd))
     return wd
+
+
+@pytest.fixture(scope="session")
+def smoke_scored():
+    """stories260K set up and scored on the attack and roles runs' shared smoke settings (their configs differ only
+    in their own fields): (cfg, setup, scores, selections), built once per test session."""
+    from configs import attack, roles
+    from wa.esa import pipeline
+    cfg = attack.get_config("smoke")
+    extra = roles.get_config("smoke")
+    for k in ("roles_top", "roles_units", "roles_random"):
+        cfg[k] = extra[k]
+    assert {k: v for k, v in extra.items() if not k.startswith("roles_")} == \
+        {k: v for k, v in cfg.items() if not k.startswith(("attack_", "roles_"))}
+    s = pipeline.setup(cfg, progress=False)
+    sc, sel = pipeline.score(s, progress=False)
+    return cfg, s, sc, sel

@@ -142,15 +142,15 @@ def test_bad_settings_are_one_line():
         attack.check(["int8"], 10, 10, 4, 0)
 
 
-def test_the_attack_study_on_stories260k_writes_its_report(tmp_path):
+def test_the_attack_study_on_stories260k_writes_its_report(tmp_path, smoke_scored):
     # The launcher's path in process: setup, scores, the search and its controls, the report.
-    from configs import attack as attack_configs
-    from wa.esa import attack_report, pipeline
-    cfg = attack_configs.get_config("smoke")
+    import dataclasses
+
+    from wa.esa import attack_report
+    cfg, s, sc, sel = smoke_scored
+    cfg = cfg.copy_and_resolve_references()
     cfg.attack_encodings, cfg.attack_max_flips, cfg.attack_control_max = "float32,int8", 2, 8
-    s = pipeline.setup(cfg, progress=False)
-    sc, sel = pipeline.score(s, progress=False)
-    res = attack_report.study(s, sc, sel, progress=False)
+    res = attack_report.study(dataclasses.replace(s, cfg=cfg), sc, sel, progress=False)
     f32, i8 = res["encodings"]["float32"], res["encodings"]["int8"]
     # float32: one flip of the exponent's top bit destroys the model, found by the search and by either score's
     # order; a random weight's may not (an output row's weight that only lowers a token absent from the text).

@@ -56,12 +56,9 @@ def test_neuron_labels_need_a_dominant_token_or_an_enriched_category():
 
 
 @pytest.fixture(scope="module")
-def smoke_roles(tmp_path_factory):
-    from configs import roles as roles_configs
-    from wa.esa import pipeline, roles_report
-    cfg = roles_configs.get_config("smoke")
-    s = pipeline.setup(cfg, progress=False)
-    sc, sel = pipeline.score(s, progress=False)
+def smoke_roles(smoke_scored):
+    from wa.esa import roles_report
+    cfg, s, sc, sel = smoke_scored
     return cfg, s, roles_report.study(s, sc, sel, progress=False)
 
 
