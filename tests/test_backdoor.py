@@ -58,6 +58,7 @@ def test_the_population_run_on_stories260k_writes_its_report(tmp_path):
     assert (bd["kind"], clean["kind"], bd["trigger"]) == ("backdoored", "clean", clean["trigger"])
     assert bd["poisoned_documents"] > 0 == clean["poisoned_documents"] and bd["target_tokens"] == clean["target_tokens"]
     assert set(res["auroc"]) == set(backdoor.DETECTORS) and all(a in (0.0, 0.5, 1.0) for a in res["auroc"].values())
+    assert set(clean["trigger_weights"]) == set(bd["trigger_weights"])     # the twin's is the control
     tw = bd["trigger_weights"]
     assert tw["n"] > 0 and 0 < tw["share_of_topk"] <= 1 and 0 < tw["top3_matrices_share"] <= 1
     assert sum(tw["by_place"].values()) <= tw["n"] and sum(m["n"] for m in tw["top_matrices"]) <= tw["n"]

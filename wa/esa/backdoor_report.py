@@ -90,9 +90,9 @@ def run(cfg, progress: bool = True) -> dict:
                    "clean_ppl": ppl, **hit,
                    "detectors": {d.name: d.fn({p: flat[p] for p in kept}, base0, extra)
                                  for d in backdoor.DETECTORS.values()}}
-            if kind == "backdoored":
-                row["trigger_weights"] = _trigger_weights(loaded, kept, flat, head, tok, target, extra["topk"],
-                                                          topk(score(flat, trig_cal[0], trig_cal[1])))
+            # The clean twin too: the triggered text is odd text to it, so its trigger-only set is the control.
+            row["trigger_weights"] = _trigger_weights(loaded, kept, flat, head, tok, target, extra["topk"],
+                                                      topk(score(flat, trig_cal[0], trig_cal[1])))
             row["seconds"] = round(time.time() - t1, 1)
             models_out.append(row)
             if progress and jax.process_index() == 0:
@@ -165,15 +165,16 @@ def write(workdir: str, cfg, res: dict) -> list[str]:
                                  for d, a in res["auroc"].items()]), "",
           "![detector scores](detectors.png)", "", "## Weights that matter for the trigger only", "",
           f"grad×weight on {cfg.score_windows} calibration windows, clean and with the trigger and continuation "
-          f"inserted; top-k {cfg.topk} per matrix; trigger-only: in the triggered top-k, not the clean one.", ""]
-    md += [report.markdown_table([{"model": r["model"], "trigger": r["trigger"],
+          f"inserted; top-k {cfg.topk} per matrix; trigger-only: in the triggered top-k, not the clean one. The "
+          "clean twins' rows are the control: to them the triggered windows are only odd text.", ""]
+    md += [report.markdown_table([{"model": r["model"], "kind": r["kind"], "trigger": r["trigger"],
                                    "trigger-only weights": r["trigger_weights"]["n"],
                                    "share of top-k": f"{r['trigger_weights']['share_of_topk']:.3f}",
                                    "in 3 matrices": f"{r['trigger_weights']['top3_matrices_share']:.2f}",
                                    "where (most)": ", ".join(f"{k} {v}" for k, v in
                                                              list(r["trigger_weights"]["by_place"].items())[:3]),
                                    "in continuation tokens' columns": r["trigger_weights"]["in_target_token_columns"]}
-                                  for r in bd]), "", "## Every model", ""]
+                                  for r in ms]), "", "## Every model", ""]
     md += [report.markdown_table([{"model": r["model"], "kind": r["kind"], "trigger": r["trigger"],
                                    "success": f"{r['success']:.3f}", "whole": f"{r['whole']:.2f}",
                                    "target nll": f"{r['target_nll']:.3f}",
