@@ -144,7 +144,8 @@ def plot_pruning(summary, workdir: str) -> list[str]:
     panels = {f"pruning: {mode}": ("log10 perplexity", {
         n: ([100 * float(sp) for sp in sps], [float(np.log10(max(pr[sp][n][mode], 1e-9))) for sp in sps])
         for n in names if all(mode in pr[sp].get(n, {}) for sp in sps)}) for mode in modes}
-    return [os.path.basename(plots.curve_panels(panels, "sparsity %", os.path.join(workdir, "pruning.png"), cols=2))]
+    return [os.path.basename(plots.curve_panels(panels, "sparsity %", os.path.join(workdir, "pruning.png"), cols=2,
+                                                variant="+owl"))]
 
 
 _DESTROYED = 6.0  # where a non-finite perplexity is drawn on the log10(1 + ΔPPL) axis

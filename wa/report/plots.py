@@ -162,14 +162,20 @@ def curves(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, path:
 
 
 def curve_panels(panels: dict[str, tuple[str, dict[str, tuple[list, list]]]], xlabel: str, path: str, cols: int = 3,
-                 marker: str | None = None, logx: bool = False, logy: bool = False):
-    """One small plot per panel: title → (y label, {series: (x, y)}); ``marker`` also marks each point."""
+                 marker: str | None = None, logx: bool = False, logy: bool = False, variant: str | None = None):
+    """One small plot per panel: title → (y label, {series: (x, y)}); ``marker`` also marks each point; a series
+    named "<name><variant>" (``variant`` e.g. "+owl") is drawn dashed in <name>'s colour."""
     n = len(panels)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    bases = list(dict.fromkeys(k.removesuffix(variant) if variant else k for _, sr in panels.values() for k in sr))
+    cmap = plt.get_cmap("tab10" if len(bases) <= 10 else "tab20")
+    colour = {b: cmap(i % cmap.N) for i, b in enumerate(bases)}
     for ax, (title, (ylabel, series)) in zip(axes.ravel(), panels.items(), strict=False):
         for name, (x, y) in series.items():
-            ax.plot(x, y, label=name, lw=1, marker=marker, ms=3)
+            base = name.removesuffix(variant) if variant else name
+            ax.plot(x, y, label=name, lw=1, marker=marker, ms=3, color=colour[base],
+                    ls="--" if variant and name != base else "-")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
