@@ -16,47 +16,18 @@ from absl import flags
 
 from launch import common
 from wa import runs
-from wa.esa import job, pipeline, prune_report, saliency
+from wa.esa import job, pipeline, prune_report
 
 _CONFIG = common.config_flag("configs/prune.py:stories260k", "Pruning config (configs/prune.py).")
 flags.DEFINE_string("workdir", None, "Run folder; default runs/prune-<UTC time>.")
 FLAGS = flags.FLAGS
 
 
-def check_save(cfg, plan) -> tuple[str, str, str] | None:
-    """``save_pruned`` as (pruner, sparsity label, mode), refused before any compute if the table lacks it."""
-    if not cfg.save_pruned:
-        return None
-    parts = cfg.save_pruned.split("/")
-    specs = [saliency.label(x) for x in pipeline.as_list(cfg.prune_sparsity, str, "prune_sparsity")]
-    names = pipeline.saliency_pruners(plan)
-    names += ["sparsegpt"] * plan.sparsegpt
-    names += [f"{n}+owl" for n in names] if plan.owl else []
-    ok = len(parts) == 3 and parts[0] in names
-    try:
-        sp = saliency.label(parts[1]) if ok else None
-    except ValueError:
-        sp = None
-    if sp is not None and sp in specs:
-        name, mode = parts[0], parts[2]
-        if ":" in sp:
-            modes = ("per_output",) if not name.endswith("+owl") else ()
-        elif name.startswith("sparsegpt"):
-            modes = ("per_layer",)
-        else:
-            modes = tuple(m for m in plan.prune_modes if not (name.endswith("+owl") and m == "global"))
-        if mode in modes:
-            return name, sp, mode
-    raise pipeline.ConfigError(f"--config.save_pruned={cfg.save_pruned!r}: expected <pruner>/<sparsity>/<mode> "
-                               f"from the table: pruners {', '.join(names)}; sparsities {', '.join(specs)}; modes "
-                               f"{', '.join(plan.prune_modes)} (N:M: per_output; SparseGPT at a fraction: per_layer)")
-
-
 def main(argv):
     del argv
     cfg = _CONFIG.value
     plan = pipeline.check(cfg)       # config errors before devices, files or compute
-    save = check_save(cfg, plan)
+    save = prune_report.check_save(cfg, plan)
     workdir = runs.writable(FLAGS.workdir, "prune")
     common.start()
     chief = jax.process_index() == 0

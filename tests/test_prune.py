@@ -52,6 +52,12 @@ def test_prune_table_and_protocol(run):
 def test_saved_pruned_model_is_what_the_table_scored(run):
     out, res = run
     cfg = prune_configs.get_config("smoke")
+    # The PyTorch layout transformers' classes read: PyTorch names, [out, in] matrices.
+    from safetensors import safe_open
+    with safe_open(str(out / "pruned" / "model.safetensors"), "np") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert f.get_slice("model.layers.0.mlp.down_proj.weight").get_shape() == [64, 172]
+        assert "model.embed_tokens.weight" in f.keys() and "model.norm.weight" in f.keys()
     loaded = models.load(str(out / "pruned"))
     flat = rules_lib.flatten(loaded.params)
     dense = rules_lib.flatten(models.load(paths.checkpoint(cfg.model)).params)
@@ -75,9 +81,8 @@ def test_saved_pruned_model_is_what_the_table_scored(run):
                                    "wanda/0.5/global", "wanda+owl/2:4/per_output", "sparsegpt/0.5/per_output",
                                    "wanda/x/per_layer"])
 def test_save_pruned_must_name_a_cell_of_the_table(value):
-    from launch import prune as prune_launch
-    from wa.esa import pipeline
+    from wa.esa import pipeline, prune_report
     cfg = prune_configs.get_config("smoke")
     cfg.save_pruned = value
     with pytest.raises(pipeline.ConfigError, match="expected <pruner>/<sparsity>/<mode> from the table"):
-        prune_launch.check_save(cfg, pipeline.check(cfg))
+        prune_report.check_save(cfg, pipeline.check(cfg))

@@ -11,6 +11,7 @@ from flax import traverse_util
 from wa import report
 from wa.esa import pipeline, saliency, sparsegpt
 from wa.esa import report as esa_report
+from wa.models import checkpoint
 
 # Saliencies built from ESA's data-dependent scores (the rest: magnitude, Wanda, SparseGPT, the field's anchors).
 ESA_GUIDED = ("taylor", "obd_fisher", "obd_hessian")
@@ -19,6 +20,35 @@ ESA_GUIDED = ("taylor", "obd_fisher", "obd_hessian")
 ANCHORS = ("Llama-2-7B at 50% unstructured (Sun et al. 2023, Table 3): dense 5.12, magnitude 14.89, SparseGPT 6.51, "
            "Wanda 6.42; LLaMA-7B at 70% (Yin et al. 2024, Table 3): Wanda 85.8, OWL + Wanda 24.6, OWL + SparseGPT "
            "19.5")
+
+
+def check_save(cfg, plan) -> tuple[str, str, str] | None:
+    """``save_pruned`` as (pruner, sparsity label, mode), refused before any compute if the table lacks it."""
+    if not cfg.save_pruned:
+        return None
+    parts = cfg.save_pruned.split("/")
+    specs = [saliency.label(x) for x in pipeline.as_list(cfg.prune_sparsity, str, "prune_sparsity")]
+    names = pipeline.saliency_pruners(plan)
+    names += ["sparsegpt"] * plan.sparsegpt
+    names += [f"{n}+owl" for n in names] if plan.owl else []
+    ok = len(parts) == 3 and parts[0] in names
+    try:
+        sp = saliency.label(parts[1]) if ok else None
+    except ValueError:
+        sp = None
+    if sp is not None and sp in specs:
+        name, mode = parts[0], parts[2]
+        if ":" in sp:
+            modes = ("per_output",) if not name.endswith("+owl") else ()
+        elif name.startswith("sparsegpt"):
+            modes = ("per_layer",)
+        else:
+            modes = tuple(m for m in plan.prune_modes if not (name.endswith("+owl") and m == "global"))
+        if mode in modes:
+            return name, sp, mode
+    raise pipeline.ConfigError(f"--config.save_pruned={cfg.save_pruned!r}: expected <pruner>/<sparsity>/<mode> "
+                               f"from the table: pruners {', '.join(names)}; sparsities {', '.join(specs)}; modes "
+                               f"{', '.join(plan.prune_modes)} (N:M: per_output; SparseGPT at a fraction: per_layer)")
 
 
 def result(cfg, s, table: dict, seconds: dict) -> dict:
@@ -117,8 +147,9 @@ Published anchors for scale: {ANCHORS}.
 
 
 def save(s, sc, cfg, which: tuple[str, str, str], path: str) -> None:
-    """The pruned model ``which`` = (pruner, sparsity label, mode) written in the checkpoint layout wa reads
-    (config.json and model.safetensors, Flax names)."""
+    """The pruned model ``which`` = (pruner, sparsity label, mode) written as an HF checkpoint in the PyTorch
+    layout (config.json and model.safetensors): transformers' PyTorch class for the family loads it, and so does
+    wa."""
     name, sp, mode = which
     base, owl = name.removesuffix("+owl"), name.endswith("+owl")
     kept = list(sc.first[s.plan.metrics[0]])
@@ -138,4 +169,4 @@ def save(s, sc, cfg, which: tuple[str, str, str], path: str) -> None:
     for p, w, *_ in pairs:
         flat[p] = w
     params = traverse_util.unflatten_dict({tuple(k.split("/")): np.asarray(jax.device_get(v)) for k, v in flat.items()})
-    s.loaded.model.save_pretrained(path, params, safe_serialization=True)
+    checkpoint.save_torch_layout(s.loaded.config, params, path)

@@ -327,6 +327,36 @@ def _flax_key(key: tuple, ndim: int, known) -> tuple[tuple, bool]:
     return key, False
 
 
+def torch_key(path: str, ndim: int) -> tuple[str, bool]:
+    """``_flax_key``'s inverse: the PyTorch state-dict key of a Flax path ("a/b/kernel") and whether the tensor is
+    stored transposed (every 2-D kernel: HF's conversion transposes them all, GPT-2's Conv1D included)."""
+    *head, last = path.split("/")
+    if last in ("scale", "embedding"):
+        return ".".join(head + ["weight"]), False
+    if last == "kernel":
+        if ndim > 2:
+            raise CheckpointError(f"{path}: a {ndim}-D kernel (stacked experts) has no PyTorch layout wa writes")
+        return ".".join(head + ["weight"]), ndim == 2
+    return ".".join(head + [last]), False
+
+
+def save_torch_layout(config, params, out_dir: str) -> list[str]:
+    """``params`` as an HF checkpoint in the PyTorch layout (config.json, model.safetensors with PyTorch names and
+    [out, in] matrices), the files transformers' PyTorch classes and wa both load. Returns the files written."""
+    from safetensors.numpy import save_file
+
+    from wa.parallel import rules as rules_lib
+    os.makedirs(out_dir, exist_ok=True)
+    config.save_pretrained(out_dir)
+    tensors = {}
+    for p, v in rules_lib.flatten(params).items():
+        a = np.asarray(jax.device_get(v))
+        key, transpose = torch_key(p, a.ndim)
+        tensors[key] = np.ascontiguousarray(a.T if transpose else a)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    return ["config.json", "model.safetensors"]
+
+
 def _pt_key_map(keys, shape_tree, family, prefix) -> tuple[dict, list]:
     """Maps PyTorch state-dict keys to Flax paths (``_flax_key``), adding or dropping the base-model prefix
     (``bert.``, ``transformer.``) as the checkpoint and the model differ."""
