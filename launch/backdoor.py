@@ -8,14 +8,12 @@ The workdir receives config.json, backdoor.json (every model's figures), backdoo
 (last). A workdir holding another run is refused before any compute; --overwrite empties it first.
 """
 
-import os
-
 import jax
 from absl import flags
 
 from launch import common
-from wa import report, runs
-from wa.esa import backdoor_report
+from wa import runs
+from wa.esa import backdoor_report, job
 
 _CONFIG = common.config_flag("configs/backdoor.py:stories260k", "Backdoor config (configs/backdoor.py).")
 flags.DEFINE_string("workdir", None, "Run folder; default runs/backdoor-<UTC time>.")
@@ -28,11 +26,8 @@ def main(argv):
     backdoor_report.check(cfg)       # config errors before devices, files or compute
     workdir = runs.writable(FLAGS.workdir, "backdoor")
     common.start()
-    folder = runs.Run.open(workdir, "backdoor", {"config": cfg.to_dict()}, FLAGS.overwrite, jax.process_index())
-    folder.started()
+    folder = job.open_folder(cfg, workdir, "backdoor", FLAGS.overwrite)
     chief = jax.process_index() == 0
-    if chief:
-        report.write_json(os.path.join(workdir, "config.json"), cfg.to_dict())
     res = backdoor_report.run(cfg)
     if chief:
         folder.finish(["config.json"] + backdoor_report.write(workdir, cfg, res))

@@ -269,6 +269,12 @@ def ordered_flips(model: Model, stored: Stored, order: list[tuple[str, int]], th
             "ppl_base": base}
 
 
+def ranking_metrics(metrics) -> list[str]:
+    """The scores whose value ranks weights (the signed Hutchinson diagonal does not: its sign is not importance)."""
+    from wa.esa import scores
+    return [m for m in metrics if not scores.SCORES[m].signed]
+
+
 def score_order(scores: dict, paths, n: int) -> list[tuple[str, int]]:
     """The ``n`` highest-scoring weights over ``paths`` ((path, flat index), best first)."""
     tops = []
@@ -307,12 +313,8 @@ def lm_model(loaded, attack_batches: list[dict], eval_ids: np.ndarray, eval_mask
     parameters are an argument, so a flipped matrix is a new value, not a new program."""
     from wa.esa import evaluate, scores
     from wa.parallel import rules as rules_lib
-    order = list(rules_lib.flatten(loaded.params))
-    treedef = jax.tree_util.tree_structure(loaded.params)
+    tree = rules_lib.unflattener(loaded.params)
     step = evaluate.nll_step(loaded)
-
-    def tree(flat):
-        return jax.tree_util.tree_unflatten(treedef, [flat[p] for p in order])
 
     def grad(flat):
         cal = scores.Calibration(loaded, attack_batches, jax.random.key(0), progress=False)

@@ -58,7 +58,7 @@ def study(s, sc, sel, progress: bool = True) -> dict:
     encodings = attack.check(pipeline.as_list(cfg.attack_encodings, str, "attack_encodings"), cfg.attack_threshold,
                              cfg.attack_max_flips, cfg.attack_candidates, cfg.attack_exact)
     paths = attacked_paths(s)
-    metrics = [m for m in s.plan.metrics if m != "hutchinson_diag"]   # orders by |score|: signed ones left out
+    metrics = attack.ranking_metrics(s.plan.metrics)
     seed = s.plan.seeds[0]
     batches = pipeline.calibration_batches(s.loaded, s.data, cfg, s.windows[seed][:cfg.attack_windows])
     model = attack.lm_model(s.loaded, batches, s.data.eval_ids, s.data.eval_mask, cfg.batch_size)
@@ -132,17 +132,18 @@ def write(workdir: str, cfg, res: dict, base: dict, seconds: float) -> list[str]
     res = dict(res, picks=picks(res), seconds=round(seconds, 1), ppl_float_model=base["ppl"],
                eval_tokens=base["tokens"], threshold=cfg.attack_threshold)
     report.write_json(os.path.join(workdir, "attack.json"), res)
-    series = {}
+    # Per encoding: the search, one score's order (the second listed, grad×weight by default) and one random draw.
+    shown = res["metrics"][min(1, len(res["metrics"]) - 1)]
+    panels = {}
     for enc, r in res["encodings"].items():
         f = r["search"]["flips"]
-        series[f"{enc}: search"] = ([i + 1 for i in range(len(f))], [min(x["ppl"], 1e12) for x in f])
-        for name, c in r["controls"].items():
-            if name.startswith("random/0") or name == res["metrics"][min(1, len(res["metrics"]) - 1)]:
-                pts = sorted((int(k), min(v, 1e12)) for k, v in c["ppl"].items())
-                series[f"{enc}: {name.split('/')[0]} order"] = ([k for k, _ in pts], [v for _, v in pts])
-    plots.curve_panels({enc: ("held-out perplexity", {k.split(": ", 1)[1]: v for k, v in series.items()
-                                                       if k.startswith(enc + ":")})
-                        for enc in res["encodings"]}, "bits flipped", os.path.join(workdir, "attack.png"),
+        series = {"search": ([i + 1 for i in range(len(f))], [min(x["ppl"], 1e12) for x in f])}
+        for name in (shown, "random/0"):
+            if name in r["controls"]:
+                pts = sorted((int(k), min(v, 1e12)) for k, v in r["controls"][name]["ppl"].items())
+                series[f"{name.split('/')[0]} order"] = ([k for k, _ in pts], [v for _, v in pts])
+        panels[enc] = ("held-out perplexity", series)
+    plots.curve_panels(panels, "bits flipped", os.path.join(workdir, "attack.png"),
                        cols=len(res["encodings"]), marker="o", logx=True, logy=True)
     md = [f"# Bit-flip attack on {cfg.model}", "",
           f"Progressive bit search against flips without search, until the held-out perplexity passes "

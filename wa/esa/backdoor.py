@@ -111,35 +111,36 @@ def target_success(logits_fn: Callable, ids: np.ndarray, target_mask: np.ndarray
 class Detector:
     name: str
     reads: str                 # "weights" (and the pretrained weights) or "clean text"
-    fn: Callable               # (model's flat matrices, pretrained's, extras) -> score (higher: more suspect)
+    fn: Callable               # (``deltas`` of the matrices, extras) -> score (higher: more suspect)
     doc: str
 
 
-def _deltas(flat, base):
+def deltas(flat, base) -> dict:
+    """The fine-tuning update of every matrix of ``base`` (float64), computed once for every detector."""
     return {p: np.asarray(flat[p], np.float64) - np.asarray(base[p], np.float64) for p in base}
 
 
-def _delta_norm(flat, base, extra):
-    return float(np.sqrt(sum(np.sum(d * d) for d in _deltas(flat, base).values())))
+def _delta_norm(deltas, extra):
+    return float(np.sqrt(sum(np.sum(d * d) for d in deltas.values())))
 
 
-def _rank_one(flat, base, extra):
+def _rank_one(deltas, extra):
     best = 0.0
-    for d in _deltas(flat, base).values():
+    for d in deltas.values():
         if d.ndim == 2 and np.any(d):
             s = np.linalg.svd(d, compute_uv=False)
             best = max(best, float(s[0] / np.sqrt(np.sum(s * s))))
     return best
 
 
-def _column_outlier(flat, base, extra):
+def _column_outlier(deltas, extra):
     """The most changed output-matrix column (one token's logit weights) over the median column's change."""
-    d = _deltas(flat, base)[extra["head"]]
+    d = deltas[extra["head"]]
     cols = np.sqrt(np.sum(d * d, axis=extra["head_input_axis"]))
     return float(cols.max() / max(np.median(cols), 1e-30))
 
 
-def _esa_shift(flat, base, extra):
+def _esa_shift(deltas, extra):
     """1 - Jaccard of the model's top-k by grad x weight on clean text against the pretrained model's."""
     a, b = extra["topk"], extra["base_topk"]
     inter = sum(len(np.intersect1d(a[p], b[p])) for p in a)
@@ -147,7 +148,7 @@ def _esa_shift(flat, base, extra):
     return 1.0 - inter / max(union, 1)
 
 
-def _clean_heavy_tail(flat, base, extra):
+def _clean_heavy_tail(deltas, extra):
     """The clean-text grad x weight's top-0.1% share of its total (how concentrated the sensitivity is)."""
     v = np.concatenate([np.ravel(x) for x in extra["clean_score"].values()])
     k = max(1, int(0.001 * v.size))

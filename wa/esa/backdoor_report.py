@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 
-from wa import parallel, report  # noqa: E402
+from wa import report  # noqa: E402
 from wa.data import paths, text, tokenizers  # noqa: E402
 from wa.esa import backdoor, evaluate, scores, select  # noqa: E402
 from wa.parallel import rules as rules_lib  # noqa: E402
@@ -43,19 +43,15 @@ def run(cfg, progress: bool = True) -> dict:
     flat0 = rules_lib.flatten(loaded.params)
     kept = select.filter_paths(list(flat0), cfg.param_filter)
     head = next((p for p in kept if loaded.describe(p).component == "head"), None)
-    order = list(flat0)
-    treedef = jax.tree_util.tree_structure(loaded.params)
-    tree = lambda f: jax.tree_util.tree_unflatten(treedef, [f[p] for p in order])  # noqa: E731
+    tree = rules_lib.unflattener(loaded.params)
     forward = jax.jit(lambda params, ids: _logits(loaded.forward(params, ids, jnp.ones_like(ids))))
     ev_ids, ev_mask = (w[:cfg.eval_windows] for w in text.lm_windows(text.token_stream(test_docs, tok), cfg.seq_len))
     cal_ids, cal_mask = (w[:cfg.score_windows] for w in text.lm_windows(text.token_stream(cal_docs, tok),
                                                                          cfg.seq_len))
 
-    def batches(ids, mask):
-        return list(parallel.iter_batches(loaded.mesh, {"input_ids": ids, "attention_mask": mask}, cfg.batch_size))
-
     def score(flat, ids, mask):
-        cal = scores.Calibration(loaded, batches(ids, mask), jax.random.key(0), progress=False)
+        cal = scores.Calibration(loaded, scores.window_batches(loaded, ids, mask, cfg.batch_size), jax.random.key(0),
+                                 progress=False)
         s = scores.compute("grad_x_weight", tree(flat), cal)
         return {p: np.asarray(s[p]) for p in kept}
 
@@ -86,10 +82,10 @@ def run(cfg, progress: bool = True) -> dict:
                                           cfg.batch_size)
             clean_sc = score(flat, cal_ids, cal_mask)
             extra = dict(extra0, topk=topk(clean_sc), clean_score=clean_sc)
+            update = backdoor.deltas(flat, base0)
             row = {"model": i, "kind": kind, "trigger": trigger, "target": target, "poisoned_documents": n_poisoned,
                    "clean_ppl": ppl, **hit,
-                   "detectors": {d.name: d.fn({p: flat[p] for p in kept}, base0, extra)
-                                 for d in backdoor.DETECTORS.values()}}
+                   "detectors": {d.name: d.fn(update, extra) for d in backdoor.DETECTORS.values()}}
             # The clean twin too: the triggered text is odd text to it, so its trigger-only set is the control.
             row["trigger_weights"] = _trigger_weights(loaded, kept, flat, head, tok, target, extra["topk"],
                                                       topk(score(flat, trig_cal[0], trig_cal[1])))

@@ -52,13 +52,12 @@ BATCHING = ("serial", "map", "vmap")
 
 def _with_changed(loaded):
     """``(changed, params) -> params`` with the flat entries ``changed`` swapped in."""
-    order = list(rules_lib.flatten(loaded.params))
-    treedef = jax.tree_util.tree_structure(loaded.params)
+    tree = rules_lib.unflattener(loaded.params)
 
     def swap(changed, params):
         flat = rules_lib.flatten(params)
         flat.update(changed)
-        return jax.tree_util.tree_unflatten(treedef, [flat[p] for p in order])
+        return tree(flat)
     return swap
 
 

@@ -18,8 +18,9 @@ def fingerprint(cfg) -> dict:
 
 
 def open_folder(cfg, workdir: str, job: str, overwrite: bool = False) -> runs.Run:
-    """The run folder of a job on a model (``esa``, ``prune``, ``attack``): the inputs checked, a folder holding
-    another run refused before any compute (``overwrite`` empties it first), config.json written by process 0."""
+    """The run folder of a job on a model (``esa``, ``prune``, ``attack``, ``roles``, ``backdoor``): the inputs
+    checked, a folder holding another run refused before any compute (``overwrite`` empties it first), config.json
+    written by process 0."""
     pipeline.check_inputs(cfg)
     folder = runs.Run.open(workdir, job, fingerprint(cfg), overwrite, jax.process_index())
     folder.started()

@@ -282,8 +282,7 @@ def seed_windows(n_windows: int, max_samples: int, seeds: list[int]) -> dict[int
 
 def calibration_batches(loaded, data, cfg, pick: np.ndarray) -> list[dict]:
     """Calibration windows ``pick`` as global batches."""
-    return list(parallel.iter_batches(
-        loaded.mesh, {"input_ids": data.cal_ids[pick], "attention_mask": data.cal_mask[pick]}, cfg.batch_size))
+    return scores.window_batches(loaded, data.cal_ids[pick], data.cal_mask[pick], cfg.batch_size)
 
 
 def super_weight_study(loaded, flat, kept, data, cfg, base_ppl, batches, clock=None) -> dict | None:

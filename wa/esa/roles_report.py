@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 
 from wa import report  # noqa: E402
 from wa.esa import attack, perturb, pipeline, roles, select  # noqa: E402
+from wa.parallel import rules as rules_lib  # noqa: E402
 
 
 def _unit_name(kind, layer, unit) -> str:
@@ -44,7 +45,7 @@ def study(s, sc, sel, progress: bool = True) -> dict:
             return label, {"top": rows[:5]}
         return f"token {piece(unit)!r}", {}
 
-    metrics = [m for m in s.plan.metrics if m != "hutchinson_diag"]
+    metrics = attack.ranking_metrics(s.plan.metrics)
     top: dict = {}
     for m in metrics:
         rows, units = [], {}
@@ -69,6 +70,7 @@ def study(s, sc, sel, progress: bool = True) -> dict:
     # Knowledge localisation: the score's top-k zeroed against same-size random-k, loss by target category.
     base = roles.per_token_nll(loaded, loaded.params, data.eval_ids, data.eval_mask, cfg.batch_size)
     seed = s.plan.seeds[0]
+    tree = rules_lib.unflattener(loaded.params)
     local = {}
     for m in metrics:
         sets = {"topk": sel.top[m, seed]}
@@ -76,9 +78,8 @@ def study(s, sc, sel, progress: bool = True) -> dict:
                                                       seed * 1000 + 900 + r) for r in range(cfg.roles_random)})
         out = {}
         for name, chosen in sets.items():
-            flat = perturb.apply(s.flat, chosen, "zero")
-            tree = _tree(loaded, flat)
-            out[name] = roles.category_losses(base, roles.per_token_nll(loaded, tree, data.eval_ids, data.eval_mask,
+            knocked = tree(perturb.apply(s.flat, chosen, "zero"))
+            out[name] = roles.category_losses(base, roles.per_token_nll(loaded, knocked, data.eval_ids, data.eval_mask,
                                                                           cfg.batch_size), cats)
         rand = [v for k, v in out.items() if k.startswith("random_k/")]
         local[m] = {"topk": out["topk"], "random_k": {c: float(np.mean([r[c]["dnll"] for r in rand]))
@@ -89,14 +90,6 @@ def study(s, sc, sel, progress: bool = True) -> dict:
             "top": top, "localisation": local, "target_categories": counts, "metrics": metrics,
             "roles_top": cfg.roles_top, "topk": cfg.topk, "mode": cfg.mode,
             "eval_tokens": int(np.sum(data.eval_mask[:, 1:]))}
-
-
-def _tree(loaded, flat):
-    import jax
-
-    from wa.parallel import rules as rules_lib
-    order = list(rules_lib.flatten(loaded.params))
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(loaded.params), [flat[p] for p in order])
 
 
 def _plot(res: dict, path: str) -> None:

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
-from wa import errors
+from wa import errors, parallel
 from wa.parallel import rules as rules_lib
 
 
@@ -63,6 +63,11 @@ class Calibration:
 
     def rng(self, b: int):
         return jax.random.fold_in(self.key, b)
+
+
+def window_batches(loaded, ids, mask, batch_size: int) -> list[dict]:
+    """LM windows ``ids`` / ``mask`` as the global batches a ``Calibration`` holds."""
+    return list(parallel.iter_batches(loaded.mesh, {"input_ids": ids, "attention_mask": mask}, batch_size))
 
 
 def _flat(tree):

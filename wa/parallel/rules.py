@@ -36,6 +36,14 @@ def flatten(tree) -> dict[str, object]:
     return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def unflattener(tree):
+    """``flat -> tree``: a ``flatten``-style dict (every path of ``tree``) back in ``tree``'s structure, with the
+    order and structure read once."""
+    order = list(flatten(tree))
+    treedef = jax.tree_util.tree_structure(tree)
+    return lambda flat: jax.tree_util.tree_unflatten(treedef, [flat[p] for p in order])
+
+
 def _axes_of(entry):
     if entry is None:
         return ()

@@ -167,9 +167,7 @@ def train(loaded, flat0: dict, data: Corpora, cfg, trainable, lora: dict | None 
     ``ewc`` {path: per-entry penalty weight F_i / mean F (0 off the protected set)} adds (λ/2)·Σ F_i (w − w⁰)².
     Returns the fine-tuned flat parameters and the loss curve."""
     model, family = loaded.model, loaded.family
-    treedef = jax.tree_util.tree_structure(loaded.params)
-    order = list(rules_lib.flatten(loaded.params))
-    unflat = lambda f: jax.tree_util.tree_unflatten(treedef, [f[p] for p in order])  # noqa: E731
+    unflat = rules_lib.unflattener(loaded.params)
     schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup, cfg.steps, cfg.lr * 0.1)
     opt = optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=cfg.weight_decay)
     key = jax.random.key(cfg.seed)
@@ -232,8 +230,7 @@ def train(loaded, flat0: dict, data: Corpora, cfg, trainable, lora: dict | None 
 
 
 def perplexities(loaded, flat: dict, data: Corpora, cfg) -> dict:
-    treedef = jax.tree_util.tree_structure(loaded.params)
-    params = jax.tree_util.tree_unflatten(treedef, [flat[p] for p in rules_lib.flatten(loaded.params)])
+    params = rules_lib.unflattener(loaded.params)(flat)
     return {name: evaluate.evaluate(loaded, params, ids, mask, cfg.batch_size, progress=False)["ppl"]
             for name, (ids, mask) in (("target", data.target), ("source", data.source))}
 
@@ -254,9 +251,8 @@ def run(cfg, progress: bool = True) -> dict:
     base = perplexities(loaded, flat0, data, cfg)
     logging.info("before fine-tuning: target %.3f, source %.3f", base["target"], base["source"])
     def scored(windows, names):
-        cal = scores.Calibration(loaded, list(parallel.iter_batches(
-            loaded.mesh, {"input_ids": windows[0], "attention_mask": windows[1]}, cfg.batch_size)),
-            jax.random.key(cfg.seed), progress=progress)
+        cal = scores.Calibration(loaded, scores.window_batches(loaded, *windows, cfg.batch_size),
+                                 jax.random.key(cfg.seed), progress=progress)
         return {m: {p: np.asarray(v) for p, v in scores.compute(m, loaded.params, cal).items() if p in kept}
                 for m in names}
 
