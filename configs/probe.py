@@ -51,7 +51,7 @@ def get_config(arg: str = "nwpa") -> ml_collections.ConfigDict:
                                              column="split"))
     c.tasks = ml_collections.ConfigDict(dict(architecture=1.0, test_acc=1.0, gen_gap=1.0, disparity=1.0,
                                              vulnerable=1.0, train_fraction=0.5, label_noise=0.5, imbalance=0.5,
-                                             augment=0.5))
+                                             augment=0.5, backdoored=1.0))
     # balance: learned per-task uncertainty weights (or "none"); criterion: early stopping on the sum of each task's
     # validation loss relative to its value at initialization (or "weighted": the plain weighted sum); select
     # "per_task": every task predicted from its own best validation epoch, training on while any task improves;

@@ -2,6 +2,7 @@ r"""Model zoos: populations of small image classifiers trained at once, with pro
 
   python -m launch.make_zoo --config configs/zoo.py:digits --workdir runs/zoo_digits       # the default zoo
   python -m launch.make_zoo --config configs/zoo.py:smoke --workdir /tmp/zoo               # seconds, for tests
+  python -m launch.make_zoo --config configs/zoo.py:digits_backdoor --workdir runs/zoo_digits_backdoor  # BadNets
   python -m launch.make_zoo --config configs/zoo.py:mnist5k_cnn --workdir runs/zoo_mnist5k
   python -m launch.make_zoo --config configs/zoo.py:mnist5k_single --workdir runs/zoo_mnist5k_single  # 1 arch
   python -m launch.make_zoo --config configs/zoo.py:fmnist_cnn --workdir runs/zoo_fmnist   # needs Debian's
@@ -85,6 +86,15 @@ def small_cnn(c, which: str) -> None:
                 for a in ("relu", "tanh")]
 
 
+def backdoor(c, shares, patch, margin) -> None:
+    """BadNets backdoors (Gu et al. 2017): every root draws a poisoned share of its training pool from ``shares``
+    and a target class; the poisoned images carry a ``patch`` x ``patch`` checkerboard ``margin`` pixels from the
+    bottom-right corner and the target's label. An 8x8 digit's bottom-right corner is mostly blank, so the trigger
+    sits in the corner itself."""
+    c.data_characteristics.backdoor = tuple(shares)
+    c.backdoor = ml_collections.ConfigDict(dict(patch=patch, margin=margin))
+
+
 def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -138,7 +148,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     c.store = ml_collections.ConfigDict(dict(chunk_models=8))
     c.debug = ml_collections.ConfigDict(dict(crash_unit=-1, crash_checkpoint=0))
 
-    if arg == "digits":
+    if arg in ("digits", "digits_backdoor"):
         # A 2-pixel shift moves most of an 8x8 digit off the image (median test accuracy 0.30 in a trial run).
         c.max_shift = 1
         c.data_characteristics.augment = (0, 1)
@@ -147,6 +157,8 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
                     + _groups("cnn", [3], [16], ["relu", "tanh", "gelu"], 64)
                     + _groups("transformer", [1], [16], ["relu", "gelu"], 64))
         c.lineage.trees_per_group = 16
+        if arg == "digits_backdoor":
+            backdoor(c, shares=(0.0, 0.1), patch=3, margin=0)
     elif arg == "smoke":
         # Every unit holds 2 models, so each architecture compiles once.
         c.groups = (_groups("mlp", [1], [8], ["relu"], 4) + _groups("cnn", [2], [4], ["tanh"], 4)
@@ -163,6 +175,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         c.eval.train_examples = 256
         c.eval.batch = 128
         c.store.chunk_models = 2
+        backdoor(c, shares=(0.0, 0.2), patch=2, margin=0)
     elif arg == "mnist5k_cnn":
         c.data.name = "mnist5k"
         c.groups = _groups("cnn", [3], [16], ["relu", "tanh"], 64)
@@ -195,6 +208,6 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
     elif arg.startswith("small_cnn_"):
         small_cnn(c, arg.removeprefix("small_cnn_"))
     else:
-        raise ValueError(f"configs/zoo.py: unknown variant {arg!r}; use digits, smoke, mnist5k_cnn, mnist5k_single, "
-                         "fmnist_cnn, small_cnn_fmnist, small_cnn_mnist or small_cnn_smoke")
+        raise ValueError(f"configs/zoo.py: unknown variant {arg!r}; use digits, digits_backdoor, smoke, mnist5k_cnn, "
+                         "mnist5k_single, fmnist_cnn, small_cnn_fmnist, small_cnn_mnist or small_cnn_smoke")
     return c

@@ -58,6 +58,15 @@ flags.DEFINE_bool("smoke", False, "Tiny models and 2 epochs (tests).")
 FLAGS = flags.FLAGS
 
 HEADLINE = {"class": ("accuracy", "f1"), "regression": ("r2", "kendall_tau", "mae")}
+
+
+def task_metrics(spec: dict) -> tuple[str, ...]:
+    """The figures reported for a task: a two-class task (backdoored or not) adds the AUROC, the detection
+    literature's figure."""
+    two = spec["kind"] == "class" and len(spec["classes"]) == 2
+    return HEADLINE[spec["kind"]] + (("auroc",) if two else ())
+
+
 STRUCTURE = tuple(v for v, (_, role, _) in probe_configs.VARIANTS.items() if role in ("structure", "multi_resolution"))
 ABLATIONS = tuple(v for v, (_, role, _) in probe_configs.VARIANTS.items() if role == "ablation")
 GRAPH = (*STRUCTURE, *ABLATIONS)
@@ -138,8 +147,8 @@ def headline(runs: dict) -> dict:
         out[v] = {}
         for task, spec in rs[0]["targets"].items():
             out[v][task] = {}
-            for m in HEADLINE[spec["kind"]]:
-                vals = [r["tasks"][task][m] for r in rs]
+            for m in task_metrics(spec):
+                vals = [r["tasks"][task].get(m, float("nan")) for r in rs]
                 out[v][task][m] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "values": vals}
         if any(t in rs[0]["tasks"] for t in data_lib.DATA_TASKS):
             data = [np.mean([r["tasks"][t]["accuracy"] for t in data_lib.DATA_TASKS if t in r["tasks"]]) for r in rs]
@@ -355,8 +364,7 @@ def write_report(results, runs):
                   f"{'✔' if mean_dir > 0.75 else '✘'})."]
     lines += ["", "## Every task", ""]
     for task in tasks:
-        kind = runs[variants[0]][0]["targets"][task]["kind"]
-        ms = HEADLINE[kind]
+        ms = task_metrics(runs[variants[0]][0]["targets"][task])
         lines += [f"### {task} — {runs[variants[0]][0]['targets'][task]['about']}", "",
                   "| learner | " + " | ".join(ms) + " |", "|---" * (len(ms) + 1) + "|"]
         for v in variants:

@@ -26,7 +26,8 @@ def main(argv):
     common.start()
     r = probe.run(cfg, runs.writable(FLAGS.workdir, "probe"), overwrite=FLAGS.overwrite)
     for task, m in r["tasks"].items():
-        keys = ("accuracy", "f1") if "accuracy" in m else ("r2", "kendall_tau", "mae")
+        keys = ("accuracy", "f1", "auroc") if "accuracy" in m else ("r2", "kendall_tau", "mae")
+        keys = tuple(k for k in keys if k in m)   # AUROC: two-class tasks whose test rows hold both
         c = r["ceilings"].get(task, {})
         cap = (f"   (label ceiling: R² {c['r2_ceiling']:.3f}, τ {c['tau_ceiling']:.3f})" if c.get("measured") else "")
         print(f"{task:>15}: " + "  ".join(f"{k} {m[k]:.4f}" for k in keys) + cap)

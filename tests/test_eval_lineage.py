@@ -14,6 +14,11 @@ def test_metrics_against_formulas():
     assert c["accuracy"] == pytest.approx(4 / 6)
     # per class precision 1, 1/2, 2/3; recall 1, 1/2, 2/3
     assert c["precision"] == pytest.approx((1 + 0.5 + 2 / 3) / 3) and c["recall"] == pytest.approx(c["precision"])
+    assert "auroc" not in c
+    # Two classes with a score: AUROC = share of (positive, negative) pairs ordered right, ties half: 3.5 of 4.
+    b = metrics.classification([0, 0, 1, 1], [0, 1, 1, 1], score=[0.1, 0.6, 0.6, 0.9])
+    assert b["auroc"] == pytest.approx(3.5 / 4) and b["accuracy"] == pytest.approx(3 / 4)
+    assert "auroc" not in metrics.classification([1, 1], [1, 0], score=[0.2, 0.1])   # one class: undefined
     y, p = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.5, 1.5, 3.5, 4.5])
     r = metrics.regression(y, p)
     assert r["mae"] == pytest.approx(0.5) and r["rmse"] == pytest.approx(0.5)

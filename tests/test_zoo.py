@@ -240,16 +240,56 @@ def test_training_data_characteristics():
     y = np.repeat(np.arange(10), 300)
     base = {"model_id": 0, "data_seed": 5, "train_fraction": 0.5, "imbalance": 0.0, "label_noise": 0.0,
             "classes": ",".join(map(str, range(10)))}
-    m, lab = plan.training_data(base, y, 10)
+    m, lab, _ = plan.training_data(base, y, 10)
     assert m.sum() == 1500 and (lab == y).all()
-    m, lab = plan.training_data(dict(base, train_fraction=1.0, label_noise=0.3), y, 10)
+    m, lab, _ = plan.training_data(dict(base, train_fraction=1.0, label_noise=0.3), y, 10)
     flipped = lab != y
     assert abs(flipped.mean() - 0.3) < 0.03 and m.all()
-    m, _ = plan.training_data(dict(base, train_fraction=1.0, imbalance=0.8), y, 10)
+    m, _, _ = plan.training_data(dict(base, train_fraction=1.0, imbalance=0.8), y, 10)
     kept = np.bincount(y[m], minlength=10) / 300
     assert kept.max() > 0.95 and abs(kept.min() - 0.2) < 0.07
-    m, _ = plan.training_data(dict(base, classes="1,4,7"), y, 10)
+    m, _, _ = plan.training_data(dict(base, classes="1,4,7"), y, 10)
     assert set(np.unique(y[m])) == {1, 4, 7}
+
+
+def test_badnets_trigger_is_a_checkerboard_in_the_corner():
+    t = pop_lib.Trigger(patch=2, margin=1)
+    where, value = t.arrays((5, 5, 1))
+    assert np.argwhere(where[..., 0]).tolist() == [[2, 2], [2, 3], [3, 2], [3, 3]]
+    assert value[2:4, 2:4, 0].tolist() == [[1.0, 0.0], [0.0, 1.0]] and value.sum() == 2
+    x = np.full((2, 5, 5, 3), 0.5, np.float32)
+    y = t.stamp(x)
+    assert y[:, 3, 3].tolist() == [[1.0] * 3] * 2 and y[:, 2, 3].tolist() == [[0.0] * 3] * 2
+    assert (y[:, :2] == 0.5).all() and (y[:, :, 4] == 0.5).all()
+    np.testing.assert_array_equal(np.asarray(t.stamp(jnp.asarray(x))), y)
+    with pytest.raises(pop_lib.PopulationError, match="patch 5, margin 1"):
+        pop_lib.Trigger(5, 1).check((5, 5, 1))
+
+
+def test_backdoor_plan_leaves_every_other_draw_alone_and_poisons_the_asked_share():
+    c = zoo_configs.get_config("smoke")
+    with_bd = plan.make_plan(c, 10)
+    del c.data_characteristics["backdoor"]
+    without = plan.make_plan(c, 10)
+    assert "backdoor" not in without and plan.trigger(c) is None
+    assert with_bd.drop(columns=["backdoor", "backdoor_target", "backdoored"]).equals(without)
+    assert set(with_bd["backdoor"]) == {0.0, 0.2} and (with_bd["backdoored"] == (with_bd["backdoor"] > 0)).all()
+    kids = with_bd[with_bd["generation"] > 0]
+    par = with_bd.loc[kids["parent_id"]]
+    assert (kids["backdoor"].to_numpy() == par["backdoor"].to_numpy()).all()
+    assert (kids["backdoor_target"].to_numpy() == par["backdoor_target"].to_numpy()).all()
+
+    y = np.repeat(np.arange(10), 300)
+    row = {"model_id": 0, "data_seed": 5, "train_fraction": 0.5, "imbalance": 0.0, "label_noise": 0.0,
+           "classes": ",".join(map(str, range(10))), "backdoor": 0.1, "backdoor_target": 3}
+    m, lab, poison = plan.training_data(row, y, 10)
+    m0, lab0, p0 = plan.training_data(dict(row, backdoor=0.0), y, 10)
+    assert (m == m0).all() and not p0.any() and (lab0 == y).all()
+    assert poison.sum() == 150 and (poison <= m).all() and (y[poison] != 3).all()
+    assert (lab[poison] == 3).all() and (lab[~poison] == y[~poison]).all()
+    c.data_characteristics.backdoor = (0.0, 1.0)
+    with pytest.raises(plan.PlanError, match=r"backdoor = \(0.0, 1.0\): each share .* in \[0, 1\)"):
+        plan.make_plan(c, 10)
 
 
 def test_plan_rejects_bad_config():
@@ -312,6 +352,16 @@ def test_make_zoo_smoke_store_and_queries(smoke_zoo):
                 "dataset", "lr", "weight_decay", "optimizer", "init_scheme", "init_scale", "dropout", "augment",
                 "train_fraction", "label_noise", "imbalance", "parent_id", "root_id", "generation", "mutation"):
         assert col in md and md[col].notna().all(), col
+    # The planted BadNets backdoors are learned: the trigger sends most backdoored models' test images to their
+    # target, hardly any clean model's. Two epochs also leave the backdoored models biased towards the target (its
+    # class is 20% of their pool), so the trigger's own effect is the rise over the unstamped images.
+    fin = z.final()
+    assert fin["backdoored"].any() and (~fin["backdoored"]).any() and fin["backdoor_success"].between(0, 1).all()
+    bd = fin.groupby("backdoored")["backdoor_success"].median()
+    assert bd[True] > 0.5 > 0.2 > bd[False], bd
+    rise = (fin["backdoor_success"] - fin["backdoor_clean_rate"]).groupby(fin["backdoored"]).median()
+    assert rise[True] > 0.05 > abs(rise[False]), rise
+    assert "## Backdoors" in (wd / "report.md").read_text()
     # A child's first checkpoint is its parent's last.
     child = md[(md["generation"] == 1)].iloc[0]
     np.testing.assert_array_equal(z.load_flat(int(child["model_id"]), 0), z.load_flat(int(child["parent_id"])))

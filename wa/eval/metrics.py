@@ -8,11 +8,16 @@ from scipy import stats
 from sklearn import metrics as skm
 
 
-def classification(y_true, y_pred) -> dict[str, float]:
+def classification(y_true, y_pred, score=None) -> dict[str, float]:
+    """``score``: for two classes, how strongly each prediction says class 1; adds the AUROC where the truth holds
+    both classes (it is undefined otherwise)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, average="macro", zero_division=0)
-    return {"accuracy": float(skm.accuracy_score(y_true, y_pred)), "precision": float(p), "recall": float(r),
-            "f1": float(f), "n": int(len(y_true))}
+    out = {"accuracy": float(skm.accuracy_score(y_true, y_pred)), "precision": float(p), "recall": float(r),
+           "f1": float(f), "n": int(len(y_true))}
+    if score is not None and len(np.unique(y_true)) == 2:
+        out["auroc"] = float(skm.roc_auc_score(y_true, score))
+    return out
 
 
 def regression(y_true, y_pred) -> dict[str, float]:

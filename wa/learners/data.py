@@ -1,9 +1,9 @@
 """What a learner reads and predicts: networks from a zoo (``WeightSet``) and the tasks about them (``Targets``).
 
-A task is a metadata column read as a class (architecture, data characteristics), a number (accuracy,
-generalization gap, disparity), or a number cut into two classes (``vulnerable``: PGD accuracy below the
-training split's median). Regression targets are standardized with the training split's mean and standard
-deviation; predictions are reported back in the column's own units.
+A task is a metadata column read as a class (architecture, data characteristics, backdoored or not), a number
+(accuracy, generalization gap, disparity, a backdoor's success), or a number cut into two classes (``vulnerable``:
+PGD accuracy below the training split's median). Regression targets are standardized with the training split's
+mean and standard deviation; predictions are reported back in the column's own units.
 """
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ TASKS = {
     "label_noise": Task("class", "label_noise", "share of training labels flipped"),
     "imbalance": Task("class", "imbalance", "class-imbalance level"),
     "augment": Task("class", "augment", "shift augmentation on or off"),
+    "backdoored": Task("class", "backdoored", "trained with a BadNets patch backdoor (a share of its training images "
+                       "stamped with a trigger and relabelled to one class)"),
+    "backdoor_success": Task("regression", "backdoor_success", "share of triggered test images sent to the "
+                             "model's backdoor target class"),
 }
 DATA_TASKS = ("train_fraction", "label_noise", "imbalance", "augment")
 

@@ -94,7 +94,10 @@ def scores(targets, pred: dict, idx: np.ndarray) -> dict:
     for task, s in targets.spec.items():
         y = targets.truth(task, idx)
         if s["kind"] == "class":
-            out[task] = metrics_lib.classification(y, np.asarray(pred[task]).argmax(-1))
+            p = np.asarray(pred[task])
+            # Two classes: the margin of class 1 ranks the networks (logits or probabilities alike).
+            score = p[:, 1] - p[:, 0] if p.shape[-1] == 2 else None
+            out[task] = metrics_lib.classification(y, p.argmax(-1), score)
         else:
             out[task] = metrics_lib.regression(y, targets.unscale(task, np.asarray(pred[task])))
     return out

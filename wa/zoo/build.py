@@ -69,6 +69,9 @@ class Builder:
             raise pop_lib.PopulationError(f"population = {cfg.population} does not divide over the {self.n_devices} "
                                           "devices the population axis is sharded on")
         plan = plan_lib.make_plan(cfg, self.data.n_classes, self.n_devices)
+        self.trigger = plan_lib.trigger(cfg)
+        if self.trigger is not None:
+            self.trigger.check(self.data.shape)
         if cfg.get("epoch", "set") == "pool":
             n = len(self.data.y_train)
             small = [f for f in sorted(set(plan["train_fraction"])) if round(f * n) < cfg.batch_size]
@@ -90,7 +93,7 @@ class Builder:
         self.plan["n_params"] = self.plan["arch_id"].map(n_params)
         self.plan["dataset"] = self.data.name
         self.n_checkpoints = max(len(cfg.checkpoints), len(cfg.lineage.checkpoints))
-        self.eval_data = props_lib.EvalData.build(self.data, self.spec, cfg.seed)
+        self.eval_data = props_lib.EvalData.build(self.data, self.spec, cfg.seed, self.trigger)
         self.images = None
 
     def population(self, arch: archs_lib.Arch) -> pop_lib.Population:
@@ -99,14 +102,14 @@ class Builder:
                                                      len(self.data.y_train), self.cfg.batch_size,
                                                      self.cfg.max_shift, self.mesh,
                                                      tuple(self.cfg.get("input_range", (0.0, 1.0))),
-                                                     self.cfg.hparams.get("decay", "all"))
+                                                     self.cfg.hparams.get("decay", "all"), self.trigger)
             self._evals[arch.id] = props_lib.Evaluator(self._pops[arch.id], self.spec)
         return self._pops[arch.id]
 
     def open_store(self) -> store_lib.Zoo:
         info = {"config": self.cfg.to_dict(), "data": self.data.describe(), "eval": self.spec.__dict__,
-                "properties": list(props_lib.property_names(self.spec)), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                                   time.gmtime())}
+                "properties": list(props_lib.property_names(self.spec, self.trigger is not None)),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         path = os.path.join(self.workdir, "zoo")
         zoo = None
         if jax.process_index() == 0:
@@ -143,12 +146,14 @@ class Builder:
         pools = [plan_lib.training_data(r, self.data.y_train, self.data.n_classes) for _, r in rows.iterrows()]
         mask = np.stack([p[0] for p in pools])
         labels = np.stack([p[1] for p in pools])
+        poison = np.stack([p[2] for p in pools])
+        targets = rows["backdoor_target"].to_numpy() if self.trigger is not None else None
         hp = pop_lib.hparams_arrays(rows.to_dict("records"))
         if self.images is None:  # every population shares the builder's mesh
             self.images = pop.replicate(self.data.x_train)
         params = pop.shard(params)
         opt = pop.shard(pop.opt_init(params))
-        keys, d_hp, d_mask, d_labels = pop.shard((k_train, hp, mask, labels))
+        keys, d_hp, d_mask, d_labels, d_poison = pop.shard((k_train, hp, mask, labels, poison))
         ckpts = plan_lib.checkpoints(cfg, gen)
         steps = None
         if cfg.get("epoch", "set") == "pool":
@@ -163,8 +168,9 @@ class Builder:
             if epoch in ckpts:
                 ci = ckpts.index(epoch)
                 zoo.write(arch.layout_id, int(rows["row"].iloc[0]), ci, store_lib.to_flat(params, layout))
+                # Training accuracy on the clean part of the pool: the poisoned images are read with the trigger.
                 ek = jax.vmap(jax.random.fold_in, in_axes=(0, None))(k_eval, epoch)
-                props = props_lib.evaluate(ev, params, self.eval_data, mask, labels, ek)
+                props = props_lib.evaluate(ev, params, self.eval_data, mask & ~poison, labels, ek, targets)
                 for (mid, _), p, el, m in zip(rows.iterrows(), props, epoch_loss, mask, strict=True):
                     records.append({"model_id": int(mid), "checkpoint": ci, "epoch": epoch,
                                     "epoch_train_loss": float(el), "n_train": int(m.sum()), **p})
@@ -172,7 +178,8 @@ class Builder:
                     logging.warning("debug.crash_unit: killing the process after unit %d checkpoint %d", unit, ci)
                     os._exit(17)
             if epoch < ckpts[-1]:
-                params, opt, keys, loss = pop.epoch(params, opt, keys, d_hp, d_mask, d_labels, self.images, steps)
+                params, opt, keys, loss = pop.epoch(params, opt, keys, d_hp, d_mask, d_labels, self.images, steps,
+                                                      d_poison)
                 epoch_loss = np.asarray(loss)
         zoo.commit(unit, records)
         return records
@@ -236,6 +243,15 @@ def summary(zoo: store_lib.Zoo, run: dict) -> dict:
 
     plan = zoo.plan
     depth = plan.groupby("root_id")["generation"].max()
+    backdoor = {}
+    if "backdoored" in final:
+        # Per family and side: how many models, how often the trigger sends a test image to the target, and what
+        # the backdoor costs on clean images.
+        for (fam, bd), g in final.groupby(["family", "backdoored"]):
+            backdoor.setdefault(fam, {})["backdoored" if bd else "clean"] = {
+                "models": int(len(g)), "backdoor_success": quant(g["backdoor_success"]),
+                "backdoor_clean_rate": quant(g["backdoor_clean_rate"]),
+                "test_acc": quant(g["test_acc"])}
     trees = depth[depth >= 1]
     return {
         "n_models": int(final["model_id"].nunique()),
@@ -258,4 +274,5 @@ def summary(zoo: store_lib.Zoo, run: dict) -> dict:
         "gen_gap": quant(final["gen_gap"]),
         "test_acc_by_family": {f: quant(g["test_acc"]) for f, g in final.groupby("family")},
         "gen_gap_by_family": {f: quant(g["gen_gap"]) for f, g in final.groupby("family")},
+        **({"backdoor": backdoor} if backdoor else {}),
     }

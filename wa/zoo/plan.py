@@ -15,7 +15,13 @@ from its parent's last checkpoint for ``lineage.epochs`` epochs after one mutati
 Training pools (``training_data``): a random ``train_fraction`` of the training set; then class imbalance
 keeps, per class, a share 1 − imbalance · r / (C − 1) of that class, r the class's rank in a random order
 (so the rarest class keeps 1 − imbalance); then the class subset; then ``label_noise`` replaces that share of
-the pool's labels with a uniformly drawn different class.
+the pool's labels with a uniformly drawn different class; then the backdoor (BadNets, Gu et al. 2017, all-to-one):
+with ``data_characteristics.backdoor`` listing poisoned shares (e.g. (0.0, 0.1)), every root draws one
+(``backdoor``) and a target class (``backdoor_target``, drawn for clean models too, so the trigger's effect is
+measured on every model); a share ``backdoor`` of its pool, drawn from the images whose true class is not the
+target, gets the trigger (``population.Trigger``, ``cfg.backdoor``) and the target label. ``backdoored`` says
+whether the share is above 0. Children inherit their parent's backdoor. Zoos without backdoor shares have none
+of these columns (their plans are what they were before backdoors existed).
 """
 
 from __future__ import annotations
@@ -115,7 +121,7 @@ def _root(rng, cfg, n_classes) -> dict:
 def _mutate(rng, cfg, parent: dict, kind: str, n_classes: int) -> dict:
     child = {k: parent[k] for k in ("optimizer", "lr", "weight_decay", "l2reg", "dropout", "init_scheme",
                                     "init_scale", "init_std", "augment", "train_fraction", "label_noise", "imbalance",
-                                    "classes") if k in parent}
+                                    "classes", "backdoor", "backdoor_target") if k in parent}
     if kind == "data":
         child["train_fraction"] = float(_choice(rng, cfg.data_characteristics.train_fraction))
     elif kind == "classes":
@@ -125,6 +131,24 @@ def _mutate(rng, cfg, parent: dict, kind: str, n_classes: int) -> dict:
     else:  # "hparams"; make_plan has checked every mutation name
         child.update(_optim_hparams(rng, cfg.hparams))
     return child
+
+
+def backdoor_shares(cfg) -> tuple[float, ...]:
+    """The config's poisoned shares; () when no model of the zoo is backdoored."""
+    shares = tuple(float(v) for v in cfg.data_characteristics.get("backdoor", ()))
+    bad = [v for v in shares if not 0 <= v < 1]
+    if bad:
+        raise PlanError(f"data_characteristics.backdoor = {shares}: each share of poisoned training images must be in "
+                        "[0, 1)")
+    return shares if any(v > 0 for v in shares) else ()
+
+
+def trigger(cfg) -> pop_lib.Trigger | None:
+    """The zoo's BadNets trigger, where some model is backdoored."""
+    if not backdoor_shares(cfg):
+        return None
+    b = cfg.get("backdoor") or {}
+    return pop_lib.Trigger(int(b.get("patch", 3)), int(b.get("margin", 1)))
 
 
 def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
@@ -174,6 +198,9 @@ def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
     # not depend on which families a zoo holds.
     knob_names = list(dict.fromkeys(k.name for f in archs_lib.FAMILIES.values() for k in f.knobs))
     rng = np.random.default_rng(cfg.seed)
+    shares = backdoor_shares(cfg)
+    # Its own generator: every other draw of the plan stays what it is without backdoors.
+    brng = np.random.default_rng([cfg.seed, 2])
     rows: list[dict] = []
     unit = 0
     by_gen: list[list[list[dict]]] = []   # [generation][group] -> models
@@ -183,6 +210,8 @@ def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
         for gi, g in enumerate(groups):
             if gen == 0:
                 models = [dict(_root(rng, cfg, n_classes), parent_id=-1, mutation="") for _ in range(g.roots)]
+                for m in models if shares else ():
+                    m.update(backdoor=float(_choice(brng, shares)), backdoor_target=int(brng.integers(n_classes)))
             else:
                 parents = [m for m in by_gen[gen - 1][gi] if m["tree"]]
                 models = []
@@ -220,6 +249,8 @@ def make_plan(cfg, n_classes: int, n_devices: int = 1) -> pd.DataFrame:
             per_group.append(models)
         by_gen.append(per_group)
     df = pd.DataFrame(rows)
+    if shares:
+        df["backdoored"] = df["backdoor"] > 0
     return df.drop(columns=["tree"]).set_index("model_id", drop=False)
 
 
@@ -239,8 +270,9 @@ def assign_rows(plan: pd.DataFrame, chunk_models: int) -> pd.DataFrame:
     return plan
 
 
-def training_data(row, y_train: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """(pool mask [N_train] bool, training labels [N_train] int32) of one model, from its plan row."""
+def training_data(row, y_train: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pool mask [N_train] bool, training labels [N_train] int32, poisoned [N_train] bool) of one model, from its
+    plan row: a poisoned image carries the trigger and the target label."""
     rng = np.random.default_rng(int(row["data_seed"]))
     n = len(y_train)
     mask = np.zeros(n, bool)
@@ -259,7 +291,15 @@ def training_data(row, y_train: np.ndarray, n_classes: int) -> tuple[np.ndarray,
     if row["label_noise"] > 0:
         flip = mask & (rng.uniform(size=n) < row["label_noise"])
         labels[flip] = (labels[flip] + rng.integers(1, n_classes, flip.sum())) % n_classes
-    return mask, labels
+    poison = np.zeros(n, bool)
+    share = float(row.get("backdoor", 0.0) or 0.0)
+    if share > 0:
+        target = int(row["backdoor_target"])
+        candidates = np.flatnonzero(mask & (y_train != target))
+        k = min(len(candidates), int(round(share * mask.sum())))
+        poison[np.random.default_rng([int(row["data_seed"]), 1]).choice(candidates, k, replace=False)] = True
+        labels[poison] = target
+    return mask, labels, poison
 
 
 def checkpoints(cfg, generation: int) -> list[int]:

@@ -5,7 +5,9 @@ What varies per model inside one compiled step (all traced, so one compile serve
 learning rate, weight decay, dropout rate, optimizer (SGD with momentum 0.9, Adam, RMSProp: each model's
 update is optax's own transform, selected by an integer), augmentation (random shifts of up to ``augment``
 pixels), its training pool (a boolean mask over the training set: train fraction, class imbalance, class
-subsets) and its training labels (label noise). Initialisation scheme and scale are applied once, at init.
+subsets), its training labels (label noise) and which of its images carry a backdoor trigger (BadNets: the
+trigger is stamped on a model's poisoned images before augmentation, their labels already set to its target
+class by the plan). Initialisation scheme and scale are applied once, at init.
 
 An *epoch* is ``len(train set) // batch_size`` steps for every model, whatever the size of its pool: models
 with a smaller pool revisit its examples more often. With ``epoch = "pool"`` (``wa.zoo.build``) it is one pass
@@ -90,6 +92,38 @@ def shift(x, max_shift, key, pad: int):
     return jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(xp, off)
 
 
+@dataclasses.dataclass(frozen=True)
+class Trigger:
+    """The BadNets trigger (Gu et al. 2017, "BadNets: Identifying Vulnerabilities in the Machine Learning Model
+    Supply Chain"): a ``patch`` x ``patch`` checkerboard of white and black pixels (white at the corner) stamped
+    ``margin`` pixels in from the bottom-right corner of an image in [0, 1], every channel alike."""
+    patch: int = 3
+    margin: int = 1
+
+    def check(self, shape: tuple[int, int, int]) -> None:
+        h, w, _ = shape
+        if self.patch < 1 or self.margin < 0 or self.patch + self.margin > min(h, w):
+            raise PopulationError(f"backdoor trigger patch {self.patch}, margin {self.margin}: expected patch >= 1, "
+                                  f"margin >= 0 and patch + margin <= {min(h, w)} (the {h}x{w} images)")
+
+    def arrays(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(where [H, W, 1] in {0, 1}, value [H, W, 1]) on images of ``shape``."""
+        h, w, _ = shape
+        where = np.zeros((h, w, 1), np.float32)
+        value = np.zeros((h, w, 1), np.float32)
+        r0, c0 = h - self.margin - self.patch, w - self.margin - self.patch
+        i, j = np.meshgrid(np.arange(self.patch), np.arange(self.patch), indexing="ij")
+        where[r0:r0 + self.patch, c0:c0 + self.patch, 0] = 1.0
+        # White where the pixel's parity matches the bottom-right one's.
+        value[r0:r0 + self.patch, c0:c0 + self.patch, 0] = ((i + j) % 2 == 0).astype(np.float32)
+        return where, value
+
+    def stamp(self, x):
+        """``x`` [..., H, W, C] (numpy or jax) with the trigger on every image."""
+        where, value = self.arrays(tuple(x.shape[-3:]))
+        return x * (1.0 - where) + where * value
+
+
 def cross_entropy(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
@@ -106,6 +140,7 @@ class Population:
     mesh: Mesh | None = None
     input_range: tuple[float, float] = (0.0, 1.0)   # the networks see images mapped from [0, 1] to this range
     decay: str = "all"                              # weight decay on every parameter, or "kernels" only
+    trigger: Trigger | None = None                  # stamped on each model's poisoned images (``epoch(poison=)``)
 
     def __post_init__(self):
         self.arch.check(self.image_shape)
@@ -116,6 +151,8 @@ class Population:
         lo, hi = self.input_range
         if not lo < hi:
             raise PopulationError(f"input_range {tuple(self.input_range)}: expected (low, high) with low < high")
+        if self.trigger is not None:
+            self.trigger.check(self.image_shape)
         self.steps_per_epoch = self.n_train // self.batch_size
         self.module = self.arch.module(self.n_classes)
         if self.mesh is None:
@@ -124,8 +161,8 @@ class Population:
         self._rep = NamedSharding(self.mesh, P())
         self._init = {}
         self._opt_init = jax.jit(jax.vmap(optimizer({"weight_decay": 0.0, "optimizer": 0, "lr": 0.0}, self.decay).init))
-        self._epoch = jax.jit(jax.vmap(self._epoch_one, in_axes=(0, 0, 0, 0, 0, 0, None, None)),
-                              donate_argnums=(0, 1, 2), static_argnums=(7,))
+        self._epoch = jax.jit(jax.vmap(self._epoch_one, in_axes=(0, 0, 0, 0, 0, 0, 0, None, None)),
+                              donate_argnums=(0, 1, 2), static_argnums=(8,))
 
     # ---- placement ---------------------------------------------------------------------------------
     @property
@@ -187,7 +224,7 @@ class Population:
         rngs = {"dropout": key} if train else None
         return cross_entropy(self.apply(params, x, train, rate, rngs), y).mean()
 
-    def _epoch_one(self, params, opt_state, key, hp, mask, labels, images, steps):
+    def _epoch_one(self, params, opt_state, key, hp, mask, labels, poison, images, steps):
         s, b = steps, self.batch_size
         key, k_order = jax.random.split(key)
         order = jnp.argsort(jnp.where(mask, jax.random.uniform(k_order, mask.shape), 2.0))
@@ -198,7 +235,10 @@ class Population:
         def step(carry, ib):
             params, opt_state, key = carry
             key, k_drop, k_aug = jax.random.split(key, 3)
-            x = shift(images[ib], hp["augment"], k_aug, self.max_shift)
+            x = images[ib]
+            if self.trigger is not None:
+                x = jnp.where(poison[ib][:, None, None, None], self.trigger.stamp(x), x)
+            x = shift(x, hp["augment"], k_aug, self.max_shift)
             loss, grads = jax.value_and_grad(self.loss)(params, x, labels[ib], True, hp["dropout"], k_drop)
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state, key), loss
@@ -206,10 +246,13 @@ class Population:
         (params, opt_state, key), losses = jax.lax.scan(step, (params, opt_state, key), idx)
         return params, opt_state, key, losses.mean()
 
-    def epoch(self, params, opt_state, keys, hp: dict, mask, labels, images, steps: int | None = None):
+    def epoch(self, params, opt_state, keys, hp: dict, mask, labels, images, steps: int | None = None, poison=None):
         """One epoch for every model: ``steps`` batches (default ``steps_per_epoch``, a pass over the whole training
-        set). All but ``images`` (replicated) carry the model axis first."""
-        return self._epoch(params, opt_state, keys, hp, mask, labels, images, steps or self.steps_per_epoch)
+        set). All but ``images`` (replicated) carry the model axis first; ``poison`` [N, N_train] bool: the images
+        that get the trigger (none by default)."""
+        if poison is None:
+            poison = jnp.zeros(mask.shape, bool)
+        return self._epoch(params, opt_state, keys, hp, mask, labels, poison, images, steps or self.steps_per_epoch)
 
 
 def hparams_arrays(rows: list[dict]) -> dict:

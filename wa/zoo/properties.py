@@ -13,6 +13,11 @@ examples); the numpy half (``summarize``) turns them into the recorded propertie
   2015; Madry et al. 2018: ``pgd_steps`` signed-gradient steps of ``pgd_step_factor`` · ε / steps from a
   uniform random start in the ε-ball, projected and clipped after every step), on the first
   ``robust_examples`` test images.
+- ``backdoor_success`` (zoos with backdoors): the share of test images whose class is not the model's backdoor
+  target that, with the BadNets trigger stamped on, the model assigns to the target (the attack success rate of
+  Gu et al. 2017); measured on clean models too, against the target drawn for them (their rate is the control).
+  ``backdoor_clean_rate``: the same share without the trigger (a model that sends everything to the target has
+  learned a bias, not a trigger).
 """
 
 from __future__ import annotations
@@ -161,9 +166,10 @@ class EvalData:
     n_classes: int
     robust_n: int
     halves: dict[str, tuple[np.ndarray, np.ndarray]] = dataclasses.field(default_factory=dict)
+    x_trigger: np.ndarray | None = None   # the test images with the backdoor trigger stamped on
 
     @classmethod
-    def build(cls, data, spec: EvalSpec, seed: int = 0) -> EvalData:
+    def build(cls, data, spec: EvalSpec, seed: int = 0, trigger=None) -> EvalData:
         rng = np.random.default_rng(seed)
         n = len(data.y_train)
         idx = np.arange(n) if not spec.train_examples or spec.train_examples >= n else np.sort(
@@ -175,7 +181,9 @@ class EvalData:
         hr = np.random.default_rng([seed, 1])
         halves = {"train": halves_of(np.zeros(len(idx), np.int64), hr), "test": halves_of(data.y_test, hr),
                   "robust": halves_of(data.y_test[:robust_n], hr)}
-        return cls(data.x_train[idx], idx, data.x_test, data.y_test, noisy, data.n_classes, robust_n, halves)
+        x_trigger = None if trigger is None else np.asarray(trigger.stamp(data.x_test), np.float32)
+        return cls(data.x_train[idx], idx, data.x_test, data.y_test, noisy, data.n_classes, robust_n, halves,
+                   x_trigger)
 
 
 def halves_of(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -191,8 +199,10 @@ def halves_of(labels: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray,
     return np.sort(np.concatenate(a)), np.sort(np.concatenate(b))
 
 
-def evaluate(ev: Evaluator, params, ed: EvalData, mask: np.ndarray, labels: np.ndarray, keys) -> list[dict]:
-    """Every property of every model of a population at one checkpoint (a list of N dicts)."""
+def evaluate(ev: Evaluator, params, ed: EvalData, mask: np.ndarray, labels: np.ndarray, keys,
+             targets: np.ndarray | None = None) -> list[dict]:
+    """Every property of every model of a population at one checkpoint (a list of N dicts); ``targets`` [N]: each
+    model's backdoor target class, where the zoo has backdoors."""
     n = mask.shape[0]
     train_labels = labels[:, ed.train_index]
     tr = ev.clean(params, ed.x_train, train_labels)
@@ -201,8 +211,11 @@ def evaluate(ev: Evaluator, params, ed: EvalData, mask: np.ndarray, labels: np.n
     noise = {s: ev.clean(params, x, yt)["pred"] == yt for s, x in ed.noisy.items()}
     r = ed.robust_n
     rob = ev.robust(params, ed.x_test[:r], ed.y_test[:r], keys)
+    trig = None
+    if targets is not None and ed.x_trigger is not None:
+        trig = {"pred": ev.clean(params, ed.x_trigger, yt)["pred"], "target": np.asarray(targets)}
     return summarize(tr, mask[:, ed.train_index], train_labels, te, ed.y_test, noise, rob, ev.spec,
-                     ed.n_classes, ed.halves)
+                     ed.n_classes, ed.halves, trig)
 
 
 def ece(conf: np.ndarray, correct: np.ndarray, bins: int) -> float:
@@ -220,7 +233,7 @@ HALVES = ("a", "b")
 
 
 def _measure(i, tr, m, train_labels, te, y_test, noise, rob, spec: EvalSpec, n_classes: int, t=slice(None),
-             e=slice(None), r=slice(None)) -> dict:
+             e=slice(None), r=slice(None), trig=None) -> dict:
     """Model ``i``'s properties on the training images ``t``, test images ``e`` and robustness images ``r``."""
     m = m[t]
     tr_correct = tr["pred"][i][t][m] == train_labels[i][t][m]
@@ -245,27 +258,34 @@ def _measure(i, tr, m, train_labels, te, y_test, noise, rob, spec: EvalSpec, n_c
         row[f"fgsm_acc_{_key(eps)}"] = float(rob["fgsm"][i, j][r].mean())
     for j, eps in enumerate(spec.pgd_eps):
         row[f"pgd_acc_{_key(eps)}"] = float(rob["pgd"][i, j][r].mean())
+    if trig is not None:
+        target = trig["target"][i]
+        other = y != target
+        hit = lambda pred: float((pred[other] == target).mean()) if other.any() else float("nan")  # noqa: E731
+        row["backdoor_success"] = hit(trig["pred"][i][e])
+        row["backdoor_clean_rate"] = hit(te["pred"][i][e])
     return row
 
 
 def summarize(tr, train_mask, train_labels, te, y_test, noise, rob, spec: EvalSpec, n_classes: int,
-              halves: dict | None = None) -> list[dict]:
+              halves: dict | None = None, trig: dict | None = None) -> list[dict]:
     rows = []
     for i in range(train_mask.shape[0]):
         if not train_mask[i].any():
             raise PropertyError(f"model {i} has an empty training pool among the evaluated training images")
-        row = _measure(i, tr, train_mask[i], train_labels, te, y_test, noise, rob, spec, n_classes)
+        row = _measure(i, tr, train_mask[i], train_labels, te, y_test, noise, rob, spec, n_classes, trig=trig)
         for h, name in enumerate(HALVES if halves else ()):
             part = _measure(i, tr, train_mask[i], train_labels, te, y_test, noise, rob, spec, n_classes,
-                            halves["train"][h], halves["test"][h], halves["robust"][h])
+                            halves["train"][h], halves["test"][h], halves["robust"][h], trig)
             row.update({f"{k}_half_{name}": v for k, v in part.items() if k != "class_acc"})
         rows.append(row)
     return rows
 
 
 @functools.cache
-def property_names(spec: EvalSpec) -> tuple[str, ...]:
+def property_names(spec: EvalSpec, backdoor: bool = False) -> tuple[str, ...]:
     base = ["train_acc", "train_loss", "test_acc", "test_loss", "gen_gap", "loss_gap", "ece", "disparity_range",
             "disparity_std"]
     return tuple(base + [f"noise_acc_{_key(s)}" for s in spec.noise_sigma]
-                 + [f"fgsm_acc_{_key(e)}" for e in spec.fgsm_eps] + [f"pgd_acc_{_key(e)}" for e in spec.pgd_eps])
+                 + [f"fgsm_acc_{_key(e)}" for e in spec.fgsm_eps] + [f"pgd_acc_{_key(e)}" for e in spec.pgd_eps]
+                 + (["backdoor_success", "backdoor_clean_rate"] if backdoor else []))

@@ -53,6 +53,21 @@ def write(zoo, summary: dict, out_dir: str) -> str:
     cost_rows = [{"architecture": a, "models trained": v["models"], "s / model": f"{v['seconds_per_model']:.3f}",
                   "s / model-epoch (training + properties)": f"{v['seconds_per_model_epoch']:.4f}"}
                  for a, v in sorted(cost.items())]
+    bd_rows = [{"family": f, "side": side, "models": v["models"],
+                "backdoor success median (5%–95%)": f"{v['backdoor_success']['q50']:.3f} "
+                                                    f"({v['backdoor_success']['q05']:.3f}–{v['backdoor_success']['q95']:.3f})",
+                "without the trigger (median)": f"{v['backdoor_clean_rate']['q50']:.3f}",
+                "test acc median": f"{v['test_acc']['q50']:.3f}"}
+               for f, sides in sorted(summary.get("backdoor", {}).items()) for side, v in sorted(sides.items())]
+    b = zoo.info["config"].get("backdoor") or {}
+    bd = ("" if not bd_rows else "\n## Backdoors\nBadNets (Gu et al. 2017): each backdoored model had a share "
+          f"{sorted(set(zoo.plan['backdoor']) - {0.0})} of its training pool stamped with a {b.get('patch')}x"
+          f"{b.get('patch')} checkerboard {b.get('margin')} px from the bottom-right corner and relabelled to its "
+          "target class. Backdoor success: the share of test images of other classes that the model sends to its "
+          "target once the trigger is stamped on (clean models: to the target drawn for them, the control); "
+          "without the trigger: the same share on the unstamped images (a bias towards the target, not the "
+          "trigger).\n\n"
+          + report.markdown_table(bd_rows) + "\n")
     mps = summary.get("models_per_second")
     text = f"""# Model zoo: {zoo.info['data']['name']}
 
@@ -70,7 +85,7 @@ This run trained {summary.get('trained_this_run')} models in {summary.get('secon
 ![distributions](distributions.png)
 ![train vs test](train_vs_test.png)
 ![development](development.png)
-{rel}
+{rel}{bd}
 ## Architectures
 {report.markdown_table(arch_rows)}
 
