@@ -26,6 +26,7 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
     c.roles_top = 100      # each score's highest-scoring weights given a role
     c.roles_units = 8      # units listed per score in the report
     c.roles_random = 3     # random-k sets beside the top-k in the localisation
+    c.roles_facts = False  # short factual prompts (roles.FACTS): for models that may know facts
     if variant == "stories260k":
         c.eval_windows = 32
     elif variant == "smollm2":
@@ -33,8 +34,10 @@ def get_config(arg: str = "stories260k") -> ml_collections.ConfigDict:
         c.max_samples = 8
         c.eval_windows = 16
         c.roles_random = 2
+        c.roles_facts = True
     elif variant == "smoke":
         c.metric = "magnitude,grad_x_weight"
         c.roles_top = 20
         c.roles_random = 1
+        c.roles_facts = True   # the code path (stories260K knows no facts)
     return c

@@ -39,8 +39,9 @@ def smoke_scored():
     from wa.esa import pipeline
     cfg = attack.get_config("smoke")
     extra = roles.get_config("smoke")
-    for k in ("roles_top", "roles_units", "roles_random"):
-        cfg[k] = extra[k]
+    for k in extra:
+        if k.startswith("roles_"):
+            cfg[k] = extra[k]
     assert {k: v for k, v in extra.items() if not k.startswith("roles_")} == \
         {k: v for k, v in cfg.items() if not k.startswith(("attack_", "roles_"))}
     s = pipeline.setup(cfg, progress=False)

@@ -87,6 +87,26 @@ def test_the_roles_study_on_stories260k_writes_its_report(smoke_roles, tmp_path)
         loc = res["localisation"][m]
         counted = [c for c in roles.CATEGORIES if res["target_categories"][c]]
         assert sum(loc["topk"][c]["tokens"] for c in counted) == res["eval_tokens"]
+        # One super-weight candidate per down projection (5 layers); the top-k is also zeroed without them.
+        assert 0 <= loc["super_in_topk"] <= 5 and set(loc["topk_without_super"]) == set(roles.CATEGORIES)
+        f = res["facts"][m]
+        assert set(f) == {"topk", "topk_without_super", "random_k"} and 0 <= f["topk"]["first_token_top1"] <= 1
+    assert res["super_weights"]["candidates"] == 5
+    b = res["facts"]["base"]
+    assert len(b["per_fact_nll"]) == len(roles.FACTS) and b["answer_nll"] == pytest.approx(np.mean(b["per_fact_nll"]),
+                                                                                           abs=1e-4)
     files = roles_report.write(str(tmp_path), cfg, res, 1.0)
     assert all((tmp_path / f).exists() for f in files)
-    assert "## Knowledge localisation" in (tmp_path / "roles.md").read_text()
+    md = (tmp_path / "roles.md").read_text()
+    assert "## Knowledge localisation" in md and "## Factual recall" in md and "Super-weight candidates" in md
+
+
+def test_fact_windows_mark_the_answer_tokens():
+    from wa.data import tokenizers
+    tok = tokenizers.get("bytes")
+    ids, mask, ans = roles.fact_windows(tok, True, (("ab", " c"), ("x", " yz")))
+    assert ids.tolist() == [[256, 97, 98, 32, 99], [256, 120, 32, 121, 122]] and mask.all()
+    assert ans.tolist() == [[False, False, False, True, True], [False, False, True, True, True]]
+    ids, mask, ans = roles.fact_windows(tok, False, (("ab", " c"), ("x", " y")))
+    assert ids.tolist() == [[97, 98, 32, 99], [120, 32, 121, 0]] and mask[1].tolist() == [1, 1, 1, 0]
+    assert ans.tolist() == [[False, False, True, True], [False, True, True, False]]

@@ -19,7 +19,9 @@ least half of its top activations sit on that token, or of one token category (`
 that is at least ``ENRICHMENT`` times the category's share of all held-out tokens.
 
 Knowledge localisation (``category_losses``): the mean increase of next-token loss per category of the target token
-when a set of weights is zeroed, for the top-k and for same-size random-k sets.
+when a set of weights is zeroed, for the top-k and for same-size random-k sets. Factual recall (``FACTS``,
+``fact_scores``): short prompts whose completion is a fact ("The capital of France is" → " Paris"), read as the
+answer's loss and whether its first token is the model's top prediction.
 """
 
 from __future__ import annotations
@@ -49,6 +51,32 @@ FUNCTION_WORDS = frozenset(
     "that this there then so as by from had have has not no".split())
 CATEGORIES = ("newline/BOS", "punctuation", "number", "name", "function word", "word start", "word piece")
 ENRICHMENT = 2.0   # a category detector's share of top activations over the category's share of all tokens
+
+# Short factual prompts and their answers (each answer opens with the space the word takes after the prompt):
+# capitals, people, places, science, everyday facts, as a small model may know them.
+FACTS = (
+    ("The capital of France is", " Paris"), ("The capital of Japan is", " Tokyo"),
+    ("The capital of Italy is", " Rome"), ("The capital of Germany is", " Berlin"),
+    ("The capital of Spain is", " Madrid"), ("The capital of England is", " London"),
+    ("The capital of Russia is", " Moscow"), ("The capital of China is", " Beijing"),
+    ("The capital of Egypt is", " Cairo"), ("The capital of Canada is", " Ottawa"),
+    ("Water is made of hydrogen and", " oxygen"), ("The largest planet in the solar system is", " Jupiter"),
+    ("The planet closest to the Sun is", " Mercury"), ("The Earth orbits the", " Sun"),
+    ("The chemical symbol for gold is", " Au"), ("The opposite of hot is", " cold"),
+    ("The first president of the United States was George", " Washington"),
+    ("Romeo and Juliet was written by William", " Shakespeare"),
+    ("The theory of relativity was developed by Albert", " Einstein"),
+    ("The Mona Lisa was painted by Leonardo da", " Vinci"), ("A week has seven", " days"),
+    ("A year has twelve", " months"), ("The people of France speak", " French"),
+    ("The people of Germany speak", " German"), ("The Great Wall is in", " China"),
+    ("The Eiffel Tower is in", " Paris"), ("The Statue of Liberty is in New", " York"),
+    ("Bees make", " honey"), ("The color of the sky on a clear day is", " blue"),
+    ("The color of grass is", " green"), ("Two plus two equals", " four"), ("The sun rises in the", " east"),
+    ("The largest ocean on Earth is the", " Pacific"), ("The longest river in Africa is the", " Nile"),
+    ("The currency of Japan is the", " yen"), ("The author of Harry Potter is J.K.", " Rowling"),
+    ("Ice is frozen", " water"), ("The heart pumps", " blood"), ("A baby cat is called a", " kitten"),
+    ("The first man to walk on the Moon was Neil", " Armstrong"),
+)
 
 
 def category(piece: str, prev: str = "") -> str:
@@ -269,6 +297,46 @@ def _token_nll(loaded, params, ids, mask):
     lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(lp, ids[:, 1:, None], axis=-1)[..., 0]
     return jnp.where(mask[:, 1:] > 0, nll, jnp.nan)
+
+
+def fact_windows(tok, bos: bool, facts=FACTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [F, T], mask [F, T], answer [F, T]: the answer's tokens) of the prompts with their answers, right-padded;
+    BOS first where ``bos`` and the tokenizer has one."""
+    rows = []
+    for prompt, answer in facts:
+        start = [tok.bos_id] if bos and tok.bos_id is not None else []
+        # The prompt's tokens are a prefix of the whole text's where the answer opens a new word (as here).
+        rows.append((start + tok.encode(prompt + answer), len(start) + len(tok.encode(prompt))))
+    t = max(len(r) for r, _ in rows)
+    ids, mask, ans = (np.zeros((len(rows), t), d) for d in (np.int32, np.int32, bool))
+    for i, (r, a) in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)], ans[i, a:len(r)] = r, 1, True
+    return ids, mask, ans
+
+
+def fact_scores(loaded, params, ids: np.ndarray, mask: np.ndarray, answer: np.ndarray, batch_size: int) -> dict:
+    """The answers' mean loss per token (mean over facts) and the share of facts whose first answer token is the
+    top prediction."""
+
+    def build():
+        def f(p, i, m):
+            logits = loaded.forward(p, i, m)
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+            return -jnp.take_along_axis(lp, i[:, 1:, None], axis=-1)[..., 0], lp.argmax(-1) == i[:, 1:]
+        return jax.jit(f)
+
+    fn = loaded.compiled("roles/facts", build)
+    outs = [fn(params, jnp.asarray(ids[s:s + batch_size]), jnp.asarray(mask[s:s + batch_size]))
+            for s in range(0, len(ids), batch_size)]
+    nll = np.concatenate([np.asarray(o[0]) for o in outs])
+    hit = np.concatenate([np.asarray(o[1]) for o in outs])
+    a = answer[:, 1:]
+    first = a.argmax(1)
+    per_fact = np.array([nll[i][a[i]].mean() for i in range(len(a))])
+    top1 = hit[np.arange(len(a)), first]
+    return {"answer_nll": float(per_fact.mean()), "first_token_top1": float(top1.mean()),
+            "per_fact_nll": per_fact.round(4).tolist(), "per_fact_top1": top1.tolist()}
 
 
 def category_losses(base: np.ndarray, knocked: np.ndarray, cats: np.ndarray) -> dict:

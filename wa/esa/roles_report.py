@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from wa import report  # noqa: E402
-from wa.esa import attack, perturb, pipeline, roles, select  # noqa: E402
+from wa.data import paths, tokenizers  # noqa: E402
+from wa.esa import attack, perturb, pipeline, roles, scores, select, superweights  # noqa: E402
 from wa.parallel import rules as rules_lib  # noqa: E402
 
 
@@ -67,29 +68,73 @@ def study(s, sc, sel, progress: bool = True) -> dict:
                   "units": {_unit_name(*u): {"role": v[0], **{k: x for k, x in v[1].items()}} for u, v in
                             sorted(units.items(), key=lambda t: -sum(r["unit"] == _unit_name(*t[0]) for r in rows))
                             [:cfg.roles_units]}}
-    # Knowledge localisation: the score's top-k zeroed against same-size random-k, loss by target category.
+    # Knowledge localisation: the score's top-k zeroed against same-size random-k, loss by target category. On a
+    # model with massive activations every score's top-k holds super weights (Yu et al. 2024), whose loss swamps
+    # every category; so the top-k is also zeroed without the super-weight candidates (one per down projection),
+    # and the candidates alone.
+    supers = _super_candidates(s)
     base = roles.per_token_nll(loaded, loaded.params, data.eval_ids, data.eval_mask, cfg.batch_size)
+    facts, fwin = None, None
+    if cfg.get("roles_facts", False):
+        tok = tokenizers.get(paths.checkpoint(cfg.model))
+        fwin = roles.fact_windows(tok, cfg.get("bos", True) or cfg.get("window_bos", False))
+        facts = {"prompts": [list(f) for f in roles.FACTS], "base": roles.fact_scores(loaded, loaded.params, *fwin,
+                                                                                        cfg.batch_size)}
     seed = s.plan.seeds[0]
     tree = rules_lib.unflattener(loaded.params)
+
+    def knock(chosen) -> tuple[dict, dict | None]:
+        knocked = tree(perturb.apply(s.flat, chosen, "zero"))
+        loss = roles.category_losses(base, roles.per_token_nll(loaded, knocked, data.eval_ids, data.eval_mask,
+                                                                cfg.batch_size), cats)
+        return loss, (roles.fact_scores(loaded, knocked, *fwin, cfg.batch_size) if facts else None)
+
     local = {}
     for m in metrics:
-        sets = {"topk": sel.top[m, seed]}
+        top_k = sel.top[m, seed]
+        sets = {"topk": top_k}
+        if supers:
+            sets["topk_without_super"] = {p: np.setdiff1d(v, supers.get(p, [])) for p, v in top_k.items()}
         sets.update({f"random_k/{r}": select.random_k(s.flat, cfg.topk, cfg.mode, cfg.param_filter,
                                                       seed * 1000 + 900 + r) for r in range(cfg.roles_random)})
-        out = {}
+        out, fact_out = {}, {}
         for name, chosen in sets.items():
-            knocked = tree(perturb.apply(s.flat, chosen, "zero"))
-            out[name] = roles.category_losses(base, roles.per_token_nll(loaded, knocked, data.eval_ids, data.eval_mask,
-                                                                          cfg.batch_size), cats)
+            out[name], fact_out[name] = knock(chosen)
         rand = [v for k, v in out.items() if k.startswith("random_k/")]
         local[m] = {"topk": out["topk"], "random_k": {c: float(np.mean([r[c]["dnll"] for r in rand]))
                                                       if out["topk"][c]["tokens"] else float("nan")
-                                                      for c in roles.CATEGORIES}}
+                                                      for c in roles.CATEGORIES},
+                    "super_in_topk": int(sum(len(np.intersect1d(v, supers.get(p, []))) for p, v in top_k.items()))}
+        if supers:
+            local[m]["topk_without_super"] = out["topk_without_super"]
+        if facts:
+            facts[m] = {"topk": fact_out["topk"], "topk_without_super": fact_out.get("topk_without_super"),
+                        "random_k": {k: float(np.mean([v[k] for n, v in fact_out.items() if n.startswith("random_k/")]))
+                                     for k in ("answer_nll", "first_token_top1")}}
+    super_alone = None
+    if supers:
+        loss, fs = knock({p: np.asarray(v) for p, v in supers.items()})
+        super_alone = {"candidates": int(sum(len(v) for v in supers.values())), "loss": loss, "facts": fs}
     counts = {c: int(np.sum(cats[:, 1:] == i)) for i, c in enumerate(roles.CATEGORIES)}
     return {"heads": {f"{layer}/{i}": {"class": c, **figs} for (layer, i), (c, figs) in heads.items()},
             "top": top, "localisation": local, "target_categories": counts, "metrics": metrics,
+            "super_weights": super_alone, "facts": facts,
             "roles_top": cfg.roles_top, "topk": cfg.topk, "mode": cfg.mode,
             "eval_tokens": int(np.sum(data.eval_mask[:, 1:]))}
+
+
+def _super_candidates(s) -> dict:
+    """{path: flat indices} of the super-weight candidates of the model's down projections, found on the first
+    calibration windows (as the ESA run's super-weight study finds them); {} where the model has none."""
+    downs = superweights.down_paths(s.loaded, s.kept)
+    if not downs:
+        return {}
+    n = max(1, min(s.cfg.max_samples, len(s.data.cal_ids)))
+    batches = scores.window_batches(s.loaded, s.data.cal_ids[:n], s.data.cal_mask[:n], s.cfg.batch_size)
+    out: dict = {}
+    for c in superweights.candidates(s.loaded, s.flat, superweights.spikes(s.loaded, s.loaded.params, batches, downs)):
+        out.setdefault(c["path"], []).append(c["flat_index"])
+    return {p: np.asarray(v, np.int64) for p, v in out.items()}
 
 
 def _plot(res: dict, path: str) -> None:
@@ -99,8 +144,16 @@ def _plot(res: dict, path: str) -> None:
     for ax, m in zip(axes[0], ms, strict=True):
         loc = res["localisation"][m]
         x = np.arange(len(cats))
-        ax.bar(x - 0.2, [loc["topk"][c]["dnll"] for c in cats], 0.4, color="tab:red", label="top-k zeroed")
-        ax.bar(x + 0.2, [loc["random_k"][c] for c in cats], 0.4, color="tab:gray", label="random-k zeroed")
+        bars = [([loc["topk"][c]["dnll"] for c in cats], "tab:red", "top-k zeroed")]
+        if "topk_without_super" in loc:
+            bars.append(([loc["topk_without_super"][c]["dnll"] for c in cats], "tab:orange",
+                         "top-k but super-weight candidates"))
+        bars.append(([loc["random_k"][c] for c in cats], "tab:gray", "random-k zeroed"))
+        w = 0.8 / len(bars)
+        for j, (vals, color, label) in enumerate(bars):
+            ax.bar(x + (j - (len(bars) - 1) / 2) * w, vals, w, color=color, label=label)
+        if "topk_without_super" in loc:
+            ax.set_yscale("symlog", linthresh=0.1)   # the super weights' loss is orders above the rest
         ax.set_xticks(x, cats, rotation=35, ha="right", fontsize=7)
         ax.set_title(m, fontsize=9)
         ax.set_ylabel("Δ loss (nats/token)", fontsize=8)
@@ -154,10 +207,44 @@ def write(workdir: str, cfg, res: dict, seconds: float) -> list[str]:
     for m, loc in res["localisation"].items():
         for c in roles.CATEGORIES:
             if res["target_categories"][c]:
-                rows.append({"score": m, "category": c, "tokens": res["target_categories"][c],
-                             "top-k Δ nats": f"{loc['topk'][c]['dnll']:.4f}",
-                             "random-k Δ nats": f"{loc['random_k'][c]:.4f}"})
+                row = {"score": m, "category": c, "tokens": res["target_categories"][c],
+                       "top-k Δ nats": f"{loc['topk'][c]['dnll']:.4f}"}
+                if "topk_without_super" in loc:
+                    row["top-k without super-weight candidates Δ nats"] = f"{loc['topk_without_super'][c]['dnll']:.4f}"
+                row["random-k Δ nats"] = f"{loc['random_k'][c]:.4f}"
+                rows.append(row)
     md += [report.markdown_table(rows), ""]
+    sw = res.get("super_weights")
+    if sw:
+        md += [f"Super-weight candidates (Yu et al. 2024; one per down projection, the weight at its largest output "
+               f"spike's channel and the spiking input's channel, found on the calibration windows): "
+               f"{sw['candidates']}; in each score's top-k: "
+               + ", ".join(f"{m} {loc['super_in_topk']}" for m, loc in res["localisation"].items())
+               + ". Zeroing the candidates alone: "
+               + ", ".join(f"{c} {v['dnll']:+.3f}" for c, v in sw["loss"].items() if v["tokens"]) + " nats.", ""]
+    f = res.get("facts")
+    if f:
+        b = f["base"]
+        md += ["## Factual recall", "",
+               f"{len(f['prompts'])} short factual prompts (\"The capital of France is\" → \" Paris\", ...): the "
+               "answer's mean loss per token, and the share of prompts whose first answer token is the model's top "
+               "prediction.", ""]
+        frows = [{"weights zeroed": "none", "answer loss (nats)": f"{b['answer_nll']:.3f}",
+                  "first token top-1": f"{b['first_token_top1']:.0%}"}]
+        for m in res["metrics"]:
+            for name, label in (("topk", "top-k"), ("topk_without_super", "top-k without super-weight candidates")):
+                if f[m].get(name):
+                    frows.append({"weights zeroed": f"{m} {label}",
+                                  "answer loss (nats)": f"{f[m][name]['answer_nll']:.3f}",
+                                  "first token top-1": f"{f[m][name]['first_token_top1']:.0%}"})
+            frows.append({"weights zeroed": f"{m} random-k (mean)",
+                          "answer loss (nats)": f"{f[m]['random_k']['answer_nll']:.3f}",
+                          "first token top-1": f"{f[m]['random_k']['first_token_top1']:.0%}"})
+        if sw and sw.get("facts"):
+            frows.append({"weights zeroed": "super-weight candidates alone",
+                          "answer loss (nats)": f"{sw['facts']['answer_nll']:.3f}",
+                          "first token top-1": f"{sw['facts']['first_token_top1']:.0%}"})
+        md += [report.markdown_table(frows), ""]
     report.write_text(os.path.join(workdir, "roles.md"), "\n".join(md))
     return ["roles.json", "roles.md", "localisation.png"]
 
