@@ -14,6 +14,7 @@ import pytest
 from configs import probe as probe_configs
 from tests import helpers
 from wa import errors, learners, runs
+from wa.esa import backdoor
 from wa.eval import permutation
 from wa.learners import data as data_lib
 from wa.train import loop as loop_lib
@@ -468,6 +469,19 @@ def test_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path, smoke_zoo):
     assert res["cross_arch"] == {} and len(res["lineage"]["weights_all"]) == 3
     text = open(bench / "report.md").read()
     assert "## Targets" in text and "DESIGN" not in text and "| architecture accuracy ≥ 0.99 |" in text
+    # The smoke zoo has BadNets backdoors: "backdoored" is a task, reported with its AUROC.
+    assert set(res["headline"]["stats_gbt"]["backdoored"]) == {"accuracy", "f1", "auroc"}
+    assert "### backdoored" in text
+
+    # Neural Cleanse, the untrained reference detector, on every final model of the same zoo.
+    r = helpers.run_launch("experiments.neural_cleanse", f"--zoo={store}", f"--workdir={tmp_path / 'nc'}", "--steps=5")
+    nc = json.load(open(tmp_path / "nc" / "results.json"))
+    cl = pd.read_parquet(tmp_path / "nc" / "cleanse.parquet")
+    assert nc["all"]["models"] == len(cl) == rows["model_id"].nunique() and nc["all"]["backdoored"] == cl[
+        "backdoored"].sum() > 0
+    assert nc["all"]["auroc"] == backdoor.auroc(cl["anomaly_index"].tolist(), cl["backdoored"].tolist())
+    assert set(cl["split"]) == {"train", "val", "test"} and (tmp_path / "nc" / "anomaly.png").exists()
+    assert json.loads(r.stdout.strip().splitlines()[-1])["auroc"] == nc["all"]["auroc"]
     # Every R² and τ has its label ceiling beside it; the accuracy range is stated.
     c = res["ceilings"]["test_acc"]
     assert f"| test_acc | {c['half_r']:.3f} | {c['reliability']:.3f} | {c['tau_ceiling']:.3f} |" in text
