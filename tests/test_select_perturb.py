@@ -37,6 +37,36 @@ def test_global_topk_and_bottomk():
     assert sorted(v for vals in lv.values() for v in vals) == [0.5, 1.0]
 
 
+def _reference_global(scores, k, signed, largest):
+    """Every key sorted on the host: best first, ties to the earlier path, then the lower index."""
+    rows = [(-(abs(float(v)) if signed else float(v)) if largest else (abs(float(v)) if signed else float(v)), pi, i)
+            for pi, p in enumerate(scores) for i, v in enumerate(np.ravel(np.asarray(scores[p])))]
+    rows.sort()
+    paths = list(scores)
+    out = {}
+    for _, pi, i in rows[:k]:
+        out.setdefault(paths[pi], []).append(i)
+    return out
+
+
+@pytest.mark.parametrize("on_device", [True, False])
+@pytest.mark.parametrize("signed,largest", [(False, True), (True, True), (False, False), (True, False)])
+def test_global_topk_equals_a_full_host_sort(signed, largest, on_device):
+    rng = np.random.default_rng(0)
+    # Few distinct values (many ties at every threshold), negatives, signed zeros, tensors of different shapes.
+    scores = {"a/kernel": jnp.asarray(rng.integers(-3, 4, (7, 5)).astype(np.float32)),
+              "b/kernel": jnp.asarray(np.array([0.0, -0.0, 2.5, -2.5, 1e-30, -1e-30, 3.0], np.float32)),
+              "c/kernel": jnp.asarray(rng.standard_normal((3, 4, 6)).astype(np.float32))}
+    n = sum(int(np.prod(v.shape)) for v in scores.values())
+    for k in (1, 2, 5, 17, 40, n - 1, n):
+        sel, vals = select.top_k(scores, k, mode="global", signed=signed, largest=largest, on_device=on_device)
+        ref = _reference_global(scores, k, signed, largest)
+        assert {p: v.tolist() for p, v in sel.items()} == ref, (k, signed, largest)
+        for p, idx in sel.items():
+            raw = np.ravel(np.asarray(scores[p]))[idx]
+            np.testing.assert_array_equal(vals[p], np.abs(raw) if signed else raw)
+
+
 def test_signed_scores_rank_by_magnitude():
     sel, _ = select.top_k({"w/kernel": jnp.asarray([1.0, -5.0, 2.0])}, 1, signed=True)
     assert sel["w/kernel"].tolist() == [1]

@@ -1,5 +1,7 @@
 """Sharded = unsharded: 8 forced CPU devices in a subprocess, and two local processes."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -76,3 +78,45 @@ def test_two_processes_equal_one(tmp_path, name, single):
     two = np.load(out)
     assert int(two["n_processes"]) == 2 and int(two["n_devices"]) == 8
     _compare(one, two)
+
+
+def test_topk_of_sharded_scores_stays_on_device():
+    """Scores sharded over 8 devices: top-k (per matrix, and global as on an accelerator) runs where they live;
+    only the winners reach the host (implicit device-to-host copies refused, explicit ones counted), and the picks
+    equal those of the same scores on one device."""
+    out = helpers.run_python(
+        "import json, jax, jax.numpy as jnp, numpy as np\n"
+        "from jax.sharding import NamedSharding, PartitionSpec as P\n"
+        "from wa import parallel\n"
+        "from wa.esa import select\n"
+        "m = parallel.make_mesh('data:1,fsdp:8')\n"
+        "rng = np.random.default_rng(0)\n"
+        "host = {'l0/kernel': rng.standard_normal((64, 256)).astype('f4'),\n"
+        "        'l1/kernel': rng.integers(0, 50, (256, 64)).astype('f4'),\n"
+        "        'head/kernel': rng.standard_normal((64, 512)).astype('f4')}\n"
+        "dev = {p: jax.device_put(v, NamedSharding(m, P(None, 'fsdp'))) for p, v in host.items()}\n"
+        "one = {p: jnp.asarray(v) for p, v in host.items()}\n"
+        "fetched, get = [], jax.device_get\n"
+        "def spy(x):\n"
+        "    fetched.extend(int(np.size(v)) for v in jax.tree.leaves(x))\n"
+        "    return get(x)\n"
+        "res = {}\n"
+        "for mode, k in (('global', 100), ('per_layer', 0.001), ('global', 0.3)):\n"
+        "    fetched.clear()\n"
+        "    jax.device_get = spy\n"
+        "    with jax.transfer_guard_device_to_host('disallow'):\n"
+        "        sel, val = select.top_k(dev, k, mode=mode, on_device=True)\n"
+        "    jax.device_get = get\n"
+        "    ref, rv = select.top_k(one, k, mode=mode)\n"
+        "    res[f'{mode}/{k}'] = {'equal': {p: v.tolist() for p, v in sel.items()} == {p: v.tolist() for p, v in\n"
+        "                                                                              ref.items()},\n"
+        "                          'picked': select.size(sel), 'max_fetched': max(fetched), 'fetched': sum(fetched)}\n"
+        "print(json.dumps({'res': res, 'devices': [len(v.sharding.device_set) for v in dev.values()]}))\n", EIGHT)
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["devices"] == [8, 8, 8]
+    total = 64 * 256 * 2 + 64 * 512
+    for name, f in r["res"].items():
+        assert f["equal"], name
+        # Winners padded to a power of two, indices and values, plus the threshold search's per-matrix counts.
+        assert f["fetched"] <= 4 * f["picked"] + 16, (name, f)
+    assert r["res"]["global/0.3"]["picked"] == int(np.ceil(0.3 * total)) and r["res"]["global/100"]["picked"] == 100

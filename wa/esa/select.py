@@ -4,12 +4,18 @@ A selection is ``{parameter path: int64 flat indices}``, best first. Ranking is 
 descending (by ``|score|`` for signed scores such as the Hessian diagonal), ties broken toward
 the lower flat index (``jax.lax.top_k``'s rule), and in ``global`` mode toward the tensor that
 comes first in path order. ``per_layer`` selection runs per tensor on device (``jax.lax.top_k``) and
-only the k winners come to the host; ``global`` selection partitions all scores at the threshold on the host.
+only the k winners come to the host. ``global`` selection on an accelerator finds the model-wide threshold on
+device (a bisection over the float32 keys' bit patterns: 32 counting passes, each a reduction over the sharded
+scores) and brings only the k winners to the host (``device_global_top_k``), so a whole model's scores never
+cross to the host; on CPU, where device memory is host memory, one partition of the scores' concatenation is
+faster (``host_global_top_k``: 1.7 s against 15 s for SmolLM2-135M's 106M scores,
+``experiments/bench_host_steps.py``). Both pick the same weights.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hashlib
 import math
 import os
@@ -67,28 +73,113 @@ def _rank_key(score, signed: bool):
 
 
 def top_k(scores: dict, topk, mode: str = "per_layer", param_filter: str = DEFAULT_FILTER,
-          signed: bool = False, largest: bool = True) -> tuple[dict, dict]:
-    """(selection, selected score values) for the highest (or lowest) scores."""
+          signed: bool = False, largest: bool = True, on_device: bool | None = None) -> tuple[dict, dict]:
+    """(selection, selected score values) for the highest (or lowest) scores. ``on_device``: the global
+    threshold searched where the scores live (default: on an accelerator, not on CPU)."""
     if mode not in ("per_layer", "global"):
         raise SelectionError(f"mode must be 'per_layer' or 'global', got {mode!r}")
     paths = filter_paths(list(scores), param_filter)
     sizes = {p: int(np.prod(scores[p].shape)) for p in paths}
     if mode == "global":
-        return _global_top_k(scores, paths, resolve_k(topk, sum(sizes.values())), signed, largest)
+        if on_device is None:
+            on_device = jax.default_backend() != "cpu"
+        fn = device_global_top_k if on_device else host_global_top_k
+        return fn(scores, paths, resolve_k(topk, sum(sizes.values())), signed, largest)
     sel, val = {}, {}
     for p in paths:
         k = min(resolve_k(topk, sizes[p]), sizes[p])
         key = _rank_key(scores[p], signed)
-        vals, idx = _topk(key if largest else -key, k)
+        vals, idx = jax.device_get(_topk(key if largest else -key, k))   # the k winners only
         sel[p] = np.asarray(idx, np.int64)
         val[p] = np.asarray(vals if largest else -vals, np.float64)
     return sel, val
 
 
-def _global_top_k(scores: dict, paths: list, k: int, signed: bool, largest: bool) -> tuple[dict, dict]:
-    """Model-wide: the k best of all values at once (``lowest_masks`` of the keys, negated for the largest; a
-    per-tensor ``top_k`` with k in the hundreds of thousands took minutes per metric on a 135M model); ties at
-    the threshold go to the earlier path, then the lower index; each tensor's picks best first."""
+def host_global_top_k(scores: dict, paths: list, k: int, signed: bool, largest: bool) -> tuple[dict, dict]:
+    """Model-wide: the k best of all values at once (``lowest_masks`` of the keys on the host, negated for the
+    largest; a per-tensor ``top_k`` with k in the hundreds of thousands took minutes per metric on a 135M model);
+    ties at the threshold go to the earlier path, then the lower index; each tensor's picks best first."""
+    keys = {p: np.asarray(_rank_key(scores[p], signed)).ravel() for p in paths}
+    if largest:
+        keys = {p: -v for p, v in keys.items()}
+    sel, val = {}, {}
+    for p, m in lowest_masks(keys, k):
+        idx = np.flatnonzero(m)
+        if len(idx):
+            v = keys[p]
+            idx = idx[np.lexsort((idx, v[idx]))].astype(np.int64)   # best first, ties to the lower index
+            sel[p] = idx
+            val[p] = (-v[idx] if largest else v[idx]).astype(np.float64)
+    return sel, val
+
+
+def _ordered(key):
+    """float32 keys -> uint32 codes in the same order (IEEE-754: negative floats bit-flipped, positive ones with
+    the sign bit set); -0.0 is made +0.0 first, so equal floats get equal codes."""
+    bits = jax.lax.bitcast_convert_type(key + jnp.float32(0.0), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+@jax.jit
+def _kth_code(keys: list, k):
+    """The code of the k-th largest of all ``keys`` together (k >= 1, traced): the largest c with at least k codes
+    >= c, built bit by bit from the top."""
+
+    def at_least_k(c):
+        # Per-tensor counts fit int32; their total over an 8B model does not, so it saturates at k.
+        acc = jnp.int32(0)
+        for x in keys:
+            n = jnp.sum(_ordered(x) >= c, dtype=jnp.int32)
+            acc = jnp.where(n >= k - acc, k, acc + n)
+        return acc >= k
+
+    def step(i, prefix):
+        cand = prefix | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
+        return jnp.where(at_least_k(cand), cand, prefix)
+
+    code = jax.lax.fori_loop(0, 32, step, jnp.uint32(0))
+    above = jnp.stack([jnp.sum(_ordered(x) > code) for x in keys])
+    equal = jnp.stack([jnp.sum(_ordered(x) == code) for x in keys])
+    return code, above, equal
+
+
+@functools.partial(jax.jit, static_argnames="size")
+def _winners(key, code, take_equal, size: int):
+    """Flat indices of ``key``'s codes above ``code`` and of its first ``take_equal`` equal to it (lower index
+    first), padded with -1 to ``size``; their keys."""
+    o = _ordered(key.ravel())
+    eq = o == code
+    keep = (o > code) | (eq & (jnp.cumsum(eq, dtype=jnp.int32) <= take_equal))
+    idx = jnp.nonzero(keep, size=size, fill_value=-1)[0]
+    return idx, key.ravel()[jnp.maximum(idx, 0)]
+
+
+def device_global_top_k(scores: dict, paths: list, k: int, signed: bool, largest: bool) -> tuple[dict, dict]:
+    """Model-wide: the k best of all values at once, found where the scores live (a sharded score stays sharded:
+    the threshold search reduces over it in place, and only each tensor's winners, padded to a power of two,
+    come to the host). Ties at the threshold go to the earlier path, then the lower index; each tensor's picks
+    best first. (A per-tensor ``top_k`` with k in the hundreds of thousands took minutes per metric on a 135M
+    model on CPU; a host partition copies every score to the host.)"""
+    keys = [_rank_key(scores[p], signed) for p in paths]
+    if not largest:
+        keys = [-x for x in keys]
+    code, above, equal = jax.device_get(_kth_code(keys, k))
+    above, equal = np.asarray(above, np.int64), np.asarray(equal, np.int64)
+    ties = k - int(above.sum())
+    sel, val = {}, {}
+    for p, x, a, e in zip(paths, keys, above, equal, strict=True):
+        t = min(ties, int(e))
+        ties -= t
+        n = int(a) + t
+        if not n:
+            continue
+        # A static length per power of two: one compile serves every tensor of a shape whose count rounds alike.
+        idx, v = jax.device_get(_winners(x, code, t, size=1 << (n - 1).bit_length()))
+        idx, v = np.asarray(idx[:n], np.int64), np.asarray(v[:n], np.float64)
+        order = np.lexsort((idx, -v))      # best first, ties to the lower index
+        sel[p] = idx[order]
+        val[p] = (v if largest else -v)[order]
+    return sel, val
     keys = {p: np.asarray(_rank_key(scores[p], signed)).ravel() for p in paths}
     if largest:
         keys = {p: -v for p, v in keys.items()}

@@ -1,0 +1,104 @@
+r"""The ESA steps that read every score of a model at once, where they run and what they cost: prints one JSON line.
+
+  python experiments/bench_host_steps.py                       # SmolLM2-135M's matrices (106M scores)
+  python experiments/bench_host_steps.py --shapes=llama32_1b   # Llama-3.2-1B's (1.2B scores, ~10 GiB of host RAM)
+
+Random float32 scores of the model's weight-matrix shapes stand in for one metric's scores (the steps' cost depends
+on the count, not on the values). Timed after a warm-up call (compilation excluded), each step once:
+
+- ``host_copy``: bringing every score to host NumPy (what a host-side step must do first);
+- ``global_topk_device`` (``select.top_k(mode="global")`` as wa runs it on an accelerator: the threshold found on
+  device, only the winners copied) against ``global_topk_host`` (as on CPU: every score read on the host, one
+  partition of their concatenation, masks); the picks are checked equal;
+- ``per_layer_topk`` (``jax.lax.top_k`` per matrix on device, winners copied);
+- ``heavy_tail`` (``select.heavy_tail``: one host copy sorted; the Gini coefficient needs the order);
+- ``prune_plan_global`` (``saliency.plans``: the model-wide 50% threshold by a host partition).
+
+Per step: seconds, seconds per billion scores, and the bytes it copies to the host. ``at_8b`` scales each to
+Llama-3.1-8B's 6.98B matrix weights linearly (every step is linear or n log n in the count: an estimate, not a
+measurement; the copy of one metric's scores is 28 GB whatever the machine).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from wa.esa import saliency, select  # noqa: E402
+
+SHAPES = {
+    # hidden, intermediate, layers, q heads, kv heads, head dim, vocab, tied embeddings
+    "smollm2_135m": (576, 1536, 30, 9, 3, 64, 49152, True),
+    "llama32_1b": (2048, 8192, 16, 32, 8, 64, 128256, True),
+    "llama31_8b": (4096, 14336, 32, 32, 8, 128, 128256, False),
+}
+
+
+def kernels(name: str) -> dict[str, tuple[int, int]]:
+    h, f, n, q, kv, d, vocab, tied = SHAPES[name]
+    out = {}
+    for i in range(n):
+        a, m = f"model/layers/{i}/self_attn/", f"model/layers/{i}/mlp/"
+        out.update({a + "q_proj/kernel": (h, q * d), a + "k_proj/kernel": (h, kv * d), a + "v_proj/kernel": (h, kv * d),
+                    a + "o_proj/kernel": (q * d, h), m + "gate_proj/kernel": (h, f), m + "up_proj/kernel": (h, f),
+                    m + "down_proj/kernel": (f, h)})
+    if not tied:
+        out["lm_head/kernel"] = (h, vocab)
+    return out
+
+
+def _timed(fn):
+    fn()
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="smollm2_135m", choices=sorted(SHAPES))
+    ap.add_argument("--topk", type=float, default=0.002)
+    args = ap.parse_args()
+    shapes = kernels(args.shapes)
+    key = jax.random.key(0)
+    scores = {}
+    for i, (p, s) in enumerate(shapes.items()):
+        scores[p] = jnp.abs(jax.random.normal(jax.random.fold_in(key, i), s, jnp.float32))
+    jax.block_until_ready(scores)
+    n = sum(int(np.prod(s)) for s in shapes.values())
+    k = select.resolve_k(args.topk, n)
+    out = {"shapes": args.shapes, "scores": n, "topk": k, "backend": jax.default_backend(), "steps": {}}
+
+    def record(name, seconds, copied_bytes):
+        out["steps"][name] = {"seconds": round(seconds, 3), "s_per_billion": round(seconds / n * 1e9, 2),
+                              "host_bytes": int(copied_bytes)}
+
+    _, t = _timed(lambda: {p: np.asarray(v) for p, v in scores.items()})
+    record("host_copy", t, 4 * n)
+    dev, t = _timed(lambda: select.top_k(scores, k, mode="global", on_device=True)[0])
+    record("global_topk_device", t, 16 * k)
+    host, t = _timed(lambda: select.top_k(scores, k, mode="global", on_device=False)[0])
+    record("global_topk_host", t, 4 * n)
+    out["global_topk_equal"] = {p: v.tolist() for p, v in dev.items()} == {p: v.tolist() for p, v in host.items()}
+    _, t = _timed(lambda: select.top_k(scores, args.topk, mode="per_layer"))
+    record("per_layer_topk", t, 16 * k)
+    _, t = _timed(lambda: select.heavy_tail(scores, select.DEFAULT_FILTER))
+    record("heavy_tail", t, 4 * n)
+    _, t = _timed(lambda: saliency.plans({p: np.asarray(v) for p, v in scores.items()}, [0.5], "global"))
+    record("prune_plan_global", t, 4 * n)
+    n8b = sum(int(np.prod(s)) for s in kernels("llama31_8b").values())
+    out["at_8b"] = {"scores": n8b, **{name: {"seconds_estimate": round(v["s_per_billion"] * n8b / 1e9, 1),
+                                             "host_gb": round(v["host_bytes"] / n * n8b / 1e9, 2)}
+                                      for name, v in out["steps"].items()}}
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
