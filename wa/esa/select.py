@@ -180,18 +180,6 @@ def device_global_top_k(scores: dict, paths: list, k: int, signed: bool, largest
         sel[p] = idx[order]
         val[p] = (v if largest else -v)[order]
     return sel, val
-    keys = {p: np.asarray(_rank_key(scores[p], signed)).ravel() for p in paths}
-    if largest:
-        keys = {p: -v for p, v in keys.items()}
-    sel, val = {}, {}
-    for p, m in lowest_masks(keys, k):
-        idx = np.flatnonzero(m)
-        if len(idx):
-            v = keys[p]
-            idx = idx[np.lexsort((idx, v[idx]))].astype(np.int64)   # best first, ties to the lower index
-            sel[p] = idx
-            val[p] = (-v[idx] if largest else v[idx]).astype(np.float64)
-    return sel, val
 
 
 def lowest_masks(values: dict, k: int):
