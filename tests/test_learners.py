@@ -538,3 +538,22 @@ def test_probegen_through_the_probe_on_a_zoo(tmp_path, smoke_zoo):
     from experiments import nwa_benchmark
     assert [nwa_benchmark.label(v) for v in ("probegen", "probegen_nonlinear", "nwpa_stats", "stats_gbt")] == \
         ["probegen†", "probegen_nonlinear†", "nwpa_stats", "stats_gbt"]
+
+
+@pytest.mark.slow
+def test_device_check_runs_end_to_end_at_smoke_sizes(tmp_path, smoke_zoo):
+    """The GPU check's every section on CPU at toy sizes: each writes figures, none fails."""
+    out = tmp_path / "device"
+    r = helpers.run_launch("experiments.device_check", "--smoke", f"--out={out}", f"--zoo={smoke_zoo / 'zoo'}")
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["failed"] == [] and line["device"] == "cpu"
+    res = json.load(open(out / "device_check.json"))
+    s = {k: v["figures"] for k, v in res["sections"].items()}
+    assert set(s) == {"tests", "plan", "llama8b", "esa", "zoo", "learners"} and s["tests"]["returncode"] == 0
+    assert s["plan"]["one_device"]["peak_estimate_bytes_per_device"] > 0 and "hvp" in s["plan"]["one_device"]
+    assert s["llama8b"]["tokens_per_second"] > 0 and s["llama8b"]["mfu"] is None   # no peak for a CPU
+    assert s["llama8b"]["three_scores_fit"] and s["zoo"]["models"] == 4 and s["zoo"]["speedup"] > 0
+    assert s["esa"]["seconds"] > 0 and (out / "esa" / "report.md").exists()
+    assert s["learners"]["stats_mlp"]["seconds_one_epoch_with_setup"] > 0
+    md = (out / "device_check.md").read_text()
+    assert md.startswith("# wa on cpu") and "| llama8b |" in md
