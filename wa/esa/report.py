@@ -405,9 +405,12 @@ Each is its own run on the same model and text, with its own report:
   `python -m launch.roles --config configs/roles.py {same}`
 - Pruning on the LLM-pruning papers' protocol (WikiText-2 test perplexity; Wanda, SparseGPT, OWL):
   `python -m launch.prune --config configs/prune.py {same}`
+- Backdoors: a population fine-tuned from this model, half taught a trigger phrase and half clean twins; which
+  weights matter for the triggered text only, and detectors' AUROC from weights and clean text:
+  `python -m launch.backdoor --config configs/backdoor.py`
 
 The repository's `experiments/results/` holds these reports for stories260K and SmolLM2-135M
-(`attack_*`, `roles_*`, `prune_*`).
+(`attack_*`, `roles_*`, `prune_*`; `backdoor_stories260k`).
 """
 
 
