@@ -4,21 +4,21 @@ on one H100, written as device_check.json and device_check.md (with the device's
   python experiments/device_check.py --out runs/device                 # on the GPU machine
   python experiments/device_check.py --smoke --out /tmp/device         # every section at toy sizes, on CPU (tests)
 
-Sections (each timed, each failure recorded in its own entry and the rest run on):
+Sections, in this order (each timed, each failure recorded in its own entry and the rest run on):
 
-- ``tests``: the test subset that exercises meshes, sharded loading and sharded top-k, ESA's scores and the learners,
-  run by pytest on this device;
-- ``plan``: Llama-3.1-8B's gradient, HVP and capture steps compiled for one device (bf16, 1 x 2048 tokens): XLA's
-  compiled memory analysis, which the CPU plan's estimate stands in for (with 8 devices, also the 8-device FSDP
-  plan's per-device figures);
 - ``llama8b``: a random-init Llama-3.1-8B in bf16 on one device: the per-window gradient step's tokens/s and
   model-FLOPs utilisation (6N + 12·L·H·Q·T FLOPs per token, PaLM's count, against the chip's dense bf16 peak;
   MaxText reports about 50-60% for Llama training on H100), the Hutchinson HVP step over one gradient, and whether
   ESA's three per-window gradient scores (grad×weight, grad², (g·w)²) fit at once; if not, one at a time;
+- ``plan``: Llama-3.1-8B's gradient, HVP and capture steps compiled for one device (bf16, 1 x 2048 tokens): XLA's
+  compiled memory analysis, which the CPU plan's estimate stands in for (with 8 devices, also the 8-device FSDP
+  plan's per-device figures);
 - ``esa``: SmolLM2-135M's whole ESA run (``configs/esa.py:smollm2``; 887 s on 2 CPU cores) wall time (where the
   SmolLM2 package is not installed, a random-init model of its shapes: ``_stand_in_smollm2``);
 - ``zoo``: 64 small CNNs trained at once against one at a time on 8x8 digits, models per second (one epoch each);
-- ``learners``: one training epoch of each learner on a zoo (``--zoo``, or the smoke zoo built here).
+- ``learners``: one training epoch of each learner on a zoo (``--zoo``, or the smoke zoo built here);
+- ``tests``: the in-process tests of ESA's scores, selection and perturbation and the learners' quick lane, run by
+  pytest on this device (at most 150 s; the multi-device tests force CPU devices and stay CPU checks).
 
 ``--smoke`` swaps every model for a toy (a 2-layer Llama of width 64, ``configs/esa.py:smoke`` with two scores and
 one seed, 4 CNNs, one learner) so the whole script runs on a laptop CPU in about two minutes.
@@ -46,13 +46,15 @@ flags.DEFINE_list("skip", [], "Sections to leave out (tests, plan, llama8b, esa,
 flags.DEFINE_string("zoo", "", "Zoo store the learners' epoch is timed on (default: the smoke zoo, built in --out).")
 FLAGS = flags.FLAGS
 
-SECTIONS = ("tests", "plan", "llama8b", "esa", "zoo", "learners")
+# The figures only a GPU gives first: a run cut off by its time limit keeps those (the JSON is rewritten after
+# every section), and the test subset, which CPU runs also cover, comes last.
+SECTIONS = ("llama8b", "plan", "esa", "zoo", "learners", "tests")
 # Dense bf16 peak FLOP/s by device kind (NVIDIA's data sheets, SXM parts, without sparsity).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # In-process tests on the default device (the multi-device ones force 8 CPU devices, which a one-GPU machine runs
 # on its CPU, so they are left to CPU runs): scores, selection and perturbation, the learners' quick lane.
 TESTS = ["tests/test_scores.py", "tests/test_select_perturb.py", "tests/test_learners.py", "-m", "not slow"]
-TESTS_TIMEOUT = 240   # seconds: the section may not eat the check's 8 minutes
+TESTS_TIMEOUT = 150   # seconds: the section may not eat the check's 8 minutes
 SMOKE_TESTS = ["tests/test_select_perturb.py::test_per_layer_topk_ties_go_to_the_lower_index"]
 
 
