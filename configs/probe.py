@@ -68,6 +68,9 @@ def get_config(arg: str = "nwpa") -> ml_collections.ConfigDict:
         c.train.update(epochs=2, batch_size=8)
         c.permutation.networks = 4
         c.model.update(learners.LEARNERS[c.learner].smoke)
+    if "backdoor_only" in flags:
+        # One task: is the network backdoored (a zoo built with data_characteristics.backdoor)?
+        c.tasks = ml_collections.ConfigDict(dict(backdoored=1.0))
     if "per_task" in flags:
         c.train.select = "per_task"
     if "curriculum" in flags:
