@@ -469,9 +469,14 @@ def main(argv):
     if unknown:
         raise app.UsageError(f"--learners {sorted(unknown)} unknown; known: {probe_configs.LEARNERS}")
     seeds = [int(s) for s in FLAGS.seeds]
+    c0 = config(FLAGS.learners[0], 0)
+    if "test_acc" not in c0.tasks:
+        # The report is built around test accuracy (headline, per-family τ, baselines): refuse before any run.
+        raise app.UsageError(f"--config_flags={FLAGS.config_flags!r} leaves test_acc out of the tasks "
+                             f"({sorted(c0.tasks)}); the benchmark's report needs it: run other task sets with "
+                             "python -m launch.probe, one learner each")
     os.makedirs(FLAGS.workdir, exist_ok=True)
     t0 = time.time()
-    c0 = config(FLAGS.learners[0], 0)
     ws = data_lib.load(FLAGS.zoo, **c0.data.to_dict())
     ablation_seeds = [int(s) for s in FLAGS.ablation_seeds] or seeds
 

@@ -470,6 +470,10 @@ def test_lineage_and_benchmark_clis_on_a_smoke_zoo(tmp_path, smoke_zoo):
     assert res["cross_arch"] == {} and len(res["lineage"]["weights_all"]) == 3
     text = open(bench / "report.md").read()
     assert "## Targets" in text and "DESIGN" not in text and "| architecture accuracy ≥ 0.99 |" in text
+    refused = helpers.run_launch("experiments.nwa_benchmark", f"--zoo={store}", "--smoke", f"--workdir={bench}2",
+                                 "--learners=stats_gbt", "--config_flags=backdoor_only", rc=1)
+    assert "leaves test_acc out of the tasks (['backdoored'])" in refused.stderr and not (bench.parent /
+                                                                                         "bench2").exists()
     # The smoke zoo has BadNets backdoors: "backdoored" is a task, reported with its AUROC.
     assert set(res["headline"]["stats_gbt"]["backdoored"]) == {"accuracy", "f1", "auroc"}
     assert "### backdoored" in text
