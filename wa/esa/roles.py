@@ -291,12 +291,17 @@ def per_token_nll(loaded, params, ids: np.ndarray, mask: np.ndarray, batch_size:
     return np.concatenate(out)
 
 
-def _token_nll(loaded, params, ids, mask):
+def _token_outcomes(loaded, params, ids, mask):
+    """Next-token loss (NaN where the target is padding) and whether the target is the top prediction."""
     logits = loaded.forward(params, ids, mask)
     logits = logits[0] if isinstance(logits, tuple) else logits
     lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(lp, ids[:, 1:, None], axis=-1)[..., 0]
-    return jnp.where(mask[:, 1:] > 0, nll, jnp.nan)
+    return jnp.where(mask[:, 1:] > 0, nll, jnp.nan), lp.argmax(-1) == ids[:, 1:]
+
+
+def _token_nll(loaded, params, ids, mask):
+    return _token_outcomes(loaded, params, ids, mask)[0]
 
 
 def fact_windows(tok, bos: bool, facts=FACTS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -318,15 +323,7 @@ def fact_scores(loaded, params, ids: np.ndarray, mask: np.ndarray, answer: np.nd
     """The answers' mean loss per token (mean over facts) and the share of facts whose first answer token is the
     top prediction."""
 
-    def build():
-        def f(p, i, m):
-            logits = loaded.forward(p, i, m)
-            logits = logits[0] if isinstance(logits, tuple) else logits
-            lp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-            return -jnp.take_along_axis(lp, i[:, 1:, None], axis=-1)[..., 0], lp.argmax(-1) == i[:, 1:]
-        return jax.jit(f)
-
-    fn = loaded.compiled("roles/facts", build)
+    fn = loaded.compiled("roles/facts", lambda: jax.jit(lambda p, i, m: _token_outcomes(loaded, p, i, m)))
     outs = [fn(params, jnp.asarray(ids[s:s + batch_size]), jnp.asarray(mask[s:s + batch_size]))
             for s in range(0, len(ids), batch_size)]
     nll = np.concatenate([np.asarray(o[0]) for o in outs])

@@ -168,8 +168,8 @@ class Builder:
             if epoch in ckpts:
                 ci = ckpts.index(epoch)
                 zoo.write(arch.layout_id, int(rows["row"].iloc[0]), ci, store_lib.to_flat(params, layout))
-                # Training accuracy on the clean part of the pool: the poisoned images are read with the trigger.
                 ek = jax.vmap(jax.random.fold_in, in_axes=(0, None))(k_eval, epoch)
+                # Training accuracy on the clean part of the pool: the poisoned images are read with the trigger.
                 props = props_lib.evaluate(ev, params, self.eval_data, mask & ~poison, labels, ek, targets)
                 for (mid, _), p, el, m in zip(rows.iterrows(), props, epoch_loss, mask, strict=True):
                     records.append({"model_id": int(mid), "checkpoint": ci, "epoch": epoch,
