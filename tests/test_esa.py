@@ -333,7 +333,7 @@ def test_embedding_rows_are_read_by_vocabulary_row_and_seen_rows_apart():
     # 4 rows of 3: rows 0 and 2 seen (counts 5 and 1), rows 1 and 3 unseen with zero score (an untied head).
     score = np.array([[3., 2., 1.], [0., 0., 0.], [1., 1., 1.], [0., 0., 0.]], np.float32)
     counts = np.array([5, 0, 1, 0])
-    r = apart._rows(score, np.array([0, 1, 6]), counts, lambda i: f"t{i}", signed=False)
+    r = apart._rows(score.shape, score.mean(axis=1), np.array([0, 1, 6]), counts, lambda i: f"t{i}")
     assert (r["rows"], r["k"], r["rows_holding"], r["seen_rows"]) == (4, 3, 2, 2)
     assert r["top_rows"][0] == {"row": 0, "token": "t0", "selected": 2, "calibration_count": 5}
     assert r["seen_share_of_topk"] == 1.0 and r["seen_rows_share"] == 0.5

@@ -81,9 +81,9 @@ def test_two_processes_equal_one(tmp_path, name, single):
 
 
 def test_topk_of_sharded_scores_stays_on_device():
-    """Scores sharded over 8 devices: top-k (per matrix, and global as on an accelerator) runs where they live;
-    only the winners reach the host (implicit device-to-host copies refused, explicit ones counted), and the picks
-    equal those of the same scores on one device."""
+    """Scores sharded over 8 devices: top-k (per matrix, and global as on an accelerator) and the heavy-tail figures
+    run where they live; only the winners, or histograms of a fixed size, reach the host (implicit device-to-host
+    copies refused, explicit ones counted), and the results equal those of the same scores on one device."""
     out = helpers.run_python(
         "import json, jax, jax.numpy as jnp, numpy as np\n"
         "from jax.sharding import NamedSharding, PartitionSpec as P\n"
@@ -111,10 +111,33 @@ def test_topk_of_sharded_scores_stays_on_device():
         "    res[f'{mode}/{k}'] = {'equal': {p: v.tolist() for p, v in sel.items()} == {p: v.tolist() for p, v in\n"
         "                                                                              ref.items()},\n"
         "                          'picked': select.size(sel), 'max_fetched': max(fetched), 'fetched': sum(fetched)}\n"
+        "import re\n"
+        "from wa.esa import tally\n"
+        "fetched.clear()\n"
+        "jax.device_get = spy\n"
+        "with jax.transfer_guard_device_to_host('disallow'):\n"
+        "    ht = select.heavy_tail(dev, on_device=True)\n"
+        "jax.device_get = get\n"
+        "ref = select.heavy_tail(one, on_device=False)\n"
+        "z = jnp.zeros(tally.BINS)\n"
+        "acc = (jnp.zeros(tally.BINS, jnp.int32), z, z, z, jnp.int32(0), jnp.float32(0))\n"
+        "hlo = tally._first_pass.lower(acc, dev['l0/kernel']).compile().as_text()\n"
+        "res['heavy_tail'] = {'fetched': sum(fetched), 'gathers': len(re.findall('all-gather', hlo)),\n"
+        "    'equal': all(np.isclose(ht[k], ref[k], rtol=1e-6) for k in ('n', 'median', 'max', 'top01pct_share',\n"
+        "                                                                'top1pct_mean_over_median')),\n"
+        "    'gini': abs(ht['gini'] - ref['gini']) <= ht['gini_error'] + 1e-12,\n"
+        "    'plot': ht['histogram'] == ref['histogram']}\n"
         "print(json.dumps({'res': res, 'devices': [len(v.sharding.device_set) for v in dev.values()]}))\n", EIGHT)
     r = json.loads(out.strip().splitlines()[-1])
     assert r["devices"] == [8, 8, 8]
     total = 64 * 256 * 2 + 64 * 512
+    ht = r["res"].pop("heavy_tail")
+    # The heavy-tail figures from histograms of a fixed size (partial ones all-reduced, no tensor gathered onto a
+    # device); equal to a host sort's, the Gini coefficient within its stated bound.
+    assert ht["equal"] and ht["gini"] and ht["plot"] and ht["gathers"] == 0, ht
+    # First pass: four 2^20-bin arrays and two scalars; second: a 2^12-code histogram per distinct bin of the eight
+    # order statistics, and the 80 plot bins.
+    assert 4 * (1 << 20) + 2 + (1 << 12) + 80 <= ht["fetched"] <= 4 * (1 << 20) + 2 + 8 * (1 << 12) + 80, ht
     for name, f in r["res"].items():
         assert f["equal"], name
         # Winners padded to a power of two, indices and values, plus the threshold search's per-matrix counts.

@@ -35,7 +35,7 @@ import numpy as np
 from scipy import stats as sp_stats
 
 from wa.errors import ConfigError
-from wa.esa import architecture, select, stats
+from wa.esa import architecture, select, stats, tally
 
 
 def paths(flat: dict, kept: list, regex: str) -> list[str]:
@@ -83,20 +83,19 @@ def token_counts(ids: np.ndarray, mask: np.ndarray, vocab: int) -> np.ndarray:
     return np.bincount(real[real < vocab], minlength=vocab)
 
 
-def _rows(score: np.ndarray, sel: np.ndarray, counts: np.ndarray, decode, signed: bool, shown: int = 10) -> dict:
+def _rows(shape: tuple, row_mean: np.ndarray, sel: np.ndarray, counts: np.ndarray, decode, shown: int = 10) -> dict:
     """A token embedding's own top-k read by vocabulary row. Rows of tokens absent from the calibration windows get
     gradient only through a tied head's softmax, so seen and unseen rows are compared apart (their mean scores) from
-    the question whether, among seen tokens, a row's score follows its token's count (Spearman over seen rows)."""
-    a = np.abs(score) if signed else score
-    row_of = np.asarray(sel, np.int64) // score.shape[1]
-    per_row = np.bincount(row_of, minlength=score.shape[0])
+    the question whether, among seen tokens, a row's score follows its token's count (Spearman over seen rows).
+    ``row_mean``: each row's mean score (|score| for signed ones), reduced where the scores live."""
+    row_of = np.asarray(sel, np.int64) // shape[1]
+    per_row = np.bincount(row_of, minlength=shape[0])
     seen = counts > 0
-    row_mean = a.mean(axis=1, dtype=np.float64)
     order = np.argsort(-per_row, kind="stable")[:shown]
     rho, p = (tuple(sp_stats.spearmanr(row_mean[seen], counts[seen])) if seen.sum() > 2 else (np.nan, np.nan))
     unseen_mean = float(row_mean[~seen].mean()) if (~seen).any() else float("nan")
     return {
-        "rows": int(score.shape[0]), "k": int(len(row_of)), "rows_holding": int((per_row > 0).sum()),
+        "rows": int(shape[0]), "k": int(len(row_of)), "rows_holding": int((per_row > 0).sum()),
         "top_rows": [{"row": int(r), "token": decode(int(r)), "selected": int(per_row[r]),
                       "calibration_count": int(counts[r])} for r in order if per_row[r] > 0],
         "seen_rows": int(seen.sum()), "seen_rows_share": float(seen.mean()),
@@ -116,9 +115,8 @@ def figures(scores: dict, kept: list, apart: list, own: dict, topk, signed: bool
     every = {p: scores[p] for p in kept + apart}
     arch = architecture.analyze(every, describe, topk, signed, parts)
 
-    def total(ps):   # summed in float64 without a float64 copy of a 168M-entry table
-        return sum(float((np.abs(np.asarray(scores[p])) if signed else np.asarray(scores[p])).sum(dtype=np.float64))
-                   for p in ps)
+    def total(ps):   # reduced where the scores live
+        return sum(tally.total(scores[p], signed) for p in ps)
 
     n_kept = sum(int(np.prod(scores[p].shape)) for p in kept)
     kept_mean = total(kept) / n_kept
@@ -139,7 +137,8 @@ def figures(scores: dict, kept: list, apart: list, own: dict, topk, signed: bool
     out = {"architecture": arch, "groups": groups, "weights": n_apart, "matrices_weights": n_kept,
            "global_topk_share": in_apart / arch["k"], "weights_share": n_apart / (n_apart + n_kept)}
     if counts is not None:
-        out["rows"] = {p: _rows(np.asarray(scores[p], np.float32), own[p], counts, decode, signed)
+        out["rows"] = {p: _rows(tuple(scores[p].shape), tally.along(scores[p], 0, signed) / scores[p].shape[1],
+                                own[p], counts, decode)
                        for p in own if is_token_rows(describe, p)}
     return out
 

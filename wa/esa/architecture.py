@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from wa.esa import select
+from wa.esa import select, tally
 
 GROUPS = ("layer", "component", "role")
 
@@ -51,18 +51,22 @@ def analyze(scores: dict, describe, topk, signed: bool = False, parts=None) -> d
     k = select.size(sel)
     sizes, sums, pieces = {}, {}, []   # pieces: (path, role, weights, score sum, selected)
     for p, v in scores.items():
-        a = np.abs(np.asarray(v, np.float64)) if signed else np.asarray(v, np.float64)
-        sizes[p], sums[p] = a.size, float(a.sum())
-        split = parts(p, a.shape) if parts is not None else None
+        # Sums reduced where the scores live: only a figure per matrix (per row of a fused one) reaches the host.
+        shape = tuple(v.shape)
+        size = int(np.prod(shape))
+        split = parts(p, shape) if parts is not None else None
         if split is None:
-            pieces.append((p, describe(p).role, a.size, sums[p], len(sel.get(p, ()))))
+            sizes[p], sums[p] = size, tally.total(v, signed)
+            pieces.append((p, describe(p).role, size, sums[p], len(sel.get(p, ()))))
             continue
         axis, labels = split
-        picked = np.unravel_index(np.asarray(sel.get(p, ()), np.int64), a.shape)[axis]
+        per_row = tally.along(v, axis, signed)
+        sizes[p], sums[p] = size, float(per_row.sum())
+        picked = np.unravel_index(np.asarray(sel.get(p, ()), np.int64), shape)[axis]
         for role in dict.fromkeys(labels):
             rows = labels == role
-            pieces.append((p, role, int(rows.sum()) * (a.size // a.shape[axis]),
-                           float(np.compress(rows, a, axis=axis).sum()), int(rows[picked].sum())))
+            pieces.append((p, role, int(rows.sum()) * (size // shape[axis]), float(per_row[rows].sum()),
+                           int(rows[picked].sum())))
     n_all, s_all = sum(sizes.values()), sum(sums.values())
     mean_all = s_all / n_all if n_all else 0.0
     out: dict = {"k": k, "n_scored": n_all}

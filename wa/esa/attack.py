@@ -277,12 +277,12 @@ def ranking_metrics(metrics) -> list[str]:
 
 def score_order(scores: dict, paths, n: int) -> list[tuple[str, int]]:
     """The ``n`` highest-scoring weights over ``paths`` ((path, flat index), best first)."""
+    from wa.esa import select
     tops = []
-    for p in paths:
-        s = np.asarray(scores[p], np.float32).reshape(-1)
-        k = min(n, s.size)
-        idx = np.argpartition(-s, k - 1)[:k]
-        tops += [(float(s[i]), p, int(i)) for i in idx]
+    for p in paths:   # each matrix's n best found where its scores live; only those reach the host
+        k = min(n, int(np.prod(scores[p].shape)))
+        vals, idx = jax.device_get(select._topk(jnp.asarray(scores[p], jnp.float32), k))
+        tops += [(float(v), p, int(i)) for v, i in zip(vals, idx, strict=True)]
     tops.sort(key=lambda t: -t[0])
     return [(p, i) for _, p, i in tops[:n]]
 
@@ -300,9 +300,10 @@ def random_order(sizes: dict, n: int, seed: int) -> list[tuple[str, int]]:
 
 def percentile(scores: dict, paths, path: str, index: int) -> float:
     """The share of the weights of ``paths`` that score strictly below weight ``index`` of ``path`` (1.0: the top)."""
-    v = float(np.asarray(scores[path]).reshape(-1)[index])
-    below = sum(int(np.sum(np.asarray(scores[p]) < v)) for p in paths)
-    total = sum(int(np.asarray(scores[p]).size) for p in paths)
+    from wa.esa import tally
+    v = float(tally.at(scores[path], [index])[0])
+    below = sum(int(jnp.sum(jnp.asarray(scores[p]) < v)) for p in paths)   # counted where the scores live
+    total = sum(int(np.prod(scores[p].shape)) for p in paths)
     return below / max(total - 1, 1)
 
 

@@ -660,7 +660,7 @@ def score(s: Setup, progress: bool = True) -> tuple[Scores, Selections]:
                                                      largest=False)[0]
             heavy.setdefault(metric, []).append(select.heavy_tail(sc, cfg.param_filter, signed))
             if metric not in first:
-                first[metric] = {p: np.asarray(v) for p, v in sc.items()}
+                first[metric] = dict(sc)   # where the scores live: every later reader reduces them there
             del sc
         _stage_done(f"scores of seed {seed}", s.t0)
     s.clock.stage(f"scores ({len(plan.seeds)} seeds)", positions)
@@ -904,6 +904,8 @@ def summarize(a: Analysis) -> dict:
             "stability_curve": a.agreement.curves.get(m),
             "heavy_tail_ratio": float(np.mean([h["top1pct_mean_over_median"] for h in ht])),
             "gini": float(np.mean([h["gini"] for h in ht])),
+            # 0 from a host sort; from the device's radix histograms, the largest error its bins allow.
+            "gini_error": float(max(h["gini_error"] for h in ht)),
             "top01pct_share": float(np.mean([h["top01pct_share"] for h in ht])),
             "seconds": round(a.scores.seconds[m], 2),
             "topk_counts": select.counts(a.selections.top[m, plan.seeds[0]], loaded.describe),

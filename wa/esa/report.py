@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from wa import report
-from wa.esa import apart, perturb, pipeline, saliency, verdicts
+from wa.esa import apart, perturb, pipeline, saliency, tally, verdicts
 from wa.models import gguf_io
 from wa.report import plots
 
@@ -22,7 +22,7 @@ def _shown_path(path: str) -> str:
 def write_topk_csv(path, a: pipeline.Analysis):
     """The first seed's top-k of every metric: where each weight is, its value and its score."""
     loaded = a.setup.loaded
-    flat = {p: np.asarray(v) for p, v in a.setup.flat.items()}
+    flat = a.setup.flat
     seed = a.setup.plan.seeds[0]
     moe = any(loaded.describe(p).expert is not None for p in a.setup.kept)   # an MoE model: an expert column
     with report.atomic(path) as tmp, open(tmp, "w", newline="") as f:
@@ -40,8 +40,9 @@ def write_topk_csv(path, a: pipeline.Analysis):
                 coords = np.stack(np.unravel_index(idx, flat[p].shape), axis=-1).tolist()
                 where[p] = ("" if info.layer is None else info.layer, info.component, info.role,
                             *[("" if info.expert is None else info.expert)] * moe)
-                rows += zip(np.asarray(sc[p]).ravel()[idx].tolist(), [p] * len(idx), idx.tolist(),
-                            flat[p].ravel()[idx].tolist(), coords, strict=True)
+                # Only the picked entries leave the device.
+                rows += zip(tally.at(sc[p], idx).tolist(), [p] * len(idx), idx.tolist(),
+                            tally.at(flat[p], idx).tolist(), coords, strict=True)
             rows.sort(key=lambda t: (-abs(t[0]), t[1], t[2]))
             w.writerows([m, rank, p, i, "(" + ",".join(map(str, c)) + ")", *where[p], f"{v:.8g}", f"{s:.8g}"]
                         for rank, (s, p, i, v, c) in enumerate(rows))
@@ -51,16 +52,18 @@ def _layer_role_tables(a: pipeline.Analysis):
     loaded = a.setup.loaded
     out = {}
     for m, sc in a.scores.first.items():
-        cells: dict = {}
+        cells: dict = {}   # (layer, role) -> [Σ |score|, weights], reduced where the scores live
         for p, v in sc.items():
             info = loaded.describe(p)
             layer = "-" if info.layer is None else str(info.layer)
-            cells.setdefault((layer, info.role), []).append(np.abs(v).ravel())
+            c = cells.setdefault((layer, info.role), [0.0, 0])
+            c[0] += tally.total(v, signed=True)
+            c[1] += int(np.prod(v.shape))
         rows = sorted({k[0] for k in cells}, key=lambda x: (x == "-", int(x) if x.isdigit() else 0))
         cols = sorted({k[1] for k in cells})
         grid = np.zeros((len(rows), len(cols)))
-        for (layer, role), parts in cells.items():
-            grid[rows.index(layer), cols.index(role)] = float(np.concatenate(parts).mean())
+        for (layer, role), (s, n) in cells.items():
+            grid[rows.index(layer), cols.index(role)] = s / n
         out[m] = (rows, cols, grid / max(grid[grid > 0].mean(), 1e-30))
     return out
 
@@ -69,7 +72,7 @@ def write_plots(workdir, a: pipeline.Analysis, summary):
     plan = a.setup.plan
     files = []
     files.append(plots.score_histograms(
-        {m: np.concatenate([np.ravel(v) for v in sc.values()]) for m, sc in a.scores.first.items()},
+        {m: a.scores.heavy[m][0]["histogram"] for m in plan.metrics},   # the first seed's
         os.path.join(workdir, "score_histograms.png")))
     files.append(plots.heatmaps(_layer_role_tables(a), os.path.join(workdir, "layer_role_heatmap.png"),
                                 "mean |score| per layer and role (relative to the model mean; log10)"))

@@ -289,10 +289,20 @@ def _sort(x: np.ndarray) -> None:
     x.sort(kind="stable")
 
 
-def heavy_tail(scores: dict, param_filter: str = DEFAULT_FILTER, signed: bool = False) -> dict:
-    """How concentrated the scores are, over every filtered weight (|score| for signed scores)."""
+def heavy_tail(scores: dict, param_filter: str = DEFAULT_FILTER, signed: bool = False,
+               on_device: bool | None = None) -> dict:
+    """How concentrated the scores are, over every filtered weight (|score| for signed scores); with the
+    histogram a report plots. ``on_device`` (default: on an accelerator, not on CPU): computed where the scores
+    live by ``tally.heavy_tail`` (radix histograms; the Gini coefficient within its reported ``gini_error``);
+    otherwise one host copy sorted (exact)."""
+    if on_device is None:
+        on_device = jax.default_backend() != "cpu"
+    if on_device:
+        from wa.esa import tally
+        return tally.heavy_tail(scores, param_filter, signed)
     # One float32 copy sorted in place (the scores are float32 or narrower); sums in float64, in chunks, so a
     # 135M-parameter model needs no float64 copy of its scores.
+    from wa.esa import tally
     x = np.concatenate([np.asarray(_rank_key(scores[p], signed)).ravel()
                         for p in filter_paths(list(scores), param_filter)])
     _sort(x)                                   # ascending
@@ -315,6 +325,8 @@ def heavy_tail(scores: dict, param_filter: str = DEFAULT_FILTER, signed: bool = 
         "top01pct_share": float(top01.sum() / total) if total > 0 else 0.0,
         "median": median,
         "max": float(x[-1]),
+        "gini_error": 0.0,
+        "histogram": tally.host_plot(x),
     }
 
 

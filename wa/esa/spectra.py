@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats as sstats
 
+from wa.esa import tally
 from wa.weights import spectral
 
 SHOWN = ("alpha", "alpha_weighted", "stable_rank", "log_spectral_norm")
@@ -21,8 +22,7 @@ def study(flat: dict, kept: list, describe, first: dict, signed: dict) -> dict:
     """``first``: metric -> {path: score array} (the first seed's); ``signed``: metric -> whether its scores are
     signed (compared by magnitude)."""
     size = {p: int(np.prod(flat[p].shape)) for p in kept}
-    sums = {m: {p: float((np.abs(a) if signed[m] else a).sum()) for p in kept
-                for a in (np.asarray(sc[p], np.float64),)} for m, sc in first.items()}
+    sums = {m: {p: tally.total(sc[p], signed[m]) for p in kept} for m, sc in first.items()}
     n = sum(size.values())
     mean = {m: sum(s.values()) / n if n else float("nan") for m, s in sums.items()}
     rows = []

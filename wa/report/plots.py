@@ -16,16 +16,19 @@ def _save(fig, path):
     return path
 
 
-def score_histograms(scores_by_metric: dict[str, np.ndarray], path: str):
-    """log10 |score| histograms, one panel per metric."""
-    n = len(scores_by_metric)
+def score_histograms(hists: dict[str, dict], path: str):
+    """log10 |score| histograms, one panel per metric, from ``select.heavy_tail``'s ``histogram`` (edges and counts
+    of the positive scores, their median and 99th percentile: computed where the scores live)."""
+    n = len(hists)
     fig, axes = plt.subplots(1, n, figsize=(3.2 * n, 2.8), squeeze=False)
-    for ax, (m, x) in zip(axes[0], scores_by_metric.items(), strict=True):
-        x = np.abs(np.asarray(x, np.float64).ravel())
-        x = x[x > 0]
-        ax.hist(np.log10(x), bins=80, color="tab:blue", log=True)
-        ax.axvline(np.log10(np.median(x)), color="k", ls="--", lw=1, label="median")
-        ax.axvline(np.log10(np.quantile(x, 0.99)), color="tab:red", ls=":", lw=1, label="top 1%")
+    for ax, (m, h) in zip(axes[0], hists.items(), strict=True):
+        if not h["counts"]:
+            ax.set_title(f"{m} (no positive score)", fontsize=9)
+            continue
+        ax.stairs(h["counts"], h["log10_edges"], fill=True, color="tab:blue")
+        ax.set_yscale("log")
+        ax.axvline(h["log10_median"], color="k", ls="--", lw=1, label="median")
+        ax.axvline(h["log10_q99"], color="tab:red", ls=":", lw=1, label="top 1%")
         ax.set_title(m, fontsize=9)
         ax.set_xlabel("log10 |score|")
     axes[0][0].set_ylabel("weights")

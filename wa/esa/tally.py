@@ -1,0 +1,264 @@
+"""Whole-model figures of score tensors computed where the scores live: an accelerator's scores never cross to
+the host whole, only histograms of a fixed size.
+
+One pass builds a radix histogram of the float32 keys: the top 20 bits of their order-preserving codes pick one of
+2^20 bins (a normal float's bin spans 2^-11 of its value); per bin the count, the sum of (value - the bin's lowest
+value), the smallest and the largest value. A second pass makes any order statistic exact: a histogram of the
+low 12 bits inside the bin that holds it, where every code is one value. From these come the median, the sums of
+the top 1% and 0.1%, the maximum and the histogram a report plots, all as a sort would give them (sums in float32
+on device, float64 on the host).
+
+The Gini coefficient needs every weight's rank (Σ_i i x_(i) over the ascending order). Ranks across bins are
+exact; inside a bin the order is unknown, so the bin's share is taken midway between its bounds
+(``S_b (c_b + 1) / 2`` and that plus ``(hi_b - lo_b) c_b^2 / 8``) and the worst case is reported as
+``gini_error`` (≤ Σ_b (hi_b - lo_b) c_b^2 / (8 n S)): about 1e-7 for SmolLM2-135M's scores.
+
+Counts are int32 on device: they are brought to the host (int64) before 2^31 keys have been added.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wa.esa import select
+
+BITS = 20
+LOW = 32 - BITS
+BINS = 1 << BITS
+SUB = 1 << LOW
+PLOT_BINS = 80
+_LIMIT = 2 ** 31 - 1
+
+
+def decode(codes) -> np.ndarray:
+    """uint32 order codes -> their float32 values (the inverse of ``select._ordered``)."""
+    c = np.asarray(codes, np.uint32)
+    bits = np.where(c >> 31 == 1, c & np.uint32(0x7FFFFFFF), ~c).astype(np.uint32)
+    return bits.view(np.float32)
+
+
+def _floor(code):
+    """The value of the lowest code in ``code``'s bin (device)."""
+    c = code & jnp.uint32(~(SUB - 1) & 0xFFFFFFFF)
+    bits = jnp.where(c >> 31 == 1, c & jnp.uint32(0x7FFFFFFF), ~c)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _first_pass(acc, x):
+    cnt, res, lo, hi, nonpos, pos_min = acc
+    x = x.astype(jnp.float32)   # not raveled: a flattened sharded tensor would be gathered onto every device
+    o = select._ordered(x)
+    b = (o >> LOW).astype(jnp.int32)
+    return (cnt.at[b].add(1), res.at[b].add(x - _floor(o)), lo.at[b].min(x), hi.at[b].max(x),
+            nonpos + jnp.sum(x <= 0, dtype=jnp.int32), jnp.minimum(pos_min, jnp.min(jnp.where(x > 0, x, jnp.inf))))
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _second_pass(acc, x, targets, edges):
+    """Per target bin, the counts of its 2^12 codes; and the counts of the positive keys between plot edges."""
+    sub, plot = acc
+    x = x.astype(jnp.float32)
+    o = select._ordered(x)
+    b = (o >> LOW).astype(jnp.int32)
+    low = (o & jnp.uint32(SUB - 1)).astype(jnp.int32)
+    for j in range(targets.shape[0]):
+        sub = sub.at[j, jnp.where(b == targets[j], low, SUB)].add(1, mode="drop")
+    at = jnp.where(x > 0, jnp.searchsorted(edges, x, side="right"), edges.shape[0] + 1)
+    return sub, plot.at[at].add(1, mode="drop")
+
+
+def _passes(keys: list, step, acc, flush, *args):
+    """Runs ``step`` over every key tensor, bringing the int32 counts home (``flush``) before they could overflow."""
+    added = 0
+    for x in keys:
+        n = int(np.prod(x.shape))
+        if added + n > _LIMIT and added:
+            acc = flush(acc)
+            added = 0
+        acc = step(acc, x, *args)
+        added += n
+    return flush(acc)
+
+
+class Histogram:
+    """The radix histogram of a set of float32 keys (host arrays over the 2^20 bins), and order statistics."""
+
+    def __init__(self, keys: list):
+        self.keys = keys
+        cnt = np.zeros(BINS, np.int64)
+        res = np.zeros(BINS, np.float64)
+        lo = np.full(BINS, np.inf)
+        hi = np.full(BINS, -np.inf)
+        extra = {"nonpos": 0, "pos_min": np.inf}
+
+        def fresh():
+            return (jnp.zeros(BINS, jnp.int32), jnp.zeros(BINS, jnp.float32), jnp.full(BINS, jnp.inf, jnp.float32),
+                    jnp.full(BINS, -jnp.inf, jnp.float32), jnp.int32(0), jnp.float32(jnp.inf))
+
+        def flush(acc):
+            c, r, a, b, z, m = jax.device_get(acc)
+            cnt[:] += c
+            res[:] += r
+            np.minimum(lo, a, out=lo)
+            np.maximum(hi, b, out=hi)
+            extra["nonpos"] += int(z)
+            extra["pos_min"] = min(extra["pos_min"], float(m))
+            return fresh()
+
+        _passes(keys, _first_pass, fresh(), flush)
+        self.cnt, self.lo, self.hi = cnt, lo, hi
+        self.n = int(cnt.sum())
+        self.nonpos, self.pos_min = extra["nonpos"], extra["pos_min"]
+        with np.errstate(invalid="ignore"):   # codes no float has decode to signalling NaNs
+            floors = decode(np.arange(BINS, dtype=np.uint32) << LOW).astype(np.float64)
+        self.sums = np.where(cnt > 0, cnt * np.where(cnt > 0, floors, 0.0) + res, 0.0)
+        self.before = np.cumsum(cnt) - cnt
+
+    def max(self) -> float:
+        return float(self.hi[np.flatnonzero(self.cnt)[-1]])
+
+    def refine(self, ranks, edges=None):
+        """For each 0-based ascending rank: (its exact value, the sum of the keys at that rank and above); and, with
+        float32 ``edges``, the counts of positive keys in [edges[i], edges[i + 1]) (the last bin open above, the
+        first taking the positive keys below edges[1])."""
+        ranks = [int(r) for r in ranks]
+        ends = np.cumsum(self.cnt)
+        bins = [int(np.searchsorted(ends, r, side="right")) for r in ranks]
+        targets = sorted(set(bins))
+        edges = np.zeros(2, np.float32) if edges is None else np.asarray(edges, np.float32)
+        inner = jnp.asarray(edges[1:-1])
+        sub = np.zeros((len(targets), SUB), np.int64)
+        plot = np.zeros(len(edges) - 1, np.int64)
+
+        def fresh():
+            return jnp.zeros((len(targets), SUB), jnp.int32), jnp.zeros(len(edges) - 1, jnp.int32)
+
+        def flush(acc):
+            s, h = jax.device_get(acc)
+            sub[:] += s
+            plot[:] += h
+            return fresh()
+
+        _passes(self.keys, _second_pass, fresh(), flush, jnp.asarray(targets, jnp.int32), inner)
+        above = np.concatenate([np.cumsum(self.sums[::-1])[::-1][1:], [0.0]])   # Σ of the bins after each
+        out = []
+        for r, b in zip(ranks, bins, strict=True):
+            s = sub[targets.index(b)]
+            q = r - int(self.before[b])
+            through = np.cumsum(s)
+            low = int(np.searchsorted(through, q, side="right"))
+            values = decode((np.uint32(b) << np.uint32(LOW)) | np.arange(SUB, dtype=np.uint32)).astype(np.float64)
+            v = float(values[low])
+            # Codes no key has may decode to NaN (a bin holding infinity): only the counted ones are summed.
+            later = np.where(s[low + 1:] > 0, s[low + 1:] * values[low + 1:], 0.0)
+            tail = float(above[b] + later.sum() + (int(through[low]) - q) * v)
+            out.append((v, tail))
+        return out, plot
+
+    def gini(self) -> tuple[float, float]:
+        """(Gini coefficient, its largest possible error) of non-negative keys."""
+        c, s = self.cnt.astype(np.float64), self.sums
+        total = float(s.sum())
+        if total <= 0:
+            return 0.0, 0.0
+        live = self.cnt > 0
+        spread = np.where(live, self.hi - self.lo, 0.0)
+        slack = float((spread * (c * c - (self.cnt % 2)) / 8).sum())
+        weighted = float((s * (self.before + (c + 1) / 2)).sum()) + slack / 2
+        n = self.n
+        return 2 * weighted / (n * total) - (n + 1) / n, slack / (n * total)
+
+
+def plot_edges(pos_min: float, pos_max: float) -> np.ndarray:
+    """The report's histogram edges: ``PLOT_BINS`` bins even in log10 between the smallest and largest positive key."""
+    if not np.isfinite(pos_min) or pos_max <= 0:
+        return np.array([1.0, 1.0], np.float32)
+    return (10.0 ** np.linspace(np.log10(pos_min), np.log10(pos_max), PLOT_BINS + 1)).astype(np.float32)
+
+
+def heavy_tail(scores: dict, param_filter: str = select.DEFAULT_FILTER, signed: bool = False) -> dict:
+    """``select.heavy_tail``'s figures, computed where the scores live (two passes; only histograms reach the host)."""
+    keys = [select._rank_key(scores[p], signed) for p in select.filter_paths(list(scores), param_filter)]
+    h = Histogram(keys)
+    n = h.n
+    m1, m01 = max(1, n // 100), max(1, n // 1000)
+    pos = n - h.nonpos
+    ranks = [n // 2, n // 2 - 1 if n > 1 else 0, n - m1, n - m01]
+    qs = _positive_ranks(pos)
+    edges = plot_edges(h.pos_min, h.max())
+    got, plot = h.refine(ranks + [h.nonpos + r for r in qs], edges)
+    med = got[0][0] if n % 2 else (got[1][0] + got[0][0]) / 2
+    total = float(h.sums.sum())
+    gini, err = h.gini()
+    return {
+        "n": n,
+        "top1pct_mean_over_median": got[2][1] / m1 / med if med > 0 else float("inf"),
+        "gini": gini,
+        "gini_error": err,
+        "top01pct_share": got[3][1] / total if total > 0 else 0.0,
+        "median": med,
+        "max": h.max(),
+        "histogram": _plot(edges, plot, pos, [v for v, _ in got[4:]]),
+    }
+
+
+def _positive_ranks(pos: int) -> list[int]:
+    """Ranks among the positive keys of their median (two middle ones) and of the 99th percentile (the two it
+    interpolates between, as ``np.quantile``)."""
+    if pos == 0:
+        return []
+    q = (pos - 1) * 0.99
+    return [(pos - 1) // 2, pos // 2, int(np.floor(q)), int(np.ceil(q))]
+
+
+def _plot(edges, counts, pos: int, at: list) -> dict:
+    """The report's score histogram: log10 edges, counts of positive keys, log10 of their median and 99th
+    percentile."""
+    if not pos:
+        return {"log10_edges": [], "counts": [], "log10_median": None, "log10_q99": None}
+    q = (pos - 1) * 0.99
+    q99 = at[2] + (q - np.floor(q)) * (at[3] - at[2])
+    return {"log10_edges": np.log10(edges.astype(np.float64)).tolist(), "counts": [int(c) for c in counts],
+            "log10_median": float(np.log10((at[0] + at[1]) / 2)), "log10_q99": float(np.log10(q99))}
+
+
+def host_plot(x_sorted: np.ndarray) -> dict:
+    """``_plot`` from the ascending keys already on the host (``select.heavy_tail``'s host path)."""
+    start = int(np.searchsorted(x_sorted, 0.0, side="right"))
+    pos = len(x_sorted) - start
+    if not pos:
+        return _plot(None, None, 0, [])
+    edges = plot_edges(float(x_sorted[start]), float(x_sorted[-1]))
+    cuts = np.searchsorted(x_sorted, edges[1:-1], side="left")
+    counts = np.diff(np.concatenate([[start], cuts, [len(x_sorted)]]))
+    return _plot(edges, counts, pos, [float(x_sorted[start + r]) for r in _positive_ranks(pos)])
+
+
+@functools.partial(jax.jit, static_argnames=("signed", "axes"))
+def _sum(x, signed: bool, axes):
+    return jnp.sum((jnp.abs(x) if signed else x).astype(jnp.float32), axis=axes)
+
+
+def total(x, signed: bool = False) -> float:
+    """The sum of a score tensor (of |score| when ``signed``), reduced where it lives (float32)."""
+    return float(_sum(x, signed, None))
+
+
+def along(x, axis: int, signed: bool = False) -> np.ndarray:
+    """A score tensor summed over every axis but ``axis`` (|score| when ``signed``): one figure per row (float64
+    on the host)."""
+    axis = axis % len(x.shape)
+    return np.asarray(_sum(x, signed, tuple(i for i in range(len(x.shape)) if i != axis)), np.float64)
+
+
+def at(x, flat_index) -> np.ndarray:
+    """The entries of ``x`` at flat indices, gathered where it lives (by coordinates: a flattened sharded tensor
+    would be gathered onto every device)."""
+    idx = np.asarray(flat_index, np.int64)
+    coords = np.unravel_index(idx, tuple(x.shape))
+    return np.asarray(jnp.asarray(x)[tuple(jnp.asarray(c, jnp.int32) for c in coords)])
