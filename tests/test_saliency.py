@@ -131,3 +131,27 @@ def test_owl_prunes_layers_with_more_outliers_less():
     # No outliers anywhere: every layer at the target.
     flat = {"a": np.ones(4), "b": np.ones(4)}
     assert saliency.owl(flat, {"a": 0, "b": 1}, 0.7) == pytest.approx({"a": 0.7, "b": 0.7})
+
+
+def test_device_masks_pick_what_the_host_masks_pick():
+    """Masks made where the saliencies live (as on an accelerator) against the host partitions and row sorts: the
+    same weights in every mode and pattern, ties included (integer saliencies), and the same pruned copies."""
+    rng = np.random.default_rng(0)
+    sal = {"a": rng.integers(0, 6, (8, 12)).astype(np.float32), "b": rng.integers(0, 6, (4, 8)).astype(np.float32),
+           "c": rng.standard_normal((2, 8, 4)).astype(np.float32), "d": rng.integers(0, 3, 8).astype(np.float32)}
+    axes = {"a": 1, "c": 1}
+    owl = {"a": 0.3, "b": 0.55, "c": 0.5, "d": 0.0}
+    cases = [(f, m) for f in (0.25, 0.5, 3 / 7) for m in ("per_layer", "global", "per_output")]
+    cases += [("2:4", "per_output"), ("2:4", "global"), (owl, "per_layer"), (owl, "per_output")]
+    for spec, mode in cases:
+        host = dict(saliency.masks(sal, spec, mode, input_axes=axes))
+        dev = {p: np.asarray(m).ravel() for p, m in saliency.device_masks(sal, spec, mode, axes)}
+        assert {p: m.tolist() for p, m in dev.items()} == {p: m.tolist() for p, m in host.items()}, (spec, mode)
+        assert sum(int(m.sum()) for m in dev.values()) > 0
+    w = {p: rng.standard_normal(v.shape).astype(np.float32) for p, v in sal.items()}
+    for mode in ("global", "per_output"):
+        host = {p: v.tolist() for p, v in saliency.prune(w, sal, 0.5, mode, input_axes=axes, on_device=False)}
+        dev = {p: np.asarray(v).tolist() for p, v in saliency.prune(w, sal, 0.5, mode, input_axes=axes,
+                                                                    on_device=True)}
+        assert dev == host, mode
+    assert set(saliency.compute("obd_fisher", sal, w, on_device=True)) == set(sal)

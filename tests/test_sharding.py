@@ -127,10 +127,27 @@ def test_topk_of_sharded_scores_stays_on_device():
         "                                                                'top1pct_mean_over_median')),\n"
         "    'gini': abs(ht['gini'] - ref['gini']) <= ht['gini_error'] + 1e-12,\n"
         "    'plot': ht['histogram'] == ref['histogram']}\n"
+        "from wa.esa import saliency\n"
+        "fetched.clear()\n"
+        "jax.device_get = spy\n"
+        "with jax.transfer_guard_device_to_host('disallow'):\n"
+        "    pm = dict(saliency.device_masks(dev, 0.5, 'global'))\n"
+        "    pr = dict(saliency.prune(dev, dev, 0.25, 'per_output', input_axes={'l1/kernel': 1}, on_device=True))\n"
+        "jax.device_get = get\n"
+        "hm = dict(saliency.masks(host, 0.5, 'global'))\n"
+        "hr = dict(saliency.prune(host, host, 0.25, 'per_output', input_axes={'l1/kernel': 1}, on_device=False))\n"
+        "res['prune'] = {'fetched': sum(fetched),\n"
+        "    'masks': all((np.asarray(pm[p]).ravel() == hm[p]).all() for p in host),\n"
+        "    'pruned': all((np.asarray(pr[p]) == hr[p]).all() for p in host),\n"
+        "    'sharded': [len(v.sharding.device_set) for v in pr.values()]}\n"
         "print(json.dumps({'res': res, 'devices': [len(v.sharding.device_set) for v in dev.values()]}))\n", EIGHT)
     r = json.loads(out.strip().splitlines()[-1])
     assert r["devices"] == [8, 8, 8]
     total = 64 * 256 * 2 + 64 * 512
+    pr = r["res"].pop("prune")
+    # Pruning masks and pruned copies made where the weights live: the threshold search's counts come home (a code
+    # and two per matrix), nothing else; the same weights as the host path, and the copies stay sharded.
+    assert pr["masks"] and pr["pruned"] and pr["fetched"] == 7 and pr["sharded"] == [8, 8, 8], pr
     ht = r["res"].pop("heavy_tail")
     # The heavy-tail figures from histograms of a fixed size (partial ones all-reduced, no tensor gathered onto a
     # device); equal to a host sort's, the Gini coefficient within its stated bound.

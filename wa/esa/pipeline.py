@@ -350,7 +350,7 @@ def saliency_pruners(plan) -> list[str]:
 def owl_sparsities(loaded, first: dict, weights: dict, fraction: float) -> dict:
     """OWL's {path: sparsity} around ``fraction`` for the matrices of ``weights``, the outlier shares read from
     Wanda's scores as in the paper (|W| where ``act_mag`` was not computed)."""
-    src = first.get("act_mag") or {p: np.abs(np.asarray(w)) for p, w in weights.items()}
+    src = first.get("act_mag") or weights   # owl reads |score|: |W| itself
     return saliency.owl(src, {p: loaded.family.classify(p).layer for p in weights}, fraction)
 
 
@@ -394,12 +394,13 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True, c
     def pruned():
         for name in names:
             src = weights if name == "magnitude" else first[saliency.SALIENCIES[name].metric]
-            sal = saliency.compute(name, src, weights)
+            sal = saliency.compute(name, src, weights)   # on an accelerator: where the scores live
+            # On the host one partition serves every fraction; on device each threshold is searched in place.
             cuts = {mode: saliency.plans(sal, [float(f) for f in fractions], mode)
-                    for mode in plan.prune_modes if fractions}
+                    for mode in plan.prune_modes if fractions} if jax.default_backend() == "cpu" else {}
             for sp in specs:
                 for mode in modes(sp):
-                    cut = cuts[mode][float(sp)] if ":" not in sp else None
+                    cut = cuts[mode][float(sp)] if ":" not in sp and cuts else None
                     yield model((name, sp, mode), saliency.prune(weights, sal, at(sp), mode, cut, axes))
             for sp in fractions:
                 for mode in owl_modes:

@@ -19,14 +19,22 @@ every M consecutive weights along a row's inputs are removed (2:4 and 4:8 are wh
 in SparseGPT and Wanda, N counts the zeros), whatever the mode. With OWL (``owl``) each layer gets its own
 fraction, set by its share of outlier scores.
 
+On an accelerator (``on_device``, default: not on CPU) saliencies, masks and pruned copies are made where the
+weights and scores live (``device_masks``: a model-wide or per-matrix threshold by ``select``'s bisection over the
+keys' bit patterns, rows by a stable sort per row) and pick the same weights as the host path, whose partitions
+and row sorts copy every saliency to the host.
+
 Adding a saliency is one ``Saliency`` record in ``SALIENCIES``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from wa.esa import select
@@ -40,18 +48,22 @@ class Saliency:
     metric: str                                          # the ESA score it is computed from
     formula: str
     source: str
-    fn: Callable[[np.ndarray, np.ndarray], np.ndarray]   # (score, weight) -> saliency, same shape
+    fn: Callable[[jax.Array, jax.Array], jax.Array]   # (score, weight) -> saliency, same shape (jnp: on device)
 
 
 SALIENCIES = {s.name: s for s in (
-    Saliency("magnitude", "magnitude", "|w|", "magnitude pruning", lambda s, w: np.abs(w)),
-    Saliency("taylor", "grad_x_weight", "|g·w|", "Molchanov et al. 2019", lambda s, w: np.abs(s)),
+    Saliency("magnitude", "magnitude", "|w|", "magnitude pruning", lambda s, w: jnp.abs(w)),
+    Saliency("taylor", "grad_x_weight", "|g·w|", "Molchanov et al. 2019", lambda s, w: jnp.abs(s)),
     Saliency("obd_fisher", "grad_squared", "½·F·w²", "LeCun et al. 1990 (Fisher diagonal)",
-             lambda s, w: 0.5 * np.abs(s) * np.square(w)),
+             lambda s, w: 0.5 * jnp.abs(s) * jnp.square(w)),
     Saliency("obd_hessian", "hutchinson_diag", "½·|H|·w²", "LeCun et al. 1990 (Hutchinson diagonal)",
-             lambda s, w: 0.5 * np.abs(s) * np.square(w)),
-    Saliency("wanda", "act_mag", "|w|·‖x‖₂", "Sun et al. 2023", lambda s, w: np.abs(s)),
+             lambda s, w: 0.5 * jnp.abs(s) * jnp.square(w)),
+    Saliency("wanda", "act_mag", "|w|·‖x‖₂", "Sun et al. 2023", lambda s, w: jnp.abs(s)),
 )}
+
+
+def _default_device(on_device: bool | None) -> bool:
+    return jax.default_backend() != "cpu" if on_device is None else on_device
 
 
 def available(metrics) -> list[str]:
@@ -59,11 +71,16 @@ def available(metrics) -> list[str]:
     return [n for n, s in SALIENCIES.items() if s.metric in metrics]
 
 
-def compute(name: str, scores: dict, weights: dict) -> dict:
-    """{path: saliency as float32 numpy} over the paths ``scores`` covers."""
-    s = SALIENCIES[name]
-    return {p: np.asarray(s.fn(np.asarray(v, np.float32), np.asarray(weights[p], np.float32)), np.float32)
-            for p, v in scores.items()}
+@functools.partial(jax.jit, static_argnums=0)
+def _saliency(name: str, score, weight):
+    return SALIENCIES[name].fn(score.astype(jnp.float32), weight.astype(jnp.float32))
+
+
+def compute(name: str, scores: dict, weights: dict, on_device: bool | None = None) -> dict:
+    """{path: float32 saliency} over the paths ``scores`` covers: computed where the scores live, kept there
+    ``on_device`` (default: on an accelerator), else as numpy."""
+    out = {p: _saliency(name, jnp.asarray(v), jnp.asarray(weights[p])) for p, v in scores.items()}
+    return out if _default_device(on_device) else {p: np.asarray(v, np.float32) for p, v in out.items()}
 
 
 def pattern(spec) -> float | tuple[int, int]:
@@ -143,11 +160,17 @@ def lowest(saliency: dict, fraction, mode: str, input_axes: dict | None = None) 
     return {p: np.flatnonzero(m) for p, m in masks(saliency, fraction, mode, input_axes=input_axes)}
 
 
-def prune(weights: dict, saliency: dict, fraction, mode: str, plan=None, input_axes: dict | None = None):
+def prune(weights: dict, saliency: dict, fraction, mode: str, plan=None, input_axes: dict | None = None,
+          on_device: bool | None = None):
     """Yields (path, the weight with its ``lowest`` weights zeroed), one tensor at a time: a pruned copy built
     from a boolean mask, without index arrays (at 70% of a 135M-parameter model they would take 600 MB).
-    ``plan``: ``plans(saliency, fractions, mode)[fraction]``, when several fractions share one partition.
-    ``input_axes``: {path: the axis of the kernel that multiplies its input} (0 where absent: Flax's [in, out])."""
+    ``plan``: ``plans(saliency, fractions, mode)[fraction]``, when several fractions share one partition (host).
+    ``input_axes``: {path: the axis of the kernel that multiplies its input} (0 where absent: Flax's [in, out]).
+    ``on_device`` (default: on an accelerator): masks and copies made where the weights live (``device_masks``)."""
+    if _default_device(on_device):
+        for p, m in device_masks(saliency, fraction, mode, input_axes):
+            yield p, _zeroed(jnp.asarray(weights[p]), m)
+        return
     for p, m in masks(saliency, fraction, mode, plan, input_axes):
         w = np.asarray(weights[p])
         yield p, np.where(m.reshape(w.shape), np.zeros((), w.dtype), w)
@@ -190,18 +213,25 @@ def owl(scores: dict, layer_of: dict, fraction: float, m: float = OWL_M, lam: fl
     shares are scaled to [0, 2λ] and centred on 1 − ``fraction``, so layers with more outliers are pruned less
     and the mean over layers is ``fraction``. Paths outside any layer (``layer_of`` None) keep ``fraction``.
     ``scores`` are Wanda's |W|·‖X‖ in the paper."""
+    from wa.esa import tally
     layers = sorted({v for v in layer_of.values() if v is not None})
     share = []
-    for layer in layers:
-        v = np.concatenate([np.abs(np.ravel(np.asarray(scores[p], np.float64)))
-                            for p, at in layer_of.items() if at == layer])
-        share.append(float(np.mean(v > m * v.mean())))
+    for layer in layers:   # reduced where the scores live: a sum and a count per matrix
+        ps = [p for p, at in layer_of.items() if at == layer]
+        n = sum(int(np.prod(scores[p].shape)) for p in ps)
+        cut = m * sum(tally.total(scores[p], signed=True) for p in ps) / n
+        share.append(sum(int(_count_above(jnp.asarray(scores[p]), cut)) for p in ps) / n)
     share = np.asarray(share)
     spread = share.max() - share.min() if len(share) else 0.0
     scaled = (share - share.min()) / spread * 2 * lam if spread > 0 else np.zeros_like(share)
     keep = scaled - scaled.mean() + (1 - fraction)
     per_layer = {layer: float(np.clip(1 - k, 0.0, 1.0)) for layer, k in zip(layers, keep, strict=True)}
     return {p: fraction if at is None else per_layer[at] for p, at in layer_of.items()}
+
+
+@jax.jit
+def _count_above(v, cut):
+    return jnp.sum(jnp.abs(v) > cut, dtype=jnp.int32)
 
 
 def masks(saliency: dict, fraction, mode: str, plan=None, input_axes: dict | None = None):
@@ -227,3 +257,92 @@ def masks(saliency: dict, fraction, mode: str, plan=None, input_axes: dict | Non
         return
     for g, cut, ties in plan if plan is not None else plans(saliency, [fraction], mode)[fraction]:
         yield from select.masks_at({p: saliency[p] for p in g}, cut, ties)
+
+
+@jax.jit
+def _zeroed(w, mask):
+    return jnp.where(mask, jnp.zeros((), w.dtype), w)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "nm", "axis"))
+def _row_mask(v, k: int, nm, axis: int):
+    """``row_mask`` where ``v`` lives, shaped like ``v``: ranks along the input axis by two stable sorts."""
+    r = jnp.moveaxis(v, axis, -1)
+    if nm is not None:
+        n, m = nm
+        g = r.reshape(*r.shape[:-1], r.shape[-1] // m, m)
+        rank = jnp.argsort(jnp.argsort(g, axis=-1, stable=True), axis=-1, stable=True)
+        mask = (rank < n).reshape(r.shape)
+    else:
+        mask = jnp.argsort(jnp.argsort(r, axis=-1, stable=True), axis=-1, stable=True) < k
+    return jnp.moveaxis(mask, -1, axis)
+
+
+@jax.jit
+def _below(v, code):
+    """Entries whose order code is below the cut's (strictly lower values: ``select._ordered`` of -v above)."""
+    return select._ordered(-v.astype(jnp.float32)) > code
+
+
+@functools.partial(jax.jit, static_argnames="take")
+def _below_and_ties(v, code, take: int):
+    """As ``_below``, plus the first ``take`` entries equal to the cut in flat order (flattened here: only when a
+    tie is split, which float saliencies rarely do)."""
+    o = select._ordered(-v.astype(jnp.float32))
+    eq = (o == code).reshape(-1)
+    first = (eq & (jnp.cumsum(eq, dtype=jnp.int32) <= take)).reshape(v.shape)
+    return (o > code) | first
+
+
+def _lowest_where(values: dict, k: int):
+    """Yields (path, mask) of the ``k`` lowest of all of ``values`` together, found where they live: the cut by
+    ``select._kth_code`` over the negated keys, ties to the earlier path, then the lower flat index."""
+    paths = list(values)
+    if k <= 0:
+        for p in paths:
+            yield p, jnp.zeros(values[p].shape, bool)
+        return
+    keys = [-jnp.asarray(values[p], jnp.float32) for p in paths]
+    code, above, equal = jax.device_get(select._kth_code(keys, k))
+    ties = k - int(np.asarray(above, np.int64).sum())
+    for p, e in zip(paths, np.asarray(equal, np.int64), strict=True):
+        t = min(ties, int(e))
+        ties -= t
+        v = values[p]
+        if t == 0:
+            yield p, _below(v, code)
+        elif t == e:
+            yield p, _below(v, code) | (select._ordered(-jnp.asarray(v, jnp.float32)) == code)
+        else:
+            yield p, _below_and_ties(v, code, t)
+
+
+def device_masks(saliency: dict, fraction, mode: str, input_axes: dict | None = None):
+    """``masks`` where the saliencies live: yields (path, boolean mask shaped like the tensor) of the same weights,
+    no saliency copied to the host (only each threshold search's per-matrix counts)."""
+    _check_mode(mode)
+    per_path = isinstance(fraction, dict)
+    if per_path and mode == "global":
+        raise ValueError("a sparsity per matrix (OWL) needs per_layer or per_output, not one global threshold")
+    spec = None if per_path else pattern(fraction)
+    if per_path or isinstance(spec, tuple) or mode == "per_output":
+        for p, v in saliency.items():
+            f = fraction[p] if per_path else spec
+            shape = tuple(v.shape)
+            if not isinstance(f, tuple) and f <= 0:
+                yield p, jnp.zeros(shape, bool)
+            elif mode == "per_output" or isinstance(f, tuple):
+                axis = (input_axes or {}).get(p, 0) if len(shape) > 1 else 0
+                if isinstance(f, tuple) and shape[axis] % f[1]:
+                    raise ValueError(f"N:M sparsity {f[0]}:{f[1]} needs each row's input count to be a multiple "
+                                     f"of {f[1]}; a matrix has {shape[axis]} inputs")
+                nm = f if isinstance(f, tuple) else None
+                k = 0 if nm else int(round(f * shape[axis]))
+                yield p, _row_mask(jnp.asarray(v), k, nm, axis % max(len(shape), 1))
+            else:
+                yield from _lowest_where({p: v}, int(round(f * int(np.prod(shape)))))
+        return
+    groups = [[p] for p in saliency] if mode == "per_layer" else [list(saliency)]
+    for g in groups:
+        n = sum(int(np.prod(saliency[p].shape)) for p in g)
+        yield from _lowest_where({p: saliency[p] for p in g}, int(round(float(spec) * n)))

@@ -115,8 +115,10 @@ def host_global_top_k(scores: dict, paths: list, k: int, signed: bool, largest: 
 
 def _ordered(key):
     """float32 keys -> uint32 codes in the same order (IEEE-754: negative floats bit-flipped, positive ones with
-    the sign bit set); -0.0 is made +0.0 first, so equal floats get equal codes."""
-    bits = jax.lax.bitcast_convert_type(key + jnp.float32(0.0), jnp.uint32)
+    the sign bit set); -0.0 is made +0.0 first, so equal floats get equal codes (by a select: XLA folds
+    ``x + 0.0`` to ``x``, which keeps -0.0)."""
+    key = jnp.where(key == 0, jnp.float32(0.0), key)
+    bits = jax.lax.bitcast_convert_type(key, jnp.uint32)
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
