@@ -234,18 +234,26 @@ def _count_above(v, cut):
     return jnp.sum(jnp.abs(v) > cut, dtype=jnp.int32)
 
 
+def _per_path(saliency: dict, fraction, mode: str):
+    """(each path's own sparsity, or None where one threshold cuts a group of paths; the pattern)."""
+    _check_mode(mode)
+    own = isinstance(fraction, dict)
+    if own and mode == "global":
+        raise ValueError("a sparsity per matrix (OWL) needs per_layer or per_output, not one global threshold")
+    spec = None if own else pattern(fraction)
+    if own or isinstance(spec, tuple) or mode == "per_output":
+        return {p: fraction[p] if own else spec for p in saliency}, spec
+    return None, spec
+
+
 def masks(saliency: dict, fraction, mode: str, plan=None, input_axes: dict | None = None):
     """Yields (path, flat boolean mask of the weights ``lowest`` picks), path by path. ``fraction`` may be a dict
     {path: fraction} (OWL's layer sparsities): each matrix, or each of its rows, takes its own."""
-    _check_mode(mode)
-    per_path = isinstance(fraction, dict)
-    if per_path and mode == "global":
-        raise ValueError("a sparsity per matrix (OWL) needs per_layer or per_output, not one global threshold")
-    spec = None if per_path else pattern(fraction)
-    if per_path or isinstance(spec, tuple) or mode == "per_output":
+    per_path, spec = _per_path(saliency, fraction, mode)
+    if per_path is not None:
         for p, v in saliency.items():
             v = np.asarray(v)
-            f = fraction[p] if per_path else spec
+            f = per_path[p]
             if not isinstance(f, tuple) and f <= 0:
                 yield p, np.zeros(v.size, bool)
             elif mode == "per_output" or isinstance(f, tuple):
@@ -320,14 +328,10 @@ def _lowest_where(values: dict, k: int):
 def device_masks(saliency: dict, fraction, mode: str, input_axes: dict | None = None):
     """``masks`` where the saliencies live: yields (path, boolean mask shaped like the tensor) of the same weights,
     no saliency copied to the host (only each threshold search's per-matrix counts)."""
-    _check_mode(mode)
-    per_path = isinstance(fraction, dict)
-    if per_path and mode == "global":
-        raise ValueError("a sparsity per matrix (OWL) needs per_layer or per_output, not one global threshold")
-    spec = None if per_path else pattern(fraction)
-    if per_path or isinstance(spec, tuple) or mode == "per_output":
+    per_path, spec = _per_path(saliency, fraction, mode)
+    if per_path is not None:
         for p, v in saliency.items():
-            f = fraction[p] if per_path else spec
+            f = per_path[p]
             shape = tuple(v.shape)
             if not isinstance(f, tuple) and f <= 0:
                 yield p, jnp.zeros(shape, bool)
