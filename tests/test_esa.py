@@ -18,18 +18,32 @@ from wa.parallel import rules as rules_lib
 EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
 
 
-def _esa(tmp_path, *overrides, variant="smoke"):
-    e = dict(os.environ)
-    return subprocess.run([sys.executable, "-m", "launch.esa", "--config", f"configs/esa.py:{variant}",
+def _esa(tmp_path, *overrides, variant="smoke", env=None, runner=()):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", *runner, "launch.esa", "--config", f"configs/esa.py:{variant}",
                            "--workdir", str(tmp_path), *overrides], cwd=helpers.REPO, env=e, capture_output=True,
                           text=True, timeout=900)
 
 
 def test_esa_smoke_writes_every_output(tmp_path):
+    """Every stage and output, run as on an accelerator: the whole-model steps where the scores live, the model on
+    two (CPU) devices; no score or weight tensor of the model is copied to the host whole. (Replicated over the
+    two, data-parallel: a copy of a multi-device array is what the recorder sees, and XLA's in-process CPU
+    collectives inside the steps' loops could stall on two cores; the 8-device sharded test covers sharded
+    scores.)"""
+    copies = tmp_path / "host_copies.json"
     r = _esa(tmp_path, "--config.metric=magnitude,grad_x_weight,act_mag", "--config.perturb=sign_flip,bit_flip",
              "--config.save_plots=True", "--config.control_doses=largest", "--config.apart=embed|norm",
-             "--config.prune_owl=True")
+             "--config.prune_owl=True", "--config.mesh=data:2,fsdp:1",
+             env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "WA_DEVICE_STEPS": "1",
+                  "WA_HOST_COPIES": str(copies)}, runner=("tests.host_copies",))
     assert r.returncode == 0, r.stderr[-4000:]
+    got = json.load(open(copies))["copies"]
+    # The heavy-tail histograms (2^20 bins and 2^12 codes) come home; the superweight search's per-token
+    # activations of one batch, (tokens, channels); nothing shaped like a kernel, an embedding or their scores.
+    shapes = {(64, 64), (64, 32), (64, 172), (172, 64), (64, 512), (512, 64)}
+    assert not [c for c in got if tuple(c[1]) in shapes], got
+    assert any(c[1] == [1 << 20] for c in got), got
     s = json.load(open(tmp_path / "summary.json"))
     for k in ("model", "n_params", "metrics", "mode", "topk", "seeds", "ppl_base"):
         assert k in s

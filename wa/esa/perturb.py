@@ -80,7 +80,7 @@ class Args:
 @dataclasses.dataclass(frozen=True)
 class Perturbation:
     name: str
-    # (selected values, the whole flat tensor, key, Args) -> new values, traced inside jit.
+    # (selected values, the whole tensor, key, Args) -> new values, traced inside jit.
     fn: Callable
     formula: str        # for reports, in the dose s
     dose: str           # what s means
@@ -117,9 +117,11 @@ def uses_key(kind: str, bits=()) -> bool:
 
 
 def _one(w, idx, key, kind, scale, prob, bits, noise_ref, encoding=None):
-    flat = w.reshape(-1)
-    new = PERTURBATIONS[kind].fn(flat[idx], flat, key, Args(scale, prob, bits, noise_ref, encoding))
-    return flat.at[idx].set(new.astype(w.dtype)).reshape(w.shape)
+    # By coordinates, not on a flattened copy: a sharded tensor keeps its layout (a reshape would gather it whole
+    # onto every device); the functions read the tensor itself only through reductions (its std).
+    at = jnp.unravel_index(idx, w.shape)
+    new = PERTURBATIONS[kind].fn(w[at], w, key, Args(scale, prob, bits, noise_ref, encoding))
+    return w.at[at].set(new.astype(w.dtype))
 
 
 def formulas(bits=()) -> str:

@@ -397,7 +397,7 @@ def prune_study(loaded, flat, first, data, cfg, base_ppl, plan, progress=True, c
             sal = saliency.compute(name, src, weights)   # on an accelerator: where the scores live
             # On the host one partition serves every fraction; on device each threshold is searched in place.
             cuts = {mode: saliency.plans(sal, [float(f) for f in fractions], mode)
-                    for mode in plan.prune_modes if fractions} if jax.default_backend() == "cpu" else {}
+                    for mode in plan.prune_modes if fractions} if not select.device_steps() else {}
             for sp in specs:
                 for mode in modes(sp):
                     cut = cuts[mode][float(sp)] if ":" not in sp and cuts else None

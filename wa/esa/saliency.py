@@ -63,7 +63,7 @@ SALIENCIES = {s.name: s for s in (
 
 
 def _default_device(on_device: bool | None) -> bool:
-    return jax.default_backend() != "cpu" if on_device is None else on_device
+    return select.device_steps() if on_device is None else on_device
 
 
 def available(metrics) -> list[str]:
@@ -272,24 +272,49 @@ def _zeroed(w, mask):
     return jnp.where(mask, jnp.zeros((), w.dtype), w)
 
 
+def _largest_at_least(keys, k, bits: int):
+    """Per row (last axis), the largest c (``bits`` wide) with at least ``k`` of the row's keys >= c: built bit by
+    bit from the top, each step a count along the row (an all-reduce where the row is sharded, no sort)."""
+    def step(i, prefix):
+        cand = prefix | (jnp.ones((), keys.dtype) << (bits - 1 - i).astype(keys.dtype))
+        ok = jnp.sum(keys >= cand[..., None], axis=-1, dtype=jnp.int32) >= k
+        return jnp.where(ok, cand, prefix)
+    return jax.lax.fori_loop(0, bits, step, jnp.zeros(keys.shape[:-1], keys.dtype))
+
+
 @functools.partial(jax.jit, static_argnames=("k", "nm", "axis"))
 def _row_mask(v, k: int, nm, axis: int):
-    """``row_mask`` where ``v`` lives, shaped like ``v``: ranks along the input axis by two stable sorts."""
-    r = jnp.moveaxis(v, axis, -1)
+    """``row_mask`` where ``v`` lives, shaped like ``v``. A row's k lowest by a bisection over their codes, ties to
+    the lower input index by a second one over the tied indices; N:M by comparing each group's M entries pairwise.
+    Neither sorts along the input axis (a sharded one would be exchanged all-to-all first)."""
+    r = jnp.moveaxis(v, axis, -1).astype(jnp.float32)
+    cols = r.shape[-1]
     if nm is not None:
         n, m = nm
-        g = r.reshape(*r.shape[:-1], r.shape[-1] // m, m)
-        rank = jnp.argsort(jnp.argsort(g, axis=-1, stable=True), axis=-1, stable=True)
-        mask = (rank < n).reshape(r.shape)
-    else:
-        mask = jnp.argsort(jnp.argsort(r, axis=-1, stable=True), axis=-1, stable=True) < k
-    return jnp.moveaxis(mask, -1, axis)
+        g = r.reshape(*r.shape[:-1], cols // m, m)
+        a, b = g[..., :, None], g[..., None, :]
+        i = jnp.arange(m)
+        # An entry's rank in its group: the entries below it, and the equal ones before it (a stable sort's order).
+        rank = jnp.sum((b < a) | ((b == a) & (i[None, :] < i[:, None])), axis=-1)
+        return jnp.moveaxis((rank < n).reshape(r.shape), -1, axis)
+    o = ~select._ordered(r)                      # larger code: lower value
+    code = _largest_at_least(o, k, 32)           # the k-th lowest value's code, per row
+    below, eq = o > code[..., None], o == code[..., None]
+    t = k - jnp.sum(below, axis=-1, dtype=jnp.int32)   # how many of the ties each row still takes (>= 1)
+    rev = jnp.where(eq, cols - 1 - jnp.arange(cols, dtype=jnp.int32), -1)
+    cut = _largest_at_least(rev, t, max(cols - 1, 1).bit_length())
+    return jnp.moveaxis(below | (eq & (rev >= cut[..., None])), -1, axis)
 
 
 @jax.jit
 def _below(v, code):
     """Entries whose order code is below the cut's (strictly lower values: ``select._ordered`` of -v above)."""
     return select._ordered(-v.astype(jnp.float32)) > code
+
+
+@jax.jit
+def _at_or_below(v, code):
+    return select._ordered(-v.astype(jnp.float32)) >= code
 
 
 @functools.partial(jax.jit, static_argnames="take")
@@ -310,8 +335,7 @@ def _lowest_where(values: dict, k: int):
         for p in paths:
             yield p, jnp.zeros(values[p].shape, bool)
         return
-    keys = [-jnp.asarray(values[p], jnp.float32) for p in paths]
-    code, above, equal = jax.device_get(select._kth_code(keys, k))
+    code, above, equal = jax.device_get(select._kth_code([values[p] for p in paths], k, False, True))
     ties = k - int(np.asarray(above, np.int64).sum())
     for p, e in zip(paths, np.asarray(equal, np.int64), strict=True):
         t = min(ties, int(e))
@@ -320,7 +344,7 @@ def _lowest_where(values: dict, k: int):
         if t == 0:
             yield p, _below(v, code)
         elif t == e:
-            yield p, _below(v, code) | (select._ordered(-jnp.asarray(v, jnp.float32)) == code)
+            yield p, _at_or_below(v, code)
         else:
             yield p, _below_and_ties(v, code, t)
 
@@ -342,6 +366,9 @@ def device_masks(saliency: dict, fraction, mode: str, input_axes: dict | None = 
                                      f"of {f[1]}; a matrix has {shape[axis]} inputs")
                 nm = f if isinstance(f, tuple) else None
                 k = 0 if nm else int(round(f * shape[axis]))
+                if not nm and k == 0:
+                    yield p, jnp.zeros(shape, bool)
+                    continue
                 yield p, _row_mask(jnp.asarray(v), k, nm, axis % max(len(shape), 1))
             else:
                 yield from _lowest_where({p: v}, int(round(f * int(np.prod(shape)))))

@@ -35,6 +35,14 @@ class SelectionError(errors.ConfigError):
     pass
 
 
+def device_steps() -> bool:
+    """Whether the steps that read a whole model's scores run where the scores live (on an accelerator) rather
+    than on a host copy (on CPU, where device memory is host memory and a partition is faster). ``WA_DEVICE_STEPS``
+    (1 or 0) overrides: tests run the accelerator's path on forced CPU devices."""
+    env = os.environ.get("WA_DEVICE_STEPS")
+    return env == "1" if env in ("0", "1") else jax.default_backend() != "cpu"
+
+
 def filter_paths(paths, regex: str) -> list[str]:
     try:
         pat = re.compile(regex)
@@ -82,7 +90,7 @@ def top_k(scores: dict, topk, mode: str = "per_layer", param_filter: str = DEFAU
     sizes = {p: int(np.prod(scores[p].shape)) for p in paths}
     if mode == "global":
         if on_device is None:
-            on_device = jax.default_backend() != "cpu"
+            on_device = device_steps()
         fn = device_global_top_k if on_device else host_global_top_k
         return fn(scores, paths, resolve_k(topk, sum(sizes.values())), signed, largest)
     sel, val = {}, {}
@@ -122,10 +130,18 @@ def _ordered(key):
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
 
 
-@jax.jit
-def _kth_code(keys: list, k):
-    """The code of the k-th largest of all ``keys`` together (k >= 1, traced): the largest c with at least k codes
-    >= c, built bit by bit from the top."""
+def _key(score, signed: bool, negate: bool):
+    """The float32 ranking key of a score inside a jitted reduction (fused there: no copy of the scores)."""
+    k = _rank_key(score, signed)
+    return -k if negate else k
+
+
+@functools.partial(jax.jit, static_argnames=("signed", "negate"))
+def _kth_code(scores: list, k, signed: bool = False, negate: bool = False):
+    """The code of the k-th largest of all keys together (k >= 1, traced): the largest c with at least k codes
+    >= c, built bit by bit from the top. Keys: the scores (|score| when ``signed``; negated with ``negate``, for
+    the k-th lowest), formed inside, so no tensor of keys is made."""
+    keys = [_key(x, signed, negate) for x in scores]
 
     def at_least_k(c):
         # Per-tensor counts fit int32; their total over an 8B model does not, so it saturates at k.
@@ -145,10 +161,11 @@ def _kth_code(keys: list, k):
     return code, above, equal
 
 
-@functools.partial(jax.jit, static_argnames="size")
-def _winners(key, code, take_equal, size: int):
-    """Flat indices of ``key``'s codes above ``code`` and of its first ``take_equal`` equal to it (lower index
+@functools.partial(jax.jit, static_argnames=("size", "signed", "negate"))
+def _winners(score, code, take_equal, size: int, signed: bool = False, negate: bool = False):
+    """Flat indices of the key's codes above ``code`` and of its first ``take_equal`` equal to it (lower index
     first), padded with -1 to ``size``; their keys."""
+    key = _key(score, signed, negate)
     o = _ordered(key.ravel())
     eq = o == code
     keep = (o > code) | (eq & (jnp.cumsum(eq, dtype=jnp.int32) <= take_equal))
@@ -162,21 +179,19 @@ def device_global_top_k(scores: dict, paths: list, k: int, signed: bool, largest
     come to the host). Ties at the threshold go to the earlier path, then the lower index; each tensor's picks
     best first. (A per-tensor ``top_k`` with k in the hundreds of thousands took minutes per metric on a 135M
     model on CPU; a host partition copies every score to the host.)"""
-    keys = [_rank_key(scores[p], signed) for p in paths]
-    if not largest:
-        keys = [-x for x in keys]
-    code, above, equal = jax.device_get(_kth_code(keys, k))
+    negate = not largest
+    code, above, equal = jax.device_get(_kth_code([scores[p] for p in paths], k, signed, negate))
     above, equal = np.asarray(above, np.int64), np.asarray(equal, np.int64)
     ties = k - int(above.sum())
     sel, val = {}, {}
-    for p, x, a, e in zip(paths, keys, above, equal, strict=True):
+    for p, a, e in zip(paths, above, equal, strict=True):
         t = min(ties, int(e))
         ties -= t
         n = int(a) + t
         if not n:
             continue
         # A static length per power of two: one compile serves every tensor of a shape whose count rounds alike.
-        idx, v = jax.device_get(_winners(x, code, t, size=1 << (n - 1).bit_length()))
+        idx, v = jax.device_get(_winners(scores[p], code, t, 1 << (n - 1).bit_length(), signed, negate))
         idx, v = np.asarray(idx[:n], np.int64), np.asarray(v[:n], np.float64)
         order = np.lexsort((idx, -v))      # best first, ties to the lower index
         sel[p] = idx[order]
@@ -298,7 +313,7 @@ def heavy_tail(scores: dict, param_filter: str = DEFAULT_FILTER, signed: bool = 
     live by ``tally.heavy_tail`` (radix histograms; the Gini coefficient within its reported ``gini_error``);
     otherwise one host copy sorted (exact)."""
     if on_device is None:
-        on_device = jax.default_backend() != "cpu"
+        on_device = device_steps()
     if on_device:
         from wa.esa import tally
         return tally.heavy_tail(scores, param_filter, signed)

@@ -9,10 +9,12 @@ with each score: does the weights' spectrum, read without data, say where the mo
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy import stats as sstats
 
-from wa.esa import tally
+from wa.esa import select, tally
 from wa.weights import spectral
 
 SHOWN = ("alpha", "alpha_weighted", "stable_rank", "log_spectral_norm")
@@ -26,12 +28,14 @@ def study(flat: dict, kept: list, describe, first: dict, signed: dict) -> dict:
     n = sum(size.values())
     mean = {m: sum(s.values()) / n if n else float("nan") for m, s in sums.items()}
     rows = []
+    device = select.device_steps()   # on an accelerator the SVD runs where the weights live (float32)
     for p in kept:
         if len(flat[p].shape) != 2:
             continue
         info = describe(p)
         rows.append({"path": p, "layer": info.layer, "component": info.component, "role": info.role,
-                     **spectral.layer(np.asarray(flat[p], np.float32)),
+                     **(spectral.from_esd(_device_esd(flat[p])) if device else
+                        spectral.layer(np.asarray(flat[p], np.float32))),
                      **{f"score/{m}": sums[m][p] / size[p] / mean[m] if mean[m] else float("nan") for m in first}})
     layers: dict = {}
     for r in rows:
@@ -57,3 +61,14 @@ def study(flat: dict, kept: list, describe, first: dict, signed: dict) -> dict:
 def _nanmean(xs) -> float:
     a = np.asarray(xs, np.float64)
     return float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")
+
+
+@jax.jit
+def _singular_values(w):
+    return jnp.linalg.svd(w.astype(jnp.float32), compute_uv=False)
+
+
+def _device_esd(w) -> np.ndarray:
+    """The ESD of a 2-D weight matrix from its singular values computed on device: only those reach the host."""
+    sv = np.asarray(_singular_values(w), np.float64)
+    return np.sort(sv * sv)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wa.esa import select
+from wa.esa import select, tally
 
 
 def down_paths(loaded, kernels) -> list[str]:
@@ -84,7 +84,7 @@ def candidates(loaded, params_flat, spk: dict) -> list[dict]:
         flat_index = int(np.ravel_multi_index(coords, w.shape))
         info = loaded.describe(p)
         rows.append({"path": p, "layer": info.layer, "coordinates": list(coords), "flat_index": flat_index,
-                     "value": float(np.asarray(w).ravel()[flat_index]), **s})
+                     "value": float(tally.at(w, [flat_index])[0]), **s})
     rows.sort(key=lambda r: -r["max_out"])
     return rows
 

@@ -48,21 +48,21 @@ def _floor(code):
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _first_pass(acc, x):
+@functools.partial(jax.jit, static_argnames="signed")
+def _first_pass(acc, x, signed: bool = False):
     cnt, res, lo, hi, nonpos, pos_min = acc
-    x = x.astype(jnp.float32)   # not raveled: a flattened sharded tensor would be gathered onto every device
+    x = select._rank_key(x, signed)   # not raveled: a flattened sharded tensor would be gathered onto every device
     o = select._ordered(x)
     b = (o >> LOW).astype(jnp.int32)
     return (cnt.at[b].add(1), res.at[b].add(x - _floor(o)), lo.at[b].min(x), hi.at[b].max(x),
             nonpos + jnp.sum(x <= 0, dtype=jnp.int32), jnp.minimum(pos_min, jnp.min(jnp.where(x > 0, x, jnp.inf))))
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _second_pass(acc, x, targets, edges):
+@functools.partial(jax.jit, static_argnames="signed")
+def _second_pass(acc, x, targets, edges, signed: bool = False):
     """Per target bin, the counts of its 2^12 codes; and the counts of the positive keys between plot edges."""
     sub, plot = acc
-    x = x.astype(jnp.float32)
+    x = select._rank_key(x, signed)
     o = select._ordered(x)
     b = (o >> LOW).astype(jnp.int32)
     low = (o & jnp.uint32(SUB - 1)).astype(jnp.int32)
@@ -72,24 +72,35 @@ def _second_pass(acc, x, targets, edges):
     return sub, plot.at[at].add(1, mode="drop")
 
 
-def _passes(keys: list, step, acc, flush, *args):
-    """Runs ``step`` over every key tensor, bringing the int32 counts home (``flush``) before they could overflow."""
-    added = 0
-    for x in keys:
-        n = int(np.prod(x.shape))
-        if added + n > _LIMIT and added:
-            acc = flush(acc)
-            added = 0
-        acc = step(acc, x, *args)
-        added += n
-    return flush(acc)
+def _passes(scores: list, signed: bool, step, fresh, flush, *args):
+    """Runs ``step`` over every local shard of every score tensor (one copy of each entry: replicas skipped), each
+    on its own device into that device's accumulators, which ``flush`` brings home before their int32 counts could
+    overflow. A histogram needs no order, so shards need no collective: a sharded histogram left to XLA would
+    all-reduce its 2^20 bins for every tensor (and on forced CPU devices those collectives can starve)."""
+    accs: dict = {}
+    added: dict = {}
+    for x in scores:
+        x = x if isinstance(x, jax.Array) else jnp.asarray(x)
+        for shard in x.addressable_shards:
+            if shard.replica_id:
+                continue
+            d, n = shard.device, int(np.prod(shard.data.shape))
+            if d in accs and added[d] + n > _LIMIT:
+                flush(accs.pop(d))
+            if d not in accs:
+                accs[d], added[d] = jax.device_put(fresh(), d), 0
+            accs[d] = step(accs[d], shard.data, *args, signed=signed)
+            added[d] += n
+    for acc in accs.values():
+        flush(acc)
 
 
 class Histogram:
-    """The radix histogram of a set of float32 keys (host arrays over the 2^20 bins), and order statistics."""
+    """The radix histogram of a set of score tensors' float32 keys (|score| when ``signed``; host arrays over the
+    2^20 bins), and order statistics."""
 
-    def __init__(self, keys: list):
-        self.keys = keys
+    def __init__(self, scores: list, signed: bool = False):
+        self.scores, self.signed = scores, signed
         cnt = np.zeros(BINS, np.int64)
         res = np.zeros(BINS, np.float64)
         lo = np.full(BINS, np.inf)
@@ -108,9 +119,11 @@ class Histogram:
             np.maximum(hi, b, out=hi)
             extra["nonpos"] += int(z)
             extra["pos_min"] = min(extra["pos_min"], float(m))
-            return fresh()
 
-        _passes(keys, _first_pass, fresh(), flush)
+        _passes(scores, signed, _first_pass, fresh, flush)
+        if jax.process_count() > 1:   # other hosts' shards
+            cnt[:], res[:], lo[:], hi[:], extra["nonpos"], extra["pos_min"] = _across_processes(
+                cnt, res, lo, hi, extra["nonpos"], extra["pos_min"])
         self.cnt, self.lo, self.hi = cnt, lo, hi
         self.n = int(cnt.sum())
         self.nonpos, self.pos_min = extra["nonpos"], extra["pos_min"]
@@ -131,7 +144,6 @@ class Histogram:
         bins = [int(np.searchsorted(ends, r, side="right")) for r in ranks]
         targets = sorted(set(bins))
         edges = np.zeros(2, np.float32) if edges is None else np.asarray(edges, np.float32)
-        inner = jnp.asarray(edges[1:-1])
         sub = np.zeros((len(targets), SUB), np.int64)
         plot = np.zeros(len(edges) - 1, np.int64)
 
@@ -142,9 +154,11 @@ class Histogram:
             s, h = jax.device_get(acc)
             sub[:] += s
             plot[:] += h
-            return fresh()
 
-        _passes(self.keys, _second_pass, fresh(), flush, jnp.asarray(targets, jnp.int32), inner)
+        _passes(self.scores, self.signed, _second_pass, fresh, flush, np.asarray(targets, np.int32),
+                np.asarray(edges[1:-1]))
+        if jax.process_count() > 1:
+            sub[:], plot[:] = _across_processes(sub, plot)[:2]
         above = np.concatenate([np.cumsum(self.sums[::-1])[::-1][1:], [0.0]])   # Σ of the bins after each
         out = []
         for r, b in zip(ranks, bins, strict=True):
@@ -174,6 +188,29 @@ class Histogram:
         return 2 * weighted / (n * total) - (n + 1) / n, slack / (n * total)
 
 
+def _across_processes(*parts):
+    """Host arrays summed (ints, floats), or for ``lo``/``hi`` of the first pass min/maxed, over every process:
+    exchanged as int32 pairs and float32 pairs, since JAX without x64 would narrow int64 and float64."""
+    from jax.experimental import multihost_utils
+    out = []
+    for i, a in enumerate(parts):
+        a = np.asarray(a)
+        if a.dtype.kind in "iu":
+            a = a.astype(np.int64)
+            hi_, lo_ = (a >> 31).astype(np.int32), (a & (2 ** 31 - 1)).astype(np.int32)
+            g = multihost_utils.process_allgather((hi_, lo_))
+            out.append((g[0].astype(np.int64) << 31 | g[1].astype(np.int64)).sum(0).reshape(a.shape))
+            continue
+        a = a.astype(np.float64)
+        top = a.astype(np.float32)
+        g = multihost_utils.process_allgather((top, np.nan_to_num(a - top).astype(np.float32)))
+        whole = g[0].astype(np.float64) + g[1].astype(np.float64)
+        # The first pass sends (cnt, res, lo, hi, nonpos, pos_min): min for lo and pos_min, max for hi.
+        reduce = {2: np.min, 3: np.max, 5: np.min}.get(i, np.sum) if len(parts) == 6 else np.sum
+        out.append(reduce(whole, axis=0).reshape(a.shape))
+    return out
+
+
 def plot_edges(pos_min: float, pos_max: float) -> np.ndarray:
     """The report's histogram edges: ``PLOT_BINS`` bins even in log10 between the smallest and largest positive key."""
     if not np.isfinite(pos_min) or pos_max <= 0:
@@ -183,8 +220,7 @@ def plot_edges(pos_min: float, pos_max: float) -> np.ndarray:
 
 def heavy_tail(scores: dict, param_filter: str = select.DEFAULT_FILTER, signed: bool = False) -> dict:
     """``select.heavy_tail``'s figures, computed where the scores live (two passes; only histograms reach the host)."""
-    keys = [select._rank_key(scores[p], signed) for p in select.filter_paths(list(scores), param_filter)]
-    h = Histogram(keys)
+    h = Histogram([scores[p] for p in select.filter_paths(list(scores), param_filter)], signed)
     n = h.n
     m1, m01 = max(1, n // 100), max(1, n // 1000)
     pos = n - h.nonpos

@@ -89,7 +89,12 @@ def fit_alpha(evals: np.ndarray) -> dict:
 
 def layer(kernel) -> dict:
     """The five metrics of one layer's kernel (NaN for a vector; alpha NaN below ``MIN_EVALS`` eigenvalues)."""
-    ev = esd(kernel)
+    return from_esd(esd(kernel))
+
+
+def from_esd(ev: np.ndarray) -> dict:
+    """``layer``'s metrics from a sorted ESD (eigenvalues of WᵀW, ascending)."""
+    ev = np.asarray(ev, np.float64)
     if ev.size == 0 or ev[-1] <= 0:
         return {f: float("nan") for f in FEATURES}
     lmax, total = float(ev[-1]), float(ev.sum())
