@@ -41,6 +41,7 @@ from wa.esa import saliency, select  # noqa: E402
 
 SHAPES = {
     # hidden, intermediate, layers, q heads, kv heads, head dim, vocab, tied embeddings
+    "tiny": (64, 128, 2, 4, 2, 16, 256, False),
     "smollm2_135m": (576, 1536, 30, 9, 3, 64, 49152, True),
     "llama32_1b": (2048, 8192, 16, 32, 8, 64, 128256, True),
     "llama31_8b": (4096, 14336, 32, 32, 8, 128, 128256, False),
@@ -67,20 +68,18 @@ def _timed(fn):
     return out, time.perf_counter() - t
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="smollm2_135m", choices=sorted(SHAPES))
-    ap.add_argument("--topk", type=float, default=0.002)
-    args = ap.parse_args()
-    shapes = kernels(args.shapes)
+def measure(shapes_name: str, topk: float = 0.002, host: bool = True) -> dict:
+    """Every step's seconds and host bytes on random scores of ``shapes_name``'s matrices; ``host=False`` times the
+    device paths alone (a GPU's run at 8B shapes, where the host paths would need 30 GB of host RAM each)."""
+    shapes = kernels(shapes_name)
     key = jax.random.key(0)
     scores = {}
     for i, (p, s) in enumerate(shapes.items()):
         scores[p] = jnp.abs(jax.random.normal(jax.random.fold_in(key, i), s, jnp.float32))
     jax.block_until_ready(scores)
     n = sum(int(np.prod(s)) for s in shapes.values())
-    k = select.resolve_k(args.topk, n)
-    out = {"shapes": args.shapes, "scores": n, "topk": k, "backend": jax.default_backend(), "steps": {}}
+    k = select.resolve_k(topk, n)
+    out = {"shapes": shapes_name, "scores": n, "topk": k, "backend": jax.default_backend(), "steps": {}}
 
     fixed = set()   # steps whose host bytes do not grow with the model (histograms, per-matrix counts)
 
@@ -90,34 +89,45 @@ def main():
         if not scales:
             fixed.add(name)
 
-    _, t = _timed(lambda: {p: np.asarray(v) for p, v in scores.items()})
-    record("host_copy", t, 4 * n)
     dev, t = _timed(lambda: select.top_k(scores, k, mode="global", on_device=True)[0])
     record("global_topk_device", t, 16 * k)
-    host, t = _timed(lambda: select.top_k(scores, k, mode="global", on_device=False)[0])
-    record("global_topk_host", t, 4 * n)
-    out["global_topk_equal"] = {p: v.tolist() for p, v in dev.items()} == {p: v.tolist() for p, v in host.items()}
-    _, t = _timed(lambda: select.top_k(scores, args.topk, mode="per_layer"))
+    _, t = _timed(lambda: select.top_k(scores, topk, mode="per_layer"))
     record("per_layer_topk", t, 16 * k)
-    ht_host, t = _timed(lambda: select.heavy_tail(scores, select.DEFAULT_FILTER, on_device=False))
-    record("heavy_tail_host", t, 4 * n)
     ht_dev, t = _timed(lambda: select.heavy_tail(scores, select.DEFAULT_FILTER, on_device=True))
     record("heavy_tail_device", t, 4 * 4 * (1 << 20) + 8 * 4 * (1 << 12), scales=False)
-    out["heavy_tail_equal"] = (all(np.isclose(ht_host[f], ht_dev[f], rtol=1e-6) for f in
-                                   ("median", "max", "top01pct_share", "top1pct_mean_over_median"))
-                               and abs(ht_host["gini"] - ht_dev["gini"]) <= ht_dev["gini_error"])
     out["gini_error_bound"] = ht_dev["gini_error"]
-    host_m, t = _timed(lambda: dict(saliency.masks(scores, 0.5, "global")))
-    record("prune_masks_host", t, 4 * n)
     dev_m, t = _timed(lambda: jax.block_until_ready(dict(saliency.device_masks(scores, 0.5, "global"))))
     record("prune_masks_device", t, 4 * 3 * len(scores), scales=False)
-    out["prune_masks_equal"] = all((np.asarray(dev_m[p]).ravel() == host_m[p]).all() for p in scores)
+    if host:
+        _, t = _timed(lambda: {p: np.asarray(v) for p, v in scores.items()})
+        record("host_copy", t, 4 * n)
+        ref, t = _timed(lambda: select.top_k(scores, k, mode="global", on_device=False)[0])
+        record("global_topk_host", t, 4 * n)
+        out["global_topk_equal"] = ({p: v.tolist() for p, v in dev.items()} ==
+                                    {p: v.tolist() for p, v in ref.items()})
+        ht_host, t = _timed(lambda: select.heavy_tail(scores, select.DEFAULT_FILTER, on_device=False))
+        record("heavy_tail_host", t, 4 * n)
+        out["heavy_tail_equal"] = (all(np.isclose(ht_host[f], ht_dev[f], rtol=1e-6) for f in
+                                       ("median", "max", "top01pct_share", "top1pct_mean_over_median"))
+                                   and abs(ht_host["gini"] - ht_dev["gini"]) <= ht_dev["gini_error"])
+        host_m, t = _timed(lambda: dict(saliency.masks(scores, 0.5, "global")))
+        record("prune_masks_host", t, 4 * n)
+        out["prune_masks_equal"] = all((np.asarray(dev_m[p]).ravel() == host_m[p]).all() for p in scores)
     n8b = sum(int(np.prod(s)) for s in kernels("llama31_8b").values())
     out["at_8b"] = {"scores": n8b, **{name: {"seconds_estimate": round(v["s_per_billion"] * n8b / 1e9, 1),
                                              "host_gb": round(v["host_bytes"] / (1 if name in fixed else n / n8b) / 1e9,
                                                               3)}
                                       for name, v in out["steps"].items()}}
-    print(json.dumps(out))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="smollm2_135m", choices=sorted(SHAPES))
+    ap.add_argument("--topk", type=float, default=0.002)
+    ap.add_argument("--device_only", action="store_true", help="time the device paths alone")
+    args = ap.parse_args()
+    print(json.dumps(measure(args.shapes, args.topk, host=not args.device_only)))
 
 
 if __name__ == "__main__":

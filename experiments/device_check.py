@@ -10,6 +10,8 @@ Sections, in this order (each timed, each failure recorded in its own entry and 
   model-FLOPs utilisation (6N + 12·L·H·Q·T FLOPs per token, PaLM's count, against the chip's dense bf16 peak;
   MaxText reports about 50-60% for Llama training on H100), the Hutchinson HVP step over one gradient, and whether
   ESA's three per-window gradient scores (grad×weight, grad², (g·w)²) fit at once; if not, one at a time;
+- ``steps``: the device paths of the steps that read a whole model's scores (model-wide top-k, per-matrix top-k,
+  heavy-tail histograms, 50% pruning masks) timed on random scores of Llama-3.1-8B's matrix shapes;
 - ``plan``: Llama-3.1-8B's gradient, HVP and capture steps compiled for one device (bf16, 1 x 2048 tokens): XLA's
   compiled memory analysis, which the CPU plan's estimate stands in for (with 8 devices, also the 8-device FSDP
   plan's per-device figures);
@@ -48,7 +50,7 @@ FLAGS = flags.FLAGS
 
 # The figures only a GPU gives first: a run cut off by its time limit keeps those (the JSON is rewritten after
 # every section), and the test subset, which CPU runs also cover, comes last.
-SECTIONS = ("llama8b", "plan", "esa", "zoo", "learners", "tests")
+SECTIONS = ("llama8b", "steps", "plan", "esa", "zoo", "learners", "tests")
 # Dense bf16 peak FLOP/s by device kind (NVIDIA's data sheets, SXM parts, without sparsity).
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 # In-process tests on the default device (the multi-device ones force 8 CPU devices, which a one-GPU machine runs
@@ -188,6 +190,13 @@ def _stand_in_smollm2(out_dir: str) -> str:
     return path
 
 
+def steps(smoke: bool) -> dict:
+    """The steps that read a whole model's scores, their device paths timed on random scores of Llama-3.1-8B's
+    matrix shapes (7.5B float32 scores, 30 GB on the device)."""
+    from experiments import bench_host_steps
+    return bench_host_steps.measure("tiny" if smoke else "llama31_8b", host=False)
+
+
 def esa(smoke: bool, out_dir: str) -> dict:
     from configs import esa as esa_configs
     from wa.data import paths
@@ -270,6 +279,8 @@ SHOWN = {"tests": ("summary",),
                   "fsdp_8.peak_estimate_bytes_per_device"),
          "llama8b": ("params", "tokens_per_second", "mfu", "hvp_over_gradient", "three_scores_fit",
                      "three_scores_at_once_seconds", "one_at_a_time_seconds"),
+         "steps": ("shapes", "steps.global_topk_device.seconds", "steps.heavy_tail_device.seconds",
+                   "steps.prune_masks_device.seconds", "steps.per_layer_topk.seconds", "gini_error_bound"),
          "esa": ("config", "model", "seconds", "cpu_reference_seconds"),
          "zoo": ("models", "models_per_second_together", "models_per_second_one_at_a_time", "speedup"),
          "learners": ("stats_mlp.seconds_one_epoch_with_setup", "nwpa.seconds_one_epoch_with_setup",
@@ -306,6 +317,7 @@ def main(argv):
     res = {"device": device_info(), "smoke": FLAGS.smoke, "sections": {}}
     jobs = {"tests": lambda: tests(FLAGS.smoke), "plan": lambda: plan_section(FLAGS.smoke),
             "llama8b": lambda: llama8b(FLAGS.smoke), "esa": lambda: esa(FLAGS.smoke, FLAGS.out),
+            "steps": lambda: steps(FLAGS.smoke),
             "zoo": lambda: zoo(FLAGS.smoke), "learners": lambda: learners(FLAGS.smoke, FLAGS.out, FLAGS.zoo)}
     for name in SECTIONS:
         if name in FLAGS.skip:

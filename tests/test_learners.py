@@ -554,7 +554,8 @@ def test_device_check_runs_end_to_end_at_smoke_sizes(tmp_path, smoke_zoo):
     assert line["failed"] == [] and line["device"] == "cpu"
     res = json.load(open(out / "device_check.json"))
     s = {k: v["figures"] for k, v in res["sections"].items()}
-    assert set(s) == {"tests", "plan", "llama8b", "esa", "zoo", "learners"} and s["tests"]["returncode"] == 0
+    assert set(s) == {"tests", "steps", "plan", "llama8b", "esa", "zoo", "learners"} and s["tests"]["returncode"] == 0
+    assert s["steps"]["steps"]["heavy_tail_device"]["seconds"] > 0 and s["steps"]["gini_error_bound"] < 1e-6
     assert s["plan"]["one_device"]["peak_estimate_bytes_per_device"] > 0 and "hvp" in s["plan"]["one_device"]
     assert s["llama8b"]["tokens_per_second"] > 0 and s["llama8b"]["mfu"] is None   # no peak for a CPU
     assert s["llama8b"]["three_scores_fit"] and s["zoo"]["models"] == 4 and s["zoo"]["speedup"] > 0
