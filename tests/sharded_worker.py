@@ -31,11 +31,16 @@ def main(ckpt, mesh_spec, out, coord=None, nproc=None, pid=None):
     batch = parallel.make_global_batch(loaded.mesh, 8, rows)
     fn = jax.jit(jax.value_and_grad(lambda p, b: loaded.loss(p, b, jax.random.key(0))))
     loss, grads = fn(loaded.params, batch)
+    from wa.esa import select
+    # Heavy-tail figures of the sharded gradients where they live: every process counts its own shards and the
+    # histograms are summed across processes (on every process: a collective).
+    h = select.heavy_tail(rules_lib.flatten(grads), "kernel$", signed=True, on_device=True)
+    ht = np.asarray([h["n"], h["median"], h["max"], h["top01pct_share"], h["gini"], h["gini_error"]], np.float64)
     grads = multihost_utils.process_allgather(grads, tiled=True)
     specs = {k: str(v.spec) for k, v in rules_lib.flatten(loaded.shardings).items()}
     if jax.process_index() == 0:
         flat = {k: np.asarray(v) for k, v in rules_lib.flatten(grads).items()}
-        np.savez(out, loss=np.asarray(float(loss)), n_devices=jax.device_count(),
+        np.savez(out, loss=np.asarray(float(loss)), n_devices=jax.device_count(), ht=ht,
                  n_processes=jax.process_count(), specs=str(specs), **{"g:" + k: v for k, v in flat.items()})
 
 

@@ -43,6 +43,14 @@ def _compare(a, b, tol=1e-5):
         np.testing.assert_allclose(a[k], b[k], rtol=tol, atol=tol, err_msg=k)
 
 
+def _same_tail(a, b):
+    """The heavy-tail figures of the gradients computed where they live (histograms per local shard, replicas
+    skipped, summed across processes): every entry counted once, the same figures as on one device."""
+    assert b["ht"][0] == a["ht"][0] > 0
+    np.testing.assert_allclose(b["ht"][1:4], a["ht"][1:4], rtol=1e-4)
+    assert abs(b["ht"][4] - a["ht"][4]) <= 1e-4 + b["ht"][5] + a["ht"][5]
+
+
 # One family in the quick lane; the others (another kernel layout, an encoder) in the slow one.
 @pytest.mark.parametrize("name", ["llama", pytest.param("gpt2", marks=pytest.mark.slow),
                                   pytest.param("bert", marks=pytest.mark.slow)])
@@ -52,6 +60,7 @@ def test_sharded_loss_and_grad_equal_unsharded(tmp_path, name, single):
         assert int(sharded["n_devices"]) == 8
         assert "fsdp" in str(sharded["specs"])
         _compare(one, sharded)
+        _same_tail(one, sharded)
 
 
 def test_rule_that_does_not_divide_a_dimension(tmp_path):
@@ -78,6 +87,7 @@ def test_two_processes_equal_one(tmp_path, name, single):
     two = np.load(out)
     assert int(two["n_processes"]) == 2 and int(two["n_devices"]) == 8
     _compare(one, two)
+    _same_tail(one, two)
 
 
 def test_topk_of_sharded_scores_stays_on_device():
