@@ -123,10 +123,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_processes(module: str, args: list[str], devices_per_process: int = 4, timeout: int = 300):
+def two_processes(module: str, args: list[str], devices_per_process: int = 4, timeout: int = 300,
+                  env_extra: dict | None = None):
     """Runs ``python -m module *args COORD 2 PROCESS_ID`` as two local processes (gloo on CPU)."""
     coord = f"127.0.0.1:{free_port()}"
-    env = dict(os.environ)
+    env = dict(os.environ, **(env_extra or {}))
     env["PYTHONPATH"] = REPO
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_process}"
     procs = [subprocess.Popen([sys.executable, "-m", module, *args, coord, "2", str(i)], cwd=REPO, env=env,

@@ -52,50 +52,61 @@ def _floor(code):
 
 
 @functools.partial(jax.jit, static_argnames="signed")
-def _first_pass(acc, x, signed: bool = False):
-    cnt, res, lo, hi, nonpos, pos_min = acc
-    x = select._rank_key(x, signed)   # not raveled: a flattened sharded tensor would be gathered onto every device
-    o = select._ordered(x)
-    b = (o >> LOW).astype(jnp.int32)
-    return (cnt.at[b].add(1), res.at[b].add(x - _floor(o)), lo.at[b].min(x), hi.at[b].max(x),
-            nonpos + jnp.sum(x <= 0, dtype=jnp.int32), jnp.minimum(pos_min, jnp.min(jnp.where(x > 0, x, jnp.inf))))
+def _first_pass(xs: list, signed: bool = False):
+    """One device's shards: per bin the count, Σ (key - bin floor), min and max; the non-positive count and the
+    smallest positive key. The accumulators live inside the program (updated in place, never copied per tensor)."""
+    cnt, res = jnp.zeros(BINS, jnp.int32), jnp.zeros(BINS, jnp.float32)
+    lo, hi = jnp.full(BINS, jnp.inf, jnp.float32), jnp.full(BINS, -jnp.inf, jnp.float32)
+    nonpos, pos_min = jnp.int32(0), jnp.float32(jnp.inf)
+    for x in xs:
+        x = select._rank_key(x, signed)   # not raveled: keys formed here, no copy
+        o = select._ordered(x)
+        b = (o >> LOW).astype(jnp.int32)
+        cnt, res = cnt.at[b].add(1), res.at[b].add(x - _floor(o))
+        lo, hi = lo.at[b].min(x), hi.at[b].max(x)
+        nonpos = nonpos + jnp.sum(x <= 0, dtype=jnp.int32)
+        pos_min = jnp.minimum(pos_min, jnp.min(jnp.where(x > 0, x, jnp.inf)))
+    return cnt, res, lo, hi, nonpos, pos_min
 
 
 @functools.partial(jax.jit, static_argnames="signed")
-def _second_pass(acc, x, targets, edges, signed: bool = False):
-    """Per target bin, the counts of its 2^12 codes; and the counts of the positive keys between plot edges."""
-    sub, plot = acc
-    x = select._rank_key(x, signed)
-    o = select._ordered(x)
-    b = (o >> LOW).astype(jnp.int32)
-    low = (o & jnp.uint32(SUB - 1)).astype(jnp.int32)
-    for j in range(targets.shape[0]):
-        sub = sub.at[j, jnp.where(b == targets[j], low, SUB)].add(1, mode="drop")
-    at = jnp.where(x > 0, jnp.searchsorted(edges, x, side="right"), edges.shape[0] + 1)
-    return sub, plot.at[at].add(1, mode="drop")
+def _second_pass(xs: list, targets, edges, signed: bool = False):
+    """One device's shards: per target bin, the counts of its 2^12 codes; and the counts of the positive keys
+    between plot edges."""
+    sub = jnp.zeros((targets.shape[0], SUB), jnp.int32)
+    plot = jnp.zeros(edges.shape[0] + 1, jnp.int32)
+    for x in xs:
+        x = select._rank_key(x, signed)
+        o = select._ordered(x)
+        b = (o >> LOW).astype(jnp.int32)
+        low = (o & jnp.uint32(SUB - 1)).astype(jnp.int32)
+        for j in range(targets.shape[0]):
+            sub = sub.at[j, jnp.where(b == targets[j], low, SUB)].add(1, mode="drop")
+        at = jnp.where(x > 0, jnp.searchsorted(edges, x, side="right"), edges.shape[0] + 1)
+        plot = plot.at[at].add(1, mode="drop")
+    return sub, plot
 
 
-def _passes(scores: list, signed: bool, step, fresh, flush, *args):
-    """Runs ``step`` over every local shard of every score tensor (one copy of each entry: replicas skipped), each
-    on its own device into that device's accumulators, which ``flush`` brings home before their int32 counts could
-    overflow. A histogram needs no order, so shards need no collective: a sharded histogram left to XLA would
-    all-reduce its 2^20 bins for every tensor (and on forced CPU devices those collectives can starve)."""
-    accs: dict = {}
-    added: dict = {}
+def _passes(scores: list, signed: bool, step, flush, *args):
+    """Runs ``step`` on every device over its local shards of the score tensors (one copy of each entry: replicas
+    skipped), in groups of fewer than 2^31 entries so its int32 counts cannot overflow; ``flush`` brings each
+    group's histograms home. A histogram needs no order, so shards need no collective: a sharded histogram left to
+    XLA would all-reduce its 2^20 bins for every tensor (and on forced CPU devices those collectives can starve)."""
+    groups: dict = {}   # device -> [[shards], entries]
     for x in scores:
         x = x if isinstance(x, jax.Array) else jnp.asarray(x)
         for shard in x.addressable_shards:
             if shard.replica_id:
                 continue
-            d, n = shard.device, int(np.prod(shard.data.shape))
-            if d in accs and added[d] + n > _LIMIT:
-                flush(accs.pop(d))
-            if d not in accs:
-                accs[d], added[d] = jax.device_put(fresh(), d), 0
-            accs[d] = step(accs[d], shard.data, *args, signed=signed)
-            added[d] += n
-    for acc in accs.values():
-        flush(acc)
+            n = int(np.prod(shard.data.shape))
+            g = groups.setdefault(shard.device, [[[], 0]])
+            if g[-1][1] + n > _LIMIT and g[-1][0]:
+                g.append([[], 0])
+            g[-1][0].append(shard.data)
+            g[-1][1] += n
+    for g in groups.values():
+        for shards, _ in g:
+            flush(step(shards, *args, signed=signed))
 
 
 class Histogram:
@@ -110,10 +121,6 @@ class Histogram:
         hi = np.full(BINS, -np.inf)
         extra = {"nonpos": 0, "pos_min": np.inf}
 
-        def fresh():
-            return (jnp.zeros(BINS, jnp.int32), jnp.zeros(BINS, jnp.float32), jnp.full(BINS, jnp.inf, jnp.float32),
-                    jnp.full(BINS, -jnp.inf, jnp.float32), jnp.int32(0), jnp.float32(jnp.inf))
-
         def flush(acc):
             c, r, a, b, z, m = jax.device_get(acc)
             cnt[:] += c
@@ -123,7 +130,7 @@ class Histogram:
             extra["nonpos"] += int(z)
             extra["pos_min"] = min(extra["pos_min"], float(m))
 
-        _passes(scores, signed, _first_pass, fresh, flush)
+        _passes(scores, signed, _first_pass, flush)
         if jax.process_count() > 1:   # other hosts' shards
             cnt[:], res[:], lo[:], hi[:], extra["nonpos"], extra["pos_min"] = _across_processes(
                 (cnt, res, lo, hi, extra["nonpos"], extra["pos_min"]),
@@ -151,15 +158,12 @@ class Histogram:
         sub = np.zeros((len(targets), SUB), np.int64)
         plot = np.zeros(len(edges) - 1, np.int64)
 
-        def fresh():
-            return jnp.zeros((len(targets), SUB), jnp.int32), jnp.zeros(len(edges) - 1, jnp.int32)
-
         def flush(acc):
             s, h = jax.device_get(acc)
             sub[:] += s
             plot[:] += h
 
-        _passes(self.scores, self.signed, _second_pass, fresh, flush, np.asarray(targets, np.int32),
+        _passes(self.scores, self.signed, _second_pass, flush, np.asarray(targets, np.int32),
                 np.asarray(edges[1:-1]))
         if jax.process_count() > 1:
             sub[:], plot[:] = _across_processes((sub, plot))
