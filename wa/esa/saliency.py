@@ -21,8 +21,8 @@ fraction, set by its share of outlier scores.
 
 On an accelerator (``on_device``, default: not on CPU) saliencies, masks and pruned copies are made where the
 weights and scores live (``device_masks``: a model-wide or per-matrix threshold by ``select``'s bisection over the
-keys' bit patterns, rows by a stable sort per row) and pick the same weights as the host path, whose partitions
-and row sorts copy every saliency to the host.
+keys' bit patterns, each row's by a bisection along it, N:M groups by pairwise comparison) and pick the same weights
+as the host path, whose partitions and row sorts copy every saliency to the host.
 
 Adding a saliency is one ``Saliency`` record in ``SALIENCIES``.
 """
